@@ -1,0 +1,39 @@
+# rbee: `make run` runs the seed job on this machine, `make test` runs the tests.
+# Each target installs what it needs first (a .venv, the default model).
+
+# The venv is made from the system's Python when there is one: simulated test hosts bind-mount
+# their own /root, where a pyenv Python would vanish.
+PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+MODEL  := $(CURDIR)/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
+PROMPT ?= write a short story
+
+.PHONY: setup model run test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VPY) -m pip install -q -r requirements.txt
+	touch $@
+
+model: setup $(MODEL)
+
+$(MODEL):
+	$(VPY) scripts/fetch_model.py $(dir $(MODEL))
+
+run: model
+	$(VPY) rbee.py infer --node localhost --model file:$(MODEL) \
+	  --prompt "$(PROMPT)" --max-tokens 20 --temperature 0.7
+
+test: model
+	$(VPY) -m pytest -v tests
+
+bench: model
+	$(VPY) -m pip install -q 'llama-cpp-python[server]==0.3.36'
+	$(VPY) bench/bench.py
+
+clean:
+	rm -rf $(VENV) .cache bench/results.json

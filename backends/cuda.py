@@ -1,0 +1,80 @@
+"""cuda: NVIDIA GPUs read from nvidia-smi; every layer offloaded to main_gpu=device."""
+import os
+import shutil
+import subprocess
+
+from . import BackendError, check_ram, gpu_offload_supported, llama, required_mb
+
+_QUERY = ["nvidia-smi", "--query-gpu=index,name,memory.total,memory.free", "--format=csv,noheader,nounits"]
+
+
+def _smi(args):
+    out = subprocess.run(args, capture_output=True, text=True, timeout=10)
+    if out.returncode != 0:
+        raise OSError(out.stderr.strip() or "nvidia-smi failed")
+    return [[cell.strip() for cell in line.split(",")] for line in out.stdout.splitlines() if line.strip()]
+
+
+def unavailable_reason():
+    if not shutil.which("nvidia-smi"):
+        return "nvidia-smi not found (no NVIDIA driver)"
+    try:
+        if not _smi(_QUERY):
+            return "nvidia-smi lists no GPU"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return "nvidia-smi failed: %s" % exc
+    if not gpu_offload_supported():
+        return ("llama-cpp-python was built without GPU offload; reinstall it with "
+                "CMAKE_ARGS=-DGGML_CUDA=on")
+    return None
+
+
+def available():
+    return unavailable_reason() is None
+
+
+def devices():
+    try:
+        rows = _smi(_QUERY)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [{"index": int(i), "name": name, "memory_total_mb": int(total), "memory_free_mb": int(free)}
+            for i, name, total, free in rows]
+
+
+def preflight(model_size_bytes, device):
+    gpus = devices()
+    if not 0 <= device < len(gpus):
+        raise BackendError("DEVICE_NOT_FOUND", "CUDA device %s not found" % device,
+                           {"requested": device, "devices": len(gpus), "backend": "cuda"},
+                           "Use --device 0..%d" % (len(gpus) - 1))
+    need, free = required_mb(model_size_bytes), gpus[device]["memory_free_mb"]
+    if free < need:
+        raise BackendError("VRAM_EXHAUSTED", "Not enough VRAM on CUDA device %d: need %d MB, %d MB free"
+                           % (device, need, free), {"required_mb": need, "available_mb": free, "device": device},
+                           "Stop other GPU programs, use another --device, or a smaller model")
+    check_ram(model_size_bytes)
+
+
+def load(model_path, device, n_ctx, **opts):
+    import llama_cpp
+    return llama(model_path, n_ctx, n_gpu_layers=-1, main_gpu=device,
+                 split_mode=llama_cpp.LLAMA_SPLIT_MODE_NONE, **opts)
+
+
+def memory_used_mb(device):
+    """This process's memory on the GPU (falls back to the device's used memory)."""
+    try:
+        for pid, used in _smi(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                               "--format=csv,noheader,nounits", "-i", str(device)]):
+            if int(pid) == os.getpid():
+                return int(used)
+        gpu = devices()[device]
+        return gpu["memory_total_mb"] - gpu["memory_free_mb"]
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return 0
+
+
+def describe(device):
+    gpus = devices()
+    return "CUDA device %d (%s)" % (device, gpus[device]["name"] if device < len(gpus) else "?")

@@ -1,0 +1,43 @@
+"""metal: Apple silicon GPUs on macOS; every layer offloaded. Memory is unified with RAM."""
+import platform
+import sys
+
+from . import BackendError, check_ram, gpu_offload_supported, llama, meminfo_mb, process_rss_mb
+
+
+def unavailable_reason():
+    if sys.platform != "darwin" or platform.machine() != "arm64":
+        return "Metal needs macOS on Apple silicon (this is %s/%s)" % (sys.platform, platform.machine())
+    if not gpu_offload_supported():
+        return "llama-cpp-python was built without Metal; reinstall it with CMAKE_ARGS=-DGGML_METAL=on"
+    return None
+
+
+def available():
+    return unavailable_reason() is None
+
+
+def devices():
+    if not available():
+        return []
+    total, free = meminfo_mb()
+    return [{"index": 0, "name": "Apple silicon GPU", "memory_total_mb": total, "memory_free_mb": free}]
+
+
+def preflight(model_size_bytes, device):
+    if device != 0:
+        raise BackendError("DEVICE_NOT_FOUND", "Metal device %s not found" % device,
+                           {"requested": device, "devices": 1, "backend": "metal"}, "Use --device 0")
+    check_ram(model_size_bytes)
+
+
+def load(model_path, device, n_ctx, **opts):
+    return llama(model_path, n_ctx, n_gpu_layers=-1, main_gpu=device, **opts)
+
+
+def memory_used_mb(device):
+    return process_rss_mb()
+
+
+def describe(device):
+    return "Metal device %d" % device

@@ -1,0 +1,2610 @@
+#!/usr/bin/env python3
+"""rbee: the machines of a home network or small lab as one LLM inference service.
+
+Architecture (one file, four roles, each a subcommand):
+
+    keeper  (rbee.py infer, the CLI) -- HTTP+SSE --> queen  (rbee.py queen, 127.0.0.1:8080)
+    queen   -- ssh, stdin kept open as lifeline --> hive   (rbee.py hive, one per node, :9200)
+    hive    -- child process, stdin lifeline ---> worker (rbee.py worker, one model, :8001+)
+    keeper  -- HTTP+SSE /execute, directly -----> worker  (tokens to stdout, narration to stderr)
+
+Every process narrates: JSON lines on stdout before it serves HTTP and after it stops, SSE events
+while it serves; every parent relays what its children say, so all of it reaches the user's shell.
+Every parent owns its children: closing a child's stdin (or dying) shuts the child down, in
+cascade, so nothing is left behind. Sections below follow the data: shared plumbing (errors,
+narration, HTTP/SSE, processes, ssh), the model catalog, worker, hive, queen, keeper, CLI.
+Only the standard library is imported at top level; `backends/` (llama-cpp-python) and
+huggingface_hub are imported where they are needed.
+"""
+import argparse
+import collections
+import contextlib
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import re
+import secrets
+import select
+import shlex
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+__version__ = "0.1.0"
+API_VERSION = "v1"
+HERE = os.path.dirname(os.path.abspath(__file__))
+RBEE_PY = os.path.join(HERE, "rbee.py")
+QUEEN_PORT, HIVE_PORT, WORKER_PORT = 8080, 9200, 8001
+DEFAULT_QUEEN_URL = "http://127.0.0.1:%d" % QUEEN_PORT
+MAX_BODY = 1 << 20                 # request bodies over 1 MiB get 413
+PING_INTERVAL = 10.0               # a silent SSE stream sends ": ping" this often
+TOKEN_TIMEOUT = 60.0               # no token (or ping) for this long ends a request
+LOADING_TIMEOUT = 300.0            # a worker must report ready within 5 min
+GRACEFUL_TIMEOUT = 30.0            # graceful shutdown, then SIGKILL
+SSH_ATTEMPTS, SSH_BACKOFF = 3, (0.0, 0.2, 0.4)
+HTTP_CONNECT_TIMEOUT, HTTP_ATTEMPTS = 5.0, 3
+DOWNLOAD_ATTEMPTS = 6
+BUSY_RETRIES = (1, 2, 4)           # a busy worker (503) is retried after 1, 2, 4 s
+DEFAULT_N_CTX = 2048
+
+
+def rbee_home(*parts):
+    """A path under $RBEE_HOME (default ~/.rbee), which holds everything a role writes."""
+    home = os.environ.get("RBEE_HOME") or os.path.join(os.path.expanduser("~"), ".rbee")
+    return os.path.join(home, *parts)
+
+
+# ============================================================================================
+# Errors (SPEC §7): one envelope everywhere, a suggestion for every code the user can act on
+# ============================================================================================
+
+ERROR_STATUS = {
+    "INVALID_REQUEST": 400, "INVALID_MODEL_REF": 400, "NODE_NOT_FOUND": 404, "SSH_FAILED": 502,
+    "CONNECTION_TIMEOUT": 504, "VERSION_MISMATCH": 409, "MODEL_NOT_FOUND": 404, "ACCESS_DENIED": 403,
+    "DOWNLOAD_FAILED": 502, "CHECKSUM_MISMATCH": 502, "INSUFFICIENT_DISK": 507, "INSUFFICIENT_RAM": 507,
+    "VRAM_EXHAUSTED": 507, "BACKEND_UNAVAILABLE": 400, "DEVICE_NOT_FOUND": 400, "WORKER_CRASHED": 500,
+    "LOADING_TIMEOUT": 504, "ALL_SLOTS_BUSY": 503, "MISSING_API_KEY": 401, "INVALID_API_KEY": 401,
+    "REQUEST_CANCELLED": 499, "INTERNAL": 500, "NOT_FOUND": 404, "METHOD_NOT_ALLOWED": 405,
+    "PAYLOAD_TOO_LARGE": 413,
+}
+
+
+class RbeeError(Exception):
+    """An error with a SPEC §7 code, carried across every hop in the error envelope."""
+
+    def __init__(self, code, message, details=None, suggestion=None, component=None, status=None):
+        super().__init__(message)
+        self.code, self.message, self.details = code, message, details or {}
+        self.suggestion, self.component = suggestion, component
+        self.status = status or ERROR_STATUS.get(code, 500)
+
+    def envelope(self):
+        body = {"code": self.code, "message": self.message, "details": self.details}
+        if self.suggestion:
+            body["suggestion"] = self.suggestion
+        if self.component:
+            body["component"] = self.component
+        return {"error": body}
+
+    @classmethod
+    def from_envelope(cls, data, status=None, component=None):
+        err = (data or {}).get("error") if isinstance(data, dict) else None
+        if not isinstance(err, dict):
+            return cls("INTERNAL", "Unexpected answer: %.200r" % (data,), status=status, component=component)
+        return cls(err.get("code", "INTERNAL"), err.get("message", ""), err.get("details"),
+                   err.get("suggestion"), err.get("component") or component, status)
+
+    @classmethod
+    def wrap(cls, exc, component=None):
+        """Any exception as an RbeeError (BackendError and friends carry their own code)."""
+        if isinstance(exc, RbeeError):
+            if component and not exc.component:
+                exc.component = component
+            return exc
+        if getattr(exc, "code", None) in ERROR_STATUS:
+            return cls(exc.code, exc.message, exc.details, exc.suggestion, component)
+        return cls("INTERNAL", "%s: %s" % (type(exc).__name__, exc), component=component,
+                   suggestion="This is a bug in rbee; the role's log under $RBEE_HOME/logs has the details")
+
+
+def invalid(field, message):
+    return RbeeError("INVALID_REQUEST", "%s: %s" % (field, message), {"field": field})
+
+
+# ============================================================================================
+# Narration (SPEC §6): narrate() goes to the current SSE stream, else to stdout as a JSON line
+# ============================================================================================
+
+_stdout_lock = threading.Lock()
+_narration = threading.local()
+
+
+def emit_line(obj):
+    """One JSON line on stdout, flushed (a parent process reads it); a closed stdout is ignored."""
+    line = json.dumps(obj, ensure_ascii=False) + "\n"
+    with _stdout_lock:
+        try:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def narrate(actor, action, human, cute=None, **fields):
+    """Tell the user what is happening. Goes wherever this thread's narration is bound."""
+    event = {"actor": actor, "action": action, "human": human}
+    if cute:
+        event["cute"] = cute
+    event.update((k, v) for k, v in fields.items() if v is not None)
+    sink = getattr(_narration, "sink", None)
+    if sink is None:
+        emit_line(event)
+    else:
+        try:
+            sink(event)
+        except ClientGone:
+            pass
+    return event
+
+
+@contextlib.contextmanager
+def narration_to(sink):
+    """Bind this thread's narration to `sink` (an SSE stream, a relay) for the block."""
+    previous = getattr(_narration, "sink", None)
+    _narration.sink = sink
+    try:
+        yield
+    finally:
+        _narration.sink = previous
+
+
+def human_bytes(n):
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return ("%d %s" if unit == "B" else "%.0f %s") % (n, unit) if n >= 10 or unit == "B" \
+                else "%.1f %s" % (n, unit)
+        n /= 1024.0
+
+
+class NarrationRenderer:
+    """Shows narration on stderr as `[actor] cute human`; progress as a bar, redrawn in place
+    on a terminal and printed at most every 10 % otherwise."""
+
+    def __init__(self, stream=None, quiet=False):
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._bar_open = False
+        self._last_decile = {}
+
+    def write(self, text):
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def _end_bar(self):
+        if self._bar_open:
+            self.write("\n")
+            self._bar_open = False
+
+    def show(self, event):
+        if self.quiet:
+            return
+        progress = event.get("progress")
+        if isinstance(progress, dict) and progress.get("total"):
+            return self._progress(event, progress)
+        self._end_bar()
+        cute = event.get("cute")
+        self.write("[%s] %s%s\n" % (event.get("actor", "?"), cute + " " if cute else "", event.get("human", "")))
+
+    def _progress(self, event, progress):
+        done, total = int(progress.get("done", 0)), int(progress["total"])
+        pct = min(100, int(done * 100 / total)) if total else 100
+        filled = pct * 8 // 100
+        line = "[%s] %s [%s%s] %d%% (%s / %s)" % (
+            event.get("actor", "?"), event.get("bar_label", "Downloading..."), "█" * filled, "-" * (8 - filled),
+            pct, human_bytes(done), human_bytes(total))
+        key = (event.get("actor"), event.get("action"))
+        if self.tty:
+            self.write("\r\033[K" + line)
+            self._bar_open = True
+            if pct >= 100:
+                self._end_bar()
+        elif pct // 10 != self._last_decile.get(key):
+            self._last_decile[key] = pct // 10
+            self.write(line + "\n")
+
+    def error(self, err):
+        """`[component] ❌ Error: message`, the details indented, then a suggestion."""
+        self._end_bar()
+        lines = ["[%s] ❌ Error: %s" % (err.component or "rbee-keeper", err.message)]
+        lines += ["    %s: %s" % (k, json.dumps(v) if isinstance(v, (dict, list)) else v)
+                  for k, v in sorted(err.details.items())]
+        if err.suggestion:
+            lines.append("Suggestion: %s" % err.suggestion)
+        self.write("\n".join(lines) + "\n")
+
+
+# ============================================================================================
+# HTTP and SSE: a threaded server whose roles declare routes, and a small client
+# ============================================================================================
+
+class ClientGone(Exception):
+    """The peer of an SSE stream went away."""
+
+
+class SSEStream:
+    """The response side of one Server-Sent-Events stream. Thread-safe; ends with exactly one
+    terminal event (`finish`); a global pinger keeps silent streams alive."""
+
+    _open = set()
+    _open_lock = threading.Lock()
+    _pinger = None
+
+    def __init__(self, handler):
+        self.handler, self.wfile = handler, handler.wfile
+        self.lock = threading.Lock()
+        self.finished = False
+        self.last_write = time.monotonic()
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Cache-Control", "no-cache")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        with contextlib.suppress(OSError):   # tokens must leave at once, not wait for Nagle
+            handler.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with SSEStream._open_lock:
+            SSEStream._open.add(self)
+            if SSEStream._pinger is None:
+                SSEStream._pinger = threading.Thread(target=SSEStream._ping_loop, daemon=True, name="sse-ping")
+                SSEStream._pinger.start()
+
+    def _write(self, data):
+        with self.lock:
+            if self.finished:
+                raise ClientGone("stream already finished")
+            try:
+                self.wfile.write(data)
+            except (OSError, ValueError) as exc:
+                self.finished = True
+                raise ClientGone(str(exc))
+            self.last_write = time.monotonic()
+
+    def send(self, event, data):
+        self._write(("event: %s\ndata: %s\n\n" % (event, json.dumps(data, ensure_ascii=False))).encode())
+
+    def narration(self, event):
+        self.send("narration", event)
+
+    def finish(self, event, data):
+        """The one terminal event (`end`, `worker` or `error`)."""
+        try:
+            self.send(event, data)
+        finally:
+            self.close()
+
+    def close(self):
+        self.finished = True
+        with SSEStream._open_lock:
+            SSEStream._open.discard(self)
+
+    def client_gone(self):
+        """True when the client has closed its side (it sends nothing after its request)."""
+        try:
+            sock = self.handler.connection
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    @classmethod
+    def _ping_loop(cls):
+        while True:
+            time.sleep(1.0)
+            now = time.monotonic()
+            with cls._open_lock:
+                silent = [s for s in cls._open if now - s.last_write >= PING_INTERVAL]
+            for stream in silent:
+                with contextlib.suppress(ClientGone):
+                    stream._write(b": ping\n\n")
+
+
+class Request:
+    """One HTTP request as a role's handler sees it."""
+
+    def __init__(self, handler, params, query):
+        self.handler, self.params, self.query = handler, params, query
+        self.headers = handler.headers
+        self.stream = None
+        self._body = handler.read_body()
+
+    @property
+    def json(self):
+        if not self._body:
+            return {}
+        try:
+            data = json.loads(self._body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise RbeeError("INVALID_REQUEST", "Malformed JSON body: %s" % exc, {"field": "body"})
+        if not isinstance(data, dict):
+            raise invalid("body", "must be a JSON object")
+        return data
+
+    def bearer(self):
+        auth = self.headers.get("Authorization") or ""
+        return auth[7:].strip() if auth[:7].lower() == "bearer " else None
+
+    def require_bearer(self, expected, missing="MISSING_API_KEY", wrong="INVALID_API_KEY"):
+        """Constant-time check of `Authorization: Bearer <key>`."""
+        given = self.bearer()
+        if not given:
+            raise RbeeError(missing, "Missing API key (Authorization: Bearer ...)")
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise RbeeError(wrong, "Invalid API key")
+
+    def send_json(self, status, obj, headers=None):
+        body = json.dumps(obj, ensure_ascii=False).encode()
+        h = self.handler
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            h.send_header(key, value)
+        h.end_headers()
+        h.wfile.write(body)
+
+    def send_empty(self, status):
+        self.handler.send_response(status)
+        self.handler.send_header("Content-Length", "0")
+        self.handler.end_headers()
+
+    def sse(self):
+        self.stream = SSEStream(self.handler)
+        return self.stream
+
+
+class App:
+    """A role's HTTP API: `routes` maps (METHOD, "/path/{param}") to a handler method name."""
+
+    routes = ()
+    component = "rbee"
+
+    def __init__(self):
+        self._routes = [(method, re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$"), name)
+                        for method, path, name in self.routes]
+        self.server = None
+        self.stopped = threading.Event()
+
+    def authorize(self, req, name):
+        """Raise MISSING_API_KEY/INVALID_API_KEY for a request the role must refuse."""
+
+    def dispatch(self, handler):
+        parts = urllib.parse.urlsplit(handler.path)
+        matched = [(m, rx.match(parts.path), name) for m, rx, name in self._routes]
+        matched = [(m, mo, name) for m, mo, name in matched if mo]
+        req = None
+        try:
+            if not matched:
+                handler.read_body()
+                raise RbeeError("NOT_FOUND", "No such endpoint: %s" % parts.path)
+            route = next(((mo, name) for m, mo, name in matched if m == handler.command), None)
+            if route is None:
+                handler.read_body()
+                raise RbeeError("METHOD_NOT_ALLOWED", "%s not allowed on %s (allowed: %s)" % (
+                    handler.command, parts.path, ", ".join(sorted({m for m, _, _ in matched}))))
+            req = Request(handler, route[0].groupdict(), dict(urllib.parse.parse_qsl(parts.query)))
+            self.authorize(req, route[1])
+            getattr(self, route[1])(req)
+        except ClientGone:
+            pass
+        except Exception as exc:  # every failure leaves as an envelope, never as a traceback
+            if not isinstance(exc, RbeeError) and getattr(exc, "code", None) not in ERROR_STATUS:
+                if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                    return
+                traceback.print_exc(file=sys.stderr)
+            err = RbeeError.wrap(exc, self.component)
+            with contextlib.suppress(ClientGone, OSError):
+                if req is not None and req.stream is not None:
+                    if not req.stream.finished:
+                        req.stream.finish("error", err.envelope())
+                else:
+                    headers = {"Retry-After": "1"} if err.code == "ALL_SLOTS_BUSY" else None
+                    Request.send_json(req or _bare(handler), err.status, err.envelope(), headers)
+        finally:
+            if req is not None and req.stream is not None:
+                req.stream.close()
+
+    def serve(self, host, port):
+        """Bind and serve in a background thread; returns the bound port."""
+        self.server = RoleHTTPServer((host, port), RoleRequestHandler)
+        self.server.app = self
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
+                         daemon=True, name="http").start()
+        return self.server.server_address[1]
+
+    def stop_serving(self):
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+def _bare(handler):
+    req = Request.__new__(Request)
+    req.handler = handler
+    return req
+
+
+class RoleHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+
+class RoleRequestHandler(BaseHTTPRequestHandler):
+    server_version = "rbee/" + __version__
+    protocol_version = "HTTP/1.0"    # one request per connection: SSE streams end by closing
+    _body = None
+
+    def read_body(self):
+        """The request body, read once; 413 over 1 MiB (drained so the client sees the answer)."""
+        if self._body is None:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                raise RbeeError("INVALID_REQUEST", "Chunked request bodies are not supported; send Content-Length")
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                raise RbeeError("INVALID_REQUEST", "Bad Content-Length header")
+            if length < 0:
+                raise RbeeError("INVALID_REQUEST", "Bad Content-Length header")
+            if length > MAX_BODY:
+                self._body = b""
+                with contextlib.suppress(OSError):
+                    self.connection.settimeout(5)
+                    remaining = min(length, 64 * MAX_BODY)
+                    while remaining > 0:
+                        chunk = self.rfile.read(min(remaining, 1 << 16))
+                        if not chunk:
+                            break
+                        remaining -= len(chunk)
+                raise RbeeError("PAYLOAD_TOO_LARGE", "Request body over 1 MiB (%d bytes)" % length,
+                                {"limit_bytes": MAX_BODY, "content_length": length}, status=413)
+            self._body = self.rfile.read(length) if length else b""
+        return self._body
+
+    def handle_one_request(self):
+        with contextlib.suppress(ConnectionError, socket.timeout):
+            super().handle_one_request()
+
+    def _dispatch(self):
+        self.server.app.dispatch(self)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
+
+    def send_error(self, code, message=None, explain=None):
+        """Protocol-level errors (bad request line, ...) also leave in the envelope."""
+        body = json.dumps(RbeeError("INVALID_REQUEST" if code < 500 else "INTERNAL",
+                                    message or "HTTP %d" % code, status=code).envelope()).encode()
+        with contextlib.suppress(OSError):
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+    def log_message(self, fmt, *args):   # access logs would drown the narration
+        pass
+
+
+def _split_url(url):
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise RbeeError("INVALID_REQUEST", "Not an http URL: %s" % url)
+    return parts.hostname, parts.port or 80, (parts.path or "/") + ("?" + parts.query if parts.query else "")
+
+
+def http_call(method, url, body=None, headers=None, timeout=30.0, attempts=HTTP_ATTEMPTS, component=None):
+    """Send one request; returns the open response (connect retried per SPEC §9).
+
+    An error status raises RbeeError from the envelope; `.retry_after` is kept for 503s.
+    """
+    host, port, path = _split_url(url)
+    data = json.dumps(body).encode() if body is not None else None
+    hdrs = {"Content-Type": "application/json"} if data is not None else {}
+    hdrs.update(headers or {})
+    last = None
+    for attempt in range(attempts):
+        conn = http.client.HTTPConnection(host, port, timeout=min(timeout, HTTP_CONNECT_TIMEOUT))
+        try:
+            conn.connect()
+        except OSError as exc:
+            last = exc
+            conn.close()
+            if attempt + 1 < attempts:
+                time.sleep(0.1 * (2 ** attempt))
+            continue
+        conn.sock.settimeout(timeout)
+        with contextlib.suppress(OSError):
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            conn.request(method, path, body=data, headers=hdrs)
+            resp = conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise RbeeError("CONNECTION_TIMEOUT" if isinstance(exc, socket.timeout) else "INTERNAL",
+                            "%s %s failed: %s" % (method, url, exc), {"url": url}, component=component)
+        if resp.status >= 400:
+            raw = resp.read()
+            conn.close()
+            try:
+                payload = json.loads(raw)
+            except ValueError:
+                payload = {"error": {"code": "INTERNAL", "message": "HTTP %d from %s" % (resp.status, url)}}
+            err = RbeeError.from_envelope(payload, resp.status, component)
+            err.retry_after = resp.getheader("Retry-After")
+            raise err
+        return resp
+    raise RbeeError("CONNECTION_TIMEOUT", "Cannot connect to %s: %s" % (url, last), {"url": url},
+                    component=component)
+
+
+def http_json(method, url, body=None, headers=None, timeout=30.0, attempts=HTTP_ATTEMPTS, component=None):
+    resp = http_call(method, url, body, headers, timeout, attempts, component)
+    try:
+        raw = resp.read()
+    finally:
+        resp.close()
+    return json.loads(raw) if raw else {}
+
+
+def iter_sse(resp):
+    """Yield (event, data) from an SSE response until the server closes it."""
+    event, data = "message", []
+    while True:
+        raw = resp.readline()
+        if not raw:
+            return
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line:
+            if data:
+                try:
+                    payload = json.loads("\n".join(data))
+                except ValueError:
+                    payload = {"raw": "\n".join(data)}
+                yield event, payload
+            event, data = "message", []
+        elif line.startswith(":"):
+            continue
+        else:
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "event":
+                event = value
+            elif field == "data":
+                data.append(value)
+
+
+def sse_call(method, url, body=None, headers=None, timeout=TOKEN_TIMEOUT, component=None):
+    """Open an SSE endpoint; returns (response, iterator of (event, data))."""
+    resp = http_call(method, url, body, headers, timeout=timeout, component=component)
+    return resp, iter_sse(resp)
+
+
+def bearer(token):
+    return {"Authorization": "Bearer " + token} if token else {}
+
+
+# ============================================================================================
+# Processes: children that narrate on stdout, lifelines on stdin, signals, graceful stops
+# ============================================================================================
+
+class ChildOutput(threading.Thread):
+    """Reads a child's stdout: JSON narration lines go to `on_event`, other lines are kept as
+    its tail (the last words of a crashed child); `on_exit(code)` runs when it ends."""
+
+    def __init__(self, proc, on_event, on_exit=None, name="child", log=None):
+        super().__init__(daemon=True, name="out-" + name)
+        self.proc, self.on_event, self.on_exit, self.log = proc, on_event, on_exit, log
+        self.tail = collections.deque(maxlen=20)
+
+    def run(self):
+        for raw in iter(self.proc.stdout.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            if self.log:
+                with contextlib.suppress(OSError, ValueError):
+                    self.log.write(line + "\n")
+                    self.log.flush()
+            event = None
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    event = json.loads(line)
+            if isinstance(event, dict) and "actor" in event:
+                with contextlib.suppress(Exception):
+                    self.on_event(event)
+            elif line.strip():
+                self.tail.append(line)
+        code = self.proc.wait()
+        if self.on_exit:
+            self.on_exit(code)
+
+
+def spawn_child(argv, env=None, cwd=None):
+    """A child with its stdin as lifeline, stdout+stderr captured, in its own process group
+    (a Ctrl-C meant for the keeper must not reach it; the parent stops it on purpose)."""
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=env, cwd=cwd, start_new_session=True, bufsize=0)
+
+
+def kill_group(proc, sig=signal.SIGKILL):
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, sig)
+    with contextlib.suppress(OSError):
+        proc.send_signal(sig)
+
+
+def stop_child(proc, graceful=None, timeout=GRACEFUL_TIMEOUT):
+    """Ask nicely (`graceful()`, else SIGTERM), close its lifeline, SIGKILL after `timeout`."""
+    if proc.poll() is None:
+        try:
+            if graceful is None:
+                raise OSError
+            graceful()
+        except Exception:
+            with contextlib.suppress(OSError):
+                proc.send_signal(signal.SIGTERM)
+    with contextlib.suppress(OSError):
+        proc.stdin.close()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        proc.wait()
+
+
+def watch_lifeline(on_eof, stream=None):
+    """Call `on_eof` when our stdin reaches EOF: the parent died or let go of us."""
+    stream = stream or sys.stdin.buffer
+
+    def watch():
+        with contextlib.suppress(OSError, ValueError):
+            while stream.read(4096):
+                pass
+        on_eof("stdin closed (lifeline)")
+    threading.Thread(target=watch, daemon=True, name="lifeline").start()
+
+
+def on_stop_signals(stop, signals=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)):
+    """Run `stop(reason)` in a thread on SIGTERM/SIGINT/SIGHUP (a handler must not block)."""
+    def handler(signum, _frame):
+        threading.Thread(target=stop, args=("signal %s" % signal.Signals(signum).name,), daemon=True).start()
+    for sig in signals:
+        signal.signal(sig, handler)
+
+
+def run_until_stopped(app):
+    """Park the main thread until the role's `stopped` event is set, then exit 0."""
+    while not app.stopped.wait(1.0):
+        pass
+    sys.stdout.flush()
+    os._exit(0)   # daemon threads may still hold sockets; the role has already cleaned up
+
+
+def free_port(host, start):
+    for port in range(start, start + 1000):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+                return port
+            except OSError:
+                continue
+    raise RbeeError("INTERNAL", "No free port from %d on %s" % (start, host))
+
+
+# ============================================================================================
+# ssh: the OpenSSH client, never a tty, options for a dependable long-lived session
+# ============================================================================================
+
+class SshTarget:
+    """How to reach one node: `argv(command)` is the ssh command line that runs `command` there."""
+
+    def __init__(self, host, port=22, user=None, key=None, connect_timeout=10):
+        self.host, self.port, self.user, self.key = host, int(port or 22), user, key
+        self.connect_timeout = connect_timeout
+
+    @classmethod
+    def for_node(cls, node):
+        return cls(node["ssh_host"], node.get("ssh_port") or 22, node.get("ssh_user"), node.get("ssh_key_path"))
+
+    def argv(self, command):
+        args = ["ssh", "-T"]
+        config = os.environ.get("RBEE_SSH_CONFIG")
+        if config:
+            args += ["-F", config]
+        control_dir = os.path.join("/tmp", "rbee-ssh-%d" % os.getuid())
+        with contextlib.suppress(OSError):
+            os.makedirs(control_dir, mode=0o700, exist_ok=True)
+        for option in ("BatchMode=yes", "ConnectTimeout=%d" % self.connect_timeout, "ServerAliveInterval=5",
+                       "ServerAliveCountMax=3", "ControlMaster=auto", "ControlPersist=no",
+                       "ControlPath=%s/%%C" % control_dir, "LogLevel=ERROR"):
+            args += ["-o", option]
+        if self.key:
+            args += ["-i", os.path.expanduser(self.key), "-o", "IdentitiesOnly=yes"]
+        if self.port != 22:
+            args += ["-p", str(self.port)]
+        if self.user:
+            args += ["-l", self.user]
+        return args + [self.host, command]
+
+    def __str__(self):
+        return "%s%s:%d" % (self.user + "@" if self.user else "", self.host, self.port)
+
+
+def ssh_failure(target, stderr, node=None):
+    """SSH_FAILED with a reason a user can act on, from ssh's own words."""
+    text = (stderr or "").strip()
+    lowered = text.lower()
+    if "permission denied" in lowered or "authentication" in lowered or "too many authentication" in lowered:
+        why, hint = "authentication failed", ("Check the node's --ssh-key and --ssh-user: "
+                                              "`ssh %s` must log in without a password" % target)
+    elif "host key verification failed" in lowered:
+        why, hint = "host key verification failed", "Add the host key: ssh-keyscan -p %d %s >> ~/.ssh/known_hosts" % (
+            target.port, target.host)
+    elif "could not resolve" in lowered:
+        why, hint = "unknown host", "Check the node's --ssh-host (%s)" % target.host
+    else:
+        why, hint = "host unreachable", "Check that %s is up and sshd listens on port %d" % (target.host, target.port)
+    return RbeeError("SSH_FAILED", "SSH to %s failed: %s" % (target, why),
+                     {"node": node, "ssh_host": target.host, "ssh_port": target.port, "ssh_said": text[-400:]},
+                     hint + (" (then `rbee.py nodes check %s`)" % node if node else ""), component="queen-rbee")
+
+
+def ssh_run(target, command, timeout=60, node=None, attempts=SSH_ATTEMPTS, stdin_data=None):
+    """Run `command` on the node; ssh failures (exit 255) are retried per SPEC §9 and narrated."""
+    for attempt in range(attempts):
+        if attempt:
+            narrate("queen-rbee", "ssh_retry", "SSH to %s failed (attempt %d/%d), retrying in %d ms"
+                    % (target, attempt, attempts, SSH_BACKOFF[attempt] * 1000), "🔁", node=node)
+            time.sleep(SSH_BACKOFF[attempt])
+        try:
+            out = subprocess.run(target.argv(command), input=stdin_data, capture_output=True,
+                                 timeout=timeout, stdin=None if stdin_data is not None else subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise RbeeError("CONNECTION_TIMEOUT", "SSH command on %s took over %d s" % (target, timeout),
+                            {"node": node}, "Check the node's load and network")
+        if out.returncode != 255:
+            return out
+    raise ssh_failure(target, out.stderr.decode("utf-8", "replace"), node)
+
+
+def remote_command(rbee_dir, python, args, env=None):
+    """A shell command line for the node: cd to rbee's dir and exec Python on rbee.py."""
+    rbee_dir = rbee_dir or "~/.rbee/app"
+    quoted_dir = '"$HOME"/' + shlex.quote(rbee_dir[2:]) if rbee_dir.startswith("~/") else shlex.quote(rbee_dir)
+    env_part = " ".join(shlex.quote("%s=%s" % kv) for kv in sorted((env or {}).items()))
+    return "cd %s && exec %s%s -u rbee.py %s" % (quoted_dir, "env " + env_part + " " if env_part else "",
+                                                  shlex.quote(python or "python3"),
+                                                  " ".join(shlex.quote(a) for a in args))
+
+
+# ============================================================================================
+# Models: references (SPEC §4), the SQLite catalog (SPEC §3), provisioning from Hugging Face
+# ============================================================================================
+
+QUANT_PREFERENCE = ("Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q5_K_M", "Q5_0", "Q8_0", "F16")
+_HF_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+_HF_REF = re.compile(r"^hf:(%s)/(%s)(?::([^\s/:][^\s:]*))?$" % (_HF_NAME, _HF_NAME))
+_SPLIT_PART = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.I)
+
+
+class ModelRef(collections.namedtuple("ModelRef", "provider reference selector text")):
+    """A parsed model reference: hf:ORG/REPO[:SELECTOR] or file:/abs/path.gguf."""
+
+    @classmethod
+    def parse(cls, text):
+        if not isinstance(text, str) or not text.strip():
+            raise RbeeError("INVALID_MODEL_REF", "Empty model reference", {"model": text},
+                            "Use hf:ORG/REPO (a GGUF repo on Hugging Face) or file:/absolute/path.gguf")
+        text = text.strip()
+        match = _HF_REF.match(text)
+        if match:
+            org, repo, selector = match.groups()
+            if ".." in org + repo:
+                match = None
+            else:
+                return cls("hf", "%s/%s" % (org, repo), selector, text)
+        if text.startswith("file:"):
+            path = text[len("file://"):] if text.startswith("file://") else text[len("file:"):]
+            if path.startswith("/") and not path.endswith("/") and "\0" not in path:
+                return cls("file", os.path.normpath(path), None, "file:" + os.path.normpath(path))
+        raise RbeeError("INVALID_MODEL_REF", "Invalid model reference %r" % text, {"model": text},
+                        "Use hf:ORG/REPO[:FILE_OR_QUANT] (e.g. hf:TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF) "
+                        "or file:/absolute/path/model.gguf")
+
+
+def choose_gguf(filenames, selector=None):
+    """The file of a GGUF repo to download: the selector (an exact name or a quantisation tag),
+    else the only .gguf, else by QUANT_PREFERENCE; never a split part other than the first."""
+    ggufs = sorted(f for f in filenames if f.lower().endswith(".gguf")
+                   and (not _SPLIT_PART.search(f) or _SPLIT_PART.search(f).group(1) == "00001"))
+    if selector:
+        exact = [f for f in filenames if f == selector or f.rsplit("/", 1)[-1] == selector]
+        if exact:
+            return exact[0]
+        tagged = [f for f in ggufs if selector.lower() in f.rsplit("/", 1)[-1].lower()]
+        if tagged:
+            return tagged[0]
+        return None
+    if len(ggufs) == 1:
+        return ggufs[0]
+    for quant in QUANT_PREFERENCE:
+        tagged = [f for f in ggufs if quant.lower() in f.rsplit("/", 1)[-1].lower()]
+        if tagged:
+            return tagged[0]
+    return None
+
+
+def slug(text):
+    return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-")
+
+
+class ModelCatalog:
+    """$RBEE_HOME/models.db: what is on this node's disk. A row is written only for a complete,
+    verified file, in one transaction."""
+
+    SCHEMA = """CREATE TABLE IF NOT EXISTS models (
+        id TEXT PRIMARY KEY, provider TEXT NOT NULL, reference TEXT NOT NULL, filename TEXT NOT NULL,
+        local_path TEXT NOT NULL, size_bytes INTEGER NOT NULL, sha256 TEXT,
+        downloaded_at_unix INTEGER NOT NULL, last_used_unix INTEGER,
+        UNIQUE (provider, reference, filename))"""
+    COLUMNS = ("id", "provider", "reference", "filename", "local_path", "size_bytes", "sha256",
+               "downloaded_at_unix", "last_used_unix")
+
+    def __init__(self, path=None):
+        self.path = path or rbee_home("models.db")
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with self._db() as db:
+            db.execute(self.SCHEMA)
+
+    @contextlib.contextmanager
+    def _db(self):
+        db = sqlite3.connect(self.path, timeout=30)
+        try:
+            with db:
+                yield db
+        finally:
+            db.close()
+
+    def _rows(self, where="", args=()):
+        with self._db() as db:
+            rows = db.execute("SELECT %s FROM models %s ORDER BY id" % (", ".join(self.COLUMNS), where), args)
+            return [dict(zip(self.COLUMNS, row)) for row in rows]
+
+    def find(self, ref):
+        """The row for a reference (its selector, if any, must match the file), if the file is there."""
+        rows = self._rows("WHERE provider = ? AND reference = ?", (ref.provider, ref.reference))
+        if ref.selector:
+            rows = [r for r in rows if choose_gguf([r["filename"]], ref.selector)]
+        rows = [r for r in rows if os.path.isfile(r["local_path"])]
+        return rows[0] if rows else None
+
+    def list(self):
+        return self._rows()
+
+    def add(self, provider, reference, filename, local_path, size_bytes, sha256=None):
+        row = {"id": slug("%s--%s" % (reference.replace("/", "--") if provider == "hf" else
+                                      "file-" + hashlib.sha1(local_path.encode()).hexdigest()[:8],
+                                      os.path.splitext(filename)[0])),
+               "provider": provider, "reference": reference, "filename": filename, "local_path": local_path,
+               "size_bytes": int(size_bytes), "sha256": sha256, "downloaded_at_unix": int(time.time()),
+               "last_used_unix": None}
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO models (%s) VALUES (%s)" % (
+                ", ".join(self.COLUMNS), ", ".join("?" * len(self.COLUMNS))), [row[c] for c in self.COLUMNS])
+        return row
+
+    def touch(self, model_id):
+        with self._db() as db:
+            db.execute("UPDATE models SET last_used_unix = ? WHERE id = ?", (int(time.time()), model_id))
+
+    def remove(self, ref):
+        """Delete the rows (and downloaded files; a `file:` model is the user's own) of a reference."""
+        rows = self._rows("WHERE provider = ? AND reference = ?", (ref.provider, ref.reference))
+        if ref.selector:
+            rows = [r for r in rows if choose_gguf([r["filename"]], ref.selector)]
+        with self._db() as db:
+            for row in rows:
+                db.execute("DELETE FROM models WHERE id = ?", (row["id"],))
+        for row in rows:
+            if row["provider"] == "hf":
+                with contextlib.suppress(OSError):
+                    os.remove(row["local_path"])
+        return rows
+
+
+class ModelProvisioner:
+    """Makes a model reference a cataloged file on this node: downloads from Hugging Face with
+    huggingface_hub, resumable across processes (a `.partial` file kept by byte), verified by
+    sha256 before the catalog sees it. One download per model at a time; others wait for it."""
+
+    def __init__(self, catalog, models_dir=None):
+        self.catalog = catalog
+        self.models_dir = models_dir or rbee_home("models")
+        self._locks, self._locks_lock = {}, threading.Lock()
+
+    def _lock_for(self, key):
+        with self._locks_lock:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def provision(self, ref):
+        """The catalog row for `ref`, downloading it first if needed (narrated)."""
+        if isinstance(ref, str):
+            ref = ModelRef.parse(ref)
+        row = self.catalog.find(ref)
+        if row:
+            return row
+        lock = self._lock_for((ref.provider, ref.reference, ref.selector))
+        if not lock.acquire(blocking=False):
+            narrate("model-provisioner", "download_wait", "Waiting for the download of %s in progress" % ref.text,
+                    "⏳")
+            lock.acquire()
+        try:
+            row = self.catalog.find(ref)
+            if row:
+                return row
+            return self._catalog_file(ref) if ref.provider == "file" else self._download(ref)
+        finally:
+            lock.release()
+
+    def _catalog_file(self, ref):
+        path = ref.reference
+        if not os.path.isfile(path):
+            raise RbeeError("MODEL_NOT_FOUND", "No model file at %s" % path, {"model": ref.text},
+                            "Check the path; file: models are read on the node that runs the worker")
+        return self.catalog.add("file", path, os.path.basename(path), path, os.path.getsize(path))
+
+    # -- Hugging Face -----------------------------------------------------------------------
+
+    def _hub_error(self, exc, ref):
+        from huggingface_hub import errors
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if isinstance(exc, errors.GatedRepoError) or status in (401, 403) and not isinstance(
+                exc, errors.RepositoryNotFoundError):
+            return RbeeError("ACCESS_DENIED", "Access to %s denied by Hugging Face (HTTP %s)" % (ref.reference, status),
+                             {"model": ref.text}, "Accept the model's terms on Hugging Face and set HF_TOKEN")
+        if isinstance(exc, (errors.RepositoryNotFoundError, errors.RevisionNotFoundError,
+                            errors.EntryNotFoundError)) or status == 404:
+            return RbeeError("MODEL_NOT_FOUND", "Model %s not found on Hugging Face" % ref.reference,
+                             {"model": ref.text}, "Check the spelling of ORG/REPO; a private repo needs HF_TOKEN")
+        return None
+
+    def _listing(self, ref):
+        """The repo's files as {path: (size, sha256 or None)}, with retries on network errors."""
+        from huggingface_hub import HfApi, errors
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            raise RbeeError("MODEL_NOT_FOUND", "Model %s is not on this node and HF_HUB_OFFLINE is set" % ref.text,
+                            {"model": ref.text}, "Unset HF_HUB_OFFLINE, or download the model while online")
+        api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=os.environ.get("HF_TOKEN") or None)
+        last = None
+        for attempt in range(DOWNLOAD_ATTEMPTS):
+            try:
+                files = {}
+                for entry in api.list_repo_tree(ref.reference, recursive=True):
+                    if getattr(entry, "size", None) is not None:
+                        lfs = getattr(entry, "lfs", None)
+                        files[entry.path] = (entry.size, getattr(lfs, "sha256", None) if lfs else None)
+                return files
+            except Exception as exc:
+                mapped = self._hub_error(exc, ref)
+                if mapped:
+                    raise mapped
+                if isinstance(exc, errors.HFValidationError):
+                    raise RbeeError("INVALID_MODEL_REF", str(exc), {"model": ref.text})
+                last = exc
+                time.sleep(0.1 * 2 ** attempt)
+        raise RbeeError("DOWNLOAD_FAILED", "Cannot list %s on Hugging Face: %s" % (ref.reference, last),
+                        {"model": ref.text, "attempts": DOWNLOAD_ATTEMPTS},
+                        "Check the node's network and HF_ENDPOINT (%s)" % (os.environ.get("HF_ENDPOINT") or
+                                                                           "https://huggingface.co"))
+
+    def _download(self, ref):
+        files = self._listing(ref)
+        filename = choose_gguf(list(files), ref.selector)
+        if not filename:
+            raise RbeeError("MODEL_NOT_FOUND", "No GGUF file%s in %s" % (
+                " matching %r" % ref.selector if ref.selector else "", ref.reference),
+                {"model": ref.text, "files": sorted(files)[:20]},
+                "Name a file or quantisation: hf:%s:Q4_K_M" % ref.reference)
+        size, sha256 = files[filename]
+        dest_dir = os.path.join(self.models_dir, ref.reference.replace("/", "--"))
+        dest = os.path.join(dest_dir, filename.rsplit("/", 1)[-1])
+        partial = dest + ".partial"
+        os.makedirs(dest_dir, exist_ok=True)
+        have = os.path.getsize(partial) if os.path.exists(partial) else 0
+        free = shutil.disk_usage(dest_dir).free
+        if free < size - have:
+            raise RbeeError("INSUFFICIENT_DISK", "Not enough disk for %s: need %s, %s free" % (
+                filename, human_bytes(size - have), human_bytes(free)),
+                {"required_bytes": size - have, "free_bytes": free, "path": dest_dir},
+                "Free disk space on the node or remove models with `rbee.py models rm REF`")
+        narrate("model-provisioner", "download_start", "Downloading %s from Hugging Face" % filename, "📦",
+                model_ref=ref.text)
+        started = time.monotonic()
+        digest = self._fetch(ref, filename, size, sha256, partial)
+        os.replace(partial, dest)
+        row = self.catalog.add("hf", ref.reference, filename, dest, size, digest)
+        narrate("model-provisioner", "download_done", "Model downloaded to %s (%s in %.1f s)" % (
+            dest, human_bytes(size), time.monotonic() - started), "✅", model_ref=ref.text)
+        return row
+
+    def _fetch(self, ref, filename, size, sha256, partial):
+        """Download into `partial`, resuming from its length; returns the verified sha256."""
+        from huggingface_hub import get_session, hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+        url = hf_hub_url(ref.reference, filename, endpoint=os.environ.get("HF_ENDPOINT") or None)
+        progress = DownloadProgress(size)
+        last = None
+        for attempt in range(DOWNLOAD_ATTEMPTS):
+            if attempt:
+                delay = 0.1 * 2 ** (attempt - 1)
+                narrate("model-provisioner", "download_retry", "Download attempt %d/%d failed (%s); retrying in %d ms"
+                        % (attempt, DOWNLOAD_ATTEMPTS, last, delay * 1000), "🔁")
+                time.sleep(delay)
+            have = os.path.getsize(partial) if os.path.exists(partial) else 0
+            if have > size:
+                os.remove(partial)
+                have = 0
+            digest = hashlib.sha256()
+            if have:
+                with open(partial, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+            headers = build_hf_headers(token=os.environ.get("HF_TOKEN") or None)
+            if have < size:
+                if have:
+                    headers["Range"] = "bytes=%d-" % have
+                    narrate("model-provisioner", "download_resume", "Resuming download at %s" % human_bytes(have), "⏯️")
+                try:
+                    with get_session().stream("GET", url, headers=headers, follow_redirects=True,
+                                              timeout=TOKEN_TIMEOUT) as resp:
+                        hf_raise_for_status(resp)
+                        if have and resp.status_code != 206:   # the server ignored Range: start over
+                            have, digest = 0, hashlib.sha256()
+                        with open(partial, "r+b" if have else "wb") as out:
+                            out.seek(have)
+                            for chunk in resp.iter_bytes(1 << 20):
+                                out.write(chunk)
+                                digest.update(chunk)
+                                have += len(chunk)
+                                progress.update(have)
+                except Exception as exc:
+                    mapped = self._hub_error(exc, ref)
+                    if mapped:
+                        raise mapped
+                    last = "%s: %s" % (type(exc).__name__, exc)
+                    continue
+                if have < size:
+                    last = "connection closed at %s of %s" % (human_bytes(have), human_bytes(size))
+                    continue
+            progress.update(have, force=True)
+            if sha256 and digest.hexdigest() != sha256:
+                os.remove(partial)
+                last = "CHECKSUM_MISMATCH"
+                narrate("model-provisioner", "checksum_mismatch", "Checksum mismatch for %s (CHECKSUM_MISMATCH); "
+                        "deleted it" % filename, "⚠️", level="warn")
+                continue
+            return digest.hexdigest()
+        with contextlib.suppress(OSError):
+            if last == "CHECKSUM_MISMATCH":
+                os.remove(partial)
+        if last == "CHECKSUM_MISMATCH":
+            raise RbeeError("CHECKSUM_MISMATCH", "%s failed its sha256 check %d times" % (filename, DOWNLOAD_ATTEMPTS),
+                            {"model": ref.text, "expected_sha256": sha256},
+                            "The mirror serves corrupt data: try again later or another HF_ENDPOINT")
+        raise RbeeError("DOWNLOAD_FAILED", "Download of %s failed after %d attempts: %s" % (
+            filename, DOWNLOAD_ATTEMPTS, last), {"model": ref.text, "bytes_kept": have if os.path.exists(partial) else 0},
+            "Run the same command again: the download resumes where it stopped")
+
+
+class DownloadProgress:
+    """Narrates download progress at least every 5 % or every second, whichever is rarer."""
+
+    def __init__(self, total):
+        self.total, self.last_done, self.last_time = total, -1, 0.0
+
+    def update(self, done, force=False):
+        now = time.monotonic()
+        step = self.total * 0.05
+        if force or self.last_done < 0 or (done - self.last_done >= step and now - self.last_time >= 1.0):
+            if force and done == self.last_done:
+                return
+            self.last_done, self.last_time = done, now
+            pct = int(done * 100 / self.total) if self.total else 100
+            narrate("model-provisioner", "download_progress", "Downloaded %s / %s (%d%%)" % (
+                human_bytes(done), human_bytes(self.total), pct), None, progress={"done": done, "total": self.total})
+
+
+# ============================================================================================
+# Worker (rbee.py worker): one model loaded by a backend, tokens streamed over SSE
+# ============================================================================================
+
+class Job:
+    """One /execute request: validated parameters and its cancel flag."""
+
+    FIELDS = ("job_id", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+
+    def __init__(self, body, n_ctx):
+        def number(name, default, low, high, integer=False):
+            value = body.get(name, default)
+            if value is None:
+                return default
+            kinds = (int,) if integer else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise invalid(name, "must be %s" % ("an integer" if integer else "a number"))
+            if value != value or not low <= value <= high:   # NaN fails the first test
+                raise invalid(name, "must be between %s and %s" % (low, high))
+            return value
+        job_id = body.get("job_id") or "job-" + secrets.token_hex(6)
+        if not isinstance(job_id, str) or len(job_id) > 200:
+            raise invalid("job_id", "must be a string of at most 200 characters")
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise invalid("prompt", "must be a non-empty string")
+        stop = body.get("stop") or []
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
+            raise invalid("stop", "must be a string or a list of at most 16 non-empty strings")
+        self.job_id, self.prompt, self.stop = job_id, prompt, stop
+        self.max_tokens = number("max_tokens", 20, 1, n_ctx, integer=True)
+        self.temperature = number("temperature", 0.7, 0, 2)
+        self.top_p = number("top_p", 0.95, 0, 1)
+        self.top_k = number("top_k", 40, 0, 1 << 20, integer=True)
+        self.seed = number("seed", None, -1, (1 << 32) - 1, integer=True)
+        self.cancel = threading.Event()
+
+
+def split_at_stop(text, stops):
+    """(text that can be sent, held back text, stopped?) for the generated `text` so far."""
+    hits = [text.find(s) for s in stops if s in text]
+    if hits:
+        return text[:min(hits)], "", True
+    hold = 0
+    for s in stops:   # keep back a tail that could still become a stop string
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return (text[:len(text) - hold], text[len(text) - hold:], False) if hold else (text, "", False)
+
+
+class Worker(App):
+    """Loads one model, then serves /execute one job at a time (one slot)."""
+
+    component = "llm-worker-rbee"
+    routes = (("GET", "/health", "health"), ("POST", "/execute", "execute"),
+              ("POST", "/cancel", "cancel"), ("POST", "/shutdown", "shutdown_request"))
+
+    def __init__(self, args, api_key):
+        super().__init__()
+        self.args, self.api_key = args, api_key
+        self.worker_id = args.worker_id or "worker-" + secrets.token_hex(4)
+        self.model_ref = args.model_ref or "file:" + os.path.abspath(args.model)
+        self.state, self.job, self.llm, self.memory_mb = "loading", None, None, 0
+        self.slot = threading.Lock()
+        self.last_activity = time.time()
+        self._stopping = threading.Lock()
+
+    def authorize(self, req, name):
+        if name != "health":
+            req.require_bearer(self.api_key)
+
+    # -- start: narrate, init the device, load, serve, report ready (the seed's order) --------
+
+    def start(self):
+        args = self.args
+        narrate("llm-worker-rbee", "startup", "Worker starting on port %d" % args.port, "🌅", worker_id=self.worker_id)
+        import backends
+        self.backend = backends.require(args.backend, args.device)
+        narrate("device-manager", "device_init", "Initialized %s" % self.backend.describe(args.device), "🖥️")
+        if not os.path.isfile(args.model):
+            raise RbeeError("MODEL_NOT_FOUND", "No model file at %s" % args.model, {"model": args.model})
+        narrate("model-loader", "model_load", "Loading model from %s" % args.model, "📦")
+        started = time.monotonic()
+        self.llm = self.backend.load(args.model, args.device, args.ctx_size)
+        self.load_ms = int((time.monotonic() - started) * 1000)
+        self.memory_mb = max(self.backend.memory_used_mb(args.device), os.path.getsize(args.model) >> 20)
+        where = "RAM" if args.backend == "cpu" else "VRAM"
+        narrate("model-loader", "model_loaded", "Model loaded! %d MB cozy in %s!" % (self.memory_mb, where), "🛏️",
+                memory_mb=self.memory_mb, load_ms=self.load_ms)
+        port = self.serve(args.host, args.port)
+        self.url = "http://%s:%d" % ("127.0.0.1" if args.host in ("0.0.0.0", "") else args.host, port)
+        self.state = "idle"
+        narrate("http-server", "http_ready", "HTTP server ready on port %d" % port, "🚀", port=port)
+        if args.hive_url:
+            narrate("llm-worker-rbee", "ready_callback", "Reporting ready to rbee-hive", "👋")
+            http_json("POST", args.hive_url.rstrip("/") + "/v1/workers/ready",
+                      {"worker_id": self.worker_id, "url": self.url, "model_ref": self.model_ref,
+                       "backend": args.backend, "device": args.device, "port": port, "load_ms": self.load_ms},
+                      headers=bearer(os.environ.get("RBEE_HIVE_TOKEN")), timeout=10)
+
+    # -- endpoints ------------------------------------------------------------------------------
+
+    def health(self, req):
+        req.send_json(200, {"status": "ok", "state": self.state, "worker_id": self.worker_id,
+                            "model_ref": self.model_ref, "backend": self.args.backend, "device": self.args.device,
+                            "memory_mb": self.memory_mb, "slots_total": 1,
+                            "slots_available": 0 if self.slot.locked() or self.state != "idle" else 1,
+                            "last_activity_unix": int(self.last_activity), "version": __version__})
+
+    def cancel(self, req):
+        job_id = req.json.get("job_id")
+        job = self.job
+        if job is not None and job.job_id == job_id:
+            job.cancel.set()
+        req.send_empty(204)
+
+    def shutdown_request(self, req):
+        req.send_empty(202)
+        threading.Thread(target=self.shutdown, args=("POST /shutdown",), daemon=True).start()
+
+    def execute(self, req):
+        job = Job(req.json, self.args.ctx_size)
+        n_prompt = len(self.llm.tokenize(job.prompt.encode("utf-8"), add_bos=True, special=True))
+        if n_prompt >= self.args.ctx_size:
+            raise invalid("prompt", "is %d tokens; the context holds %d" % (n_prompt, self.args.ctx_size))
+        if self.state == "draining" or not self.slot.acquire(blocking=False):
+            busy = self.job.job_id if self.job else None
+            raise RbeeError("ALL_SLOTS_BUSY", "Worker %s is busy%s" % (
+                self.worker_id, " with " + busy if busy else " (shutting down)"), {"retry_after_s": 1},
+                "Retry in a moment, or run another worker for this model")
+        try:
+            self.job, self.state = job, "busy"
+            self._generate(req.sse(), job, n_prompt)
+        finally:
+            self.job, self.last_activity = None, time.time()
+            if self.state == "busy":
+                self.state = "idle"
+            self.slot.release()
+
+    def _generate(self, stream, job, n_prompt):
+        stream.send("started", {"job_id": job.job_id, "worker_id": self.worker_id})
+        with narration_to(stream.narration):
+            narrate("llama-backend", "inference_start", "Starting inference (prompt: %d chars, max_tokens: %d)"
+                    % (len(job.prompt), job.max_tokens), "🚀", job_id=job.job_id)
+            narrate("tokenizer", "tokenize", "Tokenized prompt (%d tokens)" % n_prompt, "🍰", job_id=job.job_id)
+            self.llm.reset()
+            narrate("llama-backend", "cache_reset", "Reset KV cache for fresh start", "🧹", job_id=job.job_id)
+            started = time.perf_counter()
+            chunks = self.llm.create_completion(
+                job.prompt, max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
+                top_k=job.top_k, seed=job.seed, stream=True)
+            tokens_out = index = 0
+            held, stop_reason = "", "max_tokens"
+            try:
+                for chunk in chunks:
+                    if job.cancel.is_set() or stream.client_gone():
+                        stop_reason = "cancelled"
+                        break
+                    choice = chunk["choices"][0]
+                    if choice.get("finish_reason"):
+                        stop_reason = "eos" if choice["finish_reason"] == "stop" else "max_tokens"
+                    else:
+                        tokens_out += 1
+                    text, held, stopped = split_at_stop(held + choice["text"], job.stop) if job.stop \
+                        else (choice["text"], "", False)
+                    if text:
+                        stream.send("token", {"t": text, "i": index})
+                        index += 1
+                    if stopped:
+                        stop_reason = "stop"
+                        break
+                    if tokens_out % 10 == 0 and not choice.get("finish_reason") and tokens_out:
+                        narrate("llama-backend", "token_generate", "Generated %d tokens" % tokens_out, "🎯",
+                                job_id=job.job_id)
+                if held and stop_reason != "cancelled":
+                    stream.send("token", {"t": held, "i": index})
+            finally:
+                chunks.close()
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            rate = tokens_out / elapsed
+            narrate("llama-backend", "inference_complete", "Inference complete! %d tokens in %d ms (%.0f tok/s)" % (
+                tokens_out, elapsed * 1000, rate), "🎉", job_id=job.job_id)
+        stream.finish("end", {"job_id": job.job_id, "tokens_out": tokens_out, "decode_time_ms": round(elapsed * 1000, 1),
+                              "tokens_per_sec": round(rate, 2), "stop_reason": stop_reason})
+
+    # -- shutdown: finish nothing new, unload, exit 0 (narrated on stdout) --------------------------
+
+    def shutdown(self, reason="shutdown"):
+        if not self._stopping.acquire(blocking=False):
+            return
+        if self.state == "loading":   # nothing to unload yet
+            narrate("llm-worker-rbee", "exit", "Worker exiting (%s during start-up)" % reason, "💤")
+            os._exit(0)
+        self.state = "draining"
+        job = self.job
+        if job is not None:
+            job.cancel.set()
+        narrate("llm-worker-rbee", "shutdown", "Shutting down gracefully (%s)" % reason, "👋")
+        if self.slot.acquire(timeout=10):
+            self.slot.release()
+        self.stop_serving()
+        narrate("device-manager", "memory_free", "Freeing %d MB %s" % (
+            self.memory_mb, "RAM" if self.args.backend == "cpu" else "VRAM"), "🧹")
+        llm, self.llm = self.llm, None
+        with contextlib.suppress(Exception):
+            llm.close()
+        narrate("llm-worker-rbee", "exit", "Worker exiting", "💤")
+        self.stopped.set()
+
+
+def run_worker(args):
+    api_key = os.environ.get("RBEE_WORKER_API_KEY")
+    if not api_key:
+        raise RbeeError("MISSING_API_KEY", "RBEE_WORKER_API_KEY is not set", {},
+                        "Set RBEE_WORKER_API_KEY in the worker's environment (never on its command line)")
+    worker = Worker(args, api_key)
+    on_stop_signals(worker.shutdown)
+    if args.lifeline:
+        watch_lifeline(worker.shutdown)
+    try:
+        worker.start()
+    except Exception as exc:
+        err = RbeeError.wrap(exc, "llm-worker-rbee")
+        narrate("llm-worker-rbee", "error", "Worker failed to start: %s" % err.message, "❌", level="error",
+                error=err.envelope()["error"])
+        os._exit(1)
+    run_until_stopped(worker)
+
+
+# ============================================================================================
+# Hive (rbee.py hive): the pool manager of one node -- catalog, provisioning, preflight, workers
+# ============================================================================================
+
+class WorkerProcess:
+    """A worker this hive started: its process, its narration listeners, its readiness."""
+
+    def __init__(self, worker_id, model_ref, backend, device, port, api_key, proc):
+        self.worker_id, self.model_ref, self.backend, self.device = worker_id, model_ref, backend, device
+        self.port, self.api_key, self.proc = port, api_key, proc
+        self.url, self.state, self.last_activity = None, "loading", time.time()
+        self.ready, self.exited = threading.Event(), threading.Event()
+        self.listeners, self.output, self.load_ms = [], None, None
+
+    def public(self):
+        return {"worker_id": self.worker_id, "url": self.url, "model_ref": self.model_ref, "backend": self.backend,
+                "device": self.device, "state": self.state, "pid": self.proc.pid, "port": self.port,
+                "last_activity_unix": int(self.last_activity)}
+
+    def relay(self, event):
+        """Worker narration goes to whoever waits for this worker, else to the hive's stdout."""
+        event.setdefault("worker_id", self.worker_id)
+        for listener in list(self.listeners) or [emit_line]:
+            with contextlib.suppress(ClientGone):
+                listener(event)
+
+    def request_shutdown(self):
+        http_json("POST", "http://127.0.0.1:%d/shutdown" % self.port, {}, bearer(self.api_key), timeout=5,
+                  attempts=1)
+
+
+class WorkerRegistry:
+    """The hive's in-memory list of workers (SPEC §3: never on disk)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.workers = {}
+
+    def add(self, worker):
+        with self.lock:
+            self.workers[worker.worker_id] = worker
+
+    def get(self, worker_id):
+        with self.lock:
+            return self.workers.get(worker_id)
+
+    def remove(self, worker_id):
+        with self.lock:
+            return self.workers.pop(worker_id, None)
+
+    def all(self):
+        with self.lock:
+            return list(self.workers.values())
+
+    def matching(self, model_ref, backend, device):
+        return [w for w in self.all() if (w.model_ref, w.backend, w.device) == (model_ref, backend, device)
+                and w.ready.is_set() and not w.exited.is_set() and w.state != "draining"]
+
+    def ports(self):
+        return {w.port for w in self.all()}
+
+
+class Hive(App):
+    """The pool manager: serves SPEC §5 (Hive) and owns every worker it starts."""
+
+    component = "rbee-hive"
+    routes = (("GET", "/v1/health", "health"), ("GET", "/v1/workers/list", "list_workers"),
+              ("POST", "/v1/workers/spawn", "spawn"), ("POST", "/v1/workers/ready", "worker_ready"),
+              ("POST", "/v1/workers/{worker_id}/shutdown", "shutdown_worker"), ("GET", "/v1/models", "list_models"),
+              ("POST", "/v1/models/download", "download_model"), ("POST", "/v1/models/remove", "remove_model"),
+              ("POST", "/v1/shutdown", "shutdown_request"))
+
+    def __init__(self, args, token=None):
+        super().__init__()
+        self.args, self.token = args, token
+        self.node = args.node_name or socket.gethostname()
+        self.catalog = ModelCatalog()
+        self.provisioner = ModelProvisioner(self.catalog)
+        self.registry = WorkerRegistry()
+        self._spawn_locks, self._spawn_locks_lock = {}, threading.Lock()
+        self._stopping = threading.Lock()
+        self._backends = None
+        os.makedirs(rbee_home("logs"), exist_ok=True)
+
+    def authorize(self, req, name):
+        if self.token and name != "health":
+            req.require_bearer(self.token)
+
+    @property
+    def local_url(self):
+        host = self.args.host
+        return "http://%s:%d" % ("127.0.0.1" if host in ("0.0.0.0", "") else host, self.port)
+
+    def detected_backends(self):
+        if self._backends is None:
+            import backends
+            self._backends = backends.detect()
+        return self._backends
+
+    # -- endpoints ------------------------------------------------------------------------------
+
+    def health(self, req):
+        found = self.detected_backends()
+        req.send_json(200, {"status": "alive", "version": __version__, "api_version": API_VERSION, "node": self.node,
+                            "backends": list(found), "devices": found, "workers": len(self.registry.all())})
+
+    def list_workers(self, req):
+        req.send_json(200, {"workers": [w.public() for w in self.registry.all() if w.ready.is_set()]})
+
+    def list_models(self, req):
+        req.send_json(200, {"models": self.catalog.list()})
+
+    def download_model(self, req):
+        ref = ModelRef.parse(req.json.get("model_ref") or req.json.get("model"))
+        stream = req.sse()
+        with narration_to(stream.narration):
+            row = self.provisioner.provision(ref)
+        stream.finish("end", {"model": row})
+
+    def remove_model(self, req):
+        ref = ModelRef.parse(req.json.get("model_ref") or req.json.get("model"))
+        in_use = [w.worker_id for w in self.registry.all() if ModelRef.parse(w.model_ref)[:2] == ref[:2]]
+        if in_use:
+            raise RbeeError("INVALID_REQUEST", "Model %s is loaded by %s" % (ref.text, ", ".join(in_use)),
+                            {"workers": in_use}, "Stop those workers first: rbee.py workers shutdown ID")
+        removed = self.catalog.remove(ref)
+        if not removed:
+            raise RbeeError("MODEL_NOT_FOUND", "Model %s is not in the catalog of %s" % (ref.text, self.node),
+                            {"model": ref.text}, "See what is there: rbee.py models list")
+        req.send_json(200, {"removed": removed})
+
+    def worker_ready(self, req):
+        body = req.json
+        worker = self.registry.get(body.get("worker_id"))
+        if worker is None:
+            raise RbeeError("INVALID_REQUEST", "Unknown worker %r" % body.get("worker_id"), {"field": "worker_id"})
+        worker.url, worker.load_ms = body.get("url"), body.get("load_ms")
+        worker.state, worker.last_activity = "idle", time.time()
+        worker.ready.set()
+        req.send_json(200, {"ok": True})
+
+    def shutdown_worker(self, req):
+        worker = self.registry.get(req.params["worker_id"])
+        if worker is None:
+            raise RbeeError("INVALID_REQUEST", "No worker %s on %s" % (req.params["worker_id"], self.node),
+                            {"worker_id": req.params["worker_id"]}, "See the workers: rbee.py workers list")
+        threading.Thread(target=self.stop_worker, args=(worker,), daemon=True).start()
+        req.send_json(202, {"worker_id": worker.worker_id, "state": "draining"})
+
+    def shutdown_request(self, req):
+        req.send_json(202, {"status": "shutting down"})
+        threading.Thread(target=self.shutdown, args=("POST /v1/shutdown",), daemon=True).start()
+
+    def spawn(self, req):
+        body = req.json
+        ref = ModelRef.parse(body.get("model_ref") or body.get("model"))
+        import backends
+        backend = body.get("backend") or backends.best()
+        device = body.get("device", 0)
+        if not isinstance(backend, str):
+            raise invalid("backend", "must be a string")
+        if isinstance(device, bool) or not isinstance(device, int):
+            raise invalid("device", "must be an integer")
+        stream = req.sse()
+        with narration_to(stream.narration):
+            worker, timings = self.worker_for(ref, backend, device)
+        stream.finish("worker", {"worker_id": worker.worker_id, "url": worker.url, "state": worker.state,
+                                 "api_key": worker.api_key, "backend": backend, "device": device,
+                                 "model_ref": ref.text, "timings": timings})
+
+    # -- the pool -------------------------------------------------------------------------------
+
+    def worker_for(self, ref, backend, device):
+        """An idle worker for (model, backend, device): reused, or provisioned and spawned."""
+        key = (ref.text, backend, device)
+        with self._spawn_locks_lock:
+            lock = self._spawn_locks.setdefault(key, threading.Lock())
+        with lock:   # concurrent spawns of one model make one worker
+            for worker in sorted(self.registry.matching(*key), key=lambda w: w.state != "idle"):
+                state = self.poll_worker(worker)
+                if state == "idle" or worker is self.registry.matching(*key)[-1]:
+                    narrate("rbee-hive", "worker_reuse", "Reusing %s worker %s on port %d" % (
+                        state, worker.worker_id, worker.port), "♻️", worker_id=worker.worker_id)
+                    return worker, {"reused": True}
+            import backends
+            module = backends.require(backend, device)   # fail before any download
+            started = time.monotonic()
+            row = self.provisioner.provision(ref)
+            download_ms = int((time.monotonic() - started) * 1000)
+            self.catalog.touch(row["id"])
+            module.preflight(row["size_bytes"], device)
+            worker = self.start_worker(ref, row, backend, device)
+            try:
+                self.await_ready(worker)
+            finally:
+                worker.listeners.clear()
+            return worker, {"reused": False, "download_ms": download_ms, "load_ms": worker.load_ms}
+
+    def start_worker(self, ref, row, backend, device):
+        port = free_port(self.args.host, WORKER_PORT)
+        while port in self.registry.ports():
+            port = free_port(self.args.host, port + 1)
+        worker_id, api_key = "worker-" + secrets.token_hex(4), secrets.token_urlsafe(24)
+        env = dict(os.environ, RBEE_WORKER_API_KEY=api_key, PYTHONUNBUFFERED="1")
+        if self.token:
+            env["RBEE_HIVE_TOKEN"] = self.token
+        argv = [sys.executable, "-u", RBEE_PY, "worker", "--model", row["local_path"], "--backend", backend,
+                "--device", str(device), "--port", str(port), "--host", self.args.host, "--worker-id", worker_id,
+                "--model-ref", ref.text, "--hive-url", self.local_url, "--lifeline"]
+        proc = spawn_child(argv, env=env)
+        worker = WorkerProcess(worker_id, ref.text, backend, device, port, api_key, proc)
+        worker.listeners.append(_current_sink())
+        self.registry.add(worker)
+        log = open(rbee_home("logs", "%s.log" % worker_id), "a")
+        worker.output = ChildOutput(proc, worker.relay, lambda code: self.worker_exited(worker, code, log),
+                                    worker_id, log)
+        worker.output.start()
+        return worker
+
+    def await_ready(self, worker):
+        deadline = time.monotonic() + LOADING_TIMEOUT
+        while not worker.ready.wait(0.05):
+            if worker.exited.is_set():
+                last = list(worker.output.tail)[-8:]
+                raise RbeeError("WORKER_CRASHED", "Worker %s exited with code %s before it was ready" % (
+                    worker.worker_id, worker.proc.returncode), {"exit_code": worker.proc.returncode,
+                                                                "last_output": last},
+                    "See %s for its full output" % rbee_home("logs", worker.worker_id + ".log"))
+            if time.monotonic() > deadline:
+                self.stop_worker(worker)
+                raise RbeeError("LOADING_TIMEOUT", "Worker %s did not load its model within %d s" % (
+                    worker.worker_id, LOADING_TIMEOUT), {"worker_id": worker.worker_id},
+                    "Check the node's disk and memory; a smaller model loads faster")
+
+    def poll_worker(self, worker):
+        """The worker's own view of its state (idle/busy), refreshing the registry."""
+        try:
+            health = http_json("GET", "http://127.0.0.1:%d/health" % worker.port, timeout=2, attempts=1)
+        except RbeeError:
+            return worker.state
+        worker.state = health.get("state", worker.state)
+        if worker.state == "busy":
+            worker.last_activity = time.time()
+        else:
+            worker.last_activity = max(worker.last_activity, health.get("last_activity_unix") or 0)
+        return worker.state
+
+    def worker_exited(self, worker, code, log):
+        worker.exited.set()
+        worker.state = "exited"
+        self.registry.remove(worker.worker_id)
+        log.close()
+        if not self._stopping.locked():
+            narrate("rbee-hive", "worker_exit", "Worker %s exited (code %s)" % (worker.worker_id, code), "🪦",
+                    worker_id=worker.worker_id, level="warn" if code else None)
+
+    def stop_worker(self, worker):
+        worker.state = "draining"
+        stop_child(worker.proc, worker.request_shutdown)
+
+    def idle_reaper(self):
+        """Every second: refresh worker states; stop workers idle for longer than --idle-timeout."""
+        while not self.stopped.wait(1.0):
+            for worker in self.registry.all():
+                if not worker.ready.is_set() or worker.state == "draining":
+                    continue
+                if self.poll_worker(worker) == "idle" and time.time() - worker.last_activity > self.args.idle_timeout:
+                    narrate("rbee-hive", "worker_idle_stop", "Stopping worker %s, idle for %d s" % (
+                        worker.worker_id, time.time() - worker.last_activity), "😴", worker_id=worker.worker_id)
+                    threading.Thread(target=self.stop_worker, args=(worker,), daemon=True).start()
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def start(self):
+        narrate("rbee-hive", "startup", "Starting pool manager on port %d" % self.args.port, "🌅", node=self.node)
+        self.port = self.serve(self.args.host, self.args.port)
+        threading.Thread(target=self.idle_reaper, daemon=True, name="idle-reaper").start()
+        narrate("http-server", "http_ready", "HTTP server ready on port %d" % self.port, "🚀", node=self.node,
+                port=self.port, version=__version__)
+
+    def shutdown(self, reason="shutdown"):
+        """Stop every worker in parallel, then exit 0 (the catalog is closed after each use)."""
+        if not self._stopping.acquire(blocking=False):
+            return
+        workers = self.registry.all()
+        narrate("rbee-hive", "shutdown", "Shutting down pool manager (%s), stopping %d worker(s)" % (
+            reason, len(workers)), "👋", node=self.node)
+        threads = [threading.Thread(target=self.stop_worker, args=(w,), daemon=True) for w in workers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.stop_serving()
+        narrate("rbee-hive", "exit", "Pool manager stopped", "💤", node=self.node)
+        self.stopped.set()
+
+
+def _current_sink():
+    return getattr(_narration, "sink", None) or emit_line
+
+
+def run_hive(args):
+    token = None
+    if args.lifeline:   # the queen's handshake: one JSON line (bearer token, secrets), then the lifeline
+        line = sys.stdin.buffer.readline()
+        if not line:
+            sys.exit(0)
+        try:
+            hello = json.loads(line)
+        except ValueError:
+            raise RbeeError("INVALID_REQUEST", "The first line on a --lifeline hive's stdin must be JSON")
+        token = hello.get("token")
+        os.environ.update({k: str(v) for k, v in (hello.get("env") or {}).items()})
+    hive = Hive(args, token)
+    on_stop_signals(hive.shutdown)
+    if args.lifeline:
+        watch_lifeline(hive.shutdown)
+    hive.start()
+    run_until_stopped(hive)
+
+
+# ============================================================================================
+# Queen (rbee.py queen): the orchestrator -- node registry, a hive per node, tasks relayed
+# ============================================================================================
+
+class NodeRegistry:
+    """$RBEE_HOME/beehives.db on the queen's machine. The CLI writes it; the queen reads it."""
+
+    COLUMNS = ("node_name", "ssh_host", "ssh_port", "ssh_user", "ssh_key_path", "rbee_dir", "python", "env",
+               "backends", "devices", "last_connected_unix", "status", "last_error")
+    JSON_COLUMNS = ("env", "backends", "devices")
+
+    def __init__(self, path=None):
+        self.path = path or rbee_home("beehives.db")
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with self._db() as db:
+            db.execute("""CREATE TABLE IF NOT EXISTS beehives (
+                node_name TEXT PRIMARY KEY, ssh_host TEXT NOT NULL, ssh_port INTEGER NOT NULL DEFAULT 22,
+                ssh_user TEXT, ssh_key_path TEXT, rbee_dir TEXT NOT NULL, python TEXT NOT NULL, env TEXT,
+                backends TEXT, devices TEXT, last_connected_unix INTEGER,
+                status TEXT NOT NULL DEFAULT 'unknown', last_error TEXT)""")
+
+    _db = ModelCatalog._db
+
+    def _decode(self, row):
+        node = dict(zip(self.COLUMNS, row))
+        for column in self.JSON_COLUMNS:
+            node[column] = json.loads(node[column]) if node[column] else None
+        return node
+
+    def get(self, name):
+        with self._db() as db:
+            row = db.execute("SELECT %s FROM beehives WHERE node_name = ?" % ", ".join(self.COLUMNS),
+                             (name,)).fetchone()
+        return self._decode(row) if row else None
+
+    def list(self):
+        with self._db() as db:
+            rows = db.execute("SELECT %s FROM beehives ORDER BY node_name" % ", ".join(self.COLUMNS)).fetchall()
+        return [self._decode(r) for r in rows]
+
+    def save(self, node):
+        values = [json.dumps(node.get(c)) if c in self.JSON_COLUMNS and node.get(c) is not None else node.get(c)
+                  for c in self.COLUMNS]
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO beehives (%s) VALUES (%s)" % (
+                ", ".join(self.COLUMNS), ", ".join("?" * len(self.COLUMNS))), values)
+
+    def update(self, name, **fields):
+        if not self.get(name):
+            return
+        sets = ", ".join("%s = ?" % k for k in fields)
+        values = [json.dumps(v) if k in self.JSON_COLUMNS and v is not None else v for k, v in fields.items()]
+        with self._db() as db:
+            db.execute("UPDATE beehives SET %s WHERE node_name = ?" % sets, values + [name])
+
+    def remove(self, name):
+        with self._db() as db:
+            return db.execute("DELETE FROM beehives WHERE node_name = ?", (name,)).rowcount
+
+    def resolve(self, name):
+        """The node called `name`; `localhost` needs no registration (a local child, no ssh)."""
+        node = self.get(name)
+        if node:
+            return node
+        if name == "localhost":
+            return {"node_name": "localhost", "ssh_host": "127.0.0.1", "local": True}
+        known = [n["node_name"] for n in self.list()]
+        raise RbeeError("NODE_NOT_FOUND", "Node %r is not registered" % name, {"node": name, "known_nodes": known},
+                        "Register it: rbee.py nodes add %s --ssh-host HOST [--ssh-user USER --ssh-key KEY]" % name,
+                        component="queen-rbee")
+
+
+class HiveSession:
+    """One hive the queen started: a local child for `localhost`, else an ssh session whose
+    stdin stays open as the hive's lifeline and whose stdout carries its narration."""
+
+    def __init__(self, node, token, on_exit):
+        self.node, self.name, self.token = node, node["node_name"], token
+        self.local = bool(node.get("local"))
+        host = "127.0.0.1" if self.local else node["ssh_host"]
+        self.url = "http://%s:%d" % (host, HIVE_PORT)
+        self.host = host
+        self.listeners, self.listeners_lock = [], threading.Lock()
+        self.proc = self.output = None
+        self.ready, self.exited = threading.Event(), threading.Event()
+        self.on_exit = on_exit
+        self.timings = {}
+
+    def relay(self, event):
+        """Hive narration goes to the tasks that wait on this node, else to the queen's stdout."""
+        event.setdefault("node", self.name)
+        if event.get("action") == "http_ready" and event.get("actor") == "http-server":
+            self.hive_version = event.get("version")
+            self.ready.set()
+        with self.listeners_lock:
+            listeners = list(self.listeners) or [emit_line]
+        for listener in listeners:
+            with contextlib.suppress(ClientGone):
+                listener(event)
+
+    @contextlib.contextmanager
+    def listening(self, sink):
+        with self.listeners_lock:
+            self.listeners.append(sink)
+        try:
+            yield
+        finally:
+            with self.listeners_lock:
+                self.listeners.remove(sink)
+
+    def argv(self):
+        args = ["hive", "--lifeline", "--port", str(HIVE_PORT), "--node-name", self.name]
+        if self.local:
+            return [sys.executable, "-u", RBEE_PY] + args + ["--host", "127.0.0.1"]
+        return SshTarget.for_node(self.node).argv(
+            remote_command(self.node.get("rbee_dir"), self.node.get("python"), args, self.node.get("env")))
+
+    def start(self):
+        """Start the hive and wait until its HTTP server is up (ssh retried per SPEC §9)."""
+        how = "as a local process" if self.local else "over ssh (%s)" % SshTarget.for_node(self.node)
+        narrate("queen-rbee", "hive_start", "Starting rbee-hive on %s %s" % (self.name, how), "🐝", node=self.name)
+        started = time.monotonic()
+        for attempt in range(1 if self.local else SSH_ATTEMPTS):
+            if attempt:
+                narrate("queen-rbee", "ssh_retry", "SSH to %s failed (attempt %d/%d), retrying in %d ms" % (
+                    self.name, attempt, SSH_ATTEMPTS, SSH_BACKOFF[attempt] * 1000), "🔁", node=self.name)
+                time.sleep(SSH_BACKOFF[attempt])
+            self.ready.clear()
+            self.exited.clear()
+            self.proc = spawn_child(self.argv(), cwd=HERE)
+            hello = {"token": self.token, "env": {k: os.environ[k] for k in ("HF_TOKEN",) if os.environ.get(k)}}
+            with contextlib.suppress(OSError):
+                self.proc.stdin.write((json.dumps(hello) + "\n").encode())
+                self.proc.stdin.flush()
+            self.output = ChildOutput(self.proc, self.relay, self._exited, "hive-" + self.name)
+            self.output.start()
+            deadline = time.monotonic() + 60
+            while not self.ready.wait(0.02):
+                if self.exited.is_set() or time.monotonic() > deadline:
+                    break
+            if self.ready.is_set():
+                break
+            self.kill()
+            said = "\n".join(self.output.tail)
+            if self.local or self.proc.returncode != 255:
+                raise RbeeError("INTERNAL", "rbee-hive failed to start on %s (exit %s)" % (
+                    self.name, self.proc.returncode), {"node": self.name, "last_output": list(self.output.tail)[-8:]},
+                    "Check the node: rbee.py nodes check %s (is rbee.py installed there, is port %d free?)" % (
+                        self.name, HIVE_PORT), component="rbee-hive")
+        else:
+            raise ssh_failure(SshTarget.for_node(self.node), said, self.name)
+        self.timings["hive_start_ms"] = int((time.monotonic() - started) * 1000)
+        if getattr(self, "hive_version", __version__) != __version__:
+            version = self.hive_version
+            self.stop()
+            raise RbeeError("VERSION_MISMATCH", "rbee.py on %s is version %s, the queen is %s" % (
+                self.name, version, __version__), {"node": self.name, "hive_version": version,
+                                                   "queen_version": __version__},
+                "Copy this rbee.py to the node: rbee.py nodes install %s" % self.name, component="queen-rbee")
+
+    def _exited(self, code):
+        self.exited.set()
+        self.on_exit(self, code)
+
+    def call(self, method, path, body=None, timeout=30.0):
+        return http_json(method, self.url + path, body, bearer(self.token), timeout=timeout, component="rbee-hive")
+
+    def stream(self, path, body, sink):
+        """Relay a hive SSE endpoint's narration to `sink`; returns its terminal event's data."""
+        resp, events = sse_call("POST", self.url + path, body, bearer(self.token), component="rbee-hive")
+        try:
+            for event, data in events:
+                if event == "narration":
+                    data.setdefault("node", self.name)
+                    sink(data)
+                elif event == "error":
+                    raise RbeeError.from_envelope(data, component="rbee-hive")
+                elif event in ("worker", "end"):
+                    return data
+        finally:
+            resp.close()
+        raise RbeeError("INTERNAL", "rbee-hive on %s closed the stream without an answer" % self.name,
+                        {"node": self.name}, "See the queen's log under $RBEE_HOME/logs", component="rbee-hive")
+
+    def worker_url(self, url):
+        """The worker's URL as the keeper can reach it: the hive's host, the worker's port."""
+        port = urllib.parse.urlsplit(url).port
+        return "http://%s:%d" % (self.host, port)
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            kill_group(self.proc)
+            self.proc.wait()
+
+    def stop(self):
+        """Graceful: POST /v1/shutdown, then close the lifeline; SIGKILL after 30 s."""
+        if self.proc is None:
+            return
+        stop_child(self.proc, lambda: self.call("POST", "/v1/shutdown", {}, timeout=5))
+        self.exited.wait(5)
+
+
+class Queen(App):
+    """The orchestrator (SPEC §5 Queen): starts hives on demand and turns a task into a worker."""
+
+    component = "queen-rbee"
+    routes = (("GET", "/health", "health"), ("POST", "/v2/tasks", "task"), ("GET", "/v2/workers", "list_workers"),
+              ("POST", "/v2/workers/shutdown", "shutdown_worker"), ("GET", "/v2/models", "list_models"),
+              ("POST", "/v2/models/download", "download_model"), ("POST", "/v2/models/remove", "remove_model"),
+              ("GET", "/v2/status", "status"), ("POST", "/v2/shutdown", "shutdown_request"))
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.token = secrets.token_urlsafe(24)
+        self.nodes = NodeRegistry()
+        self.hives, self.hives_lock = {}, threading.Lock()
+        self._start_locks = collections.defaultdict(threading.Lock)
+        self._stopping = threading.Lock()
+
+    # -- hives ------------------------------------------------------------------------------------
+
+    def hive(self, name, sink=None):
+        """The running hive of node `name`, started (narrated to `sink`) if there is none."""
+        node = self.nodes.resolve(name)
+        with self._start_locks[name]:
+            with self.hives_lock:
+                session = self.hives.get(name)
+            if session and not session.exited.is_set():
+                return session
+            session = HiveSession(node, self.token, self._hive_exited)
+            with narration_to(sink or _current_sink()), session.listening(sink or emit_line):
+                try:
+                    session.start()
+                except RbeeError as err:
+                    self.nodes.update(name, status="unreachable" if err.code == "SSH_FAILED" else "reachable",
+                                      last_error=err.message)
+                    raise
+            self.nodes.update(name, status="reachable", last_connected_unix=int(time.time()), last_error=None)
+            with self.hives_lock:
+                self.hives[name] = session
+            return session
+
+    def _hive_exited(self, session, code):
+        with self.hives_lock:
+            if self.hives.get(session.name) is session:
+                del self.hives[session.name]
+        if session.ready.is_set() and not self._stopping.locked():
+            narrate("queen-rbee", "hive_exit", "rbee-hive on %s exited (code %s)" % (session.name, code), "🪦",
+                    node=session.name)
+
+    def running_hives(self):
+        with self.hives_lock:
+            return [s for s in self.hives.values() if s.ready.is_set() and not s.exited.is_set()]
+
+    # -- endpoints --------------------------------------------------------------------------------
+
+    def health(self, req):
+        req.send_json(200, {"status": "ok", "version": __version__})
+
+    def task(self, req):
+        body = req.json
+        node = body.get("node")
+        if not isinstance(node, str) or not node:
+            raise invalid("node", "must be a node name")
+        ref = ModelRef.parse(body.get("model"))
+        backend, device = body.get("backend"), body.get("device", 0)
+        if backend is not None and not isinstance(backend, str):
+            raise invalid("backend", "must be a string")
+        if isinstance(device, bool) or not isinstance(device, int):
+            raise invalid("device", "must be an integer")
+        self.nodes.resolve(node)   # NODE_NOT_FOUND before the stream starts
+        stream = req.sse()
+        with narration_to(stream.narration):
+            session = self.hive(node, stream.narration)
+            with session.listening(stream.narration):
+                worker = session.stream("/v1/workers/spawn", {"model_ref": ref.text, "backend": backend,
+                                                               "device": device}, stream.narration)
+        timings = dict(session.timings, **(worker.get("timings") or {}))
+        session.timings = {}   # the hive start is paid once
+        stream.finish("worker", {"worker_id": worker["worker_id"], "worker_url": session.worker_url(worker["url"]),
+                                 "api_key": worker["api_key"], "node": node, "backend": worker.get("backend"),
+                                 "device": worker.get("device"), "model_ref": ref.text, "timings": timings})
+
+    def _workers_of(self, session):
+        workers = session.call("GET", "/v1/workers/list", timeout=10)["workers"]
+        for w in workers:
+            w.update(node=session.name, url=session.worker_url(w["url"]))
+        return workers
+
+    def list_workers(self, req):
+        name = req.query.get("node")
+        sessions = [self.hive(name)] if name else self.running_hives()
+        req.send_json(200, {"workers": [w for s in sessions for w in self._workers_of(s)]})
+
+    def shutdown_worker(self, req):
+        body = req.json
+        session = self.hive(body.get("node") or "localhost")
+        req.send_json(202, session.call("POST", "/v1/workers/%s/shutdown" % urllib.parse.quote(
+            str(body.get("worker_id")), safe="")))
+
+    def list_models(self, req):
+        req.send_json(200, self.hive(req.query.get("node") or "localhost").call("GET", "/v1/models"))
+
+    def download_model(self, req):
+        body = req.json
+        ref = ModelRef.parse(body.get("model_ref") or body.get("model"))
+        stream = req.sse()
+        with narration_to(stream.narration):
+            session = self.hive(body.get("node") or "localhost", stream.narration)
+            with session.listening(stream.narration):
+                result = session.stream("/v1/models/download", {"model_ref": ref.text}, stream.narration)
+        stream.finish("end", result)
+
+    def remove_model(self, req):
+        body = req.json
+        ref = ModelRef.parse(body.get("model_ref") or body.get("model"))
+        req.send_json(200, self.hive(body.get("node") or "localhost").call("POST", "/v1/models/remove",
+                                                                           {"model_ref": ref.text}))
+
+    def status(self, req):
+        hives = []
+        for session in self.running_hives():
+            entry = {"node": session.name, "url": session.url}
+            try:
+                entry["workers"] = self._workers_of(session)
+                entry["models"] = session.call("GET", "/v1/models", timeout=10)["models"]
+            except RbeeError as err:
+                entry["error"] = err.envelope()["error"]
+            hives.append(entry)
+        req.send_json(200, {"version": __version__, "queen": {"pid": os.getpid(), "port": self.port},
+                            "nodes": self.nodes.list(), "hives": hives})
+
+    def shutdown_request(self, req):
+        req.send_json(202, {"status": "shutting down"})
+        threading.Thread(target=self.shutdown, args=("POST /v2/shutdown",), daemon=True).start()
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    def start(self):
+        self.port = self.serve(self.args.host, self.args.port)
+        narrate("queen-rbee", "http_ready", "Queen ready on %s:%d" % (self.args.host, self.port), "👑",
+                port=self.port, version=__version__)
+
+    def shutdown(self, reason="shutdown"):
+        """Cascade to every hive in parallel, then exit 0."""
+        if not self._stopping.acquire(blocking=False):
+            return
+        with self.hives_lock:
+            sessions = list(self.hives.values())
+        narrate("queen-rbee", "shutdown", "Shutting down (%s): stopping %d hive(s)" % (reason, len(sessions)), "👋")
+        threads = [threading.Thread(target=s.stop, daemon=True) for s in sessions]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.stop_serving()
+        narrate("queen-rbee", "exit", "Queen stopped", "💤")
+        self.stopped.set()
+
+
+def run_queen(args):
+    queen = Queen(args)
+    on_stop_signals(queen.shutdown)
+    if args.lifeline:
+        watch_lifeline(queen.shutdown)
+    try:
+        queen.start()
+    except OSError as exc:
+        raise RbeeError("INTERNAL", "Queen cannot listen on %s:%d: %s" % (args.host, args.port, exc),
+                        {"port": args.port}, "Another program uses the port: pick one with --port")
+    run_until_stopped(queen)
+
+
+# ============================================================================================
+# Keeper (rbee.py infer and every user command): finds or starts a queen, shows the job
+# ============================================================================================
+
+NODE_PROBE = r'''
+import json, os, platform, re, sys
+info = {"python": platform.python_version(), "platform": sys.platform, "machine": platform.machine(),
+        "hostname": platform.node(), "rbee_dir": os.getcwd(), "rbee_version": None, "backends": {}}
+try:
+    with open("rbee.py") as f:
+        info["rbee_version"] = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+    sys.path.insert(0, os.getcwd())
+    import backends
+    info["backends"] = backends.detect()
+except Exception as exc:
+    info["error"] = "%s: %s" % (type(exc).__name__, exc)
+print(json.dumps(info))
+'''
+
+
+class Keeper:
+    """The user's side of every command: talks to a queen (starting an ephemeral one if none
+    answers, and stopping only that one), narration to stderr, results to stdout."""
+
+    def __init__(self, args):
+        self.args = args
+        self.queen_url = (getattr(args, "queen", None) or os.environ.get("RBEE_QUEEN_URL") or DEFAULT_QUEEN_URL).rstrip("/")
+        self.json = getattr(args, "json", False)
+        self.renderer = NarrationRenderer(quiet=getattr(args, "quiet", False))
+        self.queen_proc = None
+        self.job = None          # (worker_url, api_key, job_id) while a job streams
+        self.relay_queen = True
+        self.timings = collections.OrderedDict()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_queen()
+
+    def show(self, event):
+        if self.json:
+            emit_line(dict(event="narration", **event))
+        else:
+            self.renderer.show(event)
+
+    def say(self, action, human, cute=None):
+        self.show({"actor": "rbee-keeper", "action": action, "human": human, "cute": cute})
+
+    # -- the queen --------------------------------------------------------------------------------
+
+    def queen_alive(self):
+        try:
+            http_json("GET", self.queen_url + "/health", timeout=1.0, attempts=1)
+            return True
+        except RbeeError:
+            return False
+
+    def ensure_queen(self):
+        """Use the queen that answers; else start an ephemeral one on the queen URL's port."""
+        if self.queen_alive():
+            return
+        host, port, _ = _split_url(self.queen_url)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise RbeeError("CONNECTION_TIMEOUT", "No queen answers at %s" % self.queen_url, {"queen": self.queen_url},
+                            "Start it there (rbee.py queen) or drop --queen to use a local one", "rbee-keeper")
+        ready = threading.Event()
+
+        def from_queen(event):
+            if event.get("actor") == "queen-rbee" and event.get("action") == "http_ready":
+                ready.set()
+            if self.relay_queen:
+                self.show(event)
+        self.queen_proc = spawn_child([sys.executable, "-u", RBEE_PY, "queen", "--host", host, "--port", str(port),
+                                       "--lifeline"])
+        output = ChildOutput(self.queen_proc, from_queen, name="queen")
+        output.start()
+        deadline = time.monotonic() + 30
+        while not ready.wait(0.01):
+            if self.queen_proc.poll() is not None or time.monotonic() > deadline:
+                self.stop_queen()
+                raise RbeeError("INTERNAL", "The queen did not start", {"last_output": list(output.tail)[-8:]},
+                                "Is port %d free? Try rbee.py queen --port %d in another terminal" % (port, port),
+                                "queen-rbee")
+
+    def stop_queen(self):
+        """SIGTERM to the queen this keeper started (never to a persistent one); it cascades."""
+        proc, self.queen_proc = self.queen_proc, None
+        if proc is not None:
+            self.relay_queen = False
+            stop_child(proc, graceful=lambda: proc.send_signal(signal.SIGTERM), timeout=GRACEFUL_TIMEOUT + 10)
+
+    def queen(self, method, path, body=None, timeout=60.0):
+        return http_json(method, self.queen_url + path, body, timeout=timeout, component="queen-rbee")
+
+    def queen_stream(self, path, body, terminal):
+        """Relay a queen SSE endpoint's narration; returns the data of its `terminal` event."""
+        resp, events = sse_call("POST", self.queen_url + path, body, timeout=LOADING_TIMEOUT + 60,
+                                component="queen-rbee")
+        try:
+            for event, data in events:
+                if event == "narration":
+                    self.show(data)
+                elif event == "error":
+                    raise RbeeError.from_envelope(data, component="queen-rbee")
+                elif event == terminal:
+                    return data
+        finally:
+            resp.close()
+        raise RbeeError("INTERNAL", "The queen closed the stream without an answer", {},
+                        "The queen's log is under $RBEE_HOME/logs", "queen-rbee")
+
+    # -- infer ------------------------------------------------------------------------------------
+
+    def infer(self):
+        args = self.args
+        ref = ModelRef.parse(args.model)   # before any process or connection starts
+        started = time.monotonic()
+        self.ensure_queen()
+        task = {"node": args.node, "model": ref.text, "prompt": args.prompt, "max_tokens": args.max_tokens,
+                "temperature": args.temperature, "device": args.device}
+        if args.backend:
+            task["backend"] = args.backend
+        worker = self.queen_stream("/v2/tasks", task, "worker")
+        self.timings["worker ready (queen + hive)"] = (time.monotonic() - started) * 1000
+        for key, label in (("hive_start_ms", "hive start (ssh + start-up)"), ("download_ms", "model download"),
+                           ("load_ms", "model load")):
+            if key in (worker.get("timings") or {}):
+                self.timings[label] = worker["timings"][key]
+        if self.json:
+            emit_line(dict(event="worker", **{k: v for k, v in worker.items() if k != "api_key"}))
+        end = self.execute(worker)
+        self.timings["total"] = (time.monotonic() - started) * 1000
+        if args.timings:
+            self.show_timings(end)
+        return 0
+
+    def execute(self, worker):
+        args = self.args
+        job_id = "job-" + secrets.token_hex(6)
+        body = {"job_id": job_id, "prompt": args.prompt, "max_tokens": args.max_tokens,
+                "temperature": args.temperature}
+        body.update((k, getattr(args, k)) for k in ("top_p", "top_k", "seed", "stop") if getattr(args, k) is not None)
+        url, key = worker["worker_url"], worker["api_key"]
+        for delay in BUSY_RETRIES + (None,):
+            try:
+                posted = time.monotonic()
+                resp, events = sse_call("POST", url + "/execute", body, bearer(key), component="llm-worker-rbee")
+                break
+            except RbeeError as err:
+                if err.code != "ALL_SLOTS_BUSY" or delay is None:
+                    raise
+                self.say("busy_retry", "Worker %s is busy; retrying in %d s" % (worker["worker_id"], delay), "⏳")
+                time.sleep(delay)
+        self.job = (url, key, job_id)
+        tokens, tty = 0, sys.stdout.isatty()
+        try:
+            for event, data in events:
+                if event == "token":
+                    if not tokens:
+                        self.timings["first token (from /execute)"] = (time.monotonic() - posted) * 1000
+                    tokens += 1
+                    if self.json:
+                        emit_line({"event": "token", "t": data.get("t", ""), "i": data.get("i")})
+                    else:
+                        sys.stdout.write(data.get("t", ""))
+                        sys.stdout.flush()
+                elif event == "narration":
+                    self.show(data)
+                elif event == "end":
+                    if self.json:
+                        emit_line(dict(event="end", **data))
+                    elif tty:
+                        sys.stdout.write("\n")
+                    return data
+                elif event == "error":
+                    raise RbeeError.from_envelope(data, component="llm-worker-rbee")
+        except socket.timeout:
+            raise RbeeError("CONNECTION_TIMEOUT", "No token from worker %s for %d s" % (worker["worker_id"],
+                                                                                      TOKEN_TIMEOUT),
+                            {"tokens_generated": tokens}, "The node may be overloaded", "llm-worker-rbee")
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            self.job = None
+            resp.close()
+        if tokens and not self.json:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        raise RbeeError("WORKER_CRASHED", "Worker %s stopped mid-stream after %d tokens" % (worker["worker_id"], tokens),
+                        {"tokens_generated": tokens, "worker_id": worker["worker_id"], "node": worker.get("node")},
+                        "Run the command again; if it repeats, see the hive's logs on %s under ~/.rbee/logs"
+                        % worker.get("node"), "llm-worker-rbee")
+
+    def cancel(self):
+        """Ctrl-C: ask the worker to stop the job (it stays up for the next one)."""
+        if self.job:
+            url, key, job_id = self.job
+            with contextlib.suppress(RbeeError, OSError):
+                http_json("POST", url + "/cancel", {"job_id": job_id}, bearer(key), timeout=2, attempts=1)
+
+    def show_timings(self, end):
+        rows = list(self.timings.items())
+        if end:
+            rows.append(("tokens/s (worker)", end.get("tokens_per_sec")))
+        width = max(len(label) for label, _ in rows)
+        lines = ["[rbee-keeper] ⏱️ Timings"] + ["    %-*s %10.1f %s" % (width, label, value or 0.0,
+                                                                    "" if label.startswith("tokens") else "ms")
+                                               for label, value in rows]
+        self.renderer.write("\n".join(lines) + "\n")
+
+
+# -- nodes, models, workers, status -----------------------------------------------------------------
+
+def probe_node(target, node, rbee_dir, python):
+    """ssh round trip with latency; the node's Python, rbee.py version and backends."""
+    started = time.monotonic()
+    out = ssh_run(target, "cd %s 2>/dev/null; exec %s -" % (
+        '"$HOME"/' + shlex.quote(rbee_dir[2:]) if rbee_dir.startswith("~/") else shlex.quote(rbee_dir),
+        shlex.quote(python)), timeout=60, node=node, stdin_data=NODE_PROBE.encode())
+    latency_ms = (time.monotonic() - started) * 1000
+    try:
+        info = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        info = {"python": None, "error": "%s did not run on the node (exit %d): %s" % (
+            python, out.returncode, out.stderr.decode("utf-8", "replace").strip()[-300:])}
+    info["latency_ms"] = round(latency_ms, 1)
+    return info
+
+
+def cmd_nodes(args):
+    registry = NodeRegistry()
+    renderer = NarrationRenderer()
+    if args.nodes_cmd == "list":
+        for node in registry.list():
+            print("%-14s %-28s %-11s %s" % (node["node_name"], "%s:%s" % (node["ssh_host"], node["ssh_port"]),
+                                            node["status"], ",".join(node["backends"] or []) or "-"))
+        return 0
+    if args.nodes_cmd == "remove":
+        if not registry.remove(args.name):
+            raise registry.resolve(args.name) and None or RbeeError("NODE_NOT_FOUND", "No node %r" % args.name)
+        print("Removed node %s" % args.name)
+        return 0
+    if args.nodes_cmd == "add":
+        env = {}
+        for pair in args.env or []:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise RbeeError("INVALID_REQUEST", "--env takes KEY=VALUE, not %r" % pair)
+            env[key] = value
+        node = {"node_name": args.name, "ssh_host": args.ssh_host, "ssh_port": args.ssh_port,
+                "ssh_user": args.ssh_user, "ssh_key_path": args.ssh_key, "rbee_dir": args.rbee_dir,
+                "python": args.python, "env": env}
+        with narration_to(renderer.show):
+            info = probe_node(SshTarget.for_node(node), args.name, args.rbee_dir, args.python)
+        node.update(backends=list(info.get("backends") or {}), devices=info.get("backends") or {},
+                    last_connected_unix=int(time.time()), status="reachable", last_error=info.get("error"))
+        registry.save(node)
+        print("Added node %s (%s), ssh %.0f ms, Python %s, rbee %s, backends: %s" % (
+            args.name, SshTarget.for_node(node), info["latency_ms"], info.get("python") or "missing",
+            info.get("rbee_version") or "not installed (run: rbee.py nodes install %s)" % args.name,
+            ", ".join(node["backends"]) or "-"))
+        return 0
+    node = registry.resolve(args.name)
+    if node.get("local"):
+        raise RbeeError("INVALID_REQUEST", "localhost runs rbee from this directory; nothing to %s" % args.nodes_cmd)
+    target = SshTarget.for_node(node)
+    if args.nodes_cmd == "check":
+        with narration_to(renderer.show):
+            try:
+                info = probe_node(target, node["node_name"], node["rbee_dir"], node["python"])
+            except RbeeError as err:
+                registry.update(node["node_name"], status="unreachable", last_error=err.message)
+                raise
+        same = info.get("rbee_version") == __version__
+        registry.update(node["node_name"], status="reachable", last_connected_unix=int(time.time()),
+                        backends=list(info.get("backends") or {}), devices=info.get("backends") or {},
+                        last_error=info.get("error"))
+        print("node:     %s (%s)\nssh:      ok, %.0f ms\npython:   %s\nrbee.py:  %s\nbackends: %s" % (
+            node["node_name"], target, info["latency_ms"], info.get("python") or "missing (%s)" % info.get("error"),
+            "%s (%s)" % (info["rbee_version"], "same version" if same else "queen is %s" % __version__)
+            if info.get("rbee_version") else "not installed in %s" % node["rbee_dir"],
+            "; ".join("%s: %s" % (name, ", ".join("%d %s (%d MB free)" % (d["index"], d["name"], d["memory_free_mb"])
+                                                 for d in devs)) for name, devs in (info.get("backends") or {}).items())
+            or "-"))
+        return 0 if same else 1
+    return install_node(node, target, args)
+
+
+def install_node(node, target, args):
+    """Copy rbee.py + backends/ to the node; with a venv, install llama-cpp-python built for it."""
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(RBEE_PY, "rbee.py")
+        for name in sorted(os.listdir(os.path.join(HERE, "backends"))):
+            if name.endswith(".py"):
+                tar.add(os.path.join(HERE, "backends", name), "backends/" + name)
+    rbee_dir = node["rbee_dir"]
+    quoted = '"$HOME"/' + shlex.quote(rbee_dir[2:]) if rbee_dir.startswith("~/") else shlex.quote(rbee_dir)
+    out = ssh_run(target, "mkdir -p %s && tar -xzf - -C %s" % (quoted, quoted), node=node["node_name"],
+                  stdin_data=buf.getvalue())
+    if out.returncode:
+        raise RbeeError("SSH_FAILED", "Copying rbee.py to %s failed" % node["node_name"],
+                        {"said": out.stderr.decode("utf-8", "replace")[-400:]}, "Check write access to %s" % rbee_dir)
+    print("Copied rbee.py and backends/ to %s:%s" % (node["node_name"], rbee_dir))
+    if args.no_venv:
+        return 0
+    script = ("set -e; cd %s; %s -m venv .venv; "
+              "if command -v nvidia-smi >/dev/null; then export CMAKE_ARGS=-DGGML_CUDA=on; "
+              "elif [ \"$(uname -s)-$(uname -m)\" = Darwin-arm64 ]; then export CMAKE_ARGS=-DGGML_METAL=on; fi; "
+              ".venv/bin/pip install -q llama-cpp-python==0.3.36 huggingface_hub==2.4.0"
+              % (quoted, shlex.quote(node["python"])))
+    print("Installing llama-cpp-python on %s (a first build takes minutes)..." % node["node_name"])
+    code = subprocess.call(target.argv(script), stdin=subprocess.DEVNULL)
+    if code:
+        raise RbeeError("INTERNAL", "Installing the dependencies on %s failed (exit %d)" % (node["node_name"], code),
+                        {}, "Run the install by hand on the node to see why")
+    venv_python = (rbee_dir.rstrip("/") + "/.venv/bin/python")
+    NodeRegistry().update(node["node_name"], python=venv_python)
+    print("Node %s now uses %s" % (node["node_name"], venv_python))
+    return 0
+
+
+def print_models(rows):
+    for row in rows:
+        print("%-40s %-44s %10s  %s" % (row["id"], "%s:%s" % (row["provider"], row["reference"])[:44],
+                                        human_bytes(row["size_bytes"]), row["local_path"]))
+
+
+def cmd_models(args):
+    if args.node:   # through the queen, on that node
+        with Keeper(args) as keeper:
+            keeper.ensure_queen()
+            if args.models_cmd == "list":
+                print_models(keeper.queen("GET", "/v2/models?node=" + urllib.parse.quote(args.node))["models"])
+            elif args.models_cmd == "download":
+                row = keeper.queen_stream("/v2/models/download", {"node": args.node, "model_ref": args.ref}, "end")
+                print_models([row["model"]])
+            else:
+                removed = keeper.queen("POST", "/v2/models/remove", {"node": args.node, "model_ref": args.ref})
+                print("Removed %d model(s) from %s" % (len(removed["removed"]), args.node))
+        return 0
+    catalog = ModelCatalog()
+    if args.models_cmd == "list":
+        print_models(catalog.list())
+    elif args.models_cmd == "download":
+        ref = ModelRef.parse(args.ref)
+        with narration_to(NarrationRenderer().show):
+            print_models([ModelProvisioner(catalog).provision(ref)])
+    else:
+        removed = catalog.remove(ModelRef.parse(args.ref))
+        if not removed:
+            raise RbeeError("MODEL_NOT_FOUND", "Model %s is not in this machine's catalog" % args.ref,
+                            {"model": args.ref}, "See what is there: rbee.py models list")
+        print("Removed %s" % ", ".join(r["id"] for r in removed))
+    return 0
+
+
+def cmd_workers(args):
+    with Keeper(args) as keeper:
+        keeper.ensure_queen()
+        if args.workers_cmd == "list":
+            path = "/v2/workers" + ("?node=" + urllib.parse.quote(args.node) if args.node else "")
+            for w in keeper.queen("GET", path)["workers"]:
+                print("%-16s %-12s %-8s %-30s %-6s %s" % (w["worker_id"], w["node"], w["state"], w["url"],
+                                                         "%s:%s" % (w["backend"], w["device"]), w["model_ref"]))
+        else:
+            keeper.queen("POST", "/v2/workers/shutdown", {"node": args.node or "localhost", "worker_id": args.id})
+            print("Worker %s is shutting down" % args.id)
+    return 0
+
+
+def cmd_status(args):
+    keeper = Keeper(args)
+    if not keeper.queen_alive():
+        print("queen:  not running at %s" % keeper.queen_url)
+        for node in NodeRegistry().list():
+            print("node:   %-14s %-24s %s" % (node["node_name"], node["ssh_host"], node["status"]))
+        return 0
+    status = keeper.queen("GET", "/v2/status")
+    print("queen:  %s (version %s, pid %s)" % (keeper.queen_url, status["version"], status["queen"]["pid"]))
+    for node in status["nodes"]:
+        print("node:   %-14s %-24s %s" % (node["node_name"], node["ssh_host"], node["status"]))
+    for hive in status["hives"]:
+        print("hive:   %-14s %s" % (hive["node"], hive["url"]))
+        for w in hive.get("workers", []):
+            print("  worker %-16s %-8s %-30s %s" % (w["worker_id"], w["state"], w["url"], w["model_ref"]))
+        for m in hive.get("models", []):
+            print("  model  %-40s %s" % (m["id"], human_bytes(m["size_bytes"])))
+    return 0
+
+
+# ============================================================================================
+# CLI
+# ============================================================================================
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):   # usage errors: exit 2 with the envelope's words, no traceback
+        self.print_usage(sys.stderr)
+        sys.stderr.write("[rbee-keeper] ❌ Error: %s\nSuggestion: rbee.py %s --help\n" % (
+            message, self.prog.split(" ", 1)[1] if " " in self.prog else ""))
+        sys.exit(2)
+
+
+def _bounded(kind, low, high):
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a valid %s" % (text, kind.__name__))
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError("%s is out of range %s..%s" % (text, low, high))
+        return value
+    return convert
+
+
+def build_parser():
+    p = ArgumentParser(prog="rbee.py", description="rbee: your machines as one LLM inference service")
+    p.add_argument("--version", action="version", version="rbee " + __version__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    s = sub.add_parser("infer", help="run a prompt on a node (starts what it needs)")
+    s.add_argument("--node", default="localhost")
+    s.add_argument("--model", required=True, help="hf:ORG/REPO[:FILE_OR_QUANT] or file:/abs/path.gguf")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-tokens", type=_bounded(int, 1, 1 << 20), default=20)
+    s.add_argument("--temperature", type=_bounded(float, 0.0, 2.0), default=0.7)
+    s.add_argument("--top-p", type=_bounded(float, 0.0, 1.0))
+    s.add_argument("--top-k", type=_bounded(int, 0, 1 << 20))
+    s.add_argument("--seed", type=_bounded(int, -1, (1 << 32) - 1))
+    s.add_argument("--stop", nargs="+")
+    s.add_argument("--backend", choices=("cpu", "cuda", "metal"))
+    s.add_argument("--device", type=_bounded(int, 0, 1024), default=0)
+    s.add_argument("--queen", help="queen URL (default %s, or $RBEE_QUEEN_URL)" % DEFAULT_QUEEN_URL)
+    s.add_argument("--quiet", action="store_true", help="no narration (errors stay)")
+    s.add_argument("--json", action="store_true", help="one JSON event per line on stdout")
+    s.add_argument("--timings", action="store_true", help="per-hop latency table on stderr")
+    s.set_defaults(func=lambda a: _with_keeper(a, Keeper.infer))
+
+    s = sub.add_parser("queen", help="run the orchestrator")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=_bounded(int, 0, 65535), default=QUEEN_PORT)
+    s.add_argument("--lifeline", action="store_true", help="exit when stdin closes (set by the keeper)")
+    s.set_defaults(func=run_queen)
+
+    s = sub.add_parser("hive", help="run a node's pool manager")
+    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--port", type=_bounded(int, 0, 65535), default=HIVE_PORT)
+    s.add_argument("--lifeline", action="store_true", help="read the queen's handshake, exit when stdin closes")
+    s.add_argument("--node-name")
+    s.add_argument("--idle-timeout", type=_bounded(float, 0.0, 1e9), default=300.0)
+    s.set_defaults(func=run_hive)
+
+    s = sub.add_parser("worker", help="serve one model (started by a hive)")
+    s.add_argument("--model", required=True, help="path of a GGUF file")
+    s.add_argument("--backend", required=True, choices=("cpu", "cuda", "metal"))
+    s.add_argument("--device", type=_bounded(int, 0, 1024), required=True)
+    s.add_argument("--port", type=_bounded(int, 0, 65535), required=True)
+    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--worker-id")
+    s.add_argument("--model-ref")
+    s.add_argument("--hive-url")
+    s.add_argument("--ctx-size", type=_bounded(int, 16, 1 << 20), default=DEFAULT_N_CTX)
+    s.add_argument("--lifeline", action="store_true", help="exit when stdin closes")
+    s.set_defaults(func=run_worker)
+
+    s = sub.add_parser("nodes", help="the machines rbee may use")
+    nodes = s.add_subparsers(dest="nodes_cmd", required=True, parser_class=ArgumentParser)
+    a = nodes.add_parser("add")
+    a.add_argument("name")
+    a.add_argument("--ssh-host", required=True)
+    a.add_argument("--ssh-port", type=_bounded(int, 1, 65535), default=22)
+    a.add_argument("--ssh-user")
+    a.add_argument("--ssh-key")
+    a.add_argument("--rbee-dir", default="~/.rbee/app")
+    a.add_argument("--python", default="python3")
+    a.add_argument("--env", nargs="+", metavar="KEY=VALUE")
+    nodes.add_parser("list")
+    for verb in ("remove", "check", "install"):
+        n = nodes.add_parser(verb)
+        n.add_argument("name")
+        if verb == "install":
+            n.add_argument("--no-venv", action="store_true", help="copy the files only")
+    s.set_defaults(func=cmd_nodes)
+
+    s = sub.add_parser("models", help="the model catalog of this machine or of --node")
+    models = s.add_subparsers(dest="models_cmd", required=True, parser_class=ArgumentParser)
+    models.add_parser("list")
+    for verb in ("download", "rm"):
+        models.add_parser(verb).add_argument("ref")
+    for m in models.choices.values():
+        m.add_argument("--node")
+        m.add_argument("--queen")
+    s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("workers", help="the workers of the running hives")
+    workers = s.add_subparsers(dest="workers_cmd", required=True, parser_class=ArgumentParser)
+    workers.add_parser("list")
+    workers.add_parser("shutdown").add_argument("id")
+    for w in workers.choices.values():
+        w.add_argument("--node")
+        w.add_argument("--queen")
+    s.set_defaults(func=cmd_workers)
+
+    s = sub.add_parser("status", help="nodes, hives, workers and models")
+    s.add_argument("--queen")
+    s.set_defaults(func=cmd_status)
+    return p
+
+
+def _with_keeper(args, action):
+    with Keeper(args) as keeper:
+        try:
+            return action(keeper)
+        except KeyboardInterrupt:
+            keeper.cancel()
+            raise
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except RbeeError as err:
+        if getattr(args, "json", False):
+            emit_line(dict(event="error", **err.envelope()))
+        NarrationRenderer().error(err)
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("\n[rbee-keeper] ✋ Interrupted\n")
+        return 130
+    except Exception as exc:   # a bug: still the envelope's shape, with the traceback in a log
+        err = RbeeError.wrap(exc, "rbee-keeper")
+        os.makedirs(rbee_home("logs"), exist_ok=True)
+        with open(rbee_home("logs", "keeper-crash.log"), "a") as log:
+            traceback.print_exc(file=log)
+        NarrationRenderer().error(err)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
