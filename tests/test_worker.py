@@ -1,0 +1,361 @@
+"""The worker (SPEC §5 Worker, seed phases 9 and 13) as a real process on the real SmolLM2 model."""
+import http.client
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from conftest import REPO, free_port, wait_until
+
+KEY = "test-key-0123456789"
+PROMPT = "Once upon a time, in a small village by the sea, there lived"
+
+
+@pytest.fixture
+def worker(roles, env, model_path):
+    """A running worker (cpu, device 0) with its key in the environment, never on argv."""
+    port = free_port()
+    env = dict(env, RBEE_WORKER_API_KEY=KEY)
+    role = roles("worker", "--model", model_path, "--backend", "cpu", "--device", "0", "--port", str(port),
+                 "--host", "127.0.0.1", "--lifeline", env=env)
+    role.wait_event("http_ready", timeout=60)
+    role.port = port
+    return role
+
+
+def request(port, method, path, body=None, key=KEY, raw=None, headers=None, timeout=30):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    hdrs = dict(headers or {})
+    if key:
+        hdrs["Authorization"] = "Bearer " + key
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    conn.request(method, path, body=data, headers=hdrs)
+    sock = conn.sock   # http.client lets go of it once an HTTP/1.0 answer starts
+    resp = conn.getresponse()
+    resp.sock = sock
+    return conn, resp
+
+
+def call(port, method, path, body=None, **kw):
+    conn, resp = request(port, method, path, body, **kw)
+    data = resp.read()
+    conn.close()
+    return resp, (json.loads(data) if data else None)
+
+
+def sse_events(resp):
+    """Yield (event, data, arrival time) as frames arrive."""
+    event, data = None, []
+    while True:
+        line = resp.readline()
+        if not line:
+            return
+        line = line.decode().rstrip("\n")
+        if line.startswith(":"):
+            continue
+        if not line:
+            if event:
+                yield event, json.loads("\n".join(data)), time.monotonic()
+            event, data = None, []
+        elif line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            data.append(line[6:])
+
+
+def execute(port, **body):
+    body.setdefault("job_id", "job-test")
+    body.setdefault("prompt", PROMPT)
+    body.setdefault("max_tokens", 16)
+    body.setdefault("temperature", 0)
+    conn, resp = request(port, "POST", "/execute", body)
+    return conn, resp
+
+
+def run_job(port, **body):
+    conn, resp = execute(port, **body)
+    assert resp.status == 200, resp.read()
+    assert resp.getheader("Content-Type") == "text/event-stream"
+    events = list(sse_events(resp))
+    conn.close()
+    return events
+
+
+def test_streamed_text_equals_in_process_llama_cpp(worker, model_path):
+    """temperature 0: the worker's stream is exactly llama-cpp-python's own completion."""
+    import llama_cpp
+
+    import backends
+    events = run_job(worker.port, max_tokens=64, seed=1234)
+    tokens = [d for e, d, _ in events if e == "token"]
+    assert [t["i"] for t in tokens] == list(range(len(tokens)))
+    streamed = "".join(t["t"] for t in tokens)
+
+    threads = backends.physical_cores()
+    llm = llama_cpp.Llama(model_path=model_path, n_ctx=2048, n_gpu_layers=0, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    expected = llm.create_completion(PROMPT, max_tokens=64, temperature=0, seed=1234)["choices"][0]["text"]
+    assert streamed == expected
+    assert len(streamed) > 20
+
+    end = events[-1]
+    assert end[0] == "end"
+    assert end[1]["stop_reason"] in ("max_tokens", "eos")
+    assert end[1]["tokens_out"] >= len(tokens)
+    assert end[1]["tokens_per_sec"] > 0
+
+
+def test_tokens_stream_before_the_end(worker):
+    """The first token arrives while the worker is still generating (streaming, not batching)."""
+    events = run_job(worker.port, max_tokens=96)
+    first = next(t for e, _, t in events if e == "token")
+    end_event, end, end_at = events[-1]
+    assert end_event == "end" and end["tokens_out"] == 96
+    # the gap between the first token and the end covers most of the generation time
+    assert (end_at - first) * 1000 >= 0.5 * end["decode_time_ms"]
+
+
+def test_per_request_narration_follows_the_seed(worker):
+    events = run_job(worker.port, max_tokens=25)
+    assert events[0][0] == "started"
+    narration = [d for e, d, _ in events if e == "narration"]
+    actions = [(n["actor"], n["action"]) for n in narration]
+    assert actions[:3] == [("llama-backend", "inference_start"), ("tokenizer", "tokenize"),
+                           ("llama-backend", "cache_reset")]
+    assert narration[0]["human"] == "Starting inference (prompt: %d chars, max_tokens: 25)" % len(PROMPT)
+    assert narration[1]["human"].startswith("Tokenized prompt (") and "tokens)" in narration[1]["human"]
+    assert [n["human"] for n in narration if n["action"] == "token_generate"] == [
+        "Generated 10 tokens", "Generated 20 tokens"]
+    complete = narration[-1]
+    assert complete["action"] == "inference_complete"
+    assert complete["human"].startswith("Inference complete! 25 tokens in ") and "tok/s)" in complete["human"]
+    assert all(n.get("job_id") == "job-test" for n in narration)
+    assert [e for e, _, _ in events].count("end") == 1 and events[-1][0] == "end"
+
+
+def test_startup_narration_order_and_ready_callback(roles, env, model_path):
+    received = []
+
+    class Hive(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append((self.path, self.headers.get("Authorization"),
+                             json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            body = b'{"ok": true}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+    hive = ThreadingHTTPServer(("127.0.0.1", 0), Hive)
+    threading.Thread(target=hive.serve_forever, daemon=True).start()
+    try:
+        port = free_port()
+        role = roles("worker", "--model", model_path, "--backend", "cpu", "--device", "0", "--port", str(port),
+                     "--host", "127.0.0.1", "--worker-id", "worker-abc123", "--model-ref", "hf:Org/Repo-GGUF",
+                     "--hive-url", "http://127.0.0.1:%d" % hive.server_address[1],
+                     env=dict(env, RBEE_WORKER_API_KEY=KEY, RBEE_HIVE_TOKEN="hive-token"))
+        role.wait_event("ready_callback")
+        wait_until(lambda: received, 10, what="the ready callback")
+    finally:
+        hive.shutdown()
+    order = [(e["actor"], e["action"]) for e in role.events]
+    assert order == [("llm-worker-rbee", "startup"), ("device-manager", "device_init"),
+                     ("model-loader", "model_load"), ("model-loader", "model_loaded"),
+                     ("http-server", "http_ready"), ("llm-worker-rbee", "ready_callback")]
+    by_action = {e["action"]: e for e in role.events}
+    assert by_action["startup"]["human"] == "Worker starting on port %d" % port
+    assert by_action["model_load"]["human"] == "Loading model from %s" % model_path
+    assert by_action["model_loaded"]["memory_mb"] > 50
+    assert "%d MB" % by_action["model_loaded"]["memory_mb"] in by_action["model_loaded"]["human"]
+    assert by_action["http_ready"]["human"] == "HTTP server ready on port %d" % port
+    path, auth, body = received[0]
+    assert path == "/v1/workers/ready"
+    assert auth == "Bearer hive-token"
+    assert body["worker_id"] == "worker-abc123"
+    assert body["url"] == "http://127.0.0.1:%d" % port
+    assert body["model_ref"] == "hf:Org/Repo-GGUF"
+    assert body["backend"] == "cpu" and body["device"] == 0
+    # the key never appears on the worker's command line
+    with open("/proc/%d/cmdline" % role.proc.pid, "rb") as f:
+        assert KEY.encode() not in f.read()
+
+
+def test_second_request_gets_503_while_busy_then_succeeds(worker):
+    conn, resp = execute(worker.port, max_tokens=300, job_id="long")
+    assert resp.status == 200
+    stream = sse_events(resp)
+    assert next(e for e, _, _ in stream if e == "token")
+    busy, body = call(worker.port, "POST", "/execute", {"prompt": "hi", "max_tokens": 4})
+    assert busy.status == 503
+    assert body["error"]["code"] == "ALL_SLOTS_BUSY"
+    assert int(busy.getheader("Retry-After")) >= 1
+    health = call(worker.port, "GET", "/health", key=None)[1]
+    assert health["state"] == "busy" and health["slots_available"] == 0
+    rest = list(stream)
+    conn.close()
+    assert rest[-1][0] == "end" and rest[-1][1]["stop_reason"] in ("max_tokens", "eos")
+    events = run_job(worker.port, prompt="hi", max_tokens=4)
+    assert events[-1][0] == "end" and events[-1][1]["tokens_out"] >= 1
+
+
+def test_client_disconnect_frees_the_worker_within_a_second(worker):
+    conn, resp = execute(worker.port, max_tokens=400)
+    stream = sse_events(resp)
+    assert next(e for e, _, _ in stream if e == "token")
+    assert call(worker.port, "GET", "/health", key=None)[1]["state"] == "busy"
+    resp.sock.shutdown(socket.SHUT_RDWR)
+    resp.sock.close()
+    gone = time.monotonic()
+    wait_until(lambda: call(worker.port, "GET", "/health", key=None)[1]["state"] == "idle", 1.0, 0.02,
+               "the worker to be idle after the client left")
+    assert time.monotonic() - gone < 1.0
+    assert run_job(worker.port, max_tokens=3)[-1][0] == "end"
+
+
+def test_cancel_ends_the_stream_with_stop_reason_cancelled(worker):
+    conn, resp = execute(worker.port, max_tokens=400, job_id="job-cancel-me")
+    stream = sse_events(resp)
+    assert next(e for e, _, _ in stream if e == "token")
+    answer, _ = call(worker.port, "POST", "/cancel", {"job_id": "job-cancel-me"})
+    assert answer.status == 204
+    rest = list(stream)
+    conn.close()
+    assert rest[-1][0] == "end"
+    assert rest[-1][1]["stop_reason"] == "cancelled"
+    assert rest[-1][1]["tokens_out"] < 400
+    # unknown and finished jobs are fine too
+    assert call(worker.port, "POST", "/cancel", {"job_id": "job-cancel-me"})[0].status == 204
+    assert call(worker.port, "POST", "/cancel", {"job_id": "nope"})[0].status == 204
+
+
+def test_stop_string_ends_with_stop_reason_stop(worker):
+    full = "".join(d["t"] for e, d, _ in run_job(worker.port, max_tokens=40) if e == "token")
+    word = full.split()[3]
+    events = run_job(worker.port, max_tokens=40, stop=[word])
+    text = "".join(d["t"] for e, d, _ in events if e == "token")
+    assert events[-1][1]["stop_reason"] == "stop"
+    assert text == full[:full.index(word)]
+
+
+def test_api_key_is_required_except_for_health(worker):
+    for path, body in (("/execute", {"prompt": "hi"}), ("/cancel", {"job_id": "x"}), ("/shutdown", {})):
+        resp, err = call(worker.port, "POST", path, body, key=None)
+        assert resp.status == 401 and err["error"]["code"] == "MISSING_API_KEY"
+        resp, err = call(worker.port, "POST", path, body, key="wrong-key")
+        assert resp.status == 401 and err["error"]["code"] == "INVALID_API_KEY"
+    resp, health = call(worker.port, "GET", "/health", key=None)
+    assert resp.status == 200
+    assert health["status"] == "ok" and health["state"] == "idle"
+    for field in ("worker_id", "model_ref", "backend", "device", "memory_mb", "slots_total", "slots_available"):
+        assert field in health
+
+
+def malformed_requests():
+    """(method, path, raw body, headers) that must each get a 4xx envelope."""
+    cases = [("POST", "/execute", b"{not json", None), ("POST", "/execute", b"[1, 2]", None),
+             ("POST", "/execute", b'"a string"', None), ("POST", "/execute", b"\xff\xfe", None),
+             ("POST", "/execute", b"{}", None), ("POST", "/execute", b"null", None),
+             ("POST", "/execute", b"x" * (2 << 20), None), ("POST", "/execute", b"{" * (2 << 20), None),
+             ("GET", "/nope", None, None), ("POST", "/nope", b"{}", None), ("GET", "/execute", None, None),
+             ("DELETE", "/health", None, None), ("PUT", "/execute", b"{}", None), ("GET", "/cancel", None, None),
+             ("GET", "/shutdown", None, None), ("PATCH", "/health", b"{}", None), ("GET", "/../../etc/passwd", None,
+                                                                                   None),
+             ("POST", "/execute", b'{"prompt": "hi"', {"Content-Length": "3"}),
+             ("POST", "/execute", b'{"prompt": "hi"}', {"Content-Length": "abc"})]
+    bad_fields = [{"prompt": ""}, {"prompt": "   "}, {"prompt": 5}, {"prompt": None}, {"prompt": ["a"]},
+                  {"prompt": {"a": 1}}, {"max_tokens": 0}, {"max_tokens": -1}, {"max_tokens": 1.5},
+                  {"max_tokens": "10"}, {"max_tokens": True}, {"max_tokens": 10 ** 9}, {"temperature": -0.1},
+                  {"temperature": 2.5}, {"temperature": "hot"}, {"temperature": None, "top_p": 2},
+                  {"top_p": -1}, {"top_p": "x"}, {"top_k": -5}, {"top_k": 2.5}, {"seed": "x"}, {"seed": -7},
+                  {"seed": 1.5}, {"stop": 5}, {"stop": [1, 2]}, {"stop": [""]}, {"stop": ["a"] * 17},
+                  {"job_id": 5}, {"job_id": "j" * 500}, {"temperature": float("inf")},
+                  {"prompt": "word " * 5000}, {"max_tokens": 100000}, {"temperature": [1]},
+                  {"top_k": "5"}, {"job_id": ["a"]}]
+    for fields in bad_fields:
+        body = {"prompt": "hello", "max_tokens": 5}
+        body.update(fields)
+        if body.get("prompt") is None:
+            del body["prompt"]
+        cases.append(("POST", "/execute", json.dumps(body).encode(), None))
+    return cases
+
+
+def test_fifty_malformed_requests_get_4xx_envelopes_then_a_valid_request_works(worker):
+    cases = malformed_requests()
+    assert len(cases) >= 50
+    for method, path, raw, headers in cases:
+        try:
+            conn, resp = request(worker.port, method, path, raw=raw, headers=headers, timeout=10)
+            data = resp.read()
+            conn.close()
+        except (BrokenPipeError, ConnectionResetError) as exc:   # a client may not finish a 2 MiB send
+            pytest.fail("%s %s: connection broken instead of an answer: %s" % (method, path, exc))
+        assert 400 <= resp.status < 500, (method, path, raw[:80] if raw else raw, resp.status, data[:200])
+        envelope = json.loads(data)
+        assert set(envelope) == {"error"}
+        assert envelope["error"]["code"].isupper() and envelope["error"]["message"]
+        assert b"Traceback" not in data
+    resp, _ = call(worker.port, "POST", "/execute", raw=b"x" * (2 << 20))
+    assert resp.status == 413
+    resp, err = call(worker.port, "POST", "/execute", {"prompt": "hi", "max_tokens": 0})
+    assert err["error"]["code"] == "INVALID_REQUEST" and err["error"]["details"]["field"] == "max_tokens"
+    assert call(worker.port, "GET", "/nope")[0].status == 404
+    assert call(worker.port, "GET", "/execute")[0].status == 405
+    events = run_job(worker.port, max_tokens=5)
+    assert events[-1][0] == "end" and events[-1][1]["tokens_out"] == 5
+    assert worker.proc.poll() is None
+
+
+def test_shutdown_endpoint_exits_zero_within_5s_with_narration(worker):
+    resp, _ = call(worker.port, "POST", "/shutdown", {})
+    assert resp.status == 202
+    started = time.monotonic()
+    assert worker.proc.wait(5) == 0
+    assert time.monotonic() - started < 5
+    worker.wait_event("exit")
+    actions = [e["action"] for e in worker.events]
+    assert actions[-3:] == ["shutdown", "memory_free", "exit"]
+    assert any(e["human"].startswith("Freeing ") for e in worker.events)
+
+
+def test_sigterm_shuts_down_gracefully(worker):
+    os.kill(worker.proc.pid, signal.SIGTERM)
+    assert worker.proc.wait(5) == 0
+    assert worker.events[-1]["human"] == "Worker exiting"
+
+
+def test_lifeline_closing_stdin_ends_the_worker_within_2s(worker):
+    worker.close_stdin()
+    started = time.monotonic()
+    assert worker.proc.wait(2) == 0
+    assert time.monotonic() - started < 2
+
+
+def test_worker_without_api_key_refuses_to_start(roles, env, model_path):
+    role = roles("worker", "--model", model_path, "--backend", "cpu", "--device", "0", "--port",
+                 str(free_port()), env=env)
+    assert role.proc.wait(30) == 1
+    assert "RBEE_WORKER_API_KEY" in "\n".join(role.lines)
+    assert "Traceback" not in "\n".join(role.lines)
+
+
+@pytest.mark.parametrize("backend,code", [("metal", "BACKEND_UNAVAILABLE"), ("cuda", "BACKEND_UNAVAILABLE")])
+def test_gpu_backend_without_gpu_fails_clearly(roles, env, model_path, backend, code):
+    import backends
+    if backends.get(backend).available():   # a real GPU node: this backend is the one under test elsewhere
+        assert backends.get(backend).devices()
+        return
+    role = roles("worker", "--model", model_path, "--backend", backend, "--device", "0", "--port",
+                 str(free_port()), env=dict(env, RBEE_WORKER_API_KEY=KEY))
+    assert role.proc.wait(30) == 1
+    error = role.wait_event("error")
+    assert error["error"]["code"] == code
+    assert "cpu" in error["error"]["details"]["available"]
+    assert REPO.exists()
