@@ -9,7 +9,7 @@ VPY    := $(VENV)/bin/python
 MODEL  := $(CURDIR)/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 PROMPT ?= write a short story
 
-.PHONY: setup model run test bench clean
+.PHONY: setup model sysdeps run test bench clean
 
 setup: $(VENV)/.installed
 
@@ -28,7 +28,15 @@ run: model
 	$(VPY) rbee.py infer --node localhost --model file:$(MODEL) \
 	  --prompt "$(PROMPT)" --max-tokens 20 --temperature 0.7
 
-test: model
+# the tests run a real sshd and simulated hosts in network namespaces
+sysdeps:
+	@if ! test -x /usr/sbin/sshd || ! command -v ip >/dev/null || ! command -v ssh >/dev/null; then \
+	  echo "installing openssh-server, openssh-client, iproute2"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    openssh-server openssh-client iproute2 >/dev/null; fi
+	@mkdir -p /run/sshd
+
+test: model sysdeps
 	$(VPY) -m pytest -v tests
 
 bench: model

@@ -748,6 +748,20 @@ class SshTarget:
             args += ["-l", self.user]
         return args + [self.host, command]
 
+    def address(self):
+        """The node's network address: ssh's own resolution of the host (an alias in
+        ~/.ssh/config names a HostName there), which the queen also uses for HTTP."""
+        argv = self.argv("true")
+        try:
+            out = subprocess.run(argv[:1] + ["-G"] + argv[1:-1], capture_output=True, text=True, timeout=5)
+            for line in out.stdout.splitlines():
+                key, _, value = line.partition(" ")
+                if key == "hostname" and value:
+                    return value.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        return self.host
+
     def __str__(self):
         return "%s%s:%d" % (self.user + "@" if self.user else "", self.host, self.port)
 
@@ -1769,7 +1783,7 @@ class HiveSession:
     def __init__(self, node, token, on_exit):
         self.node, self.name, self.token = node, node["node_name"], token
         self.local = bool(node.get("local"))
-        host = "127.0.0.1" if self.local else node["ssh_host"]
+        host = "127.0.0.1" if self.local else SshTarget.for_node(node).address()
         self.url = "http://%s:%d" % (host, HIVE_PORT)
         self.host = host
         self.listeners, self.listeners_lock = [], threading.Lock()

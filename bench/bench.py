@@ -1,0 +1,292 @@
+"""make bench: rbee against raw llama-cpp-python and llama-cpp-python's own server, in ONE run.
+
+Same model (SmolLM2-135M Q4_1), prompt, n_ctx, threads, temperature 0, seed and 128 tokens for
+every scenario; 5+ runs each; median, min and max; every figure also as a ratio to raw measured
+in this same run (these machines are noisy). Writes a table to stdout and bench/results.json.
+
+Scenarios: raw (in-process), worker (/execute over HTTP), warm (`rbee.py infer` against a
+persistent queen whose worker is up: the whole command), cold_local (nothing running, node
+localhost), cold_ssh (the same over a real sshd on loopback), peer (`python -m llama_cpp.server`,
+streamed /v1/completions), footprint (resident memory of the queen, the hive, and the worker
+minus a process holding just the raw model).
+"""
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "scripts")]
+
+import backends  # noqa: E402
+import fetch_model  # noqa: E402
+
+PY, RBEE = sys.executable, str(REPO / "rbee.py")
+PROMPT = "Once upon a time, in a small village by the sea, there lived"
+N_CTX, TOKENS, SEED, RUNS = 2048, 128, 42, int(os.environ.get("BENCH_RUNS", "5"))
+THREADS = backends.physical_cores()
+
+
+def stats(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
+
+
+def rss_mb(pid):
+    with open("/proc/%d/status" % pid) as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError("nothing listens on %d" % port)
+
+
+def rate(times):
+    """Decode tokens/s from token arrival times (first token excluded: it pays the prompt)."""
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
+
+
+# -- raw: llama-cpp-python in-process, in a child so its memory can be read -----------------------
+
+def raw_child(model):
+    started = time.perf_counter()
+    llm = backends.get("cpu").load(model, 0, N_CTX)
+    load_s = time.perf_counter() - started
+    runs = []
+    for _ in range(RUNS + 1):
+        llm.reset()
+        t0 = time.perf_counter()
+        times = []
+        for chunk in llm.create_completion(PROMPT, max_tokens=TOKENS, temperature=0, seed=SEED, stream=True):
+            if chunk["choices"][0]["text"]:
+                times.append(time.perf_counter())
+        runs.append({"ttft_ms": (times[0] - t0) * 1000, "tok_s": rate(times), "wall_s": times[-1] - t0,
+                     "tokens": len(times)})
+    print(json.dumps({"load_s": load_s, "runs": runs[1:], "rss_mb": rss_mb(os.getpid())}))
+
+
+# -- clients --------------------------------------------------------------------------------------
+
+def sse_tokens(port, path, body, headers=None, token_field=None):
+    """POST and read an SSE stream; returns (ttft_ms, tok_s, wall_s, n) from token arrivals."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    t0 = time.perf_counter()
+    conn.request("POST", path, json.dumps(body), dict({"Content-Type": "application/json"}, **(headers or {})))
+    resp = conn.getresponse()
+    times, event = [], None
+    while True:
+        line = resp.readline()
+        if not line:
+            break
+        line = line.decode().strip()
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            data = line[6:]
+            if token_field is None and event == "token":
+                times.append(time.perf_counter())
+            elif token_field and data != "[DONE]" and json.loads(data)["choices"][0].get("text"):
+                times.append(time.perf_counter())
+    conn.close()
+    return {"ttft_ms": (times[0] - t0) * 1000, "tok_s": rate(times), "wall_s": times[-1] - t0, "tokens": len(times)}
+
+
+def whole_command(args, env):
+    """A CLI run: time to first byte on stdout from the process start, and token rate."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([PY, RBEE] + args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, bufsize=0)
+    times = []
+    while True:
+        chunk = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(1)
+        if not chunk:
+            break
+        times.append(time.perf_counter())
+    code = proc.wait()
+    wall = time.perf_counter() - t0
+    if code != 0 or not times:
+        raise RuntimeError("rbee.py %s exited %s" % (" ".join(args[:3]), code))
+    return {"ttft_ms": (times[0] - t0) * 1000, "tok_s": rate(times), "wall_s": wall, "tokens": len(times)}
+
+
+def summarize(runs, raw=None):
+    out = {k: stats([r.get(k) for r in runs]) for k in ("ttft_ms", "tok_s", "wall_s")}
+    out["tokens"] = stats([r.get("tokens") for r in runs])
+    if raw:
+        out["ratio_to_raw"] = {k: round(out[k]["median"] / raw[k]["median"], 3)
+                               for k in ("ttft_ms", "tok_s", "wall_s") if out.get(k) and raw.get(k)}
+    return out
+
+
+def role(args, env, ready_action):
+    proc = subprocess.Popen([PY, "-u", RBEE] + args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    for line in iter(proc.stdout.readline, b""):
+        if ('"action": "%s"' % ready_action).encode() in line:
+            return proc
+    raise RuntimeError("rbee.py %s did not start" % args[0])
+
+
+def stop(proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(40)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def main():
+    model = fetch_model.fetch()
+    tmp = Path(tempfile.mkdtemp(prefix="rbee-bench-"))
+    env = dict(os.environ, RBEE_HOME=str(tmp / "home"), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    env.pop("RBEE_QUEEN_URL", None)
+    results = {"config": {"model": os.path.basename(model), "prompt": PROMPT, "n_ctx": N_CTX, "threads": THREADS,
+                          "max_tokens": TOKENS, "temperature": 0, "seed": SEED, "runs": RUNS}}
+    infer = ["infer", "--model", "file:" + model, "--prompt", PROMPT, "--max-tokens", str(TOKENS),
+             "--temperature", "0", "--seed", str(SEED), "--quiet"]
+    try:
+        results["python_startup_ms"] = stats([timed([PY, "-c", "pass"]) for _ in range(10)])
+        print("raw ...", file=sys.stderr)
+        raw = json.loads(subprocess.run([PY, __file__, "--raw-child", model], capture_output=True, text=True,
+                                        check=True, env=env).stdout)
+        results["raw"] = summarize(raw["runs"])
+        results["raw"]["load_s"] = round(raw["load_s"], 3)
+        base = results["raw"]
+
+        print("worker ...", file=sys.stderr)
+        port = free_port()
+        worker = role(["worker", "--model", model, "--backend", "cpu", "--device", "0", "--port", str(port),
+                       "--host", "127.0.0.1"], dict(env, RBEE_WORKER_API_KEY="bench"), "http_ready")
+        body = {"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "seed": SEED}
+        sse_tokens(port, "/execute", body, {"Authorization": "Bearer bench"})
+        results["worker"] = summarize([sse_tokens(port, "/execute", body, {"Authorization": "Bearer bench"})
+                                       for _ in range(RUNS)], base)
+        results["footprint"] = {"worker_overhead_mb": round(rss_mb(worker.pid) - raw["rss_mb"], 1)}
+        stop(worker)
+
+        print("warm ...", file=sys.stderr)
+        qport = free_port()
+        queen = role(["queen", "--port", str(qport)], env, "http_ready")
+        warm_args = infer + ["--node", "localhost", "--queen", "http://127.0.0.1:%d" % qport]
+        whole_command(warm_args, env)
+        results["warm"] = summarize([whole_command(warm_args, env) for _ in range(RUNS)], base)
+        hive_pid = next(int(p) for p in os.listdir("/proc") if p.isdigit() and _cmd(p).find("rbee.py hive") >= 0)
+        results["footprint"].update(queen_rss_mb=round(rss_mb(queen.pid), 1), hive_rss_mb=round(rss_mb(hive_pid), 1))
+        stop(queen)
+
+        print("cold_local ...", file=sys.stderr)
+        results["cold_local"] = summarize([whole_command(infer + ["--node", "localhost"], env)
+                                           for _ in range(RUNS)], base)
+
+        print("cold_ssh ...", file=sys.stderr)
+        results["cold_ssh"] = cold_ssh(tmp, env, infer, base)
+
+        print("peer ...", file=sys.stderr)
+        results["peer"] = peer(model, env, base)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for name in ("worker", "warm", "cold_local", "cold_ssh", "peer"):
+        if results.get(name) and results[name].get("ttft_ms"):
+            results[name]["ttft_over_raw_ms"] = round(results[name]["ttft_ms"]["median"] - base["ttft_ms"]["median"], 1)
+    out = REPO / "bench" / "results.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    print("\nwritten: %s" % out)
+
+
+def _cmd(pid):
+    try:
+        with open("/proc/%s/cmdline" % pid, "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def timed(argv):
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True)
+    return (time.perf_counter() - t0) * 1000
+
+
+def cold_ssh(tmp, env, infer, base):
+    from hosts import LoopbackSshd, SshKeys, write_ssh_config
+    if not shutil.which("ssh") or not os.path.exists("/usr/sbin/sshd"):
+        return {"skipped": "no OpenSSH here (make sysdeps installs it)"}
+    keys = SshKeys(tmp / "keys")
+    sshd = LoopbackSshd(tmp / "sshd", keys).start()
+    try:
+        config = write_ssh_config(tmp / "ssh_config", [("loop", sshd.host, sshd.port, sshd.user)], keys)
+        ssh_env = dict(env, RBEE_SSH_CONFIG=config)
+        add = subprocess.run([PY, RBEE, "nodes", "add", "loop", "--ssh-host", "loop", "--rbee-dir", str(REPO),
+                              "--python", PY, "--env", "RBEE_HOME=%s" % (tmp / "remote-home")],
+                             env=ssh_env, capture_output=True, text=True)
+        if add.returncode:
+            raise RuntimeError("nodes add failed: %s" % add.stderr)
+        return summarize([whole_command(infer + ["--node", "loop"], ssh_env) for _ in range(RUNS)], base)
+    finally:
+        sshd.stop()
+
+
+def peer(model, env, base):
+    port = free_port()
+    proc = subprocess.Popen([PY, "-m", "llama_cpp.server", "--model", model, "--n_ctx", str(N_CTX), "--n_threads",
+                             str(THREADS), "--n_threads_batch", str(THREADS), "--n_gpu_layers", "0", "--port", str(port),
+                             "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    try:
+        wait_port(port)
+        body = {"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "seed": SEED, "stream": True}
+        sse_tokens(port, "/v1/completions", body, token_field="text")
+        return summarize([sse_tokens(port, "/v1/completions", body, token_field="text") for _ in range(RUNS)], base)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def print_table(r):
+    print("\nrbee bench: %s, %d tokens, n_ctx %d, %d threads, temperature 0, %d runs (median [min-max])" % (
+        r["config"]["model"], TOKENS, N_CTX, THREADS, RUNS))
+    print("%-11s %-26s %-26s %-22s %s" % ("scenario", "time to first token ms", "tokens/s", "wall s", "vs raw"))
+    for name in ("raw", "worker", "warm", "cold_local", "cold_ssh", "peer"):
+        s = r.get(name) or {}
+        if "ttft_ms" not in s:
+            print("%-11s %s" % (name, s.get("skipped", "-")))
+            continue
+        cell = lambda k, f: (f % s[k]["median"] + " [" + f % s[k]["min"] + "-" + f % s[k]["max"] + "]") if s.get(k) else "-"
+        ratio = s.get("ratio_to_raw", {})
+        print("%-11s %-26s %-26s %-22s %s" % (name, cell("ttft_ms", "%.1f"), cell("tok_s", "%.1f"), cell("wall_s", "%.2f"),
+                                              "ttft x%.2f, tok/s x%.3f" % (ratio.get("ttft_ms", 1), ratio.get("tok_s", 1))
+                                              if ratio else "(baseline; load %.2f s)" % s.get("load_s", 0)))
+    f = r.get("footprint", {})
+    print("footprint: queen %.1f MB, hive %.1f MB, worker overhead %.1f MB over the raw model process; "
+          "python -c pass %.1f ms" % (f.get("queen_rss_mb", 0), f.get("hive_rss_mb", 0), f.get("worker_overhead_mb", 0),
+                                      r["python_startup_ms"]["median"]))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--raw-child":
+        raw_child(sys.argv[2])
+    else:
+        main()
