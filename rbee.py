@@ -1276,7 +1276,8 @@ class Worker(App):
 
     def execute(self, req):
         job = Job(req.json, self.args.ctx_size)
-        n_prompt = len(self.llm.tokenize(job.prompt.encode("utf-8"), add_bos=True, special=True))
+        prompt_tokens = self.llm.tokenize(job.prompt.encode("utf-8"), add_bos=True, special=True)
+        n_prompt = len(prompt_tokens)
         if n_prompt >= self.args.ctx_size:
             raise invalid("prompt", "is %d tokens; the context holds %d" % (n_prompt, self.args.ctx_size))
         if self.state == "draining" or not self.slot.acquire(blocking=False):
@@ -1286,21 +1287,31 @@ class Worker(App):
                 "Retry in a moment, or run another worker for this model")
         try:
             self.job, self.state = job, "busy"
-            self._generate(req.sse(), job, n_prompt)
+            self._generate(req.sse(), job, prompt_tokens)
         finally:
             self.job, self.last_activity = None, time.time()
             if self.state == "busy":
                 self.state = "idle"
             self.slot.release()
 
-    def _generate(self, stream, job, n_prompt):
+    def _generate(self, stream, job, prompt_tokens):
         stream.send("started", {"job_id": job.job_id, "worker_id": self.worker_id})
         with narration_to(stream.narration):
             narrate("llama-backend", "inference_start", "Starting inference (prompt: %d chars, max_tokens: %d)"
                     % (len(job.prompt), job.max_tokens), "🚀", job_id=job.job_id)
-            narrate("tokenizer", "tokenize", "Tokenized prompt (%d tokens)" % n_prompt, "🍰", job_id=job.job_id)
-            self.llm.reset()
-            narrate("llama-backend", "cache_reset", "Reset KV cache for fresh start", "🧹", job_id=job.job_id)
+            narrate("tokenizer", "tokenize", "Tokenized prompt (%d tokens)" % len(prompt_tokens), "🍰",
+                    job_id=job.job_id)
+            # llama.cpp keeps the KV cache of a prompt prefix shared with the last job (as
+            # llama.cpp's server does): only the rest of the prompt is evaluated again.
+            cached = self.llm.input_ids[:self.llm.n_tokens].tolist()
+            common = next((i for i, (a, b) in enumerate(zip(cached, prompt_tokens)) if a != b),
+                          min(len(cached), len(prompt_tokens)))
+            if common > 1:   # a lone BOS in common is no reuse worth the name
+                narrate("llama-backend", "cache_reuse", "Reusing KV cache for %d of %d prompt tokens" % (
+                    common, len(prompt_tokens)), "♻️", job_id=job.job_id)
+            else:
+                self.llm.reset()
+                narrate("llama-backend", "cache_reset", "Reset KV cache for fresh start", "🧹", job_id=job.job_id)
             started = time.perf_counter()
             chunks = self.llm.create_completion(
                 job.prompt, max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,

@@ -359,3 +359,15 @@ def test_gpu_backend_without_gpu_fails_clearly(roles, env, model_path, backend, 
     assert error["error"]["code"] == code
     assert "cpu" in error["error"]["details"]["available"]
     assert REPO.exists()
+
+
+def test_a_repeated_prompt_reuses_the_kv_cache_and_gives_the_same_text(worker):
+    first = run_job(worker.port, max_tokens=24)
+    second = run_job(worker.port, max_tokens=24)
+    text = lambda events: "".join(d["t"] for e, d, _ in events if e == "token")
+    assert text(first) == text(second) and text(first)
+    actions = lambda events: [d["action"] for e, d, _ in events if e == "narration"]
+    assert "cache_reset" in actions(first)
+    assert "cache_reuse" in actions(second) and "cache_reset" not in actions(second)
+    third = run_job(worker.port, prompt="A completely different beginning:", max_tokens=4)
+    assert "cache_reset" in actions(third)
