@@ -229,7 +229,7 @@ class NarrationRenderer:
     def error(self, err):
         """`[component] ❌ Error: message`, the details indented, then a suggestion."""
         self._end_bar()
-        lines = ["[%s] ❌ Error: %s" % (err.component or "rbee-keeper", err.message)]
+        lines = ["[%s] ❌ Error: %s" % (err.component or "rbee-keeper", err.message), "    code: %s" % err.code]
         lines += ["    %s: %s" % (k, json.dumps(v) if isinstance(v, (dict, list)) else v)
                   for k, v in sorted(err.details.items())]
         if err.suggestion:
@@ -1044,8 +1044,32 @@ class ModelProvisioner:
         size, sha256 = files[filename]
         dest_dir = os.path.join(self.models_dir, ref.reference.replace("/", "--"))
         dest = os.path.join(dest_dir, filename.rsplit("/", 1)[-1])
-        partial = dest + ".partial"
         os.makedirs(dest_dir, exist_ok=True)
+        with self._repo_dir_lock(dest_dir, ref):
+            # another reference to the same file (hf:X and hf:X:Q4_K_M), or another process on
+            # this node, may have fetched it while we waited
+            row = self.catalog.find(ModelRef("hf", ref.reference, filename, ref.text))
+            return row or self._download_file(ref, filename, size, sha256, dest)
+
+    @contextlib.contextmanager
+    def _repo_dir_lock(self, dest_dir, ref):
+        """One download into a repo's directory at a time on this node: an flock, so that threads
+        of this hive and other processes (`rbee.py models download`) never share a .partial file."""
+        import fcntl
+        fd = os.open(dest_dir, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                narrate("model-provisioner", "download_wait", "Waiting for the download in progress in %s" % dest_dir,
+                        "⏳", model_ref=ref.text)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)   # releases the lock (so does the death of the process)
+
+    def _download_file(self, ref, filename, size, sha256, dest):
+        dest_dir, partial = os.path.dirname(dest), dest + ".partial"
         have = os.path.getsize(partial) if os.path.exists(partial) else 0
         free = shutil.disk_usage(dest_dir).free
         if free < size - have:
@@ -1188,6 +1212,7 @@ class Job:
         self.top_k = number("top_k", 40, 0, 1 << 20, integer=True)
         self.seed = number("seed", None, -1, (1 << 32) - 1, integer=True)
         self.cancel = threading.Event()
+        self.interrupted_by = None   # set when the worker itself stops mid-job (not a /cancel)
 
 
 def split_at_stop(text, stops):
@@ -1347,6 +1372,11 @@ class Worker(App):
             rate = tokens_out / elapsed
             narrate("llama-backend", "inference_complete", "Inference complete! %d tokens in %d ms (%.0f tok/s)" % (
                 tokens_out, elapsed * 1000, rate), "🎉", job_id=job.job_id)
+        if stop_reason == "cancelled" and job.interrupted_by:
+            raise RbeeError("REQUEST_CANCELLED", "Worker %s stopped during job %s after %d tokens (%s)" % (
+                self.worker_id, job.job_id, tokens_out, job.interrupted_by),
+                {"tokens_generated": tokens_out, "worker_id": self.worker_id},
+                "Its hive or queen stopped; run the command again", "llm-worker-rbee")
         stream.finish("end", {"job_id": job.job_id, "tokens_out": tokens_out, "decode_time_ms": round(elapsed * 1000, 1),
                               "tokens_per_sec": round(rate, 2), "stop_reason": stop_reason})
 
@@ -1361,6 +1391,7 @@ class Worker(App):
         self.state = "draining"
         job = self.job
         if job is not None:
+            job.interrupted_by = reason
             job.cancel.set()
         narrate("llm-worker-rbee", "shutdown", "Shutting down gracefully (%s)" % reason, "👋")
         if self.slot.acquire(timeout=10):
@@ -1406,6 +1437,7 @@ class WorkerProcess:
         self.port, self.api_key, self.proc = port, api_key, proc
         self.url, self.state, self.last_activity = None, "loading", time.time()
         self.ready, self.exited = threading.Event(), threading.Event()
+        self.announced = threading.Event()   # its ready_callback narration has been relayed
         self.listeners, self.output, self.load_ms = [], None, None
 
     def public(self):
@@ -1419,6 +1451,8 @@ class WorkerProcess:
         for listener in list(self.listeners) or [emit_line]:
             with contextlib.suppress(ClientGone):
                 listener(event)
+        if event.get("action") == "ready_callback":
+            self.announced.set()
 
     def request_shutdown(self):
         http_json("POST", "http://127.0.0.1:%d/shutdown" % self.port, {}, bearer(self.api_key), timeout=5,
@@ -1627,6 +1661,9 @@ class Hive(App):
                 raise RbeeError("LOADING_TIMEOUT", "Worker %s did not load its model within %d s" % (
                     worker.worker_id, LOADING_TIMEOUT), {"worker_id": worker.worker_id},
                     "Check the node's disk and memory; a smaller model loads faster")
+        # the worker narrated "HTTP ready" and "ready callback" on stdout before it called us; the
+        # reader thread may not have relayed them yet, and they belong in this spawn's stream
+        worker.announced.wait(1.0)
 
     def poll_worker(self, worker):
         """The worker's own view of its state (idle/busy), refreshing the registry."""
@@ -2130,6 +2167,8 @@ class Keeper:
         self.stop_queen()
 
     def show(self, event):
+        if self.renderer.quiet:
+            return
         if self.json:
             emit_line(dict(event="narration", **event))
         else:

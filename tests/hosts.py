@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -312,11 +313,7 @@ def netns_available() -> bool:
     if r.returncode != 0:
         return False
     subprocess.run([IP, "netns", "del", name], capture_output=True)
-    for tool in ("unshare", "mount"):
-        if not any(os.access(os.path.join(d, tool), os.X_OK)
-                   for d in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep) + ["/usr/bin", "/bin"]):
-            return False
-    return os.path.exists(SSHD)
+    return all(shutil.which(t) for t in ("unshare", "mount", SSH_KEYGEN)) and os.path.exists(SSHD)
 
 
 class NetnsHosts:
@@ -328,10 +325,23 @@ class NetnsHosts:
     `unshare --mount --uts --propagation private` with hostname NAME and
     WORKDIR/NAME-home bind-mounted over /root.
 
-    So that the project's venv (made from pyenv's Python under /root/.pyenv)
-    keeps working inside the hosts, the real /root/<p> for each p in
+    So that a venv made from pyenv's Python (under /root/.pyenv) keeps
+    working inside the hosts, the real /root/<p> for each p in
     SHARE_FROM_ROOT that exists is bind-mounted into the host's home
     (default: .pyenv). Those directories are shared by all hosts.
+
+    Inside each host's ssh sessions /etc/hosts names every host, plus
+    "gateway" (and this machine's real hostname) for SUBNET.1, and
+    /etc/resolv.conf has no nameserver, so lookups fail fast instead of
+    timing out against a DNS server the hosts cannot reach. Everything else
+    of the file system (/tmp, /work/main, /usr) is the real one, shared.
+
+    Processes started with `run_in` / `popen_in` get only the network
+    namespace: hostname, /root and /etc are this machine's.
+
+    The namespace, veth and bridge names are fixed by NAMES and BRIDGE, so
+    two instances with the same names cannot run at once (start() of the
+    second tears the first down).
     """
 
     def __init__(self, workdir, keys: SshKeys, names=("mac", "workstation"),
@@ -446,6 +456,15 @@ class NetnsHosts:
                 dst.mkdir(parents=True, exist_ok=True)
                 script.append(f"mount --bind {q(str(src))} {q(str(dst))}")
         script.append(f"mount --rbind {q(str(h.home))} /root")
+        # Name resolution: the hosts cannot reach the real DNS server, and a
+        # lookup of their own hostname (e.g. socket.getfqdn(), which
+        # http.server calls on bind) would hang ~10 s in resolver timeouts.
+        etc_hosts, resolv = self.workdir / f"{name}-etc-hosts", self.workdir / f"{name}-resolv.conf"
+        etc_hosts.write_text(self._etc_hosts())
+        resolv.write_text("# no nameserver: lookups fail fast (127.0.0.1:53 is closed)\n"
+                          "options timeout:1 attempts:1\n")
+        script.append(f"mount --bind {q(str(etc_hosts))} /etc/hosts")
+        script.append(f"mount --bind {q(str(resolv))} /etc/resolv.conf")
         script.append(f"exec {SSHD} -D -f {q(str(cfg))} -E {q(str(log))}")
         argv = [IP, "netns", "exec", name, "unshare", "--mount", "--uts",
                 "--propagation", "private", "/bin/sh", "-c", "\n".join(script)]
@@ -454,6 +473,17 @@ class NetnsHosts:
                 argv, stdin=subprocess.DEVNULL, stdout=errf, stderr=errf,
                 preexec_fn=_die_with_parent,
             )
+
+    def _etc_hosts(self) -> str:
+        lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+        gw_names = ["gateway"]
+        real = socket.gethostname()
+        if real and real not in self.hosts and real != "gateway":
+            gw_names.append(real)
+        lines.append(f"{self.gateway}\t{' '.join(gw_names)}")
+        for h in self.hosts.values():
+            lines.append(f"{h.address}\t{h.name}")
+        return "\n".join(lines) + "\n"
 
     def stop(self):
         """Kill every process in each namespace, delete the namespaces, the

@@ -421,20 +421,22 @@ def test_missing_and_forbidden_repos(repo, start_hive, rbee_home, tmp_path, stat
     assert_nothing_spawned(hive, tmp_path, rbee_home)
 
 
-def test_concurrent_requests_for_one_uncached_model_share_one_download(repo, start_hive, rbee_home):
-    repo.throttle(REPO_ID, CHOSEN, 48 * MiB)    # ~2 s: every request arrives while it downloads
+def test_concurrent_requests_for_one_uncached_model_share_one_download(repo, start_hive, rbee_home, env):
+    repo.throttle(REPO_ID, CHOSEN, 32 * MiB)    # ~3 s: every request arrives while it downloads
     hive = start_hive()
     results = {}
 
     def run(name, fn, *args):
         try:
-            results[name] = fn(hive, *args)
+            results[name] = fn(*args)
         except BaseException as exc:   # reported by the main thread
             results[name] = exc
-    threads = [threading.Thread(target=run, args=("spawn-1", spawn, REF)),
-               threading.Thread(target=run, args=("spawn-2", spawn, REF)),
-               # the same file, named by its tag: the same model on disk
-               threading.Thread(target=run, args=("download", download, REF + ":Q4_K_M"))]
+    threads = [threading.Thread(target=run, args=("spawn-1", spawn, hive, REF)),
+               threading.Thread(target=run, args=("spawn-2", spawn, hive, REF)),
+               # the same file named by its tag, through the hive and by another process on the node
+               threading.Thread(target=run, args=("download", download, hive, REF + ":Q4_K_M")),
+               threading.Thread(target=run, args=("cli", run_rbee, ["models", "download", REF + ":Q4_K_M"],
+                                                  dict(env, HF_ENDPOINT=repo.url)))]
     for t in threads:
         t.start()
         time.sleep(0.1)
@@ -442,13 +444,17 @@ def test_concurrent_requests_for_one_uncached_model_share_one_download(repo, sta
         t.join(120)
     for name, result in results.items():
         assert not isinstance(result, BaseException), (name, result)
-    assert len(results) == 3
+    assert len(results) == 4
     one, two = spawned(results["spawn-1"]), spawned(results["spawn-2"])
     assert one["worker_id"] == two["worker_id"]
     assert results["download"][-1][0] == "end", results["download"][-1]
+    cli = results["cli"]
+    assert cli.returncode == 0, cli.stderr
+    assert "Waiting for the download" in cli.stderr and CHOSEN in cli.stdout
     assert len(repo.file_gets(REPO_ID, CHOSEN)) == 1
     [row] = catalog_rows(rbee_home)
     assert row["sha256"] == sha256_of(row["local_path"]) == repo.sha256(REPO_ID, CHOSEN)
+    assert sorted(os.listdir(model_dir(rbee_home))) == [CHOSEN]
     assert [w["worker_id"] for w in workers(hive)] == [one["worker_id"]]
 
 
@@ -621,8 +627,10 @@ def test_handshake_secrets_reach_the_hub_but_never_argv(repo, start_hive, rbee_h
     events = download(hive, REF + ":Q8_0")
     assert events[-1][0] == "end", events[-1]
     assert events[-1][1]["model"]["filename"] == Q8_0
-    [get] = repo.file_gets(REPO_ID, Q8_0)
-    assert get["headers"].get("Authorization") == "Bearer " + secret
+    assert len(repo.file_gets(REPO_ID, Q8_0)) == 1
+    for seen in repo.requests:    # the listing and the file: every call to the Hub carries it
+        auth = {k.lower(): v for k, v in seen["headers"].items()}.get("authorization")
+        assert auth == "Bearer " + secret, (seen["method"], seen["path"], auth)
     with open("/proc/%d/cmdline" % hive.proc.pid, "rb") as f:
         cmdline = f.read()
     assert secret.encode() not in cmdline and TOKEN.encode() not in cmdline

@@ -1,0 +1,239 @@
+"""The queen and the keeper on node `localhost` (a local hive, no ssh): the seed flow, persistent
+and ephemeral modes, interruptions and errors -- every role a real process, the real model."""
+import json
+import re
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import (PY, RBEE, assert_no_rbee_left, free_port, port_open, rbee_processes, run_rbee,
+                      wait_until)
+
+PROMPT = "Once upon a time, in a small village by the sea, there lived"
+SEED_ACTORS = ("queen-rbee", "rbee-hive", "http-server", "llm-worker-rbee", "device-manager", "model-loader",
+               "tokenizer", "llama-backend")
+
+
+@pytest.fixture
+def model_ref(model_path):
+    return "file:" + model_path
+
+
+@pytest.fixture
+def queen(roles, env):
+    """A persistent queen on a free port; yields (role, url)."""
+    port = free_port()
+    role = roles("queen", "--port", str(port), env=env)
+    role.wait_event("http_ready", "queen-rbee")
+    role.url = "http://127.0.0.1:%d" % port
+    return role
+
+
+def infer_args(model_ref, *extra, max_tokens=20, temperature="0"):
+    return ["infer", "--node", "localhost", "--model", model_ref, "--prompt", PROMPT,
+            "--max-tokens", str(max_tokens), "--temperature", temperature] + list(extra)
+
+
+def json_events(stdout):
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def start_keeper(args, env):
+    return subprocess.Popen([PY, RBEE] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, bufsize=0)
+
+
+def read_until_tokens(proc, count):
+    """Read a keeper's --json stdout until `count` token events arrived; returns the events."""
+    events = []
+    while sum(e["event"] == "token" for e in events) < count:
+        line = proc.stdout.readline()
+        assert line, "keeper ended early: %s" % proc.stderr.read().decode()
+        events.append(json.loads(line))
+    return events
+
+
+def test_seed_flow_on_localhost_ephemeral(env, model_path, model_ref, tmp_path):
+    """The seed command: tokens alone on stdout, every hop's narration on stderr, nothing left."""
+    import llama_cpp
+
+    import backends
+    result = run_rbee(infer_args(model_ref), env)
+    assert result.returncode == 0, result.stderr
+    threads = backends.physical_cores()
+    llm = llama_cpp.Llama(model_path=model_path, n_ctx=2048, n_gpu_layers=0, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    expected = llm.create_completion(PROMPT, max_tokens=20, temperature=0)["choices"][0]["text"]
+    assert result.stdout == expected and expected
+    lines = result.stderr.splitlines()
+    for actor in SEED_ACTORS:
+        assert any(line.startswith("[%s] " % actor) for line in lines), (actor, result.stderr)
+    for needle in ("[rbee-hive] 🌅 Starting pool manager on port 9200", "[http-server] 🚀 HTTP server ready on port 9200",
+                   "[llm-worker-rbee] 🌅 Worker starting on port 80", "[llm-worker-rbee] 👋 Reporting ready to rbee-hive",
+                   "[tokenizer] 🍰 Tokenized prompt (", "[llama-backend] 🧹 Reset KV cache for fresh start",
+                   "[llama-backend] 🎯 Generated 10 tokens", "[llama-backend] 🎉 Inference complete! 20 tokens in "):
+        assert needle in result.stderr, needle
+    assert "MB cozy in RAM" in result.stderr and "tok/s)" in result.stderr
+    # the cascade: the keeper waited for it, so nothing is left and the ports are free at once
+    assert_no_rbee_left(str(tmp_path), within=5)
+    worker_port = int(re.search(r"Worker starting on port (\d+)", result.stderr).group(1))
+    for port in (8080, 9200, worker_port):   # 8001 unless another program held it
+        assert not port_open("127.0.0.1", port), port
+    # the file: model is cataloged on the node
+    import sqlite3
+    rows = sqlite3.connect(str(tmp_path / "rbee-home" / "models.db")).execute(
+        "SELECT provider, reference, local_path, size_bytes FROM models").fetchall()
+    assert rows == [("file", model_path, model_path, os.path.getsize(model_path))]
+
+
+def test_json_quiet_and_timings(env, model_ref):
+    result = run_rbee(infer_args(model_ref, "--json", "--quiet", max_tokens=12), env)
+    assert result.returncode == 0, result.stderr
+    events = json_events(result.stdout)
+    kinds = [e["event"] for e in events]
+    assert kinds[-1] == "end" and kinds.count("end") == 1
+    assert "worker" in kinds and "narration" not in kinds    # --quiet drops narration
+    tokens = [e for e in events if e["event"] == "token"]
+    assert [t["i"] for t in tokens] == list(range(len(tokens))) and len(tokens) >= 1
+    assert events[-1]["tokens_out"] == 12 and events[-1]["stop_reason"] == "max_tokens"
+    assert "api_key" not in next(e for e in events if e["event"] == "worker")
+    assert result.stderr == ""
+
+    result = run_rbee(infer_args(model_ref, "--timings", "--quiet", max_tokens=5), env)
+    assert result.returncode == 0, result.stderr
+    for label in ("Timings", "hive start", "model load", "first token", "tokens/s"):
+        assert label in result.stderr, result.stderr
+    assert result.stdout and "[" not in result.stdout
+
+
+def test_persistent_queen_reuses_the_worker_and_survives_the_keeper(queen, env, model_ref, tmp_path):
+    first = run_rbee(infer_args(model_ref, "--json", "--queen", queen.url), env)
+    second = run_rbee(infer_args(model_ref, "--json", "--queen", queen.url), env)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    worker = lambda r: next(e for e in json_events(r.stdout) if e["event"] == "worker")
+    assert worker(first)["worker_id"] == worker(second)["worker_id"]
+    assert worker(first)["node"] == "localhost" and worker(first)["backend"] == "cpu"
+    # queen, hive and worker are still up after the keeper exits
+    cmds = [cmd for _, cmd in rbee_processes(str(tmp_path))]
+    assert any(" queen " in c for c in cmds) and any(" hive " in c for c in cmds) and any(" worker " in c for c in cmds)
+    listed = run_rbee(["workers", "list", "--queen", queen.url], env)
+    assert worker(first)["worker_id"] in listed.stdout and "localhost" in listed.stdout
+    status = run_rbee(["status", "--queen", queen.url], env)
+    assert status.returncode == 0 and "hive:   localhost" in status.stdout and worker(first)["worker_id"] in status.stdout
+    models = run_rbee(["models", "list", "--node", "localhost", "--queen", queen.url], env)
+    assert models.returncode == 0 and model_ref[5:] in models.stdout
+    # SIGTERM to the queen cascades: nothing left
+    queen.proc.send_signal(signal.SIGTERM)
+    assert queen.proc.wait(30) == 0
+    assert_no_rbee_left(str(tmp_path), within=5)
+
+
+def test_sigkill_of_the_queen_mid_generation_leaves_nothing(queen, env, model_ref, tmp_path):
+    keeper = start_keeper(infer_args(model_ref, "--json", "--queen", queen.url, max_tokens=1500), env)
+    read_until_tokens(keeper, 3)
+    os.kill(queen.proc.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    # the hive and the worker follow by their lifelines
+    wait_until(lambda: not [p for p, c in rbee_processes(str(tmp_path)) if " hive " in c or " worker " in c], 5,
+               what="hive and worker to exit by their lifelines")
+    assert time.monotonic() - killed < 5
+    out, err = keeper.communicate(timeout=30)
+    assert keeper.returncode == 1
+    err = err.decode()
+    assert "[llm-worker-rbee] ❌ Error: Worker " in err and "code: REQUEST_CANCELLED" in err
+    assert "tokens_generated: " in err and "Suggestion:" in err
+    assert [e["event"] for e in json_events(out.decode())][-1] == "token"   # the text so far was kept
+    assert_no_rbee_left(str(tmp_path), within=5)
+
+
+def test_ctrl_c_cancels_and_the_persistent_worker_is_idle_again(queen, env, model_ref, tmp_path):
+    keeper = start_keeper(infer_args(model_ref, "--json", "--queen", queen.url, max_tokens=1500), env)
+    events = read_until_tokens(keeper, 3)
+    worker_url = next(e for e in events if e["event"] == "worker")["worker_url"]
+    keeper.send_signal(signal.SIGINT)
+    keeper.communicate(timeout=30)
+    assert keeper.returncode == 130
+    import urllib.request
+    health = lambda: json.load(urllib.request.urlopen(worker_url + "/health", timeout=5))
+    wait_until(lambda: health()["state"] == "idle", 5, what="the worker to be idle after Ctrl-C")
+    assert any(" worker " in c for _, c in rbee_processes(str(tmp_path)))
+
+
+def test_ctrl_c_in_ephemeral_mode_exits_130_and_leaves_nothing(env, model_ref, tmp_path):
+    keeper = start_keeper(infer_args(model_ref, "--json", max_tokens=1500), env)
+    read_until_tokens(keeper, 3)
+    keeper.send_signal(signal.SIGINT)
+    _, err = keeper.communicate(timeout=60)
+    assert keeper.returncode == 130, err
+    assert_no_rbee_left(str(tmp_path), within=5)
+
+
+def test_sigkill_of_the_keeper_leaves_nothing(env, model_ref, tmp_path):
+    keeper = start_keeper(infer_args(model_ref, "--json", max_tokens=1500), env)
+    read_until_tokens(keeper, 3)
+    keeper.kill()
+    keeper.wait()
+    assert_no_rbee_left(str(tmp_path), within=10)
+
+
+def test_unregistered_node_is_node_not_found_with_a_suggestion(env, model_ref, tmp_path):
+    result = run_rbee(["infer", "--node", "nowhere", "--model", model_ref, "--prompt", "hi"], env)
+    assert result.returncode == 1
+    assert "❌ Error: Node 'nowhere' is not registered" in result.stderr and "code: NODE_NOT_FOUND" in result.stderr
+    assert "Suggestion: Register it: rbee.py nodes add nowhere" in result.stderr
+    assert result.stdout == ""
+    assert_no_rbee_left(str(tmp_path), within=5)
+
+
+@pytest.mark.parametrize("ref", ["TheBloke/TinyLlama", "hf:", "hf:onlyorg", "hf:a/b/c", "file:relative/x.gguf",
+                                 "http://example.com/x.gguf", "hf:org/repo:", "  "])
+def test_invalid_model_ref_fails_before_any_process_starts(env, ref, tmp_path):
+    result = run_rbee(["infer", "--node", "localhost", "--model", ref, "--prompt", "hi"], env)
+    assert result.returncode == 1
+    assert "Invalid model reference" in result.stderr or "Empty model reference" in result.stderr
+    assert "Suggestion: Use hf:ORG/REPO" in result.stderr and "code: INVALID_MODEL_REF" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not port_open("127.0.0.1", 8080)
+    assert not os.path.exists(tmp_path / "rbee-home" / "models.db")
+
+
+@pytest.mark.parametrize("args", [["infer"], ["infer", "--model", "hf:a/b", "--prompt", "x", "--max-tokens", "0"],
+                                  ["infer", "--model", "hf:a/b", "--prompt", "x", "--temperature", "9"],
+                                  ["infer", "--model", "hf:a/b", "--prompt", "x", "--backend", "tpu"],
+                                  ["frobnicate"], ["nodes", "add", "x"]])
+def test_usage_errors_exit_2(env, args):
+    result = run_rbee(args, env)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "usage:" in result.stderr
+
+
+def test_queen_http_errors_use_the_envelope(queen):
+    import urllib.error
+    import urllib.request
+    for method, path, body, status, code in (
+            ("GET", "/nope", None, 404, "NOT_FOUND"), ("GET", "/v2/tasks", None, 405, "METHOD_NOT_ALLOWED"),
+            ("POST", "/v2/tasks", b"{bad", 400, "INVALID_REQUEST"),
+            ("POST", "/v2/tasks", b'{"node": "localhost", "model": "nope", "prompt": "x"}', 400, "INVALID_MODEL_REF"),
+            ("POST", "/v2/tasks", b'{"node": "ghost", "model": "hf:a/b", "prompt": "x"}', 404, "NODE_NOT_FOUND"),
+            ("POST", "/v2/tasks", b"x" * (2 << 20), 413, "PAYLOAD_TOO_LARGE")):
+        req = urllib.request.Request(queen.url + path, data=body, method=method)
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(req, timeout=10)
+        assert info.value.code == status
+        assert json.loads(info.value.read())["error"]["code"] == code
+    assert json.load(urllib.request.urlopen(queen.url + "/health"))["status"] == "ok"
+
+
+def test_local_models_commands(env, model_ref, model_path):
+    assert run_rbee(["models", "list"], env).stdout == ""
+    downloaded = run_rbee(["models", "download", model_ref], env)
+    assert downloaded.returncode == 0 and model_path in downloaded.stdout
+    assert model_path in run_rbee(["models", "list"], env).stdout
+    removed = run_rbee(["models", "rm", model_ref], env)
+    assert removed.returncode == 0
+    assert os.path.exists(model_path)   # a file: model is the user's own file: never deleted
+    assert run_rbee(["models", "list"], env).stdout == ""
+    missing = run_rbee(["models", "rm", model_ref], env)
+    assert missing.returncode == 1 and "❌ Error" in missing.stderr and "code: MODEL_NOT_FOUND" in missing.stderr
