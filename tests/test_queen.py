@@ -144,7 +144,8 @@ def test_sigkill_of_the_queen_mid_generation_leaves_nothing(queen, env, model_re
     err = err.decode()
     assert "[llm-worker-rbee] ❌ Error: Worker " in err and "code: REQUEST_CANCELLED" in err
     assert "tokens_generated: " in err and "Suggestion:" in err
-    assert [e["event"] for e in json_events(out.decode())][-1] == "token"   # the text so far was kept
+    kinds = [e["event"] for e in json_events(out.decode())]
+    assert kinds[-2:] == ["token", "error"]   # the text so far was kept, then the error
     assert_no_rbee_left(str(tmp_path), within=5)
 
 
