@@ -428,7 +428,12 @@ class App:
 
     def serve(self, host, port):
         """Bind and serve in a background thread; returns the bound port."""
-        self.server = RoleHTTPServer((host, port), RoleRequestHandler)
+        try:
+            self.server = RoleHTTPServer((host, port), RoleRequestHandler)
+        except OSError as exc:
+            raise RbeeError("INTERNAL", "%s cannot listen on %s:%d: %s" % (self.component, host, port, exc.strerror),
+                            {"host": host, "port": port}, "Another program uses the port: stop it or pick another "
+                            "--port", self.component)
         self.server.app = self
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
                          daemon=True, name="http").start()
@@ -694,9 +699,21 @@ def on_stop_signals(stop, signals=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         signal.signal(sig, handler)
 
 
-def run_until_stopped(app):
-    """Park the main thread until the role's `stopped` event is set, then exit 0."""
-    while not app.stopped.wait(1.0):
+def run_role(role, lifeline):
+    """The life of a long-lived role: start it, stop it on SIGTERM/SIGINT/SIGHUP or (with
+    --lifeline) when stdin closes, exit 0 once it has cleaned up. A failed start is narrated on
+    stdout (the parent reads it) and raised (the user reads it on stderr)."""
+    on_stop_signals(role.shutdown)
+    if lifeline:
+        watch_lifeline(role.shutdown)
+    try:
+        role.start()
+    except Exception as exc:
+        err = RbeeError.wrap(exc, role.component)
+        narrate(role.component, "error", "%s failed to start: %s" % (role.component, err.message), "❌",
+                level="error", error=err.envelope()["error"])
+        raise err
+    while not role.stopped.wait(1.0):
         pass
     sys.stdout.flush()
     os._exit(0)   # daemon threads may still hold sockets; the role has already cleaned up
@@ -1368,15 +1385,15 @@ class Worker(App):
                     stream.send("token", {"t": held, "i": index})
             finally:
                 chunks.close()
+            if stop_reason == "cancelled" and job.interrupted_by:
+                raise RbeeError("REQUEST_CANCELLED", "Worker %s stopped during job %s after %d tokens (%s)" % (
+                    self.worker_id, job.job_id, tokens_out, job.interrupted_by),
+                    {"tokens_generated": tokens_out, "worker_id": self.worker_id},
+                    "Its hive or queen stopped; run the command again", "llm-worker-rbee")
             elapsed = max(time.perf_counter() - started, 1e-9)
             rate = tokens_out / elapsed
             narrate("llama-backend", "inference_complete", "Inference complete! %d tokens in %d ms (%.0f tok/s)" % (
                 tokens_out, elapsed * 1000, rate), "🎉", job_id=job.job_id)
-        if stop_reason == "cancelled" and job.interrupted_by:
-            raise RbeeError("REQUEST_CANCELLED", "Worker %s stopped during job %s after %d tokens (%s)" % (
-                self.worker_id, job.job_id, tokens_out, job.interrupted_by),
-                {"tokens_generated": tokens_out, "worker_id": self.worker_id},
-                "Its hive or queen stopped; run the command again", "llm-worker-rbee")
         stream.finish("end", {"job_id": job.job_id, "tokens_out": tokens_out, "decode_time_ms": round(elapsed * 1000, 1),
                               "tokens_per_sec": round(rate, 2), "stop_reason": stop_reason})
 
@@ -1411,18 +1428,7 @@ def run_worker(args):
     if not api_key:
         raise RbeeError("MISSING_API_KEY", "RBEE_WORKER_API_KEY is not set", {},
                         "Set RBEE_WORKER_API_KEY in the worker's environment (never on its command line)")
-    worker = Worker(args, api_key)
-    on_stop_signals(worker.shutdown)
-    if args.lifeline:
-        watch_lifeline(worker.shutdown)
-    try:
-        worker.start()
-    except Exception as exc:
-        err = RbeeError.wrap(exc, "llm-worker-rbee")
-        narrate("llm-worker-rbee", "error", "Worker failed to start: %s" % err.message, "❌", level="error",
-                error=err.envelope()["error"])
-        os._exit(1)
-    run_until_stopped(worker)
+    run_role(Worker(args, api_key), args.lifeline)
 
 
 # ============================================================================================
@@ -1744,12 +1750,7 @@ def run_hive(args):
             raise RbeeError("INVALID_REQUEST", "The first line on a --lifeline hive's stdin must be JSON")
         token = hello.get("token")
         os.environ.update({k: str(v) for k, v in (hello.get("env") or {}).items()})
-    hive = Hive(args, token)
-    on_stop_signals(hive.shutdown)
-    if args.lifeline:
-        watch_lifeline(hive.shutdown)
-    hive.start()
-    run_until_stopped(hive)
+    run_role(Hive(args, token), args.lifeline)
 
 
 # ============================================================================================
@@ -2114,16 +2115,7 @@ class Queen(App):
 
 
 def run_queen(args):
-    queen = Queen(args)
-    on_stop_signals(queen.shutdown)
-    if args.lifeline:
-        watch_lifeline(queen.shutdown)
-    try:
-        queen.start()
-    except OSError as exc:
-        raise RbeeError("INTERNAL", "Queen cannot listen on %s:%d: %s" % (args.host, args.port, exc),
-                        {"port": args.port}, "Another program uses the port: pick one with --port")
-    run_until_stopped(queen)
+    run_role(Queen(args), args.lifeline)
 
 
 # ============================================================================================

@@ -114,15 +114,20 @@ def sse_tokens(port, path, body, headers=None, token_field=None):
 
 
 def whole_command(args, env):
-    """A CLI run: time to first byte on stdout from the process start, and token rate."""
+    """A CLI run (with --json: one line per event): time from the process start to the first
+    token on its stdout, and the token rate from the token lines' arrival."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([PY, RBEE] + args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, bufsize=0)
-    times = []
+    proc = subprocess.Popen([PY, RBEE] + args + ["--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            env=env, bufsize=0)
+    times, pending = [], b""
     while True:
-        chunk = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(1)
+        chunk = os.read(proc.stdout.fileno(), 65536)
         if not chunk:
             break
-        times.append(time.perf_counter())
+        now = time.perf_counter()
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        times += [now for line in lines if line.startswith(b'{"event": "token"')]
     code = proc.wait()
     wall = time.perf_counter() - t0
     if code != 0 or not times:
