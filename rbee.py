@@ -1198,7 +1198,7 @@ class DownloadProgress:
 class Job:
     """One /execute request: validated parameters and its cancel flag."""
 
-    FIELDS = ("job_id", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+    FIELDS = ("job_id", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "raw")
 
     def __init__(self, body, n_ctx):
         def number(name, default, low, high, integer=False):
@@ -1222,7 +1222,10 @@ class Job:
             stop = [stop]
         if not isinstance(stop, list) or len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
             raise invalid("stop", "must be a string or a list of at most 16 non-empty strings")
-        self.job_id, self.prompt, self.stop = job_id, prompt, stop
+        raw = body.get("raw", False)
+        if not isinstance(raw, bool):
+            raise invalid("raw", "must be true or false")
+        self.job_id, self.prompt, self.stop, self.raw = job_id, prompt, stop, raw
         self.max_tokens = number("max_tokens", 20, 1, n_ctx, integer=True)
         self.temperature = number("temperature", 0.7, 0, 2)
         self.top_p = number("top_p", 0.95, 0, 1)
@@ -1244,6 +1247,31 @@ def split_at_stop(text, stops):
                 hold = max(hold, k)
                 break
     return (text[:len(text) - hold], text[len(text) - hold:], False) if hold else (text, "", False)
+
+
+class ChatPrompt:
+    """The model's own chat template (GGUF `tokenizer.chat_template`), applied to a prompt as
+    one user message -- what llama-cpp-python's create_chat_completion does for this model, so
+    that "write a short story" gets a story, as with Ollama. `raw: true` skips it."""
+
+    def __init__(self, llm):
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        eos, bos = llm.token_eos(), llm.token_bos()
+        self.llm = llm
+        self.formatter = Jinja2ChatFormatter(
+            template=llm.metadata["tokenizer.chat_template"],
+            eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
+            bos_token=llm._model.token_get_text(bos) if bos != -1 else "", stop_token_ids=[eos])
+
+    @classmethod
+    def for_model(cls, llm):
+        return cls(llm) if llm.metadata.get("tokenizer.chat_template") else None
+
+    def render(self, text):
+        """(prompt tokens, stop strings, stopping criteria) for `text` as a user message."""
+        result = self.formatter(messages=[{"role": "user", "content": text}])
+        tokens = self.llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+        return tokens, result.stop, result.stopping_criteria
 
 
 class Worker(App):
@@ -1281,6 +1309,7 @@ class Worker(App):
         started = time.monotonic()
         self.llm = self.backend.load(args.model, args.device, args.ctx_size)
         self.load_ms = int((time.monotonic() - started) * 1000)
+        self.chat = ChatPrompt.for_model(self.llm)
         self.memory_mb = max(self.backend.memory_used_mb(args.device), os.path.getsize(args.model) >> 20)
         where = "RAM" if args.backend == "cpu" else "VRAM"
         narrate("model-loader", "model_loaded", "Model loaded! %d MB cozy in %s!" % (self.memory_mb, where), "🛏️",
@@ -1318,7 +1347,11 @@ class Worker(App):
 
     def execute(self, req):
         job = Job(req.json, self.args.ctx_size)
-        prompt_tokens = self.llm.tokenize(job.prompt.encode("utf-8"), add_bos=True, special=True)
+        if job.raw or self.chat is None:
+            prompt_tokens = self.llm.tokenize(job.prompt.encode("utf-8"), add_bos=True, special=True)
+            job.llama_stop = job.stopping_criteria = None
+        else:
+            prompt_tokens, job.llama_stop, job.stopping_criteria = self.chat.render(job.prompt)
         n_prompt = len(prompt_tokens)
         if n_prompt >= self.args.ctx_size:
             raise invalid("prompt", "is %d tokens; the context holds %d" % (n_prompt, self.args.ctx_size))
@@ -1356,8 +1389,9 @@ class Worker(App):
                 narrate("llama-backend", "cache_reset", "Reset KV cache for fresh start", "🧹", job_id=job.job_id)
             started = time.perf_counter()
             chunks = self.llm.create_completion(
-                job.prompt, max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
-                top_k=job.top_k, seed=job.seed, stream=True)
+                prompt_tokens, max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
+                top_k=job.top_k, seed=job.seed, stop=job.llama_stop, stopping_criteria=job.stopping_criteria,
+                stream=True)
             tokens_out = index = 0
             held, stop_reason = "", "max_tokens"
             try:
@@ -2261,7 +2295,7 @@ class Keeper:
         args = self.args
         job_id = "job-" + secrets.token_hex(6)
         body = {"job_id": job_id, "prompt": args.prompt, "max_tokens": args.max_tokens,
-                "temperature": args.temperature}
+                "temperature": args.temperature, "raw": args.raw}
         body.update((k, getattr(args, k)) for k in ("top_p", "top_k", "seed", "stop") if getattr(args, k) is not None)
         url, key = worker["worker_url"], worker["api_key"]
         for delay in BUSY_RETRIES + (None,):
@@ -2553,6 +2587,7 @@ def build_parser():
     s.add_argument("--top-k", type=_bounded(int, 0, 1 << 20))
     s.add_argument("--seed", type=_bounded(int, -1, (1 << 32) - 1))
     s.add_argument("--stop", nargs="+")
+    s.add_argument("--raw", action="store_true", help="send the prompt as is, without the model's chat template")
     s.add_argument("--backend", choices=("cpu", "cuda", "metal"))
     s.add_argument("--device", type=_bounded(int, 0, 1024), default=0)
     s.add_argument("--queen", help="queen URL (default %s, or $RBEE_QUEEN_URL)" % DEFAULT_QUEEN_URL)

@@ -60,13 +60,18 @@ def test_seed_flow_on_localhost_ephemeral(env, model_path, model_ref, tmp_path):
     import llama_cpp
 
     import backends
-    result = run_rbee(infer_args(model_ref), env)
+    result = run_rbee(["infer", "--node", "localhost", "--model", model_ref, "--prompt", "write a short story",
+                       "--max-tokens", "20", "--temperature", "0"], env)
     assert result.returncode == 0, result.stderr
     threads = backends.physical_cores()
     llm = llama_cpp.Llama(model_path=model_path, n_ctx=2048, n_gpu_layers=0, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
-    expected = llm.create_completion(PROMPT, max_tokens=20, temperature=0)["choices"][0]["text"]
+    expected = llm.create_chat_completion(messages=[{"role": "user", "content": "write a short story"}],
+                                          max_tokens=20, temperature=0)["choices"][0]["message"]["content"]
     assert result.stdout == expected and expected
+    raw = run_rbee(infer_args(model_ref, "--raw", "--quiet"), env)
+    assert raw.returncode == 0, raw.stderr
+    assert raw.stdout == llm.create_completion(PROMPT, max_tokens=20, temperature=0)["choices"][0]["text"]
     lines = result.stderr.splitlines()
     for actor in SEED_ACTORS:
         assert any(line.startswith("[%s] " % actor) for line in lines), (actor, result.stderr)

@@ -73,6 +73,7 @@ def execute(port, **body):
     body.setdefault("prompt", PROMPT)
     body.setdefault("max_tokens", 16)
     body.setdefault("temperature", 0)
+    body.setdefault("raw", True)   # a plain continuation; the chat template has its own test
     conn, resp = request(port, "POST", "/execute", body)
     return conn, resp
 
@@ -108,6 +109,29 @@ def test_streamed_text_equals_in_process_llama_cpp(worker, model_path):
     assert end[1]["stop_reason"] in ("max_tokens", "eos")
     assert end[1]["tokens_out"] >= len(tokens)
     assert end[1]["tokens_per_sec"] > 0
+
+
+def test_chat_template_by_default_equals_create_chat_completion(worker, model_path):
+    """Without `raw`, the prompt is one user message in the model's own chat template: the same
+    text as llama-cpp-python's create_chat_completion, as Ollama users expect."""
+    import llama_cpp
+
+    import backends
+    events = run_job(worker.port, prompt="write a short story", max_tokens=40, raw=False)
+    streamed = "".join(d["t"] for e, d, _ in events if e == "token")
+    threads = backends.physical_cores()
+    llm = llama_cpp.Llama(model_path=model_path, n_ctx=2048, n_gpu_layers=0, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    answer = llm.create_chat_completion(messages=[{"role": "user", "content": "write a short story"}],
+                                        max_tokens=40, temperature=0)
+    assert streamed == answer["choices"][0]["message"]["content"]
+    raw = "".join(d["t"] for e, d, _ in run_job(worker.port, prompt="write a short story", max_tokens=40,
+                                                 raw=True) if e == "token")
+    assert streamed and streamed != raw
+    tokenized = next(d for e, d, _ in events if e == "narration" and d["action"] == "tokenize")
+    assert int(tokenized["human"].split("(")[1].split()[0]) > 10   # the template's tokens are counted
+    assert call(worker.port, "POST", "/execute", {"prompt": "hi", "raw": "yes"})[1]["error"]["details"]["field"] \
+        == "raw"
 
 
 def test_tokens_stream_before_the_end(worker):
