@@ -170,7 +170,7 @@ def main():
     results = {"config": {"model": os.path.basename(model), "prompt": PROMPT, "n_ctx": N_CTX, "threads": THREADS,
                           "max_tokens": TOKENS, "temperature": 0, "seed": SEED, "runs": RUNS}}
     infer = ["infer", "--model", "file:" + model, "--prompt", PROMPT, "--max-tokens", str(TOKENS),
-             "--temperature", "0", "--seed", str(SEED), "--quiet"]
+             "--temperature", "0", "--seed", str(SEED), "--quiet", "--raw"]
     try:
         results["python_startup_ms"] = stats([timed([PY, "-c", "pass"]) for _ in range(10)])
         print("raw ...", file=sys.stderr)
@@ -184,7 +184,7 @@ def main():
         port = free_port()
         worker = role(["worker", "--model", model, "--backend", "cpu", "--device", "0", "--port", str(port),
                        "--host", "127.0.0.1"], dict(env, RBEE_WORKER_API_KEY="bench"), "http_ready")
-        body = {"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "seed": SEED}
+        body = {"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "seed": SEED, "raw": True}
         sse_tokens(port, "/execute", body, {"Authorization": "Bearer bench"})
         results["worker"] = summarize([sse_tokens(port, "/execute", body, {"Authorization": "Bearer bench"})
                                        for _ in range(RUNS)], base)

@@ -134,7 +134,7 @@ def download(hive, model_ref):
 def spawned(events):
     """The `worker` event's data (fails with the error or the stream otherwise)."""
     kind, data = events[-1]
-    assert kind == "worker", data
+    assert kind == "worker", json.dumps(data, indent=1)
     return data
 
 
