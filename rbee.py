@@ -679,13 +679,14 @@ def stop_child(proc, graceful=None, timeout=GRACEFUL_TIMEOUT):
         proc.wait()
 
 
-def watch_lifeline(on_eof, stream=None):
-    """Call `on_eof` when our stdin reaches EOF: the parent died or let go of us."""
-    stream = stream or sys.stdin.buffer
+def watch_lifeline(on_eof):
+    """Call `on_eof` when our stdin reaches EOF: the parent died or let go of us.
 
+    Reads the file descriptor itself: a thread blocked in sys.stdin's buffered reader would make
+    the interpreter abort at exit."""
     def watch():
-        with contextlib.suppress(OSError, ValueError):
-            while stream.read(4096):
+        with contextlib.suppress(OSError):
+            while os.read(0, 4096):
                 pass
         on_eof("stdin closed (lifeline)")
     threading.Thread(target=watch, daemon=True, name="lifeline").start()
@@ -783,7 +784,7 @@ class SshTarget:
         return "%s%s:%d" % (self.user + "@" if self.user else "", self.host, self.port)
 
 
-def ssh_failure(target, stderr, node=None):
+def ssh_failure(target, stderr, node=None, attempts=SSH_ATTEMPTS):
     """SSH_FAILED with a reason a user can act on, from ssh's own words."""
     text = (stderr or "").strip()
     lowered = text.lower()
@@ -797,8 +798,10 @@ def ssh_failure(target, stderr, node=None):
         why, hint = "unknown host", "Check the node's --ssh-host (%s)" % target.host
     else:
         why, hint = "host unreachable", "Check that %s is up and sshd listens on port %d" % (target.host, target.port)
-    return RbeeError("SSH_FAILED", "SSH to %s failed: %s" % (target, why),
-                     {"node": node, "ssh_host": target.host, "ssh_port": target.port, "ssh_said": text[-400:]},
+    return RbeeError("SSH_FAILED", "SSH to %s failed after %d attempt%s: %s" % (
+        target, attempts, "s" if attempts != 1 else "", why),
+                     {"node": node, "ssh_host": target.host, "ssh_port": target.port, "attempts": attempts,
+                      "ssh_said": text[-400:]},
                      hint + (" (then `rbee.py nodes check %s`)" % node if node else ""), component="queen-rbee")
 
 
@@ -817,7 +820,7 @@ def ssh_run(target, command, timeout=60, node=None, attempts=SSH_ATTEMPTS, stdin
                             {"node": node}, "Check the node's load and network")
         if out.returncode != 255:
             return out
-    raise ssh_failure(target, out.stderr.decode("utf-8", "replace"), node)
+    raise ssh_failure(target, out.stderr.decode("utf-8", "replace"), node, attempts)
 
 
 def remote_command(rbee_dir, python, args, env=None):
@@ -1486,13 +1489,26 @@ class WorkerProcess:
                 "last_activity_unix": int(self.last_activity)}
 
     def relay(self, event):
-        """Worker narration goes to whoever waits for this worker, else to the hive's stdout."""
+        """Worker narration goes to whoever waits for this worker and to the hive's stdout (its
+        log); a line already delivered to a listener is marked `relayed`, so that a queen reading
+        that stdout does not show it twice."""
         event.setdefault("worker_id", self.worker_id)
-        for listener in list(self.listeners) or [emit_line]:
+        listeners = list(self.listeners)
+        for listener in listeners:
             with contextlib.suppress(ClientGone):
                 listener(event)
+        emit_line(dict(event, relayed=True) if listeners else event)
         if event.get("action") == "ready_callback":
             self.announced.set()
+
+    def lost_port(self, host):
+        """Whether another program now holds the port this worker was given."""
+        with socket.socket() as s:
+            try:
+                s.bind((host, self.port))
+                return False
+            except OSError:
+                return True
 
     def request_shutdown(self):
         http_json("POST", "http://127.0.0.1:%d/shutdown" % self.port, {}, bearer(self.api_key), timeout=5,
@@ -1548,6 +1564,7 @@ class Hive(App):
         self.provisioner = ModelProvisioner(self.catalog)
         self.registry = WorkerRegistry()
         self._spawn_locks, self._spawn_locks_lock = {}, threading.Lock()
+        self._ports_lock = threading.Lock()
         self._stopping = threading.Lock()
         self._backends = None
         os.makedirs(rbee_home("logs"), exist_ok=True)
@@ -1659,15 +1676,39 @@ class Hive(App):
             download_ms = int((time.monotonic() - started) * 1000)
             self.catalog.touch(row["id"])
             module.preflight(row["size_bytes"], device)
-            worker = self.start_worker(ref, row, backend, device)
-            try:
-                self.await_ready(worker)
-            finally:
-                worker.listeners.clear()
+            worker = self.launch(ref, row, backend, device)
             return worker, {"reused": False, "download_ms": download_ms, "load_ms": worker.load_ms}
 
-    def start_worker(self, ref, row, backend, device):
-        port = free_port(self.args.host, WORKER_PORT)
+    def launch(self, ref, row, backend, device, attempts=3):
+        """Start a worker and wait until it is ready. A worker binds its port only after loading
+        its model, so another program (another hive on this machine) can take the port meanwhile:
+        such a worker is started again on the next free port."""
+        port = WORKER_PORT
+        for attempt in range(1, attempts + 1):
+            worker = self.start_worker(ref, row, backend, device, port)
+            try:
+                self.await_ready(worker)
+                return worker
+            except RbeeError as err:
+                if err.code != "WORKER_CRASHED" or attempt == attempts or not worker.lost_port(self.args.host):
+                    raise
+                narrate("rbee-hive", "worker_port_taken", "Port %d was taken while worker %s loaded; starting it "
+                        "again on another port" % (worker.port, worker.worker_id), "🔁", worker_id=worker.worker_id)
+                port = worker.port + 1
+            finally:
+                worker.listeners.clear()
+
+    def start_worker(self, ref, row, backend, device, port=WORKER_PORT):
+        with self._ports_lock:   # choosing a port and registering its worker is one step
+            worker = self._spawn_worker(ref, row, backend, device, port)
+        log = open(rbee_home("logs", "%s.log" % worker.worker_id), "a")
+        worker.output = ChildOutput(worker.proc, worker.relay, lambda code: self.worker_exited(worker, code, log),
+                                    worker.worker_id, log)
+        worker.output.start()
+        return worker
+
+    def _spawn_worker(self, ref, row, backend, device, port):
+        port = free_port(self.args.host, port)
         while port in self.registry.ports():
             port = free_port(self.args.host, port + 1)
         worker_id, api_key = "worker-" + secrets.token_hex(4), secrets.token_urlsafe(24)
@@ -1681,10 +1722,6 @@ class Hive(App):
         worker = WorkerProcess(worker_id, ref.text, backend, device, port, api_key, proc)
         worker.listeners.append(_current_sink())
         self.registry.add(worker)
-        log = open(rbee_home("logs", "%s.log" % worker_id), "a")
-        worker.output = ChildOutput(proc, worker.relay, lambda code: self.worker_exited(worker, code, log),
-                                    worker_id, log)
-        worker.output.start()
         return worker
 
     def await_ready(self, worker):
@@ -1775,7 +1812,12 @@ def _current_sink():
 def run_hive(args):
     token = None
     if args.lifeline:   # the queen's handshake: one JSON line (bearer token, secrets), then the lifeline
-        line = sys.stdin.buffer.readline()
+        line = b""   # byte by byte: nothing after the line may sit in a buffer the lifeline never sees
+        while not line.endswith(b"\n") and len(line) < MAX_BODY:
+            byte = os.read(0, 1)
+            if not byte:
+                break
+            line += byte
         if not line:
             sys.exit(0)
         try:
@@ -1874,9 +1916,13 @@ class HiveSession:
         self.ready, self.exited = threading.Event(), threading.Event()
         self.on_exit = on_exit
         self.timings = {}
+        self.heard = False       # the hive itself said something: ssh got through
 
     def relay(self, event):
         """Hive narration goes to the tasks that wait on this node, else to the queen's stdout."""
+        self.heard = True
+        if event.pop("relayed", False):   # the hive's echo of what it already streamed to a task
+            return
         event.setdefault("node", self.name)
         if event.get("action") == "http_ready" and event.get("actor") == "http-server":
             self.hive_version = event.get("version")
@@ -1906,6 +1952,34 @@ class HiveSession:
 
     def start(self):
         """Start the hive and wait until its HTTP server is up (ssh retried per SPEC §9)."""
+        try:
+            self._start()
+        except RbeeError as err:
+            # A hive of this queen whose ssh session was lost (a network partition: ssh's
+            # ServerAlive gave up, but the node never saw the connection close) may still run
+            # there and hold the port. It takes our token: stop it, then start a fresh one.
+            if self.local or err.code != "INTERNAL" or not self.heard or not self._stop_leftover():
+                raise
+            self._start()
+
+    def _stop_leftover(self):
+        """Stop a hive that answers on the node's port and accepts this queen's token."""
+        try:
+            self.call("POST", "/v1/shutdown", {}, timeout=5)
+        except RbeeError:
+            return False   # nothing there, or another queen's hive: the first error stands
+        narrate("queen-rbee", "hive_leftover", "Stopping a leftover rbee-hive of this queen on %s (its ssh session "
+                "was lost)" % self.name, "🧹", node=self.name)
+        deadline = time.monotonic() + GRACEFUL_TIMEOUT + 5
+        while time.monotonic() < deadline:
+            try:
+                http_json("GET", self.url + "/v1/health", timeout=1, attempts=1)
+            except RbeeError:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def _start(self):
         how = "as a local process" if self.local else "over ssh (%s)" % SshTarget.for_node(self.node)
         narrate("queen-rbee", "hive_start", "Starting rbee-hive on %s %s" % (self.name, how), "🐝", node=self.name)
         started = time.monotonic()
@@ -1916,6 +1990,7 @@ class HiveSession:
                 time.sleep(SSH_BACKOFF[attempt])
             self.ready.clear()
             self.exited.clear()
+            self.heard = False
             self.proc = spawn_child(self.argv(), cwd=HERE)
             hello = {"token": self.token, "env": {k: os.environ[k] for k in ("HF_TOKEN",) if os.environ.get(k)}}
             with contextlib.suppress(OSError):
@@ -1930,8 +2005,11 @@ class HiveSession:
             if self.ready.is_set():
                 break
             self.kill()
+            self.output.join(2)   # its last words
             said = "\n".join(self.output.tail)
-            if self.local or self.proc.returncode != 255:
+            # ssh exits 255 for its own failures, but also when the remote process died of a
+            # signal: a hive that narrated was reached, so that is no ssh failure to retry
+            if self.local or self.proc.returncode != 255 or self.heard:
                 raise RbeeError("INTERNAL", "rbee-hive failed to start on %s (exit %s)" % (
                     self.name, self.proc.returncode), {"node": self.name, "last_output": list(self.output.tail)[-8:]},
                     "Check the node: rbee.py nodes check %s (is rbee.py installed there, is port %d free?)" % (

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -265,6 +266,11 @@ def test_hf_repo_picks_the_preferred_file_verifies_catalogs_and_spawns_a_working
     assert loaded["memory_mb"] > 50 and "%d MB" % loaded["memory_mb"] in loaded["human"]
     assert next(n for n in notes if n["action"] == "model_load")["human"] == "Loading model from %s" % local
 
+    # the worker's narration also reaches the hive's own stdout (its log), marked as already relayed
+    echoed = [e for e in hive.events if e.get("worker_id") == worker["worker_id"]]
+    assert [e["action"] for e in echoed][:2] == ["startup", "device_init"]
+    assert all(e.get("relayed") for e in echoed)
+
     # the worker answers for real
     assert worker["state"] == "idle" and worker["api_key"]
     assert execute(worker).strip()
@@ -457,6 +463,16 @@ def test_concurrent_requests_for_one_uncached_model_share_one_download(repo, sta
     assert sorted(os.listdir(model_dir(rbee_home))) == [CHOSEN]
     assert [w["worker_id"] for w in workers(hive)] == [one["worker_id"]]
 
+    # one stream narrates the download; the request that came by another name narrates its wait
+    streams = [results[name] for name in ("spawn-1", "spawn-2", "download")]
+    [downloading] = [s for s in streams if any(n["action"] == "download_start" for n in narration(s))]
+    assert any(n["action"] == "download_wait" for s in streams if s is not downloading for n in narration(s))
+    # progress over ~3 s: at least every 5 % or every second, whichever is rarer
+    progress = [n["progress"] for n in narration(downloading) if n["action"] == "download_progress"]
+    assert len(progress) >= 3 and progress[-1] == {"done": row["size_bytes"], "total": row["size_bytes"]}
+    steps = [b["done"] - a["done"] for a, b in zip(progress, progress[1:-1])]
+    assert steps and min(steps) >= 0.05 * row["size_bytes"], steps
+
 
 def test_model_larger_than_ram_is_refused_with_insufficient_ram(start_hive, rbee_home, tmp_path):
     with open("/proc/meminfo") as f:
@@ -518,6 +534,39 @@ def test_idle_worker_is_reused_and_a_killed_worker_is_noticed_and_replaced(start
     assert listed["worker_id"] == replacement["worker_id"] and listed["pid"] != killed_pid
     assert execute(replacement).strip()
     assert hive.proc.poll() is None
+
+
+def test_a_port_taken_while_the_worker_loads_makes_the_hive_use_the_next_free_one(start_hive, model_path,
+                                                                                  tmp_path):
+    """A worker binds its port only once its model is loaded: another program (say, another hive's
+    worker) that takes the port meanwhile must not fail the spawn."""
+    hive = start_hive()
+    squatter, taken = socket.socket(), {}
+
+    def worker_port():
+        for _, cmd in rbee_processes(str(tmp_path)):
+            if " worker " in cmd:
+                return int(cmd.split(" --port ")[1].split()[0])
+
+    def squat():
+        port = wait_until(worker_port, 30, 0.005, "a worker process")
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen(1)
+        taken["port"] = port
+    thread = threading.Thread(target=squat)
+    thread.start()
+    try:
+        events = spawn(hive, "file:" + model_path)
+        thread.join(30)
+        assert "port" in taken, "the worker bound its port before the test could take it"
+        worker = spawned(events)
+        assert urllib.parse.urlsplit(worker["url"]).port != taken["port"]
+        assert any(n["action"] == "worker_port_taken" for n in narration(events))
+        assert execute(worker).strip()
+        [listed] = workers(hive)
+        assert listed["worker_id"] == worker["worker_id"]
+    finally:
+        squatter.close()
 
 
 @pytest.mark.parametrize("how", ["POST /v1/shutdown", "stdin closed", "SIGKILL"])
