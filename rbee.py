@@ -1663,12 +1663,14 @@ class Hive(App):
         with self._spawn_locks_lock:
             lock = self._spawn_locks.setdefault(key, threading.Lock())
         with lock:   # concurrent spawns of one model make one worker
-            for worker in sorted(self.registry.matching(*key), key=lambda w: w.state != "idle"):
-                state = self.poll_worker(worker)
-                if state == "idle" or worker is self.registry.matching(*key)[-1]:
-                    narrate("rbee-hive", "worker_reuse", "Reusing %s worker %s on port %d" % (
-                        state, worker.worker_id, worker.port), "♻️", worker_id=worker.worker_id)
-                    return worker, {"reused": True}
+            # one copy of a model per device: an idle worker first, else a busy one (its 503 is
+            # retried by the keeper) rather than a second copy in the same memory
+            live = [w for w in self.registry.matching(*key) if self.poll_worker(w) in ("idle", "busy")]
+            if live:
+                worker = min(live, key=lambda w: w.state != "idle")
+                narrate("rbee-hive", "worker_reuse", "Reusing %s worker %s on port %d" % (
+                    worker.state, worker.worker_id, worker.port), "♻️", worker_id=worker.worker_id)
+                return worker, {"reused": True}
             import backends
             module = backends.require(backend, device)   # fail before any download
             started = time.monotonic()

@@ -102,6 +102,14 @@ def check_ram(model_size_bytes):
                            "Free some memory on the node or choose a smaller model (a lower quantisation)")
 
 
+def preflight_unified(name, model_size_bytes, device):
+    """Preflight of a backend with one device whose memory is the system RAM (cpu, metal)."""
+    if device != 0:
+        raise BackendError("DEVICE_NOT_FOUND", "Device %s not found for backend %s" % (device, name),
+                           {"requested": device, "devices": 1, "backend": name}, "Use --device 0")
+    check_ram(model_size_bytes)
+
+
 def process_rss_mb(pid=None):
     pid = pid or os.getpid()
     try:

@@ -1,7 +1,7 @@
 """cpu: always available; every layer on the CPU, one thread per physical core."""
 import platform
 
-from . import BackendError, check_ram, llama, meminfo_mb, physical_cores, process_rss_mb
+from . import llama, meminfo_mb, physical_cores, preflight_unified, process_rss_mb
 
 
 def available():
@@ -19,10 +19,7 @@ def devices():
 
 
 def preflight(model_size_bytes, device):
-    if device != 0:
-        raise BackendError("DEVICE_NOT_FOUND", "Device %s not found for backend cpu" % device,
-                           {"requested": device, "devices": 1, "backend": "cpu"}, "Use --device 0")
-    check_ram(model_size_bytes)
+    preflight_unified("cpu", model_size_bytes, device)
 
 
 def load(model_path, device, n_ctx, **opts):

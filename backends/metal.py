@@ -2,7 +2,7 @@
 import platform
 import sys
 
-from . import BackendError, check_ram, gpu_offload_supported, llama, meminfo_mb, process_rss_mb
+from . import gpu_offload_supported, llama, meminfo_mb, preflight_unified, process_rss_mb
 
 
 def unavailable_reason():
@@ -25,10 +25,7 @@ def devices():
 
 
 def preflight(model_size_bytes, device):
-    if device != 0:
-        raise BackendError("DEVICE_NOT_FOUND", "Metal device %s not found" % device,
-                           {"requested": device, "devices": 1, "backend": "metal"}, "Use --device 0")
-    check_ram(model_size_bytes)
+    preflight_unified("metal", model_size_bytes, device)
 
 
 def load(model_path, device, n_ctx, **opts):
