@@ -2474,7 +2474,8 @@ def cmd_nodes(args):
         return 0
     if args.nodes_cmd == "remove":
         if not registry.remove(args.name):
-            raise registry.resolve(args.name) and None or RbeeError("NODE_NOT_FOUND", "No node %r" % args.name)
+            raise RbeeError("NODE_NOT_FOUND", "Node %r is not registered" % args.name, {"node": args.name},
+                            "See the registered nodes: rbee.py nodes list")
         print("Removed node %s" % args.name)
         return 0
     if args.nodes_cmd == "add":
