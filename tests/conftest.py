@@ -178,3 +178,50 @@ def run_rbee(args, env, timeout=180, input=None):
     """The CLI exactly as a user runs it: returns the CompletedProcess (stdout, stderr as text)."""
     return subprocess.run([PY, RBEE] + list(args), env=env, capture_output=True, text=True, timeout=timeout,
                           input=input)
+
+
+# -- a small raw HTTP + SSE client for the tests (rbee.py's own client is not what is under test) --
+
+def raw_request(port, method, path, body=None, key=None, raw=None, headers=None, timeout=30, host="127.0.0.1"):
+    """Send one request; returns (connection, response). `response.sock` keeps the socket, which
+    http.client lets go of once an HTTP/1.0 answer starts (a test may cut it)."""
+    import http.client
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    hdrs = {"Content-Type": "application/json"}
+    hdrs.update(headers or {})
+    if key:
+        hdrs["Authorization"] = "Bearer " + key
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    conn.request(method, path, body=data, headers=hdrs)
+    sock = conn.sock
+    resp = conn.getresponse()
+    resp.sock = sock
+    return conn, resp
+
+
+def raw_call(port, method, path, body=None, **kw):
+    """A request whose whole answer is read: (response, decoded JSON or None)."""
+    conn, resp = raw_request(port, method, path, body, **kw)
+    data = resp.read()
+    conn.close()
+    return resp, (json.loads(data) if data else None)
+
+
+def sse_frames(resp):
+    """Yield (event, data, arrival time) as SSE frames arrive; pings are skipped."""
+    event, data = None, []
+    while True:
+        line = resp.readline()
+        if not line:
+            return
+        line = line.decode().rstrip("\n")
+        if line.startswith(":"):
+            continue
+        if not line:
+            if event:
+                yield event, json.loads("\n".join(data)), time.monotonic()
+            event, data = None, []
+        elif line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            data.append(line[6:])

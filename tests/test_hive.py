@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_no_rbee_left, free_port, rbee_processes, run_rbee, wait_until
+from conftest import (assert_no_rbee_left, free_port, raw_call, raw_request, rbee_processes, run_rbee, sse_frames,
+                      wait_until)
 from fakehub import FakeHub
 
 REPO_ID = "rbee-test/SmolLM2-135M-Instruct-GGUF"
@@ -74,40 +75,16 @@ def start_hive(roles, env, hub):
 # -- a small raw HTTP + SSE client (rbee.py's own client is not what is under test) -------------
 
 def request(port, method, path, body=None, token=None, raw=None, timeout=120):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = "Bearer " + token
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    conn.request(method, path, body=data, headers=headers)
-    return conn, conn.getresponse()
+    return raw_request(port, method, path, body, key=token, raw=raw, timeout=timeout)
 
 
 def call(port, method, path, body=None, token=None, raw=None):
-    conn, resp = request(port, method, path, body, token, raw, timeout=30)
-    data = resp.read()
-    conn.close()
-    return resp, (json.loads(data) if data else None)
+    return raw_call(port, method, path, body, key=token, raw=raw)
 
 
 def sse_events(resp):
     """(event, data) as frames arrive."""
-    event, data = None, []
-    while True:
-        line = resp.readline()
-        if not line:
-            return
-        line = line.decode().rstrip("\n")
-        if line.startswith(":"):
-            continue
-        if not line:
-            if event:
-                yield event, json.loads("\n".join(data))
-            event, data = None, []
-        elif line.startswith("event: "):
-            event = line[7:]
-        elif line.startswith("data: "):
-            data.append(line[6:])
+    return ((event, data) for event, data, _ in sse_frames(resp))
 
 
 def stream(hive, path, body):

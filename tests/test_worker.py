@@ -1,5 +1,4 @@
 """The worker (SPEC §5 Worker, seed phases 9 and 13) as a real process on the real SmolLM2 model."""
-import http.client
 import json
 import os
 import signal
@@ -10,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import REPO, free_port, wait_until
+from conftest import REPO, free_port, raw_call, raw_request, sse_frames, wait_until
 
 KEY = "test-key-0123456789"
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
@@ -28,44 +27,15 @@ def worker(roles, env, model_path):
     return role
 
 
-def request(port, method, path, body=None, key=KEY, raw=None, headers=None, timeout=30):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    hdrs = dict(headers or {})
-    if key:
-        hdrs["Authorization"] = "Bearer " + key
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    conn.request(method, path, body=data, headers=hdrs)
-    sock = conn.sock   # http.client lets go of it once an HTTP/1.0 answer starts
-    resp = conn.getresponse()
-    resp.sock = sock
-    return conn, resp
+def request(port, method, path, body=None, key=KEY, **kw):
+    return raw_request(port, method, path, body, key=key, **kw)
 
 
-def call(port, method, path, body=None, **kw):
-    conn, resp = request(port, method, path, body, **kw)
-    data = resp.read()
-    conn.close()
-    return resp, (json.loads(data) if data else None)
+def call(port, method, path, body=None, key=KEY, **kw):
+    return raw_call(port, method, path, body, key=key, **kw)
 
 
-def sse_events(resp):
-    """Yield (event, data, arrival time) as frames arrive."""
-    event, data = None, []
-    while True:
-        line = resp.readline()
-        if not line:
-            return
-        line = line.decode().rstrip("\n")
-        if line.startswith(":"):
-            continue
-        if not line:
-            if event:
-                yield event, json.loads("\n".join(data)), time.monotonic()
-            event, data = None, []
-        elif line.startswith("event: "):
-            event = line[7:]
-        elif line.startswith("data: "):
-            data.append(line[6:])
+sse_events = sse_frames
 
 
 def execute(port, **body):
