@@ -1960,14 +1960,16 @@ class HiveSession:
             # A hive of this queen whose ssh session was lost (a network partition: ssh's
             # ServerAlive gave up, but the node never saw the connection close) may still run
             # there and hold the port. It takes our token: stop it, then start a fresh one.
-            if self.local or err.code != "INTERNAL" or not self.heard or not self._stop_leftover():
+            if self.local or err.code != "INTERNAL" or not self._stop_leftover():
                 raise
             self._start()
 
     def _stop_leftover(self):
-        """Stop a hive that answers on the node's port and accepts this queen's token."""
+        """Stop a hive of this node that answers on its port and accepts this queen's token."""
         try:
-            self.call("POST", "/v1/shutdown", {}, timeout=5)
+            if http_json("GET", self.url + "/v1/health", timeout=2, attempts=1).get("node") != self.name:
+                return False   # another node's hive on the same machine: not ours to stop
+            http_json("POST", self.url + "/v1/shutdown", {}, bearer(self.token), timeout=5, attempts=1)
         except RbeeError:
             return False   # nothing there, or another queen's hive: the first error stands
         narrate("queen-rbee", "hive_leftover", "Stopping a leftover rbee-hive of this queen on %s (its ssh session "

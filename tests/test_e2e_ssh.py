@@ -1,0 +1,586 @@
+"""Issue 4 over real ssh: the seed's Test-001 flow end to end, from this machine (keeper + queen) to
+simulated hosts `mac` and `workstation` -- network namespaces at 10.200.0.2/.3, each with its own
+sshd, hostname and home (tests/hosts.py) -- with the model `hf:...` served by a local Hugging Face
+endpoint (tests/fakehub.py) on the gateway 10.200.0.1, downloaded by the real huggingface_hub.
+
+Nothing of rbee is mocked: real sshd and ssh client, real processes on every hop, the real model.
+Each test has its own state dirs under its tmp_path (the keeper's/queen's RBEE_HOME, and one
+RBEE_HOME/HF_HOME per node passed with `nodes add --env`), so `assert_no_rbee_left(tmp_path)`
+sees the processes of that test on every host (the namespaces share the PID namespace).
+
+Where network namespaces are unavailable (not root) and CI is not set, the tests fall back to a
+private sshd on 127.0.0.1 (node `mac` only; see test_two_nodes_on_one_persistent_queen). Under
+CI=true they always use namespaces. RBEE_TEST_FORCE_LOOPBACK=1 forces the fallback (to check it).
+"""
+import contextlib
+import json
+import os
+import platform
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import (IN_CI, PY, RBEE, REPO, assert_no_rbee_left, free_port, rbee_processes, run_rbee,
+                      wait_until)
+from fakehub import FakeHub
+from hosts import (LoopbackSshd, NetnsHosts, SshKeys, listening_ports_local, netns_available, processes_matching,
+                   write_ssh_config)
+
+sys.path.insert(0, str(REPO))
+import rbee  # noqa: E402  (for NodeRegistry: registering a node that cannot be reached)
+
+REPO_ID = "rbee-test/SmolLM2-135M-Instruct-GGUF"
+MODEL = "hf:" + REPO_ID
+GGUF = "smollm2-135m-instruct.Q4_K_M.gguf"      # the real model, under the name the preference picks
+DECOY = "smollm2-135m-instruct.Q8_0.gguf"       # a decoy quantisation: must never be fetched
+SEED = ["--prompt", "write a short story", "--max-tokens", "20", "--temperature", "0.7"]
+SEED_ACTORS = ("rbee-hive", "http-server", "model-provisioner", "llm-worker-rbee", "device-manager",
+               "model-loader", "tokenizer", "llama-backend")
+LONG = 1500   # tokens: a generation that is still running when a test interrupts it
+
+
+# -- the simulated network ------------------------------------------------------------------------
+
+class Sim:
+    """Hosts reachable over real ssh (aliases in `config`), and a FakeHub they can reach."""
+
+    def __init__(self, workdir, model_path):
+        self.keys = SshKeys(workdir / "keys")
+        self.wrong_keys = SshKeys(workdir / "wrong-keys")      # not in any authorized_keys
+        self.net = self.sshd = self.hub = None
+        use_netns = netns_available() and not os.environ.get("RBEE_TEST_FORCE_LOOPBACK")
+        if IN_CI:
+            assert use_netns, "under CI=true these tests need network namespaces (root, iproute2)"
+        if use_netns:
+            self.net = NetnsHosts(workdir / "net", self.keys).start()
+            self.addresses = {name: h.address for name, h in self.net.hosts.items()}
+            entries = [(name, h.address, h.port, h.user) for name, h in self.net.hosts.items()]
+            hub_host = self.net.gateway
+        else:   # one machine: a private sshd on loopback is node `mac`
+            self.sshd = LoopbackSshd(workdir / "sshd", self.keys).start()
+            self.addresses = {"mac": self.sshd.host}
+            entries = [("mac", self.sshd.host, self.sshd.port, self.sshd.user)]
+            hub_host = "127.0.0.1"
+        self.config = write_ssh_config(workdir / "ssh_config", entries, self.keys)
+        self.wrong_config = write_ssh_config(workdir / "ssh_config_wrong_key", entries, self.wrong_keys)
+        for config in (self.config, self.wrong_config):   # rbee must bring its own keep-alive options
+            text = Path(config).read_text()
+            Path(config).write_text("".join(line for line in text.splitlines(True) if "ServerAlive" not in line))
+        self.hub = FakeHub(host=hub_host, port=0).start()
+        self.hub.add_file(REPO_ID, GGUF, path=model_path)
+        self.hub.add_file(REPO_ID, DECOY, data=b"not a model, never downloaded " * 100)
+        self.hub.add_file(REPO_ID, "README.md", data=b"# SmolLM2-135M-Instruct GGUF\n", lfs=False)
+
+    @property
+    def netns(self):
+        return self.net is not None
+
+    def stop(self):
+        if self.hub:
+            self.hub.stop()
+        if self.net:
+            self.net.stop()
+        if self.sshd:
+            self.sshd.stop()
+
+    def listening(self, name):
+        """TCP ports listening on host `name` (this machine's for the loopback fallback)."""
+        return self.net.listening_ports(name) if self.net else listening_ports_local()
+
+    def host_of(self, pid):
+        """The simulated host a process runs on (by its network namespace); `local` for this one."""
+        ino = int(re.search(r"\[(\d+)\]", os.readlink("/proc/%d/ns/net" % pid)).group(1))
+        for name in (self.net.names if self.net else ()):
+            if os.stat("/run/netns/" + name).st_ino == ino:
+                return name
+        return "local" if self.net else "mac"
+
+    def sshd_accepted(self, name):
+        """How many ssh logins host `name` accepted so far (its sshd logs at VERBOSE)."""
+        log = self.net.sshd_log(name) if self.net else self.sshd.log
+        return Path(log).read_text(errors="replace").count("Accepted publickey")
+
+    @contextlib.contextmanager
+    def partition(self, name):
+        """Host `name` falls silent: packets vanish, no FIN, no RST. Namespaces: its link goes
+        down. Loopback: its sshd (listener and sessions, not what they run) is frozen."""
+        if self.net:
+            veth = self.net.veth(name)
+            subprocess.run(["ip", "link", "set", veth, "down"], check=True)
+            try:
+                yield
+            finally:
+                subprocess.run(["ip", "link", "set", veth, "up"], check=True)
+            return
+        frozen = [self.sshd.pid] + [pid for pid, _ in processes_matching("sshd") if self._descends(pid, self.sshd.pid)]
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in frozen:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGCONT)
+
+    @staticmethod
+    def _descends(pid, ancestor):
+        while pid > 1:
+            try:
+                with open("/proc/%d/stat" % pid) as f:
+                    pid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError):
+                return False
+            if pid == ancestor:
+                return True
+        return False
+
+    def forget_connections(self, name):
+        """This machine drops its side of every ssh connection to `name` (`ss -K`), as it does by
+        itself after a partition longer than TCP's retransmissions, so the node never hears of it:
+        the reset `ss -K` sends may wait in the queue of an unresolved neighbour entry (and reach
+        the node when the link is back), so that entry goes too."""
+        host = self.addresses[name]
+        port = 22 if self.net else self.sshd.port
+        subprocess.run(["ss", "-K", "dst", host, "dport", "=", ":%d" % port], check=True, capture_output=True)
+        if self.net:
+            subprocess.run(["ip", "neigh", "flush", "to", host], check=True, capture_output=True)
+
+    def closed_port(self, name):
+        """An address and port of host `name` where nothing listens (connections are refused)."""
+        port = 2222
+        while port in self.listening(name):
+            port += 1
+        return self.addresses[name], port
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory, model_path):
+    """Shared by the module's tests (hosts, keys, hub); each test keeps its own state dirs."""
+    s = Sim.__new__(Sim)
+    s.net = s.sshd = s.hub = None
+    try:
+        s.__init__(tmp_path_factory.mktemp("sim"), model_path)
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def ssh_env(env, sim):
+    """The user's environment plus the ssh client config every ssh call of rbee uses (-F)."""
+    return dict(env, RBEE_SSH_CONFIG=sim.config)
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(tmp_path):
+    """Whatever a test leaves running, on any host, is killed afterwards (by its tmp dir)."""
+    yield
+    for pid, _ in rbee_processes(str(tmp_path)):
+        try:
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def node_env(sim, tmp_path, name):
+    return ["RBEE_HOME=%s/%s-home" % (tmp_path, name), "HF_HOME=%s/%s-hf" % (tmp_path, name),
+            "HF_ENDPOINT=" + sim.hub.url, "HF_HUB_DISABLE_TELEMETRY=1"]
+
+
+def add_node(sim, env, tmp_path, name):
+    result = run_rbee(["nodes", "add", name, "--ssh-host", name, "--rbee-dir", str(REPO), "--python", PY,
+                       "--env"] + node_env(sim, tmp_path, name), env, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def register_directly(tmp_path, name, host, port, key=None):
+    """Write a node into the keeper's beehives.db without the connection test of `nodes add`."""
+    rbee.NodeRegistry(str(tmp_path / "rbee-home" / "beehives.db")).save({
+        "node_name": name, "ssh_host": host, "ssh_port": port, "ssh_user": "root", "ssh_key_path": key,
+        "rbee_dir": str(REPO), "python": PY, "env": {"RBEE_HOME": str(tmp_path / (name + "-home"))},
+        "status": "unknown"})
+
+
+def registry_rows(tmp_path):
+    path = tmp_path / "rbee-home" / "beehives.db"
+    return rbee.NodeRegistry(str(path)).list() if path.exists() else []
+
+
+def infer_args(node, *extra, max_tokens=20):
+    return ["infer", "--node", node, "--model", MODEL, "--prompt", "write a short story",
+            "--max-tokens", str(max_tokens), "--temperature", "0.7"] + list(extra)
+
+
+def start_queen(roles, env):
+    port = free_port()
+    queen = roles("queen", "--port", str(port), env=env)
+    queen.wait_event("http_ready", "queen-rbee")
+    queen.url = "http://127.0.0.1:%d" % port
+    return queen
+
+
+def start_keeper(args, env):
+    return subprocess.Popen([PY, RBEE] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, bufsize=0)
+
+
+def read_until_tokens(proc, count):
+    """Read a keeper's --json stdout until `count` token events arrived; returns the events."""
+    events = []
+    while sum(e["event"] == "token" for e in events) < count:
+        line = proc.stdout.readline()
+        assert line, "keeper ended early: %s" % proc.stderr.read().decode()
+        events.append(json.loads(line))
+    return events
+
+
+def json_events(stdout):
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def worker_event(result):
+    return next(e for e in json_events(result.stdout) if e["event"] == "worker")
+
+
+def get_json(url):
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.load(resp)
+
+
+def role_pids(tmp_path):
+    """{role: [pid, ...]} of this test's live rbee processes (ssh clients count as `ssh`)."""
+    found = {}
+    for pid, cmd in rbee_processes(str(tmp_path)):
+        argv = cmd.split()
+        role = "ssh" if argv[0].endswith("ssh") else next(
+            (r for r in ("queen", "hive", "worker", "infer") if r in argv), "other")
+        found.setdefault(role, []).append(pid)
+    return found
+
+
+def roles_on(sim, tmp_path):
+    """{role: [host, ...]} of this test's live rbee processes."""
+    return {role: [sim.host_of(pid) for pid in pids] for role, pids in role_pids(tmp_path).items()}
+
+
+def assert_error(stderr, code, *needles):
+    """The keeper's error block: `[component] ❌ Error: message`, `    code: CODE`, details, suggestion."""
+    assert re.search(r"^\[[a-z-]+\] ❌ Error: .+$", stderr, re.M), stderr
+    assert re.search(r"^    code: %s$" % code, stderr, re.M), stderr
+    assert re.search(r"^Suggestion: \S.+$", stderr, re.M), stderr
+    for needle in needles:
+        assert needle in stderr, (needle, stderr)
+    assert "Traceback" not in stderr
+
+
+# -- the seed command -------------------------------------------------------------------------------
+
+def test_seed_command_on_mac_over_ssh(sim, ssh_env, tmp_path):
+    """Test-001 against node `mac` over ssh, ephemeral queen: text alone on stdout, every hop's
+    narration on stderr, nothing left on any host, the model cataloged on mac; a second run
+    downloads nothing."""
+    add_node(sim, ssh_env, tmp_path, "mac")
+    gets, logins = len(sim.hub.file_gets(REPO_ID, GGUF)), sim.sshd_accepted("mac")
+
+    result = run_rbee(["infer", "--node", "mac", "--model", MODEL] + SEED, ssh_env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert_no_rbee_left(str(tmp_path), within=5)      # counted from the keeper's exit
+    assert result.stdout.strip(), result.stderr
+    assert not any(line.startswith("[") for line in result.stdout.splitlines()), result.stdout
+    err = result.stderr
+    lines = err.splitlines()
+    for actor in SEED_ACTORS:
+        assert any(line.startswith("[%s] " % actor) for line in lines), (actor, err)
+    for needle in ("[queen-rbee] 🐝 Starting rbee-hive on mac over ssh",
+                   "[rbee-hive] 🌅 Starting pool manager on port 9200", "[http-server] 🚀 HTTP server ready on port 9200",
+                   "[model-provisioner] 📦 Downloading %s from Hugging Face" % GGUF,
+                   "[model-provisioner] ✅ Model downloaded to %s/mac-home/models/" % tmp_path,
+                   "[llm-worker-rbee] 🌅 Worker starting on port 80", "[device-manager] 🖥️ Initialized CPU device 0",
+                   "[model-loader] 📦 Loading model from %s/mac-home/models/" % tmp_path, "[model-loader] 🛏️ Model loaded! ",
+                   "[llm-worker-rbee] 👋 Reporting ready to rbee-hive", "[tokenizer] 🍰 Tokenized prompt (",
+                   "[llama-backend] 🧹 Reset KV cache for fresh start", "[llama-backend] 🎉 Inference complete! 20 tokens in "):
+        assert needle in err, (needle, err)
+    assert re.search(r"^\[llama-backend\] 🎉 Inference complete! 20 tokens in \d+ ms \(\d+ tok/s\)$", err, re.M), err
+    bars = [line for line in lines if line.startswith("[model-provisioner] Downloading... [")]
+    assert bars and all(re.search(r"\] \d+% \(", bar) for bar in bars) and "100% (" in bars[-1], err
+    # it went over ssh to mac: a new login there (test_persistent_... shows where each process runs)
+    assert sim.sshd_accepted("mac") > logins
+    worker_port = int(re.search(r"Worker starting on port (\d+)", err).group(1))
+    assert 8080 not in listening_ports_local()
+    assert not {9200, 8001, worker_port} & sim.listening("mac")
+    # exactly the chosen file was downloaded, once, and the node's catalog has the row
+    assert len(sim.hub.file_gets(REPO_ID, GGUF)) == gets + 1 and not sim.hub.file_gets(REPO_ID, DECOY)
+    db = sqlite3.connect(str(tmp_path / "mac-home" / "models.db"))
+    rows = db.execute("SELECT provider, reference, filename, local_path, size_bytes, sha256 FROM models").fetchall()
+    db.close()
+    local = "%s/mac-home/models/rbee-test--SmolLM2-135M-Instruct-GGUF/%s" % (tmp_path, GGUF)
+    assert rows == [("hf", REPO_ID, GGUF, local, os.path.getsize(local), sim.hub.sha256(REPO_ID, GGUF))]
+    assert not (tmp_path / "rbee-home" / "models.db").exists()   # nothing was cataloged on this machine
+
+    again = run_rbee(["infer", "--node", "mac", "--model", MODEL] + SEED, ssh_env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() and "[llama-backend] 🎉 Inference complete! 20 tokens" in again.stderr
+    assert len(sim.hub.file_gets(REPO_ID, GGUF)) == gets + 1      # no new GET of the file
+    assert "[model-provisioner]" not in again.stderr and "Downloading" not in again.stderr, again.stderr
+    assert_no_rbee_left(str(tmp_path), within=5)
+
+
+# -- persistent mode --------------------------------------------------------------------------------
+
+def test_persistent_queen_over_ssh_reuses_the_worker_and_survives_the_keeper(sim, ssh_env, tmp_path, roles):
+    add_node(sim, ssh_env, tmp_path, "mac")
+    queen = start_queen(roles, ssh_env)
+    first = run_rbee(infer_args("mac", "--json", "--queen", queen.url), ssh_env, timeout=300)
+    second = run_rbee(infer_args("mac", "--json", "--queen", queen.url), ssh_env, timeout=300)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    one, two = worker_event(first), worker_event(second)
+    assert one["worker_id"] == two["worker_id"] and one["worker_url"] == two["worker_url"]
+    assert one["node"] == "mac" and one["backend"] == "cpu"
+    assert one["worker_url"].startswith("http://%s:" % sim.addresses["mac"])   # the node's address
+    assert json_events(second.stdout)[-1]["event"] == "end"
+    # the keeper is gone; the queen (here), the hive and the worker (on mac) are still up
+    running = roles_on(sim, tmp_path)
+    assert running.get("queen") == ["local" if sim.netns else "mac"], running
+    assert running.get("hive") == ["mac"] and running.get("worker") == ["mac"], running
+    assert "infer" not in running
+    health = get_json(one["worker_url"] + "/health")
+    assert health["worker_id"] == one["worker_id"] and health["state"] == "idle"
+    assert get_json("http://%s:9200/v1/health" % sim.addresses["mac"])["node"] == "mac"
+    # SIGTERM to the queen cascades over ssh: nothing left on any host
+    queen.proc.send_signal(signal.SIGTERM)
+    assert queen.proc.wait(40) == 0
+    assert_no_rbee_left(str(tmp_path), within=5)
+    assert not {9200, int(one["worker_url"].rsplit(":", 1)[1])} & sim.listening("mac")
+
+
+def test_sigkill_of_the_queen_mid_generation_on_a_remote_node(sim, ssh_env, tmp_path, roles):
+    """The queen dies (SIGKILL): its ssh session ends, the hive on mac sees EOF on its lifeline
+    and takes its worker down; the keeper reports the interruption and exits 1."""
+    add_node(sim, ssh_env, tmp_path, "mac")
+    queen = start_queen(roles, ssh_env)
+    keeper = start_keeper(infer_args("mac", "--json", "--queen", queen.url, max_tokens=LONG), ssh_env)
+    seen = read_until_tokens(keeper, 3)
+    assert roles_on(sim, tmp_path).get("worker") == ["mac"]
+    os.kill(queen.proc.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_until(lambda: not [p for p, c in rbee_processes(str(tmp_path)) if " hive " in c or " worker " in c], 5,
+               what="the hive and the worker on mac to exit by their lifelines")
+    assert time.monotonic() - killed < 5
+    out, err = keeper.communicate(timeout=30)
+    err = err.decode()
+    assert keeper.returncode == 1, err
+    assert_error(err, "(REQUEST_CANCELLED|WORKER_CRASHED)", "tokens_generated: ")
+    kinds = [e["event"] for e in seen + json_events(out.decode()) if e["event"] != "narration"]
+    assert kinds[-2:] == ["token", "error"]     # the text so far was kept, then the error
+    assert_no_rbee_left(str(tmp_path), within=5)
+
+
+# -- ssh failures -----------------------------------------------------------------------------------
+
+def test_unreachable_node_fails_with_ssh_failed_after_three_attempts(sim, ssh_env, tmp_path):
+    host, port = sim.closed_port("mac")      # the host is up, nothing listens on that port
+    register_directly(tmp_path, "mac", host, port)
+    started = time.monotonic()
+    result = run_rbee(infer_args("mac"), ssh_env, timeout=60)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1, result.stderr
+    assert elapsed < 40
+    assert_error(result.stderr, "SSH_FAILED", "failed after 3 attempts: host unreachable", "ssh_port: %d" % port,
+                 "    attempts: 3", "Connection refused")
+    retries = [line for line in result.stderr.splitlines() if "retrying" in line]
+    assert len(retries) == 2, result.stderr            # 3 attempts: 2 retries, narrated with their backoff
+    assert "(attempt 1/3), retrying in 200 ms" in retries[0] and "(attempt 2/3), retrying in 400 ms" in retries[1]
+    assert result.stdout == ""
+    assert_no_rbee_left(str(tmp_path), within=5)
+    assert registry_rows(tmp_path)[0]["status"] == "unreachable"
+    # nodes check says the same, and exits 1
+    check = run_rbee(["nodes", "check", "mac"], ssh_env, timeout=60)
+    assert check.returncode == 1
+    assert_error(check.stderr, "SSH_FAILED", "failed after 3 attempts: host unreachable")
+
+
+def test_wrong_key_is_ssh_failed_authentication_failed(sim, tmp_path, env):
+    """A key the node does not know, given with --ssh-key (the config offers no other key)."""
+    wrong = dict(env, RBEE_SSH_CONFIG=sim.wrong_config)
+    key = str(sim.wrong_keys.private)
+    added = run_rbee(["nodes", "add", "mac", "--ssh-host", "mac", "--ssh-key", key, "--rbee-dir", str(REPO),
+                      "--python", PY], wrong, timeout=60)
+    assert added.returncode == 1
+    assert_error(added.stderr, "SSH_FAILED", "authentication failed", "--ssh-key")
+    assert registry_rows(tmp_path) == []       # nothing saved
+
+    register_directly(tmp_path, "mac", "mac", 22, key=key)
+    started = time.monotonic()
+    result = run_rbee(infer_args("mac"), wrong, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert time.monotonic() - started < 40
+    assert_error(result.stderr, "SSH_FAILED", "authentication failed", "--ssh-key")
+    assert result.stdout == ""
+    assert_no_rbee_left(str(tmp_path), within=5)
+
+
+def test_nodes_add_against_a_dead_host_saves_nothing(sim, ssh_env, tmp_path):
+    host, port = sim.closed_port("mac")
+    result = run_rbee(["nodes", "add", "dead", "--ssh-host", host, "--ssh-port", str(port), "--rbee-dir",
+                       str(REPO), "--python", PY], ssh_env, timeout=60)
+    assert result.returncode == 1
+    assert_error(result.stderr, "SSH_FAILED", "host unreachable")
+    assert "Added node" not in result.stdout
+    assert registry_rows(tmp_path) == []
+    listed = run_rbee(["nodes", "list"], ssh_env)
+    assert listed.returncode == 0 and "dead" not in listed.stdout
+
+
+def test_nodes_check_reports_latency_python_version_and_backends(sim, ssh_env, tmp_path):
+    added = add_node(sim, ssh_env, tmp_path, "mac")
+    assert re.search(r"Added node mac \(mac:22\), ssh \d+ ms, Python [\d.]+, rbee %s, backends: cpu"
+                     % re.escape(rbee.__version__), added.stdout), added.stdout
+    logins = sim.sshd_accepted("mac")
+    check = run_rbee(["nodes", "check", "mac"], ssh_env, timeout=60)
+    assert check.returncode == 0, check.stderr
+    out = check.stdout
+    assert re.search(r"^ssh:\s+ok, \d+ ms$", out, re.M), out
+    assert re.search(r"^python:\s+%s$" % re.escape(platform.python_version()), out, re.M), out
+    assert re.search(r"^rbee.py:\s+%s \(same version\)$" % re.escape(rbee.__version__), out, re.M), out
+    assert re.search(r"^backends:\s+cpu: 0 ", out, re.M), out
+    assert sim.sshd_accepted("mac") > logins     # it asked the node, over ssh
+    row = registry_rows(tmp_path)[0]
+    assert row["node_name"] == "mac" and row["status"] == "reachable" and row["backends"] == ["cpu"]
+    assert row["env"]["RBEE_HOME"] == "%s/mac-home" % tmp_path
+    listed = run_rbee(["nodes", "list"], ssh_env)
+    assert re.search(r"^mac\s+mac:22\s+reachable\s+cpu$", listed.stdout, re.M), listed.stdout
+
+
+def test_invalid_model_ref_for_a_remote_node_starts_nothing_and_connects_nowhere(sim, ssh_env, tmp_path):
+    add_node(sim, ssh_env, tmp_path, "mac")
+    logins = sim.sshd_accepted("mac")
+    result = run_rbee(["infer", "--node", "mac", "--model", "TheBloke/TinyLlama", "--prompt", "hi"], ssh_env)
+    assert result.returncode == 1 and result.stdout == ""
+    assert_error(result.stderr, "INVALID_MODEL_REF", "Invalid model reference 'TheBloke/TinyLlama'", "hf:ORG/REPO")
+    assert "[queen-rbee]" not in result.stderr          # no queen was started
+    assert sim.sshd_accepted("mac") == logins           # and no ssh connection made
+    assert not (tmp_path / "mac-home").exists()
+
+
+# -- Ctrl-C -----------------------------------------------------------------------------------------
+
+def test_ctrl_c_on_a_remote_node_leaves_the_persistent_worker_idle(sim, ssh_env, tmp_path, roles):
+    add_node(sim, ssh_env, tmp_path, "mac")
+    queen = start_queen(roles, ssh_env)
+    keeper = start_keeper(infer_args("mac", "--json", "--queen", queen.url, max_tokens=LONG), ssh_env)
+    events = read_until_tokens(keeper, 3)
+    worker = next(e for e in events if e["event"] == "worker")
+    assert get_json(worker["worker_url"] + "/health")["state"] == "busy"
+    keeper.send_signal(signal.SIGINT)
+    _, err = keeper.communicate(timeout=30)
+    assert keeper.returncode == 130, err
+    wait_until(lambda: get_json(worker["worker_url"] + "/health")["state"] == "idle", 5,
+               what="the worker on mac to be idle after Ctrl-C")
+    running = roles_on(sim, tmp_path)
+    assert running.get("worker") == ["mac"] and running.get("hive") == ["mac"] and "infer" not in running
+    # and it serves the next job
+    again = run_rbee(infer_args("mac", "--json", "--queen", queen.url, max_tokens=5), ssh_env, timeout=120)
+    assert again.returncode == 0 and worker_event(again)["worker_id"] == worker["worker_id"], again.stderr
+
+
+def test_ctrl_c_on_a_remote_node_in_ephemeral_mode_leaves_nothing(sim, ssh_env, tmp_path):
+    add_node(sim, ssh_env, tmp_path, "mac")
+    keeper = start_keeper(infer_args("mac", "--json", max_tokens=LONG), ssh_env)
+    read_until_tokens(keeper, 3)
+    assert roles_on(sim, tmp_path).get("worker") == ["mac"]
+    keeper.send_signal(signal.SIGINT)
+    _, err = keeper.communicate(timeout=60)
+    assert keeper.returncode == 130, err
+    assert_no_rbee_left(str(tmp_path), within=5)
+    assert not {9200, 8001} & sim.listening("mac")
+
+
+# -- two nodes --------------------------------------------------------------------------------------
+
+def test_two_nodes_on_one_persistent_queen(sim, ssh_env, tmp_path, roles):
+    names = sorted(sim.addresses)
+    for name in names:
+        add_node(sim, ssh_env, tmp_path, name)
+    queen = start_queen(roles, ssh_env)
+    workers = {}
+    for name in names:
+        result = run_rbee(infer_args(name, "--json", "--queen", queen.url), ssh_env, timeout=300)
+        assert result.returncode == 0, result.stderr
+        workers[name] = worker_event(result)
+        assert workers[name]["node"] == name
+        assert workers[name]["worker_url"].startswith("http://%s:" % sim.addresses[name])
+    listed = get_json(queen.url + "/v2/workers")["workers"]
+    assert sorted((w["node"], w["worker_id"], w["url"]) for w in listed) == sorted(
+        (name, w["worker_id"], w["worker_url"]) for name, w in workers.items())
+    assert all(w["backend"] == "cpu" and w["model_ref"] == MODEL for w in listed), listed
+    # (a hive refreshes a worker's state once a second: the last one may still read "busy")
+    wait_until(lambda: all(w["state"] == "idle" for w in get_json(queen.url + "/v2/workers")["workers"]), 5,
+               what="both workers listed as idle")
+    # each hive and worker runs on its own host
+    running = roles_on(sim, tmp_path)
+    assert sorted(running.get("hive", [])) == names and sorted(running.get("worker", [])) == names, running
+    if len(names) < 2:
+        # Loopback fallback (no namespaces): one machine cannot hold two hives on port 9200; a
+        # second node there fails cleanly, and the first one's hive and worker stay up.
+        register_directly(tmp_path, "workstation", "mac", 22)
+        clash = run_rbee(infer_args("workstation", "--queen", queen.url), ssh_env, timeout=120)
+        assert clash.returncode == 1
+        assert_error(clash.stderr, "INTERNAL", "rbee-hive failed to start on workstation", "port 9200")
+        assert [w["worker_id"] for w in get_json(queen.url + "/v2/workers")["workers"]] == [workers["mac"]["worker_id"]]
+    cli = run_rbee(["workers", "list", "--queen", queen.url], ssh_env)
+    assert cli.returncode == 0, cli.stderr
+    for name, w in workers.items():
+        assert re.search(r"^%s\s+%s\s+idle\s+%s\s" % (w["worker_id"], name, re.escape(w["worker_url"])),
+                         cli.stdout, re.M), cli.stdout
+    queen.proc.send_signal(signal.SIGTERM)
+    assert queen.proc.wait(40) == 0
+    assert_no_rbee_left(str(tmp_path), within=5)
+
+
+# -- a network partition ----------------------------------------------------------------------------
+
+def test_partition_the_queen_notices_fails_cleanly_and_recovers(sim, ssh_env, tmp_path, roles):
+    """mac falls silent (its link goes down: no FIN, no RST) while a persistent queen holds a hive
+    there: ssh's ServerAlive ends the session, the queen notices, a task for mac fails with
+    SSH_FAILED in bounded time. When mac is back, the hive it kept (the node never saw the session
+    end) is stopped by the queen, whose token it takes, and mac serves again."""
+    add_node(sim, ssh_env, tmp_path, "mac")
+    queen = start_queen(roles, ssh_env)
+    first = run_rbee(infer_args("mac", "--json", "--queen", queen.url, max_tokens=5), ssh_env, timeout=300)
+    assert first.returncode == 0, first.stderr
+    old_hive = role_pids(tmp_path)["hive"]
+    with sim.partition("mac"):
+        cut = time.monotonic()
+        exited = queen.wait_event("hive_exit", "queen-rbee", timeout=35)   # ServerAlive: 5 s x 3
+        assert exited["node"] == "mac" and time.monotonic() - cut < 35
+        started = time.monotonic()
+        during = run_rbee(infer_args("mac", "--queen", queen.url, max_tokens=5), ssh_env, timeout=120)
+        assert during.returncode == 1, during.stderr
+        assert time.monotonic() - started < 40
+        assert_error(during.stderr, "SSH_FAILED", "failed after 3 attempts: host unreachable")
+        # the node never saw its ssh session end: its hive and worker live on
+        assert role_pids(tmp_path)["hive"] == old_hive and roles_on(sim, tmp_path)["hive"] == ["mac"]
+        sim.forget_connections("mac")   # as after a partition longer than TCP's retransmissions
+    if not sim.netns:   # loopback: the reset reached the frozen sshd, which ends the session now
+        wait_until(lambda: not set(old_hive) & set(role_pids(tmp_path).get("hive", [])), 10,
+                   what="the old hive to exit by its lifeline")
+    after = run_rbee(infer_args("mac", "--json", "--queen", queen.url, max_tokens=5), ssh_env, timeout=300)
+    assert after.returncode == 0, after.stderr
+    if sim.netns:
+        said = [e["human"] for e in json_events(after.stdout) if e["event"] == "narration"]
+        assert "Stopping a leftover rbee-hive of this queen on mac (its ssh session was lost)" in said, said
+    wait_until(lambda: not set(old_hive) & set(role_pids(tmp_path).get("hive", [])), 5,
+               what="the old hive to be gone")
+    running = roles_on(sim, tmp_path)
+    assert running.get("hive") == ["mac"] and running.get("worker") == ["mac"], running
+    queen.proc.send_signal(signal.SIGTERM)
+    assert queen.proc.wait(40) == 0
+    assert_no_rbee_left(str(tmp_path), within=5)
