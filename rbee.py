@@ -723,6 +723,7 @@ def run_role(role, lifeline):
 def free_port(host, start):
     for port in range(start, start + 1000):
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as our servers bind
             try:
                 s.bind((host, port))
                 return port
@@ -784,11 +785,16 @@ class SshTarget:
         return "%s%s:%d" % (self.user + "@" if self.user else "", self.host, self.port)
 
 
-def ssh_failure(target, stderr, node=None, attempts=SSH_ATTEMPTS):
+def ssh_auth_failed(stderr):
+    lowered = (stderr or "").lower()
+    return "permission denied" in lowered or "authentication" in lowered
+
+
+def ssh_failure(target, stderr, node=None, attempts=SSH_ATTEMPTS, component="queen-rbee"):
     """SSH_FAILED with a reason a user can act on, from ssh's own words."""
     text = (stderr or "").strip()
     lowered = text.lower()
-    if "permission denied" in lowered or "authentication" in lowered or "too many authentication" in lowered:
+    if ssh_auth_failed(text):
         why, hint = "authentication failed", ("Check the node's --ssh-key and --ssh-user: "
                                               "`ssh %s` must log in without a password" % target)
     elif "host key verification failed" in lowered:
@@ -802,25 +808,37 @@ def ssh_failure(target, stderr, node=None, attempts=SSH_ATTEMPTS):
         target, attempts, "s" if attempts != 1 else "", why),
                      {"node": node, "ssh_host": target.host, "ssh_port": target.port, "attempts": attempts,
                       "ssh_said": text[-400:]},
-                     hint + (" (then `rbee.py nodes check %s`)" % node if node else ""), component="queen-rbee")
+                     hint + (" (then `rbee.py nodes check %s`)" % node if node else ""), component=component)
 
 
-def ssh_run(target, command, timeout=60, node=None, attempts=SSH_ATTEMPTS, stdin_data=None):
-    """Run `command` on the node; ssh failures (exit 255) are retried per SPEC §9 and narrated."""
-    for attempt in range(attempts):
-        if attempt:
-            narrate("queen-rbee", "ssh_retry", "SSH to %s failed (attempt %d/%d), retrying in %d ms"
-                    % (target, attempt, attempts, SSH_BACKOFF[attempt] * 1000), "🔁", node=node)
-            time.sleep(SSH_BACKOFF[attempt])
+def with_ssh_retries(target, node, attempt, actor="queen-rbee"):
+    """Call `attempt()` until ssh gets through, SPEC §9: 3 attempts, 0/200/400 ms apart, the
+    backoff narrated. `attempt` returns (result, None), or (None, ssh's words) when ssh itself
+    failed. A refused key is final at once: retrying cannot help."""
+    for number in range(1, SSH_ATTEMPTS + 1):
+        if number > 1:
+            narrate(actor, "ssh_retry", "SSH to %s failed (attempt %d/%d), retrying in %d ms" % (
+                node or target, number - 1, SSH_ATTEMPTS, SSH_BACKOFF[number - 1] * 1000), "🔁", node=node)
+            time.sleep(SSH_BACKOFF[number - 1])
+        result, said = attempt()
+        if said is None:
+            return result
+        if ssh_auth_failed(said):
+            break
+    raise ssh_failure(target, said, node, number, actor)
+
+
+def ssh_run(target, command, timeout=60, node=None, stdin_data=None, actor="queen-rbee"):
+    """Run `command` on the node; ssh's own failures (exit 255) are retried per SPEC §9."""
+    def attempt():
         try:
             out = subprocess.run(target.argv(command), input=stdin_data, capture_output=True,
                                  timeout=timeout, stdin=None if stdin_data is not None else subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise RbeeError("CONNECTION_TIMEOUT", "SSH command on %s took over %d s" % (target, timeout),
-                            {"node": node}, "Check the node's load and network")
-        if out.returncode != 255:
-            return out
-    raise ssh_failure(target, out.stderr.decode("utf-8", "replace"), node, attempts)
+                            {"node": node}, "Check the node's load and network", actor)
+        return (None, out.stderr.decode("utf-8", "replace")) if out.returncode == 255 else (out, None)
+    return with_ssh_retries(target, node, attempt, actor)
 
 
 def remote_command(rbee_dir, python, args, env=None):
@@ -1592,7 +1610,10 @@ class Hive(App):
                             "backends": list(found), "devices": found, "workers": len(self.registry.all())})
 
     def list_workers(self, req):
-        req.send_json(200, {"workers": [w.public() for w in self.registry.all() if w.ready.is_set()]})
+        ready = [w for w in self.registry.all() if w.ready.is_set()]
+        for worker in ready:
+            self.poll_worker(worker)
+        req.send_json(200, {"workers": [w.public() for w in ready]})
 
     def list_models(self, req):
         req.send_json(200, {"models": self.catalog.list()})
@@ -1987,39 +2008,10 @@ class HiveSession:
         how = "as a local process" if self.local else "over ssh (%s)" % SshTarget.for_node(self.node)
         narrate("queen-rbee", "hive_start", "Starting rbee-hive on %s %s" % (self.name, how), "🐝", node=self.name)
         started = time.monotonic()
-        for attempt in range(1 if self.local else SSH_ATTEMPTS):
-            if attempt:
-                narrate("queen-rbee", "ssh_retry", "SSH to %s failed (attempt %d/%d), retrying in %d ms" % (
-                    self.name, attempt, SSH_ATTEMPTS, SSH_BACKOFF[attempt] * 1000), "🔁", node=self.name)
-                time.sleep(SSH_BACKOFF[attempt])
-            self.ready.clear()
-            self.exited.clear()
-            self.heard = False
-            self.proc = spawn_child(self.argv(), cwd=HERE)
-            hello = {"token": self.token, "env": {k: os.environ[k] for k in ("HF_TOKEN",) if os.environ.get(k)}}
-            with contextlib.suppress(OSError):
-                self.proc.stdin.write((json.dumps(hello) + "\n").encode())
-                self.proc.stdin.flush()
-            self.output = ChildOutput(self.proc, self.relay, self._exited, "hive-" + self.name)
-            self.output.start()
-            deadline = time.monotonic() + 60
-            while not self.ready.wait(0.02):
-                if self.exited.is_set() or time.monotonic() > deadline:
-                    break
-            if self.ready.is_set():
-                break
-            self.kill()
-            self.output.join(2)   # its last words
-            said = "\n".join(self.output.tail)
-            # ssh exits 255 for its own failures, but also when the remote process died of a
-            # signal: a hive that narrated was reached, so that is no ssh failure to retry
-            if self.local or self.proc.returncode != 255 or self.heard:
-                raise RbeeError("INTERNAL", "rbee-hive failed to start on %s (exit %s)" % (
-                    self.name, self.proc.returncode), {"node": self.name, "last_output": list(self.output.tail)[-8:]},
-                    "Check the node: rbee.py nodes check %s (is rbee.py installed there, is port %d free?)" % (
-                        self.name, HIVE_PORT), component="rbee-hive")
+        if self.local:
+            self._attempt()
         else:
-            raise ssh_failure(SshTarget.for_node(self.node), said, self.name)
+            with_ssh_retries(SshTarget.for_node(self.node), self.name, self._attempt)
         self.timings["hive_start_ms"] = int((time.monotonic() - started) * 1000)
         if getattr(self, "hive_version", __version__) != __version__:
             version = self.hive_version
@@ -2028,6 +2020,35 @@ class HiveSession:
                 self.name, version, __version__), {"node": self.name, "hive_version": version,
                                                    "queen_version": __version__},
                 "Copy this rbee.py to the node: rbee.py nodes install %s" % self.name, component="queen-rbee")
+
+    def _attempt(self):
+        """One start: (True, None) once the hive serves, (None, ssh's words) when ssh failed."""
+        self.ready.clear()
+        self.exited.clear()
+        self.heard = False
+        self.proc = spawn_child(self.argv(), cwd=HERE)
+        hello = {"token": self.token, "env": {k: os.environ[k] for k in ("HF_TOKEN",) if os.environ.get(k)}}
+        with contextlib.suppress(OSError):
+            self.proc.stdin.write((json.dumps(hello) + "\n").encode())
+            self.proc.stdin.flush()
+        self.output = ChildOutput(self.proc, self.relay, self._exited, "hive-" + self.name)
+        self.output.start()
+        deadline = time.monotonic() + 60
+        while not self.ready.wait(0.02):
+            if self.exited.is_set() or time.monotonic() > deadline:
+                break
+        if self.ready.is_set():
+            return True, None
+        self.kill()
+        self.output.join(2)   # its last words
+        # ssh exits 255 for its own failures, but also when the remote process died of a
+        # signal: a hive that narrated was reached, so that is no ssh failure to retry
+        if self.local or self.proc.returncode != 255 or self.heard:
+            raise RbeeError("INTERNAL", "rbee-hive failed to start on %s (exit %s)" % (
+                self.name, self.proc.returncode), {"node": self.name, "last_output": list(self.output.tail)[-8:]},
+                "Check the node: rbee.py nodes check %s (is rbee.py installed there, is port %d free?)" % (
+                    self.name, HIVE_PORT), component="rbee-hive")
+        return None, "\n".join(self.output.tail)
 
     def _exited(self, code):
         self.exited.set()
@@ -2455,7 +2476,7 @@ def probe_node(target, node, rbee_dir, python):
     started = time.monotonic()
     out = ssh_run(target, "cd %s 2>/dev/null; exec %s -" % (
         '"$HOME"/' + shlex.quote(rbee_dir[2:]) if rbee_dir.startswith("~/") else shlex.quote(rbee_dir),
-        shlex.quote(python)), timeout=60, node=node, stdin_data=NODE_PROBE.encode())
+        shlex.quote(python)), timeout=60, node=node, stdin_data=NODE_PROBE.encode(), actor="rbee-keeper")
     latency_ms = (time.monotonic() - started) * 1000
     try:
         info = json.loads(out.stdout.decode().strip().splitlines()[-1])
@@ -2539,7 +2560,7 @@ def install_node(node, target, args):
     rbee_dir = node["rbee_dir"]
     quoted = '"$HOME"/' + shlex.quote(rbee_dir[2:]) if rbee_dir.startswith("~/") else shlex.quote(rbee_dir)
     out = ssh_run(target, "mkdir -p %s && tar -xzf - -C %s" % (quoted, quoted), node=node["node_name"],
-                  stdin_data=buf.getvalue())
+                  stdin_data=buf.getvalue(), actor="rbee-keeper")
     if out.returncode:
         raise RbeeError("SSH_FAILED", "Copying rbee.py to %s failed" % node["node_name"],
                         {"said": out.stderr.decode("utf-8", "replace")[-400:]}, "Check write access to %s" % rbee_dir)

@@ -225,3 +225,34 @@ def sse_frames(resp):
             event = line[7:]
         elif line.startswith("data: "):
             data.append(line[6:])
+
+
+# -- the keeper as a user runs it, read as it goes -----------------------------------------------
+
+def start_keeper(args, env):
+    """`rbee.py ARGS` running in the background, stdout and stderr piped."""
+    return subprocess.Popen([PY, RBEE] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            bufsize=0)
+
+
+def json_events(stdout):
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def read_until_tokens(proc, count):
+    """Read a keeper's --json stdout until `count` token events arrived; returns the events."""
+    events = []
+    while sum(e["event"] == "token" for e in events) < count:
+        line = proc.stdout.readline()
+        assert line, "keeper ended early: %s" % proc.stderr.read().decode()
+        events.append(json.loads(line))
+    return events
+
+
+def start_queen(roles, env):
+    """A persistent queen on a free port, ready; `.url` is where it answers."""
+    port = free_port()
+    queen = roles("queen", "--port", str(port), env=env)
+    queen.wait_event("http_ready", "queen-rbee")
+    queen.url = "http://127.0.0.1:%d" % port
+    return queen

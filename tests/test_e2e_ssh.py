@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (IN_CI, PY, RBEE, REPO, assert_no_rbee_left, free_port, rbee_processes, run_rbee,
-                      wait_until)
+from conftest import (IN_CI, PY, REPO, assert_no_rbee_left, json_events, rbee_processes, read_until_tokens,
+                      run_rbee, start_keeper, start_queen, wait_until)
 from fakehub import FakeHub
 from hosts import (LoopbackSshd, NetnsHosts, SshKeys, listening_ports_local, netns_available, processes_matching,
                    write_ssh_config)
@@ -218,32 +218,6 @@ def registry_rows(tmp_path):
 def infer_args(node, *extra, max_tokens=20):
     return ["infer", "--node", node, "--model", MODEL, "--prompt", "write a short story",
             "--max-tokens", str(max_tokens), "--temperature", "0.7"] + list(extra)
-
-
-def start_queen(roles, env):
-    port = free_port()
-    queen = roles("queen", "--port", str(port), env=env)
-    queen.wait_event("http_ready", "queen-rbee")
-    queen.url = "http://127.0.0.1:%d" % port
-    return queen
-
-
-def start_keeper(args, env):
-    return subprocess.Popen([PY, RBEE] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, bufsize=0)
-
-
-def read_until_tokens(proc, count):
-    """Read a keeper's --json stdout until `count` token events arrived; returns the events."""
-    events = []
-    while sum(e["event"] == "token" for e in events) < count:
-        line = proc.stdout.readline()
-        assert line, "keeper ended early: %s" % proc.stderr.read().decode()
-        events.append(json.loads(line))
-    return events
-
-
-def json_events(stdout):
-    return [json.loads(line) for line in stdout.splitlines()]
 
 
 def worker_event(result):

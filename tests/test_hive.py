@@ -527,6 +527,7 @@ def test_a_port_taken_while_the_worker_loads_makes_the_hive_use_the_next_free_on
 
     def squat():
         port = wait_until(worker_port, 30, 0.005, "a worker process")
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # the port may be in TIME_WAIT
         squatter.bind(("127.0.0.1", port))
         squatter.listen(1)
         taken["port"] = port

@@ -4,13 +4,12 @@ import json
 import re
 import os
 import signal
-import subprocess
 import time
 
 import pytest
 
-from conftest import (PY, RBEE, assert_no_rbee_left, free_port, port_open, rbee_processes, run_rbee,
-                      wait_until)
+from conftest import (assert_no_rbee_left, json_events, port_open, rbee_processes, read_until_tokens, run_rbee,
+                      start_keeper, start_queen, wait_until)
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 SEED_ACTORS = ("queen-rbee", "rbee-hive", "http-server", "llm-worker-rbee", "device-manager", "model-loader",
@@ -24,35 +23,13 @@ def model_ref(model_path):
 
 @pytest.fixture
 def queen(roles, env):
-    """A persistent queen on a free port; yields (role, url)."""
-    port = free_port()
-    role = roles("queen", "--port", str(port), env=env)
-    role.wait_event("http_ready", "queen-rbee")
-    role.url = "http://127.0.0.1:%d" % port
-    return role
+    """A persistent queen on a free port."""
+    return start_queen(roles, env)
 
 
 def infer_args(model_ref, *extra, max_tokens=20, temperature="0"):
     return ["infer", "--node", "localhost", "--model", model_ref, "--prompt", PROMPT,
             "--max-tokens", str(max_tokens), "--temperature", temperature] + list(extra)
-
-
-def json_events(stdout):
-    return [json.loads(line) for line in stdout.splitlines()]
-
-
-def start_keeper(args, env):
-    return subprocess.Popen([PY, RBEE] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, bufsize=0)
-
-
-def read_until_tokens(proc, count):
-    """Read a keeper's --json stdout until `count` token events arrived; returns the events."""
-    events = []
-    while sum(e["event"] == "token" for e in events) < count:
-        line = proc.stdout.readline()
-        assert line, "keeper ended early: %s" % proc.stderr.read().decode()
-        events.append(json.loads(line))
-    return events
 
 
 def test_seed_flow_on_localhost_ephemeral(env, model_path, model_ref, tmp_path):
