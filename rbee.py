@@ -19,26 +19,18 @@ huggingface_hub are imported where they are needed.
 import argparse
 import collections
 import contextlib
-import hashlib
-import hmac
-import http.client
 import json
 import os
 import re
-import secrets
 import select
 import shlex
-import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
-import traceback
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 __version__ = "0.1.0"
 API_VERSION = "v1"
@@ -56,6 +48,11 @@ HTTP_CONNECT_TIMEOUT, HTTP_ATTEMPTS = 5.0, 3
 DOWNLOAD_ATTEMPTS = 6
 BUSY_RETRIES = (1, 2, 4)           # a busy worker (503) is retried after 1, 2, 4 s
 DEFAULT_N_CTX = 2048
+
+
+def random_id(nbytes):
+    """A random hex string: job and worker ids, API keys, the queen's token."""
+    return os.urandom(nbytes).hex()
 
 
 def rbee_home(*parts):
@@ -351,6 +348,7 @@ class Request:
         given = self.bearer()
         if not given:
             raise RbeeError(missing, "Missing API key (Authorization: Bearer ...)")
+        import hmac
         if not hmac.compare_digest(given.encode(), expected.encode()):
             raise RbeeError(wrong, "Invalid API key")
 
@@ -413,6 +411,7 @@ class App:
             if not isinstance(exc, RbeeError) and getattr(exc, "code", None) not in ERROR_STATUS:
                 if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
                     return
+                import traceback
                 traceback.print_exc(file=sys.stderr)
             err = RbeeError.wrap(exc, self.component)
             with contextlib.suppress(ClientGone, OSError):
@@ -429,12 +428,11 @@ class App:
     def serve(self, host, port):
         """Bind and serve in a background thread; returns the bound port."""
         try:
-            self.server = RoleHTTPServer((host, port), RoleRequestHandler)
+            self.server = role_server((host, port), self)
         except OSError as exc:
             raise RbeeError("INTERNAL", "%s cannot listen on %s:%d: %s" % (self.component, host, port, exc.strerror),
                             {"host": host, "port": port}, "Another program uses the port: stop it or pick another "
                             "--port", self.component)
-        self.server.app = self
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
                          daemon=True, name="http").start()
         return self.server.server_address[1]
@@ -451,13 +449,24 @@ def _bare(handler):
     return req
 
 
-class RoleHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
+def role_server(address, app):
+    """A threaded HTTP server for `app`. http.server is imported here, on first use: it brings
+    http.client and the email package (about 15 ms), which a keeper command never needs."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    
+    class RoleHTTPServer(ThreadingHTTPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+        request_queue_size = 128
+
+    server = RoleHTTPServer(address, type("RoleRequestHandler", (RoleRequestHandling, BaseHTTPRequestHandler), {}))
+    server.app = app
+    return server
 
 
-class RoleRequestHandler(BaseHTTPRequestHandler):
+class RoleRequestHandling:
+    """What every role's request handler does beyond http.server's BaseHTTPRequestHandler."""
+
     server_version = "rbee/" + __version__
     protocol_version = "HTTP/1.0"    # one request per connection: SSE streams end by closing
     _body = None
@@ -521,39 +530,77 @@ def _split_url(url):
     return parts.hostname, parts.port or 80, (parts.path or "/") + ("?" + parts.query if parts.query else "")
 
 
+class HttpResponse:
+    """The answer to one request on its own connection. Our servers speak HTTP/1.0, so a body
+    without Content-Length (an SSE stream) ends when the server closes the connection.
+
+    (A few lines of our own instead of http.client: the keeper runs once per command, and
+    http.client with the email package it imports costs about 12 ms of every start.)"""
+
+    def __init__(self, sock):
+        self.sock, self.fp = sock, sock.makefile("rb")
+        parts = self.fp.readline(65537).decode("latin-1").split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+            raise OSError("not an HTTP answer")
+        self.status, self.headers = int(parts[1]), {}
+        for _ in range(100):
+            line = self.fp.readline(65537)
+            if line in (b"\r\n", b"\n", b""):
+                break
+            key, _, value = line.decode("latin-1").partition(":")
+            self.headers[key.strip().lower()] = value.strip()
+        length = self.headers.get("content-length")
+        self.length = int(length) if length and length.isdigit() else None
+
+    def getheader(self, name, default=None):
+        return self.headers.get(name.lower(), default)
+
+    def read(self):
+        return self.fp.read(self.length) if self.length is not None else self.fp.read()
+
+    def readline(self):
+        return self.fp.readline()
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.fp.close()
+            self.sock.close()
+
+
 def http_call(method, url, body=None, headers=None, timeout=30.0, attempts=HTTP_ATTEMPTS, component=None):
     """Send one request; returns the open response (connect retried per SPEC §9).
 
     An error status raises RbeeError from the envelope; `.retry_after` is kept for 503s.
     """
     host, port, path = _split_url(url)
-    data = json.dumps(body).encode() if body is not None else None
-    hdrs = {"Content-Type": "application/json"} if data is not None else {}
+    data = json.dumps(body).encode() if body is not None else b""
+    hdrs = {"Host": "%s:%d" % (host, port), "Connection": "close", "Content-Length": str(len(data))}
+    if body is not None:
+        hdrs["Content-Type"] = "application/json"
     hdrs.update(headers or {})
+    head = "%s %s HTTP/1.0\r\n%s\r\n" % (method, path, "".join("%s: %s\r\n" % kv for kv in hdrs.items()))
     last = None
     for attempt in range(attempts):
-        conn = http.client.HTTPConnection(host, port, timeout=min(timeout, HTTP_CONNECT_TIMEOUT))
         try:
-            conn.connect()
+            sock = socket.create_connection((host, port), timeout=min(timeout, HTTP_CONNECT_TIMEOUT))
         except OSError as exc:
             last = exc
-            conn.close()
             if attempt + 1 < attempts:
                 time.sleep(0.1 * (2 ** attempt))
             continue
-        conn.sock.settimeout(timeout)
+        sock.settimeout(timeout)
         with contextlib.suppress(OSError):
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            conn.request(method, path, body=data, headers=hdrs)
-            resp = conn.getresponse()
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
+            sock.sendall(head.encode("latin-1") + data)
+            resp = HttpResponse(sock)
+        except OSError as exc:
+            sock.close()
             raise RbeeError("CONNECTION_TIMEOUT" if isinstance(exc, socket.timeout) else "INTERNAL",
                             "%s %s failed: %s" % (method, url, exc), {"url": url}, component=component)
         if resp.status >= 400:
             raw = resp.read()
-            conn.close()
+            resp.close()
             try:
                 payload = json.loads(raw)
             except ValueError:
@@ -932,6 +979,7 @@ class ModelCatalog:
 
     @contextlib.contextmanager
     def _db(self):
+        import sqlite3   # only the roles that keep a catalog or the node registry need it
         db = sqlite3.connect(self.path, timeout=30)
         try:
             with db:
@@ -956,6 +1004,7 @@ class ModelCatalog:
         return self._rows()
 
     def add(self, provider, reference, filename, local_path, size_bytes, sha256=None):
+        import hashlib
         row = {"id": slug("%s--%s" % (reference.replace("/", "--") if provider == "hf" else
                                       "file-" + hashlib.sha1(local_path.encode()).hexdigest()[:8],
                                       os.path.splitext(filename)[0])),
@@ -1109,6 +1158,7 @@ class ModelProvisioner:
     def _download_file(self, ref, filename, size, sha256, dest):
         dest_dir, partial = os.path.dirname(dest), dest + ".partial"
         have = os.path.getsize(partial) if os.path.exists(partial) else 0
+        import shutil
         free = shutil.disk_usage(dest_dir).free
         if free < size - have:
             raise RbeeError("INSUFFICIENT_DISK", "Not enough disk for %s: need %s, %s free" % (
@@ -1128,6 +1178,7 @@ class ModelProvisioner:
     def _fetch(self, ref, filename, size, sha256, partial):
         """Download into `partial`, resuming from its length; returns the verified sha256."""
         from huggingface_hub import get_session, hf_hub_url
+        import hashlib
         from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
         url = hf_hub_url(ref.reference, filename, endpoint=os.environ.get("HF_ENDPOINT") or None)
         progress = DownloadProgress(size)
@@ -1232,7 +1283,7 @@ class Job:
             if value != value or not low <= value <= high:   # NaN fails the first test
                 raise invalid(name, "must be between %s and %s" % (low, high))
             return value
-        job_id = body.get("job_id") or "job-" + secrets.token_hex(6)
+        job_id = body.get("job_id") or "job-" + random_id(6)
         if not isinstance(job_id, str) or len(job_id) > 200:
             raise invalid("job_id", "must be a string of at most 200 characters")
         prompt = body.get("prompt")
@@ -1305,7 +1356,7 @@ class Worker(App):
     def __init__(self, args, api_key):
         super().__init__()
         self.args, self.api_key = args, api_key
-        self.worker_id = args.worker_id or "worker-" + secrets.token_hex(4)
+        self.worker_id = args.worker_id or "worker-" + random_id(4)
         self.model_ref = args.model_ref or "file:" + os.path.abspath(args.model)
         self.state, self.job, self.llm, self.memory_mb = "loading", None, None, 0
         self.slot = threading.Lock()
@@ -1734,7 +1785,7 @@ class Hive(App):
         port = free_port(self.args.host, port)
         while port in self.registry.ports():
             port = free_port(self.args.host, port + 1)
-        worker_id, api_key = "worker-" + secrets.token_hex(4), secrets.token_urlsafe(24)
+        worker_id, api_key = "worker-" + random_id(4), random_id(24)
         env = dict(os.environ, RBEE_WORKER_API_KEY=api_key, PYTHONUNBUFFERED="1")
         if self.token:
             env["RBEE_HIVE_TOKEN"] = self.token
@@ -2104,7 +2155,7 @@ class Queen(App):
     def __init__(self, args):
         super().__init__()
         self.args = args
-        self.token = secrets.token_urlsafe(24)
+        self.token = random_id(24)
         self.nodes = NodeRegistry()
         self.hives, self.hives_lock = {}, threading.Lock()
         self._start_locks = collections.defaultdict(threading.Lock)
@@ -2396,7 +2447,7 @@ class Keeper:
 
     def execute(self, worker):
         args = self.args
-        job_id = "job-" + secrets.token_hex(6)
+        job_id = "job-" + random_id(6)
         body = {"job_id": job_id, "prompt": args.prompt, "max_tokens": args.max_tokens,
                 "temperature": args.temperature, "raw": args.raw}
         body.update((k, getattr(args, k)) for k in ("top_p", "top_k", "seed", "stop") if getattr(args, k) is not None)
@@ -2438,7 +2489,7 @@ class Keeper:
             raise RbeeError("CONNECTION_TIMEOUT", "No token from worker %s for %d s" % (worker["worker_id"],
                                                                                       TOKEN_TIMEOUT),
                             {"tokens_generated": tokens}, "The node may be overloaded", "llm-worker-rbee")
-        except (OSError, http.client.HTTPException):
+        except OSError:
             pass
         finally:
             self.job = None
@@ -2796,6 +2847,7 @@ def main(argv=None):
         err = RbeeError.wrap(exc, "rbee-keeper")
         os.makedirs(rbee_home("logs"), exist_ok=True)
         with open(rbee_home("logs", "keeper-crash.log"), "a") as log:
+            import traceback
             traceback.print_exc(file=log)
         NarrationRenderer().error(err)
         return 1
