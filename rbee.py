@@ -888,10 +888,14 @@ def ssh_run(target, command, timeout=60, node=None, stdin_data=None, actor="quee
     return with_ssh_retries(target, node, attempt, actor)
 
 
+def shell_path(path):
+    """`path` quoted for the node's shell, with a leading ~/ left for that shell to expand."""
+    return '"$HOME"/' + shlex.quote(path[2:]) if path.startswith("~/") else shlex.quote(path)
+
+
 def remote_command(rbee_dir, python, args, env=None):
     """A shell command line for the node: cd to rbee's dir and exec Python on rbee.py."""
-    rbee_dir = rbee_dir or "~/.rbee/app"
-    quoted_dir = '"$HOME"/' + shlex.quote(rbee_dir[2:]) if rbee_dir.startswith("~/") else shlex.quote(rbee_dir)
+    quoted_dir = shell_path(rbee_dir or "~/.rbee/app")
     env_part = " ".join(shlex.quote("%s=%s" % kv) for kv in sorted((env or {}).items()))
     return "cd %s && exec %s%s -u rbee.py %s" % (quoted_dir, "env " + env_part + " " if env_part else "",
                                                   shlex.quote(python or "python3"),
@@ -2525,9 +2529,7 @@ class Keeper:
 def probe_node(target, node, rbee_dir, python):
     """ssh round trip with latency; the node's Python, rbee.py version and backends."""
     started = time.monotonic()
-    out = ssh_run(target, "cd %s 2>/dev/null; exec %s -" % (
-        '"$HOME"/' + shlex.quote(rbee_dir[2:]) if rbee_dir.startswith("~/") else shlex.quote(rbee_dir),
-        shlex.quote(python)), timeout=60, node=node, stdin_data=NODE_PROBE.encode(), actor="rbee-keeper")
+    out = ssh_run(target, "cd %s 2>/dev/null; exec %s -" % (shell_path(rbee_dir), shlex.quote(python)), timeout=60, node=node, stdin_data=NODE_PROBE.encode(), actor="rbee-keeper")
     latency_ms = (time.monotonic() - started) * 1000
     try:
         info = json.loads(out.stdout.decode().strip().splitlines()[-1])
@@ -2609,7 +2611,7 @@ def install_node(node, target, args):
             if name.endswith(".py"):
                 tar.add(os.path.join(HERE, "backends", name), "backends/" + name)
     rbee_dir = node["rbee_dir"]
-    quoted = '"$HOME"/' + shlex.quote(rbee_dir[2:]) if rbee_dir.startswith("~/") else shlex.quote(rbee_dir)
+    quoted = shell_path(rbee_dir)
     out = ssh_run(target, "mkdir -p %s && tar -xzf - -C %s" % (quoted, quoted), node=node["node_name"],
                   stdin_data=buf.getvalue(), actor="rbee-keeper")
     if out.returncode:
