@@ -558,3 +558,33 @@ def test_partition_the_queen_notices_fails_cleanly_and_recovers(sim, ssh_env, tm
     queen.proc.send_signal(signal.SIGTERM)
     assert queen.proc.wait(40) == 0
     assert_no_rbee_left(str(tmp_path), within=5)
+
+
+def test_nodes_install_copies_rbee_and_the_queen_checks_the_version(sim, ssh_env, tmp_path):
+    """A node with nothing of rbee: `nodes install` copies rbee.py + backends/ there; a job then
+    runs from that copy; a copy of another version is refused with VERSION_MISMATCH."""
+    if sim.netns:   # the node's own home: the queen lets the node's shell expand ~
+        rbee_dir, on_host = "~/rbee-app-" + tmp_path.name, sim.net.hosts["mac"].home / ("rbee-app-" + tmp_path.name)
+    else:
+        rbee_dir = on_host = tmp_path / "mac-app"
+    added = run_rbee(["nodes", "add", "mac", "--ssh-host", "mac", "--rbee-dir", str(rbee_dir), "--python", PY,
+                      "--env"] + node_env(sim, tmp_path, "mac"), ssh_env, timeout=60)
+    assert added.returncode == 0 and "not installed (run: rbee.py nodes install mac)" in added.stdout, added.stdout
+    assert run_rbee(["nodes", "check", "mac"], ssh_env, timeout=60).returncode == 1
+
+    installed = run_rbee(["nodes", "install", "mac", "--no-venv"], ssh_env, timeout=120)
+    assert installed.returncode == 0, installed.stderr
+    copied = Path(on_host) / "rbee.py"
+    assert copied.read_bytes() == (REPO / "rbee.py").read_bytes()
+    assert (Path(on_host) / "backends" / "cuda.py").exists()
+    check = run_rbee(["nodes", "check", "mac"], ssh_env, timeout=60)
+    assert check.returncode == 0 and "(same version)" in check.stdout, check.stdout + check.stderr
+
+    result = run_rbee(infer_args("mac", "--quiet"), ssh_env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+
+    copied.write_text(copied.read_text().replace('__version__ = "%s"' % rbee.__version__, '__version__ = "0.0.1"'))
+    refused = run_rbee(infer_args("mac"), ssh_env, timeout=120)
+    assert refused.returncode == 1
+    assert_error(refused.stderr, "VERSION_MISMATCH", "rbee.py on mac is version 0.0.1", "rbee.py nodes install mac")
+    assert_no_rbee_left(str(tmp_path), within=5)
