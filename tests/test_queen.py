@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import (assert_no_rbee_left, json_events, port_open, rbee_processes, read_until_tokens, run_rbee,
+from conftest import (assert_no_rbee_left, free_port, json_events, port_open, rbee_processes, read_until_tokens, run_rbee,
                       start_keeper, start_queen, wait_until)
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
@@ -220,3 +220,27 @@ def test_local_models_commands(env, model_ref, model_path):
     assert run_rbee(["models", "list"], env).stdout == ""
     missing = run_rbee(["models", "rm", model_ref], env)
     assert missing.returncode == 1 and "❌ Error" in missing.stderr and "code: MODEL_NOT_FOUND" in missing.stderr
+
+
+def test_workers_shutdown_and_node_models_through_the_queen(queen, env, model_ref, model_path, tmp_path):
+    down = run_rbee(["models", "download", model_ref, "--node", "localhost", "--queen", queen.url], env)
+    assert down.returncode == 0 and model_path in down.stdout, down.stderr
+    first = run_rbee(infer_args(model_ref, "--json", "--quiet", "--queen", queen.url, max_tokens=3), env)
+    worker_id = next(e for e in json_events(first.stdout) if e["event"] == "worker")["worker_id"]
+    stopped = run_rbee(["workers", "shutdown", worker_id, "--node", "localhost", "--queen", queen.url], env)
+    assert stopped.returncode == 0 and worker_id in stopped.stdout
+    wait_until(lambda: not any(" worker " in c for _, c in rbee_processes(str(tmp_path))), 10,
+               what="the worker to exit")
+    assert worker_id not in run_rbee(["workers", "list", "--queen", queen.url], env).stdout
+    unknown = run_rbee(["workers", "shutdown", "worker-nope", "--queen", queen.url], env)
+    assert unknown.returncode == 1 and "No worker worker-nope" in unknown.stderr
+    removed = run_rbee(["models", "rm", model_ref, "--node", "localhost", "--queen", queen.url], env)
+    assert removed.returncode == 0 and "Removed 1 model(s) from localhost" in removed.stdout
+    assert model_path not in run_rbee(["models", "list", "--node", "localhost", "--queen", queen.url], env).stdout
+    assert os.path.exists(model_path)
+
+
+def test_status_without_a_queen_lists_the_nodes_and_starts_nothing(env, tmp_path):
+    status = run_rbee(["status", "--queen", "http://127.0.0.1:%d" % free_port()], env)
+    assert status.returncode == 0 and "queen:  not running at" in status.stdout
+    assert not rbee_processes(str(tmp_path))
