@@ -255,13 +255,13 @@ class SSEStream:
         self.lock = threading.Lock()
         self.finished = False
         self.last_write = time.monotonic()
+        with contextlib.suppress(OSError):   # tokens must leave at once, not wait for Nagle
+            handler.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         handler.send_response(200)
         handler.send_header("Content-Type", "text/event-stream")
         handler.send_header("Cache-Control", "no-cache")
         handler.send_header("Connection", "close")
         handler.end_headers()
-        with contextlib.suppress(OSError):   # tokens must leave at once, not wait for Nagle
-            handler.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with SSEStream._open_lock:
             SSEStream._open.add(self)
             if SSEStream._pinger is None:
