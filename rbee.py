@@ -1998,7 +1998,9 @@ class HiveSession:
 
     def relay(self, event):
         """Hive narration goes to the tasks that wait on this node, else to the queen's stdout."""
-        self.heard = True
+        if not self.heard:   # its first word: ssh is through and the remote Python runs
+            self.heard = True
+            self.timings.setdefault("ssh_connect_ms", int((time.monotonic() - self.attempt_started) * 1000))
         if event.pop("relayed", False):   # the hive's echo of what it already streamed to a task
             return
         event.setdefault("node", self.name)
@@ -2080,7 +2082,8 @@ class HiveSession:
         """One start: (True, None) once the hive serves, (None, ssh's words) when ssh failed."""
         self.ready.clear()
         self.exited.clear()
-        self.heard = False
+        self.heard, self.attempt_started = False, time.monotonic()
+        self.timings.pop("ssh_connect_ms", None)
         self.proc = spawn_child(self.argv(), cwd=HERE)
         hello = {"token": self.token, "env": {k: os.environ[k] for k in ("HF_TOKEN",) if os.environ.get(k)}}
         with contextlib.suppress(OSError):
@@ -2437,7 +2440,9 @@ class Keeper:
             task["backend"] = args.backend
         worker = self.queen_stream("/v2/tasks", task, "worker")
         self.timings["worker ready (queen + hive)"] = (time.monotonic() - started) * 1000
-        for key, label in (("hive_start_ms", "hive start (ssh + start-up)"), ("download_ms", "model download"),
+        connect = "ssh connect (to the hive's first word)" if args.node != "localhost" else "hive process start"
+        for key, label in (("ssh_connect_ms", connect), ("hive_start_ms", "hive ready (HTTP up)"),
+                           ("download_ms", "model download"),
                            ("load_ms", "model load")):
             if key in (worker.get("timings") or {}):
                 self.timings[label] = worker["timings"][key]
@@ -2518,9 +2523,8 @@ class Keeper:
         if end:
             rows.append(("tokens/s (worker)", end.get("tokens_per_sec")))
         width = max(len(label) for label, _ in rows)
-        lines = ["[rbee-keeper] ⏱️ Timings"] + ["    %-*s %10.1f %s" % (width, label, value or 0.0,
-                                                                    "" if label.startswith("tokens") else "ms")
-                                               for label, value in rows]
+        lines = ["[rbee-keeper] ⏱️ Timings"] + [("    %-*s %10.1f %s" % (
+            width, label, value or 0.0, "" if label.startswith("tokens") else "ms")).rstrip() for label, value in rows]
         self.renderer.write("\n".join(lines) + "\n")
 
 

@@ -299,9 +299,14 @@ def test_seed_command_on_mac_over_ssh(sim, ssh_env, tmp_path):
     assert rows == [("hf", REPO_ID, GGUF, local, os.path.getsize(local), sim.hub.sha256(REPO_ID, GGUF))]
     assert not (tmp_path / "rbee-home" / "models.db").exists()   # nothing was cataloged on this machine
 
-    again = run_rbee(["infer", "--node", "mac", "--model", MODEL] + SEED, ssh_env, timeout=300)
+    again = run_rbee(["infer", "--node", "mac", "--model", MODEL, "--timings"] + SEED, ssh_env, timeout=300)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() and "[llama-backend] 🎉 Inference complete! 20 tokens" in again.stderr
+    timings = dict(re.findall(r"^    (.+?)\s+([\d.]+)(?: ms)?$", again.stderr, re.M))
+    for label in ("ssh connect (to the hive's first word)", "hive ready (HTTP up)", "model load",
+                  "first token (from /execute)", "tokens/s (worker)"):
+        assert float(timings[label]) > 0, (label, again.stderr)
+    assert float(timings["ssh connect (to the hive's first word)"]) <= float(timings["hive ready (HTTP up)"])
     assert len(sim.hub.file_gets(REPO_ID, GGUF)) == gets + 1      # no new GET of the file
     assert "[model-provisioner]" not in again.stderr and "Downloading" not in again.stderr, again.stderr
     assert_no_rbee_left(str(tmp_path), within=5)

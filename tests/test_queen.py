@@ -85,7 +85,7 @@ def test_json_quiet_and_timings(env, model_ref):
 
     result = run_rbee(infer_args(model_ref, "--timings", "--quiet", max_tokens=5), env)
     assert result.returncode == 0, result.stderr
-    for label in ("Timings", "hive start", "model load", "first token", "tokens/s"):
+    for label in ("Timings", "hive process start", "hive ready (HTTP up)", "model load", "first token", "tokens/s"):
         assert label in result.stderr, result.stderr
     assert result.stdout and "[" not in result.stdout
 
