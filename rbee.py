@@ -318,6 +318,17 @@ class SSEStream:
                     stream._write(b": ping\n\n")
 
 
+def write_json(handler, status, obj, headers=None):
+    body = json.dumps(obj, ensure_ascii=False).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    for key, value in (headers or {}).items():
+        handler.send_header(key, value)
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 class Request:
     """One HTTP request as a role's handler sees it."""
 
@@ -353,15 +364,7 @@ class Request:
             raise RbeeError(wrong, "Invalid API key")
 
     def send_json(self, status, obj, headers=None):
-        body = json.dumps(obj, ensure_ascii=False).encode()
-        h = self.handler
-        h.send_response(status)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(body)))
-        for key, value in (headers or {}).items():
-            h.send_header(key, value)
-        h.end_headers()
-        h.wfile.write(body)
+        write_json(self.handler, status, obj, headers)
 
     def send_empty(self, status):
         self.handler.send_response(status)
@@ -420,7 +423,7 @@ class App:
                         req.stream.finish("error", err.envelope())
                 else:
                     headers = {"Retry-After": "1"} if err.code == "ALL_SLOTS_BUSY" else None
-                    Request.send_json(req or _bare(handler), err.status, err.envelope(), headers)
+                    write_json(handler, err.status, err.envelope(), headers)
         finally:
             if req is not None and req.stream is not None:
                 req.stream.close()
@@ -441,12 +444,6 @@ class App:
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
-
-
-def _bare(handler):
-    req = Request.__new__(Request)
-    req.handler = handler
-    return req
 
 
 def role_server(address, app):
@@ -508,16 +505,10 @@ class RoleRequestHandling:
 
     def send_error(self, code, message=None, explain=None):
         """Protocol-level errors (bad request line, ...) also leave in the envelope."""
-        body = json.dumps(RbeeError("INVALID_REQUEST" if code < 500 else "INTERNAL",
-                                    message or "HTTP %d" % code, status=code).envelope()).encode()
+        envelope = RbeeError("INVALID_REQUEST" if code < 500 else "INTERNAL", message or "HTTP %d" % code,
+                             status=code).envelope()
         with contextlib.suppress(OSError):
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
+            write_json(self, code, envelope, {"Connection": "close"})
 
     def log_message(self, fmt, *args):   # access logs would drown the narration
         pass
@@ -1273,8 +1264,6 @@ class DownloadProgress:
 
 class Job:
     """One /execute request: validated parameters and its cancel flag."""
-
-    FIELDS = ("job_id", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "raw")
 
     def __init__(self, body, n_ctx):
         def number(name, default, low, high, integer=False):

@@ -365,3 +365,18 @@ def test_a_repeated_prompt_reuses_the_kv_cache_and_gives_the_same_text(worker):
     assert "cache_reuse" in actions(second) and "cache_reset" not in actions(second)
     third = run_job(worker.port, prompt="A completely different beginning:", max_tokens=4)
     assert "cache_reset" in actions(third)
+
+
+def test_a_garbage_request_line_gets_the_envelope_too(worker):
+    with socket.create_connection(("127.0.0.1", worker.port), timeout=10) as sock:
+        sock.sendall(b"GARBAGE\r\n\r\n")
+        answer = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 400")
+    assert json.loads(body)["error"]["code"] == "INVALID_REQUEST"
+    assert run_job(worker.port, max_tokens=2)[-1][0] == "end"
