@@ -505,7 +505,7 @@ class RoleRequestHandling:
 
     def send_error(self, code, message=None, explain=None):
         """Protocol-level errors (bad request line, ...) also leave in the envelope."""
-        envelope = RbeeError("INVALID_REQUEST" if code < 500 else "INTERNAL", message or "HTTP %d" % code,
+        envelope = RbeeError("INVALID_REQUEST" if code < 500 or code == 501 else "INTERNAL", message or "HTTP %d" % code,
                              status=code).envelope()
         with contextlib.suppress(OSError):
             write_json(self, code, envelope, {"Connection": "close"})

@@ -367,16 +367,21 @@ def test_a_repeated_prompt_reuses_the_kv_cache_and_gives_the_same_text(worker):
     assert "cache_reset" in actions(third)
 
 
-def test_a_garbage_request_line_gets_the_envelope_too(worker):
-    with socket.create_connection(("127.0.0.1", worker.port), timeout=10) as sock:
-        sock.sendall(b"GARBAGE\r\n\r\n")
+def raw_exchange(port, data):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
         answer = b""
         while True:
             chunk = sock.recv(65536)
             if not chunk:
-                break
+                return answer
             answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.0 400")
+
+
+def test_garbage_request_lines_get_the_envelope_too(worker):
+    # no HTTP version: an HTTP/0.9 answer, which is a body alone
+    assert json.loads(raw_exchange(worker.port, b"GARBAGE\r\n\r\n"))["error"]["code"] == "INVALID_REQUEST"
+    head, _, body = raw_exchange(worker.port, b"BREW /execute HTTP/1.0\r\n\r\n").partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 501")
     assert json.loads(body)["error"]["code"] == "INVALID_REQUEST"
     assert run_job(worker.port, max_tokens=2)[-1][0] == "end"
