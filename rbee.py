@@ -505,8 +505,8 @@ class RoleRequestHandling:
 
     def send_error(self, code, message=None, explain=None):
         """Protocol-level errors (bad request line, ...) also leave in the envelope."""
-        envelope = RbeeError("INVALID_REQUEST" if code < 500 or code == 501 else "INTERNAL", message or "HTTP %d" % code,
-                             status=code).envelope()
+        code_name = "INVALID_REQUEST" if code < 500 or code == 501 else "INTERNAL"   # 501: unknown method
+        envelope = RbeeError(code_name, message or "HTTP %d" % code, status=code).envelope()
         with contextlib.suppress(OSError):
             write_json(self, code, envelope, {"Connection": "close"})
 
@@ -1197,7 +1197,8 @@ class ModelProvisioner:
             if have < size:
                 if have:
                     headers["Range"] = "bytes=%d-" % have
-                    narrate("model-provisioner", "download_resume", "Resuming download at %s" % human_bytes(have), "⏯️")
+                    narrate("model-provisioner", "download_resume", "Resuming download at %s" % human_bytes(have),
+                            "⏯️")
                 try:
                     with get_session().stream("GET", url, headers=headers, follow_redirects=True,
                                               timeout=TOKEN_TIMEOUT) as resp:
@@ -1236,7 +1237,8 @@ class ModelProvisioner:
                             {"model": ref.text, "expected_sha256": sha256},
                             "The mirror serves corrupt data: try again later or another HF_ENDPOINT")
         raise RbeeError("DOWNLOAD_FAILED", "Download of %s failed after %d attempts: %s" % (
-            filename, DOWNLOAD_ATTEMPTS, last), {"model": ref.text, "bytes_kept": have if os.path.exists(partial) else 0},
+            filename, DOWNLOAD_ATTEMPTS, last),
+            {"model": ref.text, "bytes_kept": have if os.path.exists(partial) else 0},
             "Run the same command again: the download resumes where it stopped")
 
 
@@ -1364,7 +1366,8 @@ class Worker(App):
 
     def start(self):
         args = self.args
-        narrate("llm-worker-rbee", "startup", "Worker starting on port %d" % args.port, "🌅", worker_id=self.worker_id)
+        narrate("llm-worker-rbee", "startup", "Worker starting on port %d" % args.port, "🌅",
+                worker_id=self.worker_id)
         import backends
         self.backend = backends.require(args.backend, args.device)
         narrate("device-manager", "device_init", "Initialized %s" % self.backend.describe(args.device), "🖥️")
@@ -1493,7 +1496,8 @@ class Worker(App):
             rate = tokens_out / elapsed
             narrate("llama-backend", "inference_complete", "Inference complete! %d tokens in %d ms (%.0f tok/s)" % (
                 tokens_out, elapsed * 1000, rate), "🎉", job_id=job.job_id)
-        stream.finish("end", {"job_id": job.job_id, "tokens_out": tokens_out, "decode_time_ms": round(elapsed * 1000, 1),
+        stream.finish("end", {"job_id": job.job_id, "tokens_out": tokens_out,
+                              "decode_time_ms": round(elapsed * 1000, 1),
                               "tokens_per_sec": round(rate, 2), "stop_reason": stop_reason})
 
     # -- shutdown: finish nothing new, unload, exit 0 (narrated on stdout) --------------------------
@@ -2328,7 +2332,8 @@ class Keeper:
 
     def __init__(self, args):
         self.args = args
-        self.queen_url = (getattr(args, "queen", None) or os.environ.get("RBEE_QUEEN_URL") or DEFAULT_QUEEN_URL).rstrip("/")
+        self.queen_url = (getattr(args, "queen", None) or os.environ.get("RBEE_QUEEN_URL")
+                          or DEFAULT_QUEEN_URL).rstrip("/")
         self.json = getattr(args, "json", False)
         self.renderer = NarrationRenderer(quiet=getattr(args, "quiet", False))
         self.queen_proc = None
@@ -2495,7 +2500,8 @@ class Keeper:
         if tokens and not self.json:
             sys.stdout.write("\n")
             sys.stdout.flush()
-        raise RbeeError("WORKER_CRASHED", "Worker %s stopped mid-stream after %d tokens" % (worker["worker_id"], tokens),
+        raise RbeeError("WORKER_CRASHED", "Worker %s stopped mid-stream after %d tokens" % (
+            worker["worker_id"], tokens),
                         {"tokens_generated": tokens, "worker_id": worker["worker_id"], "node": worker.get("node")},
                         "Run the command again; if it repeats, see the hive's logs on %s under ~/.rbee/logs"
                         % worker.get("node"), "llm-worker-rbee")
@@ -2522,7 +2528,8 @@ class Keeper:
 def probe_node(target, node, rbee_dir, python):
     """ssh round trip with latency; the node's Python, rbee.py version and backends."""
     started = time.monotonic()
-    out = ssh_run(target, "cd %s 2>/dev/null; exec %s -" % (shell_path(rbee_dir), shlex.quote(python)), timeout=60, node=node, stdin_data=NODE_PROBE.encode(), actor="rbee-keeper")
+    out = ssh_run(target, "cd %s 2>/dev/null; exec %s -" % (shell_path(rbee_dir), shlex.quote(python)), timeout=60,
+                  node=node, stdin_data=NODE_PROBE.encode(), actor="rbee-keeper")
     latency_ms = (time.monotonic() - started) * 1000
     try:
         info = json.loads(out.stdout.decode().strip().splitlines()[-1])
