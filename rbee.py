@@ -71,8 +71,15 @@ ERROR_STATUS = {
     "DOWNLOAD_FAILED": 502, "CHECKSUM_MISMATCH": 502, "INSUFFICIENT_DISK": 507, "INSUFFICIENT_RAM": 507,
     "VRAM_EXHAUSTED": 507, "BACKEND_UNAVAILABLE": 400, "DEVICE_NOT_FOUND": 400, "WORKER_CRASHED": 500,
     "LOADING_TIMEOUT": 504, "ALL_SLOTS_BUSY": 503, "MISSING_API_KEY": 401, "INVALID_API_KEY": 401,
-    "REQUEST_CANCELLED": 499, "INTERNAL": 500, "NOT_FOUND": 404, "METHOD_NOT_ALLOWED": 405,
-    "PAYLOAD_TOO_LARGE": 413,
+    "REQUEST_CANCELLED": 499, "INTERNAL": 500,
+}   # an unknown path, a wrong method and a body over 1 MiB are INVALID_REQUEST with 404, 405, 413
+
+
+DEFAULT_SUGGESTIONS = {   # for errors whose source had nothing more specific to say
+    "INVALID_REQUEST": "Check the command's options: rbee.py infer --help",
+    "CONNECTION_TIMEOUT": "Check that the node is up and reachable, then run the command again",
+    "INTERNAL": "This is a bug in rbee: the logs under $RBEE_HOME/logs (on each machine) have the details",
+    "REQUEST_CANCELLED": "Run the command again",
 }
 
 
@@ -82,7 +89,7 @@ class RbeeError(Exception):
     def __init__(self, code, message, details=None, suggestion=None, component=None, status=None):
         super().__init__(message)
         self.code, self.message, self.details = code, message, details or {}
-        self.suggestion, self.component = suggestion, component
+        self.suggestion, self.component = suggestion or DEFAULT_SUGGESTIONS.get(code), component
         self.status = status or ERROR_STATUS.get(code, 500)
 
     def envelope(self):
@@ -110,12 +117,11 @@ class RbeeError(Exception):
             return exc
         if getattr(exc, "code", None) in ERROR_STATUS:
             return cls(exc.code, exc.message, exc.details, exc.suggestion, component)
-        return cls("INTERNAL", "%s: %s" % (type(exc).__name__, exc), component=component,
-                   suggestion="This is a bug in rbee; the role's log under $RBEE_HOME/logs has the details")
+        return cls("INTERNAL", "%s: %s" % (type(exc).__name__, exc), component=component)
 
 
-def invalid(field, message):
-    return RbeeError("INVALID_REQUEST", "%s: %s" % (field, message), {"field": field})
+def invalid(field, message, suggestion=None):
+    return RbeeError("INVALID_REQUEST", "%s: %s" % (field, message), {"field": field}, suggestion)
 
 
 # ============================================================================================
@@ -399,12 +405,14 @@ class App:
         try:
             if not matched:
                 handler.read_body()
-                raise RbeeError("NOT_FOUND", "No such endpoint: %s" % parts.path)
+                raise RbeeError("INVALID_REQUEST", "No such endpoint: %s" % parts.path, {"path": parts.path},
+                                status=404)
             route = next(((mo, name) for m, mo, name in matched if m == handler.command), None)
             if route is None:
                 handler.read_body()
-                raise RbeeError("METHOD_NOT_ALLOWED", "%s not allowed on %s (allowed: %s)" % (
-                    handler.command, parts.path, ", ".join(sorted({m for m, _, _ in matched}))))
+                allowed = sorted({m for m, _, _ in matched})
+                raise RbeeError("INVALID_REQUEST", "%s not allowed on %s (allowed: %s)" % (
+                    handler.command, parts.path, ", ".join(allowed)), {"allowed": allowed}, status=405)
             req = Request(handler, route[0].groupdict(), dict(urllib.parse.parse_qsl(parts.query)))
             self.authorize(req, route[1])
             getattr(self, route[1])(req)
@@ -465,6 +473,7 @@ class RoleRequestHandling:
     """What every role's request handler does beyond http.server's BaseHTTPRequestHandler."""
 
     server_version = "rbee/" + __version__
+    timeout = TOKEN_TIMEOUT            # a stalled peer cannot hold a handler thread forever
     protocol_version = "HTTP/1.0"    # one request per connection: SSE streams end by closing
     _body = None
 
@@ -489,7 +498,7 @@ class RoleRequestHandling:
                         if not chunk:
                             break
                         remaining -= len(chunk)
-                raise RbeeError("PAYLOAD_TOO_LARGE", "Request body over 1 MiB (%d bytes)" % length,
+                raise RbeeError("INVALID_REQUEST", "Request body over 1 MiB (%d bytes)" % length,
                                 {"limit_bytes": MAX_BODY, "content_length": length}, status=413)
             self._body = self.rfile.read(length) if length else b""
         return self._body
@@ -543,9 +552,6 @@ class HttpResponse:
         length = self.headers.get("content-length")
         self.length = int(length) if length and length.isdigit() else None
 
-    def getheader(self, name, default=None):
-        return self.headers.get(name.lower(), default)
-
     def read(self):
         return self.fp.read(self.length) if self.length is not None else self.fp.read()
 
@@ -561,7 +567,7 @@ class HttpResponse:
 def http_call(method, url, body=None, headers=None, timeout=30.0, attempts=HTTP_ATTEMPTS, component=None):
     """Send one request; returns the open response (connect retried per SPEC §9).
 
-    An error status raises RbeeError from the envelope; `.retry_after` is kept for 503s.
+    An error status raises RbeeError from the envelope.
     """
     host, port, path = _split_url(url)
     data = json.dumps(body).encode() if body is not None else b""
@@ -596,9 +602,7 @@ def http_call(method, url, body=None, headers=None, timeout=30.0, attempts=HTTP_
                 payload = json.loads(raw)
             except ValueError:
                 payload = {"error": {"code": "INTERNAL", "message": "HTTP %d from %s" % (resp.status, url)}}
-            err = RbeeError.from_envelope(payload, resp.status, component)
-            err.retry_after = resp.getheader("Retry-After")
-            raise err
+            raise RbeeError.from_envelope(payload, resp.status, component)
         return resp
     raise RbeeError("CONNECTION_TIMEOUT", "Cannot connect to %s: %s" % (url, last), {"url": url},
                     component=component)
@@ -614,7 +618,8 @@ def http_json(method, url, body=None, headers=None, timeout=30.0, attempts=HTTP_
 
 
 def iter_sse(resp):
-    """Yield (event, data) from an SSE response until the server closes it."""
+    """Yield (event, data) from an SSE response until the server closes it; a `: ping` comes
+    as ("ping", None), so that a reader can tell a live but silent stream from progress."""
     event, data = "message", []
     while True:
         raw = resp.readline()
@@ -630,7 +635,7 @@ def iter_sse(resp):
                 yield event, payload
             event, data = "message", []
         elif line.startswith(":"):
-            continue
+            yield "ping", None
         else:
             field, _, value = line.partition(":")
             value = value[1:] if value.startswith(" ") else value
@@ -644,6 +649,24 @@ def sse_call(method, url, body=None, headers=None, timeout=TOKEN_TIMEOUT, compon
     """Open an SSE endpoint; returns (response, iterator of (event, data))."""
     resp = http_call(method, url, body, headers, timeout=timeout, component=component)
     return resp, iter_sse(resp)
+
+
+def relay_sse(url, body, headers, sink, component, timeout=TOKEN_TIMEOUT):
+    """POST to an SSE endpoint of another role: its narration goes to `sink`, its `error` is
+    raised, and the data of its terminal event (`worker` or `end`) is returned."""
+    resp, events = sse_call("POST", url, body, headers, timeout=timeout, component=component)
+    try:
+        for event, data in events:
+            if event == "narration":
+                sink(data)
+            elif event == "error":
+                raise RbeeError.from_envelope(data, component=component)
+            elif event in ("worker", "end"):
+                return data
+    finally:
+        resp.close()
+    raise RbeeError("INTERNAL", "%s closed the stream without an answer" % component, {"url": url},
+                    component=component)
 
 
 def bearer(token):
@@ -680,8 +703,16 @@ class ChildOutput(threading.Thread):
             elif line.strip():
                 self.tail.append(line)
         code = self.proc.wait()
+        if self.log:
+            self.log.close()
         if self.on_exit:
             self.on_exit(code)
+
+
+def open_log(name):
+    """$RBEE_HOME/logs/NAME for appending: what a child process printed, for when it fails."""
+    os.makedirs(rbee_home("logs"), exist_ok=True)
+    return open(rbee_home("logs", name), "a")
 
 
 def spawn_child(argv, env=None, cwd=None):
@@ -715,6 +746,15 @@ def stop_child(proc, graceful=None, timeout=GRACEFUL_TIMEOUT):
     except subprocess.TimeoutExpired:
         kill_group(proc)
         proc.wait()
+
+
+def in_parallel(function, items):
+    """Call function(item) for every item at once and wait for all (children stop together)."""
+    threads = [threading.Thread(target=function, args=(item,), daemon=True) for item in items]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def watch_lifeline(on_eof):
@@ -789,7 +829,7 @@ class SshTarget:
         args = ["ssh", "-T"]
         config = os.environ.get("RBEE_SSH_CONFIG")
         if config:
-            args += ["-F", config]
+            args += ["-F", os.path.abspath(os.path.expanduser(config))]
         control_dir = os.path.join("/tmp", "rbee-ssh-%d" % os.getuid())
         with contextlib.suppress(OSError):
             os.makedirs(control_dir, mode=0o700, exist_ok=True)
@@ -889,7 +929,7 @@ def remote_command(rbee_dir, python, args, env=None):
     quoted_dir = shell_path(rbee_dir or "~/.rbee/app")
     env_part = " ".join(shlex.quote("%s=%s" % kv) for kv in sorted((env or {}).items()))
     return "cd %s && exec %s%s -u rbee.py %s" % (quoted_dir, "env " + env_part + " " if env_part else "",
-                                                  shlex.quote(python or "python3"),
+                                                  shell_path(python or "python3"),
                                                   " ".join(shlex.quote(a) for a in args))
 
 
@@ -1030,6 +1070,15 @@ class ModelCatalog:
         return rows
 
 
+def require_hub():
+    """huggingface_hub, which only downloads need, or a clear error saying how to get it."""
+    import importlib.util
+    if importlib.util.find_spec("huggingface_hub") is None:
+        raise RbeeError("DOWNLOAD_FAILED", "huggingface_hub is not installed for %s on this node" % sys.executable,
+                        {"python": sys.executable}, "Install it there (pip install huggingface_hub), or let rbee "
+                        "make a venv: rbee.py nodes install NODE")
+
+
 class ModelProvisioner:
     """Makes a model reference a cataloged file on this node: downloads from Hugging Face with
     huggingface_hub, resumable across processes (a `.partial` file kept by byte), verified by
@@ -1088,6 +1137,7 @@ class ModelProvisioner:
 
     def _listing(self, ref):
         """The repo's files as {path: (size, sha256 or None)}, with retries on network errors."""
+        require_hub()
         from huggingface_hub import HfApi, errors
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
             raise RbeeError("MODEL_NOT_FOUND", "Model %s is not on this node and HF_HUB_OFFLINE is set" % ref.text,
@@ -1109,7 +1159,8 @@ class ModelProvisioner:
                 if isinstance(exc, errors.HFValidationError):
                     raise RbeeError("INVALID_MODEL_REF", str(exc), {"model": ref.text})
                 last = exc
-                time.sleep(0.1 * 2 ** attempt)
+                if attempt + 1 < DOWNLOAD_ATTEMPTS:
+                    time.sleep(0.1 * 2 ** attempt)
         raise RbeeError("DOWNLOAD_FAILED", "Cannot list %s on Hugging Face: %s" % (ref.reference, last),
                         {"model": ref.text, "attempts": DOWNLOAD_ATTEMPTS},
                         "Check the node's network and HF_ENDPOINT (%s)" % (os.environ.get("HF_ENDPOINT") or
@@ -1276,7 +1327,8 @@ class Job:
             if isinstance(value, bool) or not isinstance(value, kinds):
                 raise invalid(name, "must be %s" % ("an integer" if integer else "a number"))
             if value != value or not low <= value <= high:   # NaN fails the first test
-                raise invalid(name, "must be between %s and %s" % (low, high))
+                raise invalid(name, "must be between %s and %s" % (low, high),
+                              "Use --%s between %s and %s" % (name.replace("_", "-"), low, high))
             return value
         job_id = body.get("job_id") or "job-" + random_id(6)
         if not isinstance(job_id, str) or len(job_id) > 200:
@@ -1422,20 +1474,29 @@ class Worker(App):
             prompt_tokens, job.llama_stop, job.stopping_criteria = self.chat.render(job.prompt)
         n_prompt = len(prompt_tokens)
         if n_prompt >= self.args.ctx_size:
-            raise invalid("prompt", "is %d tokens; the context holds %d" % (n_prompt, self.args.ctx_size))
-        if self.state == "draining" or not self.slot.acquire(blocking=False):
-            busy = self.job.job_id if self.job else None
-            raise RbeeError("ALL_SLOTS_BUSY", "Worker %s is busy%s" % (
-                self.worker_id, " with " + busy if busy else " (shutting down)"), {"retry_after_s": 1},
-                "Retry in a moment, or run another worker for this model")
+            raise invalid("prompt", "is %d tokens; the context holds %d" % (n_prompt, self.args.ctx_size),
+                          "Shorten the prompt, or give workers a larger context (rbee.py worker --ctx-size)")
+        if not self.slot.acquire(blocking=False):
+            raise self.busy()
+        self.job = job
+        if self.state == "draining":   # a shutdown began meanwhile: it cancels no job it has not seen
+            self.job = None
+            self.slot.release()
+            raise self.busy()
         try:
-            self.job, self.state = job, "busy"
+            self.state = "busy"
             self._generate(req.sse(), job, prompt_tokens)
         finally:
             self.job, self.last_activity = None, time.time()
             if self.state == "busy":
                 self.state = "idle"
             self.slot.release()
+
+    def busy(self):
+        job = self.job
+        return RbeeError("ALL_SLOTS_BUSY", "Worker %s is busy%s" % (
+            self.worker_id, " with " + job.job_id if job else " (shutting down)"), {"retry_after_s": 1},
+            "Retry in a moment, or run another worker for this model")
 
     def _generate(self, stream, job, prompt_tokens):
         stream.send("started", {"job_id": job.job_id, "worker_id": self.worker_id})
@@ -1455,7 +1516,7 @@ class Worker(App):
             else:
                 self.llm.reset()
                 narrate("llama-backend", "cache_reset", "Reset KV cache for fresh start", "🧹", job_id=job.job_id)
-            started = time.perf_counter()
+            started, first_at = time.perf_counter(), None
             chunks = self.llm.create_completion(
                 prompt_tokens, max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
                 top_k=job.top_k, seed=job.seed, stop=job.llama_stop, stopping_criteria=job.stopping_criteria,
@@ -1472,6 +1533,7 @@ class Worker(App):
                         stop_reason = "eos" if choice["finish_reason"] == "stop" else "max_tokens"
                     else:
                         tokens_out += 1
+                        first_at = first_at or time.perf_counter()
                     text, held, stopped = split_at_stop(held + choice["text"], job.stop) if job.stop \
                         else (choice["text"], "", False)
                     if text:
@@ -1492,13 +1554,16 @@ class Worker(App):
                     self.worker_id, job.job_id, tokens_out, job.interrupted_by),
                     {"tokens_generated": tokens_out, "worker_id": self.worker_id},
                     "Its hive or queen stopped; run the command again", "llm-worker-rbee")
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            rate = tokens_out / elapsed
+            ended = time.perf_counter()
+            elapsed = max(ended - started, 1e-9)
             narrate("llama-backend", "inference_complete", "Inference complete! %d tokens in %d ms (%.0f tok/s)" % (
-                tokens_out, elapsed * 1000, rate), "🎉", job_id=job.job_id)
-        stream.finish("end", {"job_id": job.job_id, "tokens_out": tokens_out,
-                              "decode_time_ms": round(elapsed * 1000, 1),
-                              "tokens_per_sec": round(rate, 2), "stop_reason": stop_reason})
+                tokens_out, elapsed * 1000, tokens_out / elapsed), "🎉", job_id=job.job_id)
+        # the end event separates the prompt's evaluation from the decoding of the tokens after the first
+        decode = ended - first_at if first_at else 0.0
+        stream.finish("end", {"job_id": job.job_id, "tokens_out": tokens_out, "stop_reason": stop_reason,
+                              "prompt_eval_ms": round(((first_at or ended) - started) * 1000, 1),
+                              "decode_time_ms": round(decode * 1000, 1),
+                              "tokens_per_sec": round((tokens_out - 1) / decode, 2) if decode > 0 else 0.0})
 
     # -- shutdown: finish nothing new, unload, exit 0 (narrated on stdout) --------------------------
 
@@ -1514,8 +1579,11 @@ class Worker(App):
             job.interrupted_by = reason
             job.cancel.set()
         narrate("llm-worker-rbee", "shutdown", "Shutting down gracefully (%s)" % reason, "👋")
-        if self.slot.acquire(timeout=10):
-            self.slot.release()
+        if not self.slot.acquire(timeout=GRACEFUL_TIMEOUT / 2):   # kept: no job starts from now on
+            # the job did not stop (a long prompt still in llama.cpp): freeing the model under it
+            # would crash, so leave and let the system take the memory back
+            narrate("llm-worker-rbee", "exit", "Worker exiting (a job did not stop in time)", "💤", level="warn")
+            os._exit(0)
         self.stop_serving()
         narrate("device-manager", "memory_free", "Freeing %d MB %s" % (
             self.memory_mb, "RAM" if self.args.backend == "cpu" else "VRAM"), "🧹")
@@ -1737,6 +1805,7 @@ class Hive(App):
             live = [w for w in self.registry.matching(*key) if self.poll_worker(w) in ("idle", "busy")]
             if live:
                 worker = min(live, key=lambda w: w.state != "idle")
+                worker.last_activity = time.time()   # handed out: not idle any more for the reaper
                 narrate("rbee-hive", "worker_reuse", "Reusing %s worker %s on port %d" % (
                     worker.state, worker.worker_id, worker.port), "♻️", worker_id=worker.worker_id)
                 return worker, {"reused": True}
@@ -1772,9 +1841,8 @@ class Hive(App):
     def start_worker(self, ref, row, backend, device, port=WORKER_PORT):
         with self._ports_lock:   # choosing a port and registering its worker is one step
             worker = self._spawn_worker(ref, row, backend, device, port)
-        log = open(rbee_home("logs", "%s.log" % worker.worker_id), "a")
-        worker.output = ChildOutput(worker.proc, worker.relay, lambda code: self.worker_exited(worker, code, log),
-                                    worker.worker_id, log)
+        worker.output = ChildOutput(worker.proc, worker.relay, lambda code: self.worker_exited(worker, code),
+                                    worker.worker_id, open_log("%s.log" % worker.worker_id))
         worker.output.start()
         return worker
 
@@ -1826,18 +1894,17 @@ class Hive(App):
             worker.last_activity = max(worker.last_activity, health.get("last_activity_unix") or 0)
         return worker.state
 
-    def worker_exited(self, worker, code, log):
+    def worker_exited(self, worker, code):
         worker.exited.set()
         worker.state = "exited"
         self.registry.remove(worker.worker_id)
-        log.close()
         if not self._stopping.locked():
             narrate("rbee-hive", "worker_exit", "Worker %s exited (code %s)" % (worker.worker_id, code), "🪦",
                     worker_id=worker.worker_id, level="warn" if code else None)
 
     def stop_worker(self, worker):
-        worker.state = "draining"
-        stop_child(worker.proc, worker.request_shutdown)
+        worker.state = "draining"   # inside the queen's 30 s for this hive, a worker gets 20 s
+        stop_child(worker.proc, worker.request_shutdown, timeout=GRACEFUL_TIMEOUT - 10)
 
     def idle_reaper(self):
         """Every second: refresh worker states; stop workers idle for longer than --idle-timeout."""
@@ -1866,11 +1933,7 @@ class Hive(App):
         workers = self.registry.all()
         narrate("rbee-hive", "shutdown", "Shutting down pool manager (%s), stopping %d worker(s)" % (
             reason, len(workers)), "👋", node=self.node)
-        threads = [threading.Thread(target=self.stop_worker, args=(w,), daemon=True) for w in workers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        in_parallel(self.stop_worker, workers)
         self.stop_serving()
         narrate("rbee-hive", "exit", "Pool manager stopped", "💤", node=self.node)
         self.stopped.set()
@@ -2082,7 +2145,8 @@ class HiveSession:
         with contextlib.suppress(OSError):
             self.proc.stdin.write((json.dumps(hello) + "\n").encode())
             self.proc.stdin.flush()
-        self.output = ChildOutput(self.proc, self.relay, self._exited, "hive-" + self.name)
+        self.output = ChildOutput(self.proc, self.relay, self._exited, "hive-" + self.name,
+                                  open_log("hive-%s.log" % self.name))
         self.output.start()
         deadline = time.monotonic() + 60
         while not self.ready.wait(0.02):
@@ -2110,20 +2174,10 @@ class HiveSession:
 
     def stream(self, path, body, sink):
         """Relay a hive SSE endpoint's narration to `sink`; returns its terminal event's data."""
-        resp, events = sse_call("POST", self.url + path, body, bearer(self.token), component="rbee-hive")
-        try:
-            for event, data in events:
-                if event == "narration":
-                    data.setdefault("node", self.name)
-                    sink(data)
-                elif event == "error":
-                    raise RbeeError.from_envelope(data, component="rbee-hive")
-                elif event in ("worker", "end"):
-                    return data
-        finally:
-            resp.close()
-        raise RbeeError("INTERNAL", "rbee-hive on %s closed the stream without an answer" % self.name,
-                        {"node": self.name}, "See the queen's log under $RBEE_HOME/logs", component="rbee-hive")
+        def tagged(event):
+            event.setdefault("node", self.name)
+            sink(event)
+        return relay_sse(self.url + path, body, bearer(self.token), tagged, "rbee-hive")
 
     def worker_url(self, url):
         """The worker's URL as the keeper can reach it: the hive's host, the worker's port."""
@@ -2139,7 +2193,8 @@ class HiveSession:
         """Graceful: POST /v1/shutdown, then close the lifeline; SIGKILL after 30 s."""
         if self.proc is None:
             return
-        stop_child(self.proc, lambda: self.call("POST", "/v1/shutdown", {}, timeout=5))
+        stop_child(self.proc, lambda: http_json("POST", self.url + "/v1/shutdown", {}, bearer(self.token),
+                                                timeout=5, attempts=1))
         self.exited.wait(5)
 
 
@@ -2232,13 +2287,23 @@ class Queen(App):
         return workers
 
     def list_workers(self, req):
-        name = req.query.get("node")
-        sessions = [self.hive(name)] if name else self.running_hives()
-        req.send_json(200, {"workers": [w for s in sessions for w in self._workers_of(s)]})
+        """Workers of the running hives (a node without a hive has none: nothing is started)."""
+        name, workers, errors = req.query.get("node"), [], []
+        for session in self.running_hives():
+            if name in (None, session.name):
+                try:
+                    workers += self._workers_of(session)
+                except RbeeError as err:   # one unreachable hive does not hide the others
+                    errors.append(dict(err.envelope()["error"], node=session.name))
+        req.send_json(200, {"workers": workers, "errors": errors})
 
     def shutdown_worker(self, req):
         body = req.json
-        session = self.hive(body.get("node") or "localhost")
+        node = body.get("node") or "localhost"
+        session = next((s for s in self.running_hives() if s.name == node), None)
+        if session is None:
+            raise RbeeError("INVALID_REQUEST", "No worker %s: no hive runs on %s" % (body.get("worker_id"), node),
+                            {"node": node}, "See the workers: rbee.py workers list")
         req.send_json(202, session.call("POST", "/v1/workers/%s/shutdown" % urllib.parse.quote(
             str(body.get("worker_id")), safe="")))
 
@@ -2292,11 +2357,7 @@ class Queen(App):
         with self.hives_lock:
             sessions = list(self.hives.values())
         narrate("queen-rbee", "shutdown", "Shutting down (%s): stopping %d hive(s)" % (reason, len(sessions)), "👋")
-        threads = [threading.Thread(target=s.stop, daemon=True) for s in sessions]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        in_parallel(HiveSession.stop, sessions)
         self.stop_serving()
         narrate("queen-rbee", "exit", "Queen stopped", "💤")
         self.stopped.set()
@@ -2324,6 +2385,10 @@ except Exception as exc:
     info["error"] = "%s: %s" % (type(exc).__name__, exc)
 print(json.dumps(info))
 '''
+
+
+class StdoutClosed(Exception):
+    """Whoever reads the keeper's stdout has gone (`rbee.py infer ... | head`)."""
 
 
 class Keeper:
@@ -2384,12 +2449,14 @@ class Keeper:
                 self.show(event)
         self.queen_proc = spawn_child([sys.executable, "-u", RBEE_PY, "queen", "--host", host, "--port", str(port),
                                        "--lifeline"])
-        output = ChildOutput(self.queen_proc, from_queen, name="queen")
+        output = ChildOutput(self.queen_proc, from_queen, name="queen", log=open_log("queen.log"))
         output.start()
         deadline = time.monotonic() + 30
         while not ready.wait(0.01):
             if self.queen_proc.poll() is not None or time.monotonic() > deadline:
                 self.stop_queen()
+                if self.queen_alive():   # another keeper started one meanwhile: use it, never stop it
+                    return
                 raise RbeeError("INTERNAL", "The queen did not start", {"last_output": list(output.tail)[-8:]},
                                 "Is port %d free? Try rbee.py queen --port %d in another terminal" % (port, port),
                                 "queen-rbee")
@@ -2404,22 +2471,9 @@ class Keeper:
     def queen(self, method, path, body=None, timeout=60.0):
         return http_json(method, self.queen_url + path, body, timeout=timeout, component="queen-rbee")
 
-    def queen_stream(self, path, body, terminal):
-        """Relay a queen SSE endpoint's narration; returns the data of its `terminal` event."""
-        resp, events = sse_call("POST", self.queen_url + path, body, timeout=LOADING_TIMEOUT + 60,
-                                component="queen-rbee")
-        try:
-            for event, data in events:
-                if event == "narration":
-                    self.show(data)
-                elif event == "error":
-                    raise RbeeError.from_envelope(data, component="queen-rbee")
-                elif event == terminal:
-                    return data
-        finally:
-            resp.close()
-        raise RbeeError("INTERNAL", "The queen closed the stream without an answer", {},
-                        "The queen's log is under $RBEE_HOME/logs", "queen-rbee")
+    def queen_stream(self, path, body):
+        """Relay a queen SSE endpoint's narration; returns the data of its terminal event."""
+        return relay_sse(self.queen_url + path, body, None, self.show, "queen-rbee", timeout=LOADING_TIMEOUT + 60)
 
     # -- infer ------------------------------------------------------------------------------------
 
@@ -2432,7 +2486,7 @@ class Keeper:
                 "temperature": args.temperature, "device": args.device}
         if args.backend:
             task["backend"] = args.backend
-        worker = self.queen_stream("/v2/tasks", task, "worker")
+        worker = self.queen_stream("/v2/tasks", task)
         self.timings["worker ready (queen + hive)"] = (time.monotonic() - started) * 1000
         connect = "ssh connect (to the hive's first word)" if args.node != "localhost" else "hive process start"
         for key, label in (("ssh_connect_ms", connect), ("hive_start_ms", "hive ready (HTTP up)"),
@@ -2466,45 +2520,57 @@ class Keeper:
                 self.say("busy_retry", "Worker %s is busy; retrying in %d s" % (worker["worker_id"], delay), "⏳")
                 time.sleep(delay)
         self.job = (url, key, job_id)
-        tokens, tty = 0, sys.stdout.isatty()
+        tokens, tty, last_token = 0, sys.stdout.isatty(), time.monotonic()
         try:
             for event, data in events:
                 if event == "token":
                     if not tokens:
                         self.timings["first token (from /execute)"] = (time.monotonic() - posted) * 1000
-                    tokens += 1
-                    if self.json:
-                        emit_line({"event": "token", "t": data.get("t", ""), "i": data.get("i")})
-                    else:
-                        sys.stdout.write(data.get("t", ""))
-                        sys.stdout.flush()
+                    tokens, last_token = tokens + 1, time.monotonic()
+                    self.write_out(data.get("t", ""), {"event": "token", "t": data.get("t", ""), "i": data.get("i")})
                 elif event == "narration":
                     self.show(data)
                 elif event == "end":
-                    if self.json:
-                        emit_line(dict(event="end", **data))
-                    elif tty:
-                        sys.stdout.write("\n")
+                    self.write_out("\n" if tty else "", dict(event="end", **data))
                     return data
                 elif event == "error":
                     raise RbeeError.from_envelope(data, component="llm-worker-rbee")
+                elif time.monotonic() - last_token > TOKEN_TIMEOUT:   # pings alone: alive, but stuck
+                    self.cancel()
+                    raise socket.timeout()
         except socket.timeout:
             raise RbeeError("CONNECTION_TIMEOUT", "No token from worker %s for %d s" % (worker["worker_id"],
                                                                                       TOKEN_TIMEOUT),
-                            {"tokens_generated": tokens}, "The node may be overloaded", "llm-worker-rbee")
+                            {"tokens_generated": tokens}, "The node may be overloaded; run the job again",
+                            "llm-worker-rbee")
+        except (KeyboardInterrupt, StdoutClosed):
+            self.cancel()   # the worker stops this job and stays up for the next one
+            raise
         except OSError:
             pass
         finally:
             self.job = None
             resp.close()
         if tokens and not self.json:
-            sys.stdout.write("\n")
-            sys.stdout.flush()
+            self.write_out("\n", None)
         raise RbeeError("WORKER_CRASHED", "Worker %s stopped mid-stream after %d tokens" % (
             worker["worker_id"], tokens),
                         {"tokens_generated": tokens, "worker_id": worker["worker_id"], "node": worker.get("node")},
-                        "Run the command again; if it repeats, see the hive's logs on %s under ~/.rbee/logs"
-                        % worker.get("node"), "llm-worker-rbee")
+                        "Run the command again; if it repeats, see the worker's log on %s under "
+                        "$RBEE_HOME/logs" % worker.get("node"), "llm-worker-rbee")
+
+    def write_out(self, text, event):
+        """Generated text (or, with --json, its event) on stdout, flushed at once."""
+        try:
+            if self.json:
+                if event is not None:
+                    sys.stdout.write(json.dumps(event, ensure_ascii=False) + "\n")
+            elif text:
+                sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:   # the reader went away (`| head`): not the worker's fault
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise StdoutClosed()
 
     def cancel(self):
         """Ctrl-C: ask the worker to stop the job (it stays up for the next one)."""
@@ -2528,7 +2594,7 @@ class Keeper:
 def probe_node(target, node, rbee_dir, python):
     """ssh round trip with latency; the node's Python, rbee.py version and backends."""
     started = time.monotonic()
-    out = ssh_run(target, "cd %s 2>/dev/null; exec %s -" % (shell_path(rbee_dir), shlex.quote(python)), timeout=60,
+    out = ssh_run(target, "cd %s 2>/dev/null; exec %s -" % (shell_path(rbee_dir), shell_path(python)), timeout=60,
                   node=node, stdin_data=NODE_PROBE.encode(), actor="rbee-keeper")
     latency_ms = (time.monotonic() - started) * 1000
     try:
@@ -2555,15 +2621,10 @@ def cmd_nodes(args):
         print("Removed node %s" % args.name)
         return 0
     if args.nodes_cmd == "add":
-        env = {}
-        for pair in args.env or []:
-            key, sep, value = pair.partition("=")
-            if not sep or not key:
-                raise RbeeError("INVALID_REQUEST", "--env takes KEY=VALUE, not %r" % pair)
-            env[key] = value
+        key = os.path.abspath(os.path.expanduser(args.ssh_key)) if args.ssh_key else None   # the queen runs elsewhere
         node = {"node_name": args.name, "ssh_host": args.ssh_host, "ssh_port": args.ssh_port,
-                "ssh_user": args.ssh_user, "ssh_key_path": args.ssh_key, "rbee_dir": args.rbee_dir,
-                "python": args.python, "env": env}
+                "ssh_user": args.ssh_user, "ssh_key_path": key, "rbee_dir": args.rbee_dir,
+                "python": args.python, "env": dict(args.env or [])}
         with narration_to(renderer.show):
             info = probe_node(SshTarget.for_node(node), args.name, args.rbee_dir, args.python)
         node.update(backends=list(info.get("backends") or {}), devices=info.get("backends") or {},
@@ -2596,7 +2657,12 @@ def cmd_nodes(args):
             "; ".join("%s: %s" % (name, ", ".join("%d %s (%d MB free)" % (d["index"], d["name"], d["memory_free_mb"])
                                                  for d in devs)) for name, devs in (info.get("backends") or {}).items())
             or "-"))
-        return 0 if same else 1
+        if not same:
+            raise RbeeError("VERSION_MISMATCH", "rbee.py on %s is %s; this one is %s" % (
+                node["node_name"], info.get("rbee_version") or "missing", __version__),
+                {"node": node["node_name"], "rbee_dir": node["rbee_dir"]},
+                "Copy this rbee.py there: rbee.py nodes install %s" % node["node_name"], "rbee-keeper")
+        return 0
     return install_node(node, target, args)
 
 
@@ -2624,7 +2690,7 @@ def install_node(node, target, args):
               "if command -v nvidia-smi >/dev/null; then export CMAKE_ARGS=-DGGML_CUDA=on; "
               "elif [ \"$(uname -s)-$(uname -m)\" = Darwin-arm64 ]; then export CMAKE_ARGS=-DGGML_METAL=on; fi; "
               ".venv/bin/pip install -q llama-cpp-python==0.3.36 huggingface_hub==2.4.0"
-              % (quoted, shlex.quote(node["python"])))
+              % (quoted, shell_path(node["python"])))
     print("Installing llama-cpp-python on %s (a first build takes minutes)..." % node["node_name"])
     code = subprocess.call(target.argv(script), stdin=subprocess.DEVNULL)
     if code:
@@ -2649,7 +2715,7 @@ def cmd_models(args):
             if args.models_cmd == "list":
                 print_models(keeper.queen("GET", "/v2/models?node=" + urllib.parse.quote(args.node))["models"])
             elif args.models_cmd == "download":
-                row = keeper.queen_stream("/v2/models/download", {"node": args.node, "model_ref": args.ref}, "end")
+                row = keeper.queen_stream("/v2/models/download", {"node": args.node, "model_ref": args.ref})
                 print_models([row["model"]])
             else:
                 removed = keeper.queen("POST", "/v2/models/remove", {"node": args.node, "model_ref": args.ref})
@@ -2715,6 +2781,13 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.stderr.write("[rbee-keeper] ❌ Error: %s\nSuggestion: rbee.py %s --help\n" % (
             message, self.prog.split(" ", 1)[1] if " " in self.prog else ""))
         sys.exit(2)
+
+
+def _env_pair(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError("%r is not KEY=VALUE" % text)
+    return key, value
 
 
 def _bounded(kind, low, high):
@@ -2790,7 +2863,7 @@ def build_parser():
     a.add_argument("--ssh-key")
     a.add_argument("--rbee-dir", default="~/.rbee/app")
     a.add_argument("--python", default="python3")
-    a.add_argument("--env", nargs="+", metavar="KEY=VALUE")
+    a.add_argument("--env", nargs="+", metavar="KEY=VALUE", type=_env_pair)
     nodes.add_parser("list")
     for verb in ("remove", "check", "install"):
         n = nodes.add_parser(verb)
@@ -2826,11 +2899,7 @@ def build_parser():
 
 def _with_keeper(args, action):
     with Keeper(args) as keeper:
-        try:
-            return action(keeper)
-        except KeyboardInterrupt:
-            keeper.cancel()
-            raise
+        return action(keeper)
 
 
 def main(argv=None):
@@ -2845,6 +2914,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.stderr.write("\n[rbee-keeper] ✋ Interrupted\n")
         return 130
+    except StdoutClosed:   # the reader took what it wanted; the job was cancelled
+        return 0
     except Exception as exc:   # a bug: still the envelope's shape, with the traceback in a log
         err = RbeeError.wrap(exc, "rbee-keeper")
         os.makedirs(rbee_home("logs"), exist_ok=True)

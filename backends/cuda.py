@@ -47,7 +47,7 @@ def preflight(model_size_bytes, device):
     if not 0 <= device < len(gpus):
         raise BackendError("DEVICE_NOT_FOUND", "CUDA device %s not found" % device,
                            {"requested": device, "devices": len(gpus), "backend": "cuda"},
-                           "Use --device 0..%d" % (len(gpus) - 1))
+                           "Use --device 0..%d" % (len(gpus) - 1) if gpus else "This node has no CUDA device")
     need, free = required_mb(model_size_bytes), gpus[device]["memory_free_mb"]
     if free < need:
         raise BackendError("VRAM_EXHAUSTED", "Not enough VRAM on CUDA device %d: need %d MB, %d MB free"

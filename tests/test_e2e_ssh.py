@@ -568,11 +568,15 @@ def test_partition_the_queen_notices_fails_cleanly_and_recovers(sim, ssh_env, tm
 def test_nodes_install_copies_rbee_and_the_queen_checks_the_version(sim, ssh_env, tmp_path):
     """A node with nothing of rbee: `nodes install` copies rbee.py + backends/ there; a job then
     runs from that copy; a copy of another version is refused with VERSION_MISMATCH."""
-    if sim.netns:   # the node's own home: the queen lets the node's shell expand ~
-        rbee_dir, on_host = "~/rbee-app-" + tmp_path.name, sim.net.hosts["mac"].home / ("rbee-app-" + tmp_path.name)
+    python = PY
+    if sim.netns:   # the node's own home: the queen lets the node's shell expand ~ (the dir and Python)
+        home = sim.net.hosts["mac"].home
+        rbee_dir, on_host = "~/rbee-app-" + tmp_path.name, home / ("rbee-app-" + tmp_path.name)
+        python = "~/venv-%s/bin/python" % tmp_path.name   # a venv known there by a path under ~
+        os.symlink(str(REPO / ".venv"), str(home / ("venv-" + tmp_path.name)))
     else:
         rbee_dir = on_host = tmp_path / "mac-app"
-    added = run_rbee(["nodes", "add", "mac", "--ssh-host", "mac", "--rbee-dir", str(rbee_dir), "--python", PY,
+    added = run_rbee(["nodes", "add", "mac", "--ssh-host", "mac", "--rbee-dir", str(rbee_dir), "--python", python,
                       "--env"] + node_env(sim, tmp_path, "mac"), ssh_env, timeout=60)
     assert added.returncode == 0 and "not installed (run: rbee.py nodes install mac)" in added.stdout, added.stdout
     assert run_rbee(["nodes", "check", "mac"], ssh_env, timeout=60).returncode == 1

@@ -185,7 +185,8 @@ def test_invalid_model_ref_fails_before_any_process_starts(env, ref, tmp_path):
 @pytest.mark.parametrize("args", [["infer"], ["infer", "--model", "hf:a/b", "--prompt", "x", "--max-tokens", "0"],
                                   ["infer", "--model", "hf:a/b", "--prompt", "x", "--temperature", "9"],
                                   ["infer", "--model", "hf:a/b", "--prompt", "x", "--backend", "tpu"],
-                                  ["frobnicate"], ["nodes", "add", "x"]])
+                                  ["frobnicate"], ["nodes", "add", "x"],
+                                  ["nodes", "add", "x", "--ssh-host", "h", "--env", "NOT_A_PAIR"]])
 def test_usage_errors_exit_2(env, args):
     result = run_rbee(args, env)
     assert result.returncode == 2
@@ -196,11 +197,11 @@ def test_queen_http_errors_use_the_envelope(queen):
     import urllib.error
     import urllib.request
     for method, path, body, status, code in (
-            ("GET", "/nope", None, 404, "NOT_FOUND"), ("GET", "/v2/tasks", None, 405, "METHOD_NOT_ALLOWED"),
+            ("GET", "/nope", None, 404, "INVALID_REQUEST"), ("GET", "/v2/tasks", None, 405, "INVALID_REQUEST"),
             ("POST", "/v2/tasks", b"{bad", 400, "INVALID_REQUEST"),
             ("POST", "/v2/tasks", b'{"node": "localhost", "model": "nope", "prompt": "x"}', 400, "INVALID_MODEL_REF"),
             ("POST", "/v2/tasks", b'{"node": "ghost", "model": "hf:a/b", "prompt": "x"}', 404, "NODE_NOT_FOUND"),
-            ("POST", "/v2/tasks", b"x" * (2 << 20), 413, "PAYLOAD_TOO_LARGE")):
+            ("POST", "/v2/tasks", b"x" * (2 << 20), 413, "INVALID_REQUEST")):
         req = urllib.request.Request(queen.url + path, data=body, method=method)
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(req, timeout=10)
@@ -244,3 +245,14 @@ def test_status_without_a_queen_lists_the_nodes_and_starts_nothing(env, tmp_path
     status = run_rbee(["status", "--queen", "http://127.0.0.1:%d" % free_port()], env)
     assert status.returncode == 0 and "queen:  not running at" in status.stdout
     assert not rbee_processes(str(tmp_path))
+
+
+def test_a_reader_that_goes_away_cancels_the_job_quietly(env, model_ref, tmp_path):
+    """`rbee.py infer ... | head -c 20`: the keeper stops the job and leaves, with no error."""
+    keeper = start_keeper(infer_args(model_ref, max_tokens=1500), env)
+    assert keeper.stdout.read(20)
+    keeper.stdout.close()
+    err = keeper.stderr.read().decode()
+    assert keeper.wait(60) == 0, err
+    assert "❌" not in err and "Traceback" not in err
+    assert_no_rbee_left(str(tmp_path), within=5)
