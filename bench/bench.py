@@ -10,9 +10,10 @@ localhost), cold_ssh (the same over a real sshd on loopback), peer (`python -m l
 streamed /v1/completions), footprint (resident memory of the queen, the hive, and the worker
 minus a process holding just the raw model).
 """
-import http.client
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,7 +32,7 @@ import fetch_model  # noqa: E402
 
 PY, RBEE = sys.executable, str(REPO / "rbee.py")
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
-N_CTX, TOKENS, SEED, RUNS = 2048, 128, 42, int(os.environ.get("BENCH_RUNS", "5"))
+N_CTX, TOKENS, SEED, RUNS = 2048, 128, 42, int(os.environ.get("BENCH_RUNS", "7"))
 THREADS = backends.physical_cores()
 
 
@@ -89,27 +90,31 @@ def raw_child(model):
 
 # -- clients --------------------------------------------------------------------------------------
 
-def sse_tokens(port, path, body, headers=None, token_field=None):
-    """POST and read an SSE stream; returns (ttft_ms, tok_s, wall_s, n) from token arrivals."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+RBEE_TOKEN = re.compile(rb"event: token\n")
+PEER_TOKEN = re.compile(rb'"text": ?"[^"]')   # a non-empty text in an OpenAI completion chunk
+
+
+def sse_tokens(port, path, body, headers=None, marker=RBEE_TOKEN):
+    """POST and read the streamed answer straight off the socket (the same thin client for rbee
+    and the peer: no HTTP library's parsing in the figures); returns ttft, tok/s, wall, tokens
+    from the arrival time of each token's bytes."""
+    data = json.dumps(body).encode()
+    head = "POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\n" \
+           "Content-Length: %d\r\n%s\r\n" % (path, len(data), "".join("%s: %s\r\n" % h for h in (headers or {}).items()))
     t0 = time.perf_counter()
-    conn.request("POST", path, json.dumps(body), dict({"Content-Type": "application/json"}, **(headers or {})))
-    resp = conn.getresponse()
-    times, event = [], None
-    while True:
-        line = resp.readline()
-        if not line:
-            break
-        line = line.decode().strip()
-        if line.startswith("event: "):
-            event = line[7:]
-        elif line.startswith("data: "):
-            data = line[6:]
-            if token_field is None and event == "token":
-                times.append(time.perf_counter())
-            elif token_field and data != "[DONE]" and json.loads(data)["choices"][0].get("text"):
-                times.append(time.perf_counter())
-    conn.close()
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(head.encode() + data)
+        buf, pos, times = b"", 0, []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            now = time.perf_counter()
+            buf += chunk
+            for match in marker.finditer(buf, pos):   # from the last token on: a split one is found later
+                times.append(now)
+                pos = match.end()
     return {"ttft_ms": (times[0] - t0) * 1000, "tok_s": rate(times), "wall_s": times[-1] - t0, "tokens": len(times)}
 
 
@@ -180,14 +185,22 @@ def main():
         results["raw"]["load_s"] = round(raw["load_s"], 3)
         base = results["raw"]
 
-        print("worker ...", file=sys.stderr)
+        print("worker and peer, interleaved ...", file=sys.stderr)
         port = free_port()
         worker = role(["worker", "--model", model, "--backend", "cpu", "--device", "0", "--port", str(port),
                        "--host", "127.0.0.1"], dict(env, RBEE_WORKER_API_KEY="bench"), "http_ready")
         body = {"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "seed": SEED, "raw": True}
-        sse_tokens(port, "/execute", body, {"Authorization": "Bearer bench"})
-        results["worker"] = summarize([sse_tokens(port, "/execute", body, {"Authorization": "Bearer bench"})
-                                       for _ in range(RUNS)], base)
+        with peer_server(model, env) as peer_port:
+            # one run of each in turn, so that a noisy moment of the machine hits both alike
+            peer_body = {"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "seed": SEED, "stream": True}
+            runs = {"worker": [], "peer": []}
+            for i in range(RUNS + 1):
+                w = sse_tokens(port, "/execute", body, {"Authorization": "Bearer bench"})
+                p = sse_tokens(peer_port, "/v1/completions", peer_body, marker=PEER_TOKEN)
+                if i:   # the first of each warms its cache
+                    runs["worker"].append(w)
+                    runs["peer"].append(p)
+        results["worker"], results["peer"] = summarize(runs["worker"], base), summarize(runs["peer"], base)
         results["footprint"] = {"worker_overhead_mb": round(rss_mb(worker.pid) - raw["rss_mb"], 1)}
         stop(worker)
 
@@ -208,8 +221,6 @@ def main():
         print("cold_ssh ...", file=sys.stderr)
         results["cold_ssh"] = cold_ssh(tmp, env, infer, base)
 
-        print("peer ...", file=sys.stderr)
-        results["peer"] = peer(model, env, base)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for name in ("worker", "warm", "cold_local", "cold_ssh", "peer"):
@@ -254,7 +265,9 @@ def cold_ssh(tmp, env, infer, base):
         sshd.stop()
 
 
-def peer(model, env, base):
+@contextlib.contextmanager
+def peer_server(model, env):
+    """llama-cpp-python's own OpenAI server on the same model, context and threads; yields its port."""
     port = free_port()
     proc = subprocess.Popen([PY, "-m", "llama_cpp.server", "--model", model, "--n_ctx", str(N_CTX), "--n_threads",
                              str(THREADS), "--n_threads_batch", str(THREADS), "--n_gpu_layers", "0", "--port", str(port),
@@ -262,9 +275,7 @@ def peer(model, env, base):
                             start_new_session=True)
     try:
         wait_port(port)
-        body = {"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "seed": SEED, "stream": True}
-        sse_tokens(port, "/v1/completions", body, token_field="text")
-        return summarize([sse_tokens(port, "/v1/completions", body, token_field="text") for _ in range(RUNS)], base)
+        yield port
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
