@@ -1430,6 +1430,11 @@ class Worker(App):
         self.llm = self.backend.load(args.model, args.device, args.ctx_size)
         self.load_ms = int((time.monotonic() - started) * 1000)
         self.chat = ChatPrompt.for_model(self.llm)
+        # what exists now (llama_cpp, numpy, the model's objects) lives as long as the worker: keep
+        # the garbage collector from walking it again and again in the middle of a request
+        import gc
+        gc.collect()
+        gc.freeze()
         self.memory_mb = max(self.backend.memory_used_mb(args.device), os.path.getsize(args.model) >> 20)
         where = "RAM" if args.backend == "cpu" else "VRAM"
         narrate("model-loader", "model_loaded", "Model loaded! %d MB cozy in %s!" % (self.memory_mb, where), "🛏️",

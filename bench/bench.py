@@ -1,8 +1,8 @@
 """make bench: rbee against raw llama-cpp-python and llama-cpp-python's own server, in ONE run.
 
 Same model (SmolLM2-135M Q4_1), prompt, n_ctx, threads, temperature 0, seed and 128 tokens for
-every scenario; 5+ runs each; median, min and max; every figure also as a ratio to raw measured
-in this same run (these machines are noisy). Writes a table to stdout and bench/results.json.
+every scenario; 7 runs each; median, min and max. These machines are noisy, so every run of a
+scenario is paired with a raw run made just before it, and each ratio compares the two. Writes a table to stdout and bench/results.json.
 
 Scenarios: raw (in-process), worker (/execute over HTTP), warm (`rbee.py infer` against a
 persistent queen whose worker is up: the whole command), cold_local (nothing running, node
@@ -72,20 +72,55 @@ def rate(times):
 # -- raw: llama-cpp-python in-process, in a child so its memory can be read -----------------------
 
 def raw_child(model):
+    """The raw baseline's process: loads the model, then does one run per line on stdin."""
     started = time.perf_counter()
     llm = backends.get("cpu").load(model, 0, N_CTX)
-    load_s = time.perf_counter() - started
-    runs = []
-    for _ in range(RUNS + 1):
+    print(json.dumps({"load_s": time.perf_counter() - started}), flush=True)
+    for _ in sys.stdin:
         llm.reset()
         t0 = time.perf_counter()
         times = []
         for chunk in llm.create_completion(PROMPT, max_tokens=TOKENS, temperature=0, seed=SEED, stream=True):
             if chunk["choices"][0]["text"]:
                 times.append(time.perf_counter())
-        runs.append({"ttft_ms": (times[0] - t0) * 1000, "tok_s": rate(times), "wall_s": times[-1] - t0,
-                     "tokens": len(times)})
-    print(json.dumps({"load_s": load_s, "runs": runs[1:], "rss_mb": rss_mb(os.getpid())}))
+        print(json.dumps({"ttft_ms": (times[0] - t0) * 1000, "tok_s": rate(times), "wall_s": times[-1] - t0,
+                          "tokens": len(times), "rss_mb": rss_mb(os.getpid())}), flush=True)
+
+
+class RawBaseline:
+    """llama-cpp-python in-process, in a child that stays loaded: one raw run right before each
+    run of every other scenario, so that each ratio compares runs made moments apart."""
+
+    def __init__(self, model, env):
+        self.proc = subprocess.Popen([PY, __file__, "--raw-child", model], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+        self.load_s = json.loads(self.proc.stdout.readline())["load_s"]
+        self.runs = []
+        self.run()   # warm-up
+
+    def run(self):
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        result = json.loads(self.proc.stdout.readline())
+        self.runs.append(result)
+        return result
+
+    def paired(self, *scenarios, warmup=1):
+        """Run raw, then each scenario in turn, RUNS times (after `warmup` unrecorded rounds);
+        returns the raw runs and each scenario's runs."""
+        raws, runs = [], [[] for _ in scenarios]
+        for i in range(warmup + RUNS):
+            raw = self.run()
+            results = [scenario() for scenario in scenarios]
+            if i >= warmup:
+                raws.append(raw)
+                for kept, result in zip(runs, results):
+                    kept.append(result)
+        return raws, runs
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 # -- clients --------------------------------------------------------------------------------------
@@ -140,12 +175,17 @@ def whole_command(args, env):
     return {"ttft_ms": (times[0] - t0) * 1000, "tok_s": rate(times), "wall_s": wall, "tokens": len(times)}
 
 
-def summarize(runs, raw=None):
+def summarize(runs, raw_runs=None):
+    """Median, min and max of each figure; with the raw runs paired with these, the ratios of the
+    medians and the time to first token over raw."""
     out = {k: stats([r.get(k) for r in runs]) for k in ("ttft_ms", "tok_s", "wall_s")}
     out["tokens"] = stats([r.get("tokens") for r in runs])
-    if raw:
+    if raw_runs:
+        raw = {k: stats([r.get(k) for r in raw_runs]) for k in ("ttft_ms", "tok_s", "wall_s")}
+        out["paired_raw"] = raw
         out["ratio_to_raw"] = {k: round(out[k]["median"] / raw[k]["median"], 3)
                                for k in ("ttft_ms", "tok_s", "wall_s") if out.get(k) and raw.get(k)}
+        out["ttft_over_raw_ms"] = round(out["ttft_ms"]["median"] - raw["ttft_ms"]["median"], 1)
     return out
 
 
@@ -179,53 +219,43 @@ def main():
     try:
         results["python_startup_ms"] = stats([timed([PY, "-c", "pass"]) for _ in range(10)])
         print("raw ...", file=sys.stderr)
-        raw = json.loads(subprocess.run([PY, __file__, "--raw-child", model], capture_output=True, text=True,
-                                        check=True, env=env).stdout)
-        results["raw"] = summarize(raw["runs"])
-        results["raw"]["load_s"] = round(raw["load_s"], 3)
-        base = results["raw"]
+        baseline = RawBaseline(model, env)
 
-        print("worker and peer, interleaved ...", file=sys.stderr)
+        print("worker and peer ...", file=sys.stderr)
         port = free_port()
         worker = role(["worker", "--model", model, "--backend", "cpu", "--device", "0", "--port", str(port),
                        "--host", "127.0.0.1"], dict(env, RBEE_WORKER_API_KEY="bench"), "http_ready")
         body = {"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "seed": SEED, "raw": True}
         with peer_server(model, env) as peer_port:
-            # one run of each in turn, so that a noisy moment of the machine hits both alike
             peer_body = {"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "seed": SEED, "stream": True}
-            runs = {"worker": [], "peer": []}
-            for i in range(RUNS + 1):
-                w = sse_tokens(port, "/execute", body, {"Authorization": "Bearer bench"})
-                p = sse_tokens(peer_port, "/v1/completions", peer_body, marker=PEER_TOKEN)
-                if i:   # the first of each warms its cache
-                    runs["worker"].append(w)
-                    runs["peer"].append(p)
-        results["worker"], results["peer"] = summarize(runs["worker"], base), summarize(runs["peer"], base)
-        results["footprint"] = {"worker_overhead_mb": round(rss_mb(worker.pid) - raw["rss_mb"], 1)}
+            raws, (worker_runs, peer_runs) = baseline.paired(
+                lambda: sse_tokens(port, "/execute", body, {"Authorization": "Bearer bench"}),
+                lambda: sse_tokens(peer_port, "/v1/completions", peer_body, marker=PEER_TOKEN))
+        results["worker"], results["peer"] = summarize(worker_runs, raws), summarize(peer_runs, raws)
+        results["footprint"] = {"worker_overhead_mb": round(rss_mb(worker.pid) - baseline.runs[-1]["rss_mb"], 1)}
         stop(worker)
 
         print("warm ...", file=sys.stderr)
         qport = free_port()
         queen = role(["queen", "--port", str(qport)], env, "http_ready")
         warm_args = infer + ["--node", "localhost", "--queen", "http://127.0.0.1:%d" % qport]
-        whole_command(warm_args, env)
-        results["warm"] = summarize([whole_command(warm_args, env) for _ in range(RUNS)], base)
+        raws, (warm_runs,) = baseline.paired(lambda: whole_command(warm_args, env))
+        results["warm"] = summarize(warm_runs, raws)
         hive_pid = next(int(p) for p in os.listdir("/proc") if p.isdigit() and _cmd(p).find("rbee.py hive") >= 0)
         results["footprint"].update(queen_rss_mb=round(rss_mb(queen.pid), 1), hive_rss_mb=round(rss_mb(hive_pid), 1))
         stop(queen)
 
         print("cold_local ...", file=sys.stderr)
-        results["cold_local"] = summarize([whole_command(infer + ["--node", "localhost"], env)
-                                           for _ in range(RUNS)], base)
+        raws, (cold_runs,) = baseline.paired(lambda: whole_command(infer + ["--node", "localhost"], env), warmup=0)
+        results["cold_local"] = summarize(cold_runs, raws)
 
         print("cold_ssh ...", file=sys.stderr)
-        results["cold_ssh"] = cold_ssh(tmp, env, infer, base)
-
+        results["cold_ssh"] = cold_ssh(tmp, env, infer, baseline)
+        results["raw"] = summarize(baseline.runs[1:])
+        results["raw"]["load_s"] = round(baseline.load_s, 3)
+        baseline.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for name in ("worker", "warm", "cold_local", "cold_ssh", "peer"):
-        if results.get(name) and results[name].get("ttft_ms"):
-            results[name]["ttft_over_raw_ms"] = round(results[name]["ttft_ms"]["median"] - base["ttft_ms"]["median"], 1)
     out = REPO / "bench" / "results.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
@@ -246,7 +276,7 @@ def timed(argv):
     return (time.perf_counter() - t0) * 1000
 
 
-def cold_ssh(tmp, env, infer, base):
+def cold_ssh(tmp, env, infer, baseline):
     from hosts import LoopbackSshd, SshKeys, write_ssh_config
     if not shutil.which("ssh") or not os.path.exists("/usr/sbin/sshd"):
         return {"skipped": "no OpenSSH here (make sysdeps installs it)"}
@@ -260,7 +290,8 @@ def cold_ssh(tmp, env, infer, base):
                              env=ssh_env, capture_output=True, text=True)
         if add.returncode:
             raise RuntimeError("nodes add failed: %s" % add.stderr)
-        return summarize([whole_command(infer + ["--node", "loop"], ssh_env) for _ in range(RUNS)], base)
+        raws, (runs,) = baseline.paired(lambda: whole_command(infer + ["--node", "loop"], ssh_env), warmup=0)
+        return summarize(runs, raws)
     finally:
         sshd.stop()
 
@@ -284,7 +315,8 @@ def peer_server(model, env):
 def print_table(r):
     print("\nrbee bench: %s, %d tokens, n_ctx %d, %d threads, temperature 0, %d runs (median [min-max])" % (
         r["config"]["model"], TOKENS, N_CTX, THREADS, RUNS))
-    print("%-11s %-26s %-26s %-22s %s" % ("scenario", "time to first token ms", "tokens/s", "wall s", "vs raw"))
+    print("%-11s %-26s %-26s %-22s %s" % ("scenario", "time to first token ms", "tokens/s", "wall s",
+                                          "vs the raw runs paired with it"))
     for name in ("raw", "worker", "warm", "cold_local", "cold_ssh", "peer"):
         s = r.get(name) or {}
         if "ttft_ms" not in s:
@@ -293,8 +325,8 @@ def print_table(r):
         cell = lambda k, f: (f % s[k]["median"] + " [" + f % s[k]["min"] + "-" + f % s[k]["max"] + "]") if s.get(k) else "-"
         ratio = s.get("ratio_to_raw", {})
         print("%-11s %-26s %-26s %-22s %s" % (name, cell("ttft_ms", "%.1f"), cell("tok_s", "%.1f"), cell("wall_s", "%.2f"),
-                                              "ttft x%.2f, tok/s x%.3f" % (ratio.get("ttft_ms", 1), ratio.get("tok_s", 1))
-                                              if ratio else "(baseline; load %.2f s)" % s.get("load_s", 0)))
+                                              "ttft %+.1f ms, tok/s x%.3f" % (s["ttft_over_raw_ms"], ratio.get("tok_s", 1))
+                                              if ratio else "(all raw runs; load %.2f s)" % s.get("load_s", 0)))
     f = r.get("footprint", {})
     print("footprint: queen %.1f MB, hive %.1f MB, worker overhead %.1f MB over the raw model process; "
           "python -c pass %.1f ms" % (f.get("queen_rss_mb", 0), f.get("hive_rss_mb", 0), f.get("worker_overhead_mb", 0),
