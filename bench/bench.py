@@ -111,7 +111,11 @@ class RawBaseline:
         raws, runs = [], [[] for _ in scenarios]
         for i in range(warmup + RUNS):
             raw = self.run()
-            results = [scenario() for scenario in scenarios]
+            order = list(range(len(scenarios)))
+            order = order[i % len(order):] + order[:i % len(order)]   # none always goes first
+            results = [None] * len(scenarios)
+            for k in order:
+                results[k] = scenarios[k]()
             if i >= warmup:
                 raws.append(raw)
                 for kept, result in zip(runs, results):
