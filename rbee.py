@@ -124,6 +124,16 @@ def invalid(field, message, suggestion=None):
     return RbeeError("INVALID_REQUEST", "%s: %s" % (field, message), {"field": field}, suggestion)
 
 
+def backend_and_device(body):
+    """A request's optional `backend` (None: the node's best) and its `device` (default 0)."""
+    backend, device = body.get("backend"), body.get("device", 0)
+    if backend is not None and not isinstance(backend, str):
+        raise invalid("backend", "must be a string")
+    if isinstance(device, bool) or not isinstance(device, int):
+        raise invalid("device", "must be an integer")
+    return backend, device
+
+
 # ============================================================================================
 # Narration (SPEC §6): narrate() goes to the current SSE stream, else to stdout as a JSON line
 # ============================================================================================
@@ -968,6 +978,11 @@ class ModelRef(collections.namedtuple("ModelRef", "provider reference selector t
                         "or file:/absolute/path/model.gguf")
 
 
+def model_ref_of(body):
+    """The model reference of a request body (`model_ref`, or `model` as in the queen's tasks)."""
+    return ModelRef.parse(body.get("model_ref") or body.get("model"))
+
+
 def choose_gguf(filenames, selector=None):
     """The file of a GGUF repo to download: the selector (an exact name or a quantisation tag),
     else the only .gguf, else by QUANT_PREFERENCE; never a split part other than the first."""
@@ -1740,14 +1755,14 @@ class Hive(App):
         req.send_json(200, {"models": self.catalog.list()})
 
     def download_model(self, req):
-        ref = ModelRef.parse(req.json.get("model_ref") or req.json.get("model"))
+        ref = model_ref_of(req.json)
         stream = req.sse()
         with narration_to(stream.narration):
             row = self.provisioner.provision(ref)
         stream.finish("end", {"model": row})
 
     def remove_model(self, req):
-        ref = ModelRef.parse(req.json.get("model_ref") or req.json.get("model"))
+        ref = model_ref_of(req.json)
         in_use = [w.worker_id for w in self.registry.all() if ModelRef.parse(w.model_ref)[:2] == ref[:2]]
         if in_use:
             raise RbeeError("INVALID_REQUEST", "Model %s is loaded by %s" % (ref.text, ", ".join(in_use)),
@@ -1782,14 +1797,11 @@ class Hive(App):
 
     def spawn(self, req):
         body = req.json
-        ref = ModelRef.parse(body.get("model_ref") or body.get("model"))
-        import backends
-        backend = body.get("backend") or backends.best()
-        device = body.get("device", 0)
-        if not isinstance(backend, str):
-            raise invalid("backend", "must be a string")
-        if isinstance(device, bool) or not isinstance(device, int):
-            raise invalid("device", "must be an integer")
+        ref = model_ref_of(body)
+        backend, device = backend_and_device(body)
+        if not backend:
+            import backends
+            backend = backends.best()
         stream = req.sse()
         with narration_to(stream.narration):
             worker, timings = self.worker_for(ref, backend, device)
@@ -2267,11 +2279,7 @@ class Queen(App):
         if not isinstance(node, str) or not node:
             raise invalid("node", "must be a node name")
         ref = ModelRef.parse(body.get("model"))
-        backend, device = body.get("backend"), body.get("device", 0)
-        if backend is not None and not isinstance(backend, str):
-            raise invalid("backend", "must be a string")
-        if isinstance(device, bool) or not isinstance(device, int):
-            raise invalid("device", "must be an integer")
+        backend, device = backend_and_device(body)
         self.nodes.resolve(node)   # NODE_NOT_FOUND before the stream starts
         stream = req.sse()
         with narration_to(stream.narration):
@@ -2317,7 +2325,7 @@ class Queen(App):
 
     def download_model(self, req):
         body = req.json
-        ref = ModelRef.parse(body.get("model_ref") or body.get("model"))
+        ref = model_ref_of(body)
         stream = req.sse()
         with narration_to(stream.narration):
             session = self.hive(body.get("node") or "localhost", stream.narration)
@@ -2327,7 +2335,7 @@ class Queen(App):
 
     def remove_model(self, req):
         body = req.json
-        ref = ModelRef.parse(body.get("model_ref") or body.get("model"))
+        ref = model_ref_of(body)
         req.send_json(200, self.hive(body.get("node") or "localhost").call("POST", "/v1/models/remove",
                                                                            {"model_ref": ref.text}))
 
