@@ -256,3 +256,12 @@ def start_queen(roles, env):
     queen.wait_event("http_ready", "queen-rbee")
     queen.url = "http://127.0.0.1:%d" % port
     return queen
+
+
+def kill_queen_and_await_lifelines(queen, marker, within=5.0):
+    """SIGKILL the queen: its hives and their workers must exit by their lifelines within `within` s."""
+    os.kill(queen.proc.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_until(lambda: not [p for p, c in rbee_processes(marker) if " hive " in c or " worker " in c], within,
+               what="hives and workers to exit by their lifelines")
+    assert time.monotonic() - killed < within

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (IN_CI, PY, REPO, assert_no_rbee_left, json_events, rbee_processes, read_until_tokens,
-                      run_rbee, start_keeper, start_queen, wait_until)
+from conftest import (IN_CI, PY, REPO, assert_no_rbee_left, json_events, kill_queen_and_await_lifelines,
+                      rbee_processes, read_until_tokens, run_rbee, start_keeper, start_queen, wait_until)
 from fakehub import FakeHub
 from hosts import (LoopbackSshd, NetnsHosts, SshKeys, listening_ports_local, netns_available, processes_matching,
                    write_ssh_config)
@@ -348,11 +348,7 @@ def test_sigkill_of_the_queen_mid_generation_on_a_remote_node(sim, ssh_env, tmp_
     keeper = start_keeper(infer_args("mac", "--json", "--queen", queen.url, max_tokens=LONG), ssh_env)
     seen = read_until_tokens(keeper, 3)
     assert roles_on(sim, tmp_path).get("worker") == ["mac"]
-    os.kill(queen.proc.pid, signal.SIGKILL)
-    killed = time.monotonic()
-    wait_until(lambda: not [p for p, c in rbee_processes(str(tmp_path)) if " hive " in c or " worker " in c], 5,
-               what="the hive and the worker on mac to exit by their lifelines")
-    assert time.monotonic() - killed < 5
+    kill_queen_and_await_lifelines(queen, str(tmp_path))
     out, err = keeper.communicate(timeout=30)
     err = err.decode()
     assert keeper.returncode == 1, err

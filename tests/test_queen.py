@@ -4,12 +4,11 @@ import json
 import re
 import os
 import signal
-import time
 
 import pytest
 
-from conftest import (assert_no_rbee_left, free_port, json_events, port_open, rbee_processes, read_until_tokens, run_rbee,
-                      start_keeper, start_queen, wait_until)
+from conftest import (assert_no_rbee_left, free_port, json_events, kill_queen_and_await_lifelines, port_open,
+                      rbee_processes, read_until_tokens, run_rbee, start_keeper, start_queen, wait_until)
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 SEED_ACTORS = ("queen-rbee", "rbee-hive", "http-server", "llm-worker-rbee", "device-manager", "model-loader",
@@ -115,12 +114,7 @@ def test_persistent_queen_reuses_the_worker_and_survives_the_keeper(queen, env, 
 def test_sigkill_of_the_queen_mid_generation_leaves_nothing(queen, env, model_ref, tmp_path):
     keeper = start_keeper(infer_args(model_ref, "--json", "--queen", queen.url, max_tokens=1500), env)
     seen = read_until_tokens(keeper, 3)
-    os.kill(queen.proc.pid, signal.SIGKILL)
-    killed = time.monotonic()
-    # the hive and the worker follow by their lifelines
-    wait_until(lambda: not [p for p, c in rbee_processes(str(tmp_path)) if " hive " in c or " worker " in c], 5,
-               what="hive and worker to exit by their lifelines")
-    assert time.monotonic() - killed < 5
+    kill_queen_and_await_lifelines(queen, str(tmp_path))
     out, err = keeper.communicate(timeout=30)
     assert keeper.returncode == 1
     err = err.decode()
