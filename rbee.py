@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """rbee: the machines of a home network or small lab as one LLM inference service.
 
-Architecture (one file, four roles, each a subcommand):
+Architecture (one file, four roles, each a subcommand; the contract is docs/PROTOCOL.md):
 
     keeper  (rbee.py infer, the CLI) -- HTTP+SSE --> queen  (rbee.py queen, 127.0.0.1:8080)
     queen   -- ssh, stdin kept open as lifeline --> hive   (rbee.py hive, one per node, :9200)
@@ -10,9 +10,13 @@ Architecture (one file, four roles, each a subcommand):
 
 Every process narrates: JSON lines on stdout before it serves HTTP and after it stops, SSE events
 while it serves; every parent relays what its children say, so all of it reaches the user's shell.
-Every parent owns its children: closing a child's stdin (or dying) shuts the child down, in
-cascade, so nothing is left behind. Sections below follow the data: shared plumbing (errors,
-narration, HTTP/SSE, processes, ssh), the model catalog, worker, hive, queen, keeper, CLI.
+Beside the narration a child writes control lines (`{"control": "ready", "port": ...}`) that its
+parent acts on. Every parent owns its children: closing a child's stdin (or dying) shuts the
+child down, in cascade, so nothing is left behind. No start-up path asks DNS for anything.
+
+Sections below follow the data: errors, narration, HTTP/SSE plumbing, the Protocol (routes,
+events, control lines, and one client class per role, which every caller uses), processes, ssh,
+the model catalog, worker, hive, queen, keeper, CLI. "PROTOCOL.md §N" cites docs/PROTOCOL.md.
 Only the standard library is imported at top level; `backends/` (llama-cpp-python) and
 huggingface_hub are imported where they are needed.
 """
@@ -32,7 +36,7 @@ import threading
 import time
 import urllib.parse
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 API_VERSION = "v1"
 HERE = os.path.dirname(os.path.abspath(__file__))
 RBEE_PY = os.path.join(HERE, "rbee.py")
@@ -55,6 +59,22 @@ def random_id(nbytes):
     return os.urandom(nbytes).hex()
 
 
+class Once:
+    """A claim that succeeds once: the first `claim()` is True, every later one False (a role's
+    shutdown runs once, whichever signal, request or lifeline asks first)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.claimed = False    #: whether someone has claimed it (set once, under _lock)
+
+    def claim(self):
+        with self._lock:
+            if self.claimed:
+                return False
+            self.claimed = True
+            return True
+
+
 def rbee_home(*parts):
     """A path under $RBEE_HOME (default ~/.rbee), which holds everything a role writes."""
     home = os.environ.get("RBEE_HOME") or os.path.join(os.path.expanduser("~"), ".rbee")
@@ -62,35 +82,28 @@ def rbee_home(*parts):
 
 
 # ============================================================================================
-# Errors (SPEC §7): one envelope everywhere, a suggestion for every code the user can act on
+# Errors (PROTOCOL.md §7): one envelope everywhere, a class per code, a suggestion for each
 # ============================================================================================
 
-ERROR_STATUS = {
-    "INVALID_REQUEST": 400, "INVALID_MODEL_REF": 400, "NODE_NOT_FOUND": 404, "SSH_FAILED": 502,
-    "CONNECTION_TIMEOUT": 504, "VERSION_MISMATCH": 409, "MODEL_NOT_FOUND": 404, "ACCESS_DENIED": 403,
-    "DOWNLOAD_FAILED": 502, "CHECKSUM_MISMATCH": 502, "INSUFFICIENT_DISK": 507, "INSUFFICIENT_RAM": 507,
-    "VRAM_EXHAUSTED": 507, "BACKEND_UNAVAILABLE": 400, "DEVICE_NOT_FOUND": 400, "WORKER_CRASHED": 500,
-    "LOADING_TIMEOUT": 504, "ALL_SLOTS_BUSY": 503, "MISSING_API_KEY": 401, "INVALID_API_KEY": 401,
-    "REQUEST_CANCELLED": 499, "INTERNAL": 500,
-}   # an unknown path, a wrong method and a body over 1 MiB are INVALID_REQUEST with 404, 405, 413
-
-
-DEFAULT_SUGGESTIONS = {   # for errors whose source had nothing more specific to say
-    "INVALID_REQUEST": "Check the command's options: rbee.py infer --help",
-    "CONNECTION_TIMEOUT": "Check that the node is up and reachable, then run the command again",
-    "INTERNAL": "This is a bug in rbee: the logs under $RBEE_HOME/logs (on each machine) have the details",
-    "REQUEST_CANCELLED": "Run the command again",
-}
-
-
 class RbeeError(Exception):
-    """An error with a SPEC §7 code, carried across every hop in the error envelope."""
+    """An error with a code of PROTOCOL.md §7, carried across every hop in the error envelope.
+    Each code has its subclass below; code that branches on an error catches the class."""
 
-    def __init__(self, code, message, details=None, suggestion=None, component=None, status=None):
+    code, status = "INTERNAL", 500
+    default_suggestion = None      # for errors whose source had nothing more specific to say
+    by_code = {}                   # code -> the class an envelope with that code becomes
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        RbeeError.by_code.setdefault(cls.code, cls)   # the first class of a code stands for it
+
+    def __init__(self, message, details=None, suggestion=None, component=None, status=None):
         super().__init__(message)
-        self.code, self.message, self.details = code, message, details or {}
-        self.suggestion, self.component = suggestion or DEFAULT_SUGGESTIONS.get(code), component
-        self.status = status or ERROR_STATUS.get(code, 500)
+        self.message = message                                      #: what went wrong, for a person
+        self.details = details or {}                                #: facts a program can read
+        self.suggestion = suggestion or self.default_suggestion     #: what to run or change
+        self.component = component                                  #: the role that said it
+        self.status = status or type(self).status                   #: its HTTP status
 
     def envelope(self):
         body = {"code": self.code, "message": self.message, "details": self.details}
@@ -100,28 +113,140 @@ class RbeeError(Exception):
             body["component"] = self.component
         return {"error": body}
 
-    @classmethod
-    def from_envelope(cls, data, status=None, component=None):
+    def response_headers(self):
+        return {}
+
+    @staticmethod
+    def of(code, message, details=None, suggestion=None, component=None, status=None):
+        """The error of class `code` (a code this version does not know keeps its name)."""
+        cls = RbeeError.by_code.get(code, InternalError)
+        err = cls(message, details, suggestion, component, status)
+        if code != cls.code and isinstance(code, str):
+            err.code = code
+        return err
+
+    @staticmethod
+    def from_envelope(data, status=None, component=None):
         err = (data or {}).get("error") if isinstance(data, dict) else None
         if not isinstance(err, dict):
-            return cls("INTERNAL", "Unexpected answer: %.200r" % (data,), status=status, component=component)
-        return cls(err.get("code", "INTERNAL"), err.get("message", ""), err.get("details"),
-                   err.get("suggestion"), err.get("component") or component, status)
+            return InternalError("Unexpected answer: %.200r" % (data,), status=status, component=component)
+        return RbeeError.of(err.get("code", "INTERNAL"), err.get("message", ""), err.get("details"),
+                            err.get("suggestion"), err.get("component") or component, status)
 
-    @classmethod
-    def wrap(cls, exc, component=None):
-        """Any exception as an RbeeError (BackendError and friends carry their own code)."""
+    @staticmethod
+    def wrap(exc, component=None):
+        """Any exception as an RbeeError (backends' BackendError carries its own code)."""
         if isinstance(exc, RbeeError):
             if component and not exc.component:
                 exc.component = component
             return exc
-        if getattr(exc, "code", None) in ERROR_STATUS:
-            return cls(exc.code, exc.message, exc.details, exc.suggestion, component)
-        return cls("INTERNAL", "%s: %s" % (type(exc).__name__, exc), component=component)
+        if getattr(exc, "code", None) in RbeeError.by_code:
+            return RbeeError.of(exc.code, exc.message, exc.details, exc.suggestion, component)
+        return InternalError("%s: %s" % (type(exc).__name__, exc), component=component)
+
+
+class InvalidRequest(RbeeError):
+    code, status = "INVALID_REQUEST", 400   # also an unknown path (404), a wrong method (405), a body over 1 MiB (413)
+    default_suggestion = "Check the command's options: rbee.py infer --help"
+
+
+class InvalidModelRef(RbeeError):
+    code, status = "INVALID_MODEL_REF", 400
+
+
+class NodeNotFound(RbeeError):
+    code, status = "NODE_NOT_FOUND", 404
+
+
+class SshFailed(RbeeError):
+    code, status = "SSH_FAILED", 502
+
+
+class ConnectionTimeout(RbeeError):
+    code, status = "CONNECTION_TIMEOUT", 504
+    default_suggestion = "Check that the node is up and reachable, then run the command again"
+
+
+class VersionMismatch(RbeeError):
+    code, status = "VERSION_MISMATCH", 409
+
+
+class ModelNotFound(RbeeError):
+    code, status = "MODEL_NOT_FOUND", 404
+
+
+class AccessDenied(RbeeError):
+    code, status = "ACCESS_DENIED", 403
+
+
+class DownloadFailed(RbeeError):
+    code, status = "DOWNLOAD_FAILED", 502
+
+
+class ChecksumMismatch(RbeeError):
+    code, status = "CHECKSUM_MISMATCH", 502
+
+
+class InsufficientDisk(RbeeError):
+    code, status = "INSUFFICIENT_DISK", 507
+
+
+class InsufficientRam(RbeeError):
+    code, status = "INSUFFICIENT_RAM", 507
+
+
+class VramExhausted(RbeeError):
+    code, status = "VRAM_EXHAUSTED", 507
+
+
+class BackendUnavailable(RbeeError):
+    code, status = "BACKEND_UNAVAILABLE", 400
+
+
+class DeviceNotFound(RbeeError):
+    code, status = "DEVICE_NOT_FOUND", 400
+
+
+class WorkerCrashed(RbeeError):
+    code, status = "WORKER_CRASHED", 500
+
+
+class LoadingTimeout(RbeeError):
+    code, status = "LOADING_TIMEOUT", 504
+
+
+class SlotsBusy(RbeeError):
+    code, status = "ALL_SLOTS_BUSY", 503
+
+    def response_headers(self):
+        return {RETRY_AFTER: str(self.details.get("retry_after_s", 1))}
+
+
+class MissingApiKey(RbeeError):
+    code, status = "MISSING_API_KEY", 401
+
+
+class InvalidApiKey(RbeeError):
+    code, status = "INVALID_API_KEY", 401
+
+
+class RequestCancelled(RbeeError):
+    code, status = "REQUEST_CANCELLED", 499
+    default_suggestion = "Run the command again"
+
+
+class InternalError(RbeeError):
+    code, status = "INTERNAL", 500
+    default_suggestion = "This is a bug in rbee: the logs under $RBEE_HOME/logs (on each machine) have the details"
+
+
+class HiveFailed(InternalError):
+    """A hive that did not come up (its process exited, or never said it was ready)."""
+    default_suggestion = None
 
 
 def invalid(field, message, suggestion=None):
-    return RbeeError("INVALID_REQUEST", "%s: %s" % (field, message), {"field": field}, suggestion)
+    return InvalidRequest("%s: %s" % (field, message), {"field": field}, suggestion)
 
 
 def backend_and_device(body):
@@ -135,7 +260,7 @@ def backend_and_device(body):
 
 
 # ============================================================================================
-# Narration (SPEC §6): narrate() goes to the current SSE stream, else to stdout as a JSON line
+# Narration (PROTOCOL.md §6): narrate() goes to the current SSE stream, else to stdout as a JSON line
 # ============================================================================================
 
 _stdout_lock = threading.Lock()
@@ -189,23 +314,47 @@ def human_bytes(n):
         n /= 1024.0
 
 
+def same_output(a, b):
+    """Whether file descriptors `a` and `b` write to the same terminal or file (`2>&1`)."""
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino) or (os.isatty(a) and os.isatty(b)
+                                                               and sa.st_rdev == sb.st_rdev)
+
+
 class NarrationRenderer:
     """Shows narration on stderr as `[actor] cute human`; progress as a bar, redrawn in place
-    on a terminal and printed at most every 10 % otherwise."""
+    on a terminal and printed at most every 10 % otherwise.
 
-    def __init__(self, stream=None, quiet=False):
-        self.stream = stream or sys.stderr
-        self.quiet = quiet
+    Where stdout and stderr reach the same terminal (or file), generated text and narration
+    share lines: a narration line that arrives while the text's line is open starts on a new
+    line of its own (the line break goes to stderr), and the text goes on below it. stdout's own
+    bytes never change."""
+
+    def __init__(self, stream=None, text_fd=1):
+        self.stream = stream or sys.stderr          #: where narration goes
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self._bar_open = False
-        self._last_decile = {}
+        #: whether generated text (on `text_fd`) shares our terminal or file
+        self.shared = same_output(text_fd, self.stream.fileno()) if hasattr(self.stream, "fileno") else False
+        self.text_open = False    #: the last text written ended mid-line (the caller's thread)
+        self._bar_open = False    #: a progress bar is drawn and its line not ended yet
+        self._last_decile = {}    #: (actor, action) -> the last 10 % step printed, off a terminal
 
     def write(self, text):
+        if self.text_open and self.shared:
+            text, self.text_open = "\n" + text, False
         try:
             self.stream.write(text)
             self.stream.flush()
         except (OSError, ValueError):
             pass
+
+    def text_written(self, text):
+        """The caller wrote generated `text` to stdout."""
+        if text:
+            self.text_open = not text.endswith("\n")
 
     def _end_bar(self):
         if self._bar_open:
@@ -213,8 +362,6 @@ class NarrationRenderer:
             self._bar_open = False
 
     def show(self, event):
-        if self.quiet:
-            return
         progress = event.get("progress")
         if isinstance(progress, dict) and progress.get("total"):
             return self._progress(event, progress)
@@ -250,6 +397,17 @@ class NarrationRenderer:
         self.write("\n".join(lines) + "\n")
 
 
+_renderer = None
+
+
+def stderr_renderer():
+    """The process's one renderer on stderr: it keeps the state of the terminal's current line."""
+    global _renderer
+    if _renderer is None:
+        _renderer = NarrationRenderer()
+    return _renderer
+
+
 # ============================================================================================
 # HTTP and SSE: a threaded server whose roles declare routes, and a small client
 # ============================================================================================
@@ -262,19 +420,20 @@ class SSEStream:
     """The response side of one Server-Sent-Events stream. Thread-safe; ends with exactly one
     terminal event (`finish`); a global pinger keeps silent streams alive."""
 
-    _open = set()
+    _open = set()                  # the streams the pinger watches (guarded by _open_lock)
     _open_lock = threading.Lock()
-    _pinger = None
+    _pinger = None                 # the one pinger thread, started with the first stream
 
     def __init__(self, handler):
-        self.handler, self.wfile = handler, handler.wfile
-        self.lock = threading.Lock()
-        self.finished = False
-        self.last_write = time.monotonic()
+        self.handler = handler               #: the request handler whose socket this stream writes
+        self.wfile = handler.wfile
+        self.lock = threading.Lock()         #: one frame at a time (request thread, relays, pinger)
+        self.finished = False                #: no frame may follow (set under `lock`, or by close)
+        self.last_write = time.monotonic()   #: when a frame last left (under `lock`), for the pinger
         with contextlib.suppress(OSError):   # tokens must leave at once, not wait for Nagle
             handler.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         handler.send_response(200)
-        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Content-Type", SSE_CONTENT_TYPE)
         handler.send_header("Cache-Control", "no-cache")
         handler.send_header("Connection", "close")
         handler.end_headers()
@@ -299,10 +458,10 @@ class SSEStream:
         self._write(("event: %s\ndata: %s\n\n" % (event, json.dumps(data, ensure_ascii=False))).encode())
 
     def narration(self, event):
-        self.send("narration", event)
+        self.send(EVENT_NARRATION, event)
 
     def finish(self, event, data):
-        """The one terminal event (`end`, `worker` or `error`)."""
+        """The one terminal event (one of TERMINAL_EVENTS)."""
         try:
             self.send(event, data)
         finally:
@@ -349,9 +508,11 @@ class Request:
     """One HTTP request as a role's handler sees it."""
 
     def __init__(self, handler, params, query):
-        self.handler, self.params, self.query = handler, params, query
+        self.handler = handler              #: http.server's handler of this connection
+        self.params = params                #: the {name} parts of the route's path
+        self.query = query                  #: the query string as a dict
         self.headers = handler.headers
-        self.stream = None
+        self.stream = None                  #: the SSE stream, once the handler opened one
         self._body = handler.read_body()
 
     @property
@@ -361,23 +522,23 @@ class Request:
         try:
             data = json.loads(self._body)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise RbeeError("INVALID_REQUEST", "Malformed JSON body: %s" % exc, {"field": "body"})
+            raise InvalidRequest("Malformed JSON body: %s" % exc, {"field": "body"})
         if not isinstance(data, dict):
             raise invalid("body", "must be a JSON object")
         return data
 
     def bearer(self):
-        auth = self.headers.get("Authorization") or ""
+        auth = self.headers.get(AUTHORIZATION) or ""
         return auth[7:].strip() if auth[:7].lower() == "bearer " else None
 
-    def require_bearer(self, expected, missing="MISSING_API_KEY", wrong="INVALID_API_KEY"):
+    def require_bearer(self, expected):
         """Constant-time check of `Authorization: Bearer <key>`."""
         given = self.bearer()
         if not given:
-            raise RbeeError(missing, "Missing API key (Authorization: Bearer ...)")
+            raise MissingApiKey("Missing API key (%s: Bearer ...)" % AUTHORIZATION)
         import hmac
         if not hmac.compare_digest(given.encode(), expected.encode()):
-            raise RbeeError(wrong, "Invalid API key")
+            raise InvalidApiKey("Invalid API key")
 
     def send_json(self, status, obj, headers=None):
         write_json(self.handler, status, obj, headers)
@@ -393,16 +554,19 @@ class Request:
 
 
 class App:
-    """A role's HTTP API: `routes` maps (METHOD, "/path/{param}") to a handler method name."""
+    """A role's HTTP API: `routes` maps a route of the Protocol section, (METHOD, "/path/{param}"),
+    to the name of its handler method."""
 
     routes = ()
     component = "rbee"
 
     def __init__(self):
         self._routes = [(method, re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$"), name)
-                        for method, path, name in self.routes]
-        self.server = None
-        self.stopped = threading.Event()
+                        for (method, path), name in self.routes]   #: compiled once, read by every request
+        self.server = None                  #: the HTTP server, once serve() bound it
+        self.port = None                    #: the port it is bound to (written once by start)
+        self.stopped = threading.Event()    #: set once the role has cleaned up; run_role then exits
+        self.stopping = Once()              #: claimed by the first shutdown; later ones return at once
 
     def authorize(self, req, name):
         """Raise MISSING_API_KEY/INVALID_API_KEY for a request the role must refuse."""
@@ -415,13 +579,13 @@ class App:
         try:
             if not matched:
                 handler.read_body()
-                raise RbeeError("INVALID_REQUEST", "No such endpoint: %s" % parts.path, {"path": parts.path},
-                                status=404)
+                raise InvalidRequest("No such endpoint: %s" % parts.path, {"path": parts.path},
+                                     status=404)
             route = next(((mo, name) for m, mo, name in matched if m == handler.command), None)
             if route is None:
                 handler.read_body()
                 allowed = sorted({m for m, _, _ in matched})
-                raise RbeeError("INVALID_REQUEST", "%s not allowed on %s (allowed: %s)" % (
+                raise InvalidRequest("%s not allowed on %s (allowed: %s)" % (
                     handler.command, parts.path, ", ".join(allowed)), {"allowed": allowed}, status=405)
             req = Request(handler, route[0].groupdict(), dict(urllib.parse.parse_qsl(parts.query)))
             self.authorize(req, route[1])
@@ -429,7 +593,7 @@ class App:
         except ClientGone:
             pass
         except Exception as exc:  # every failure leaves as an envelope, never as a traceback
-            if not isinstance(exc, RbeeError) and getattr(exc, "code", None) not in ERROR_STATUS:
+            if not isinstance(exc, RbeeError) and getattr(exc, "code", None) not in RbeeError.by_code:
                 if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
                     return
                 import traceback
@@ -438,25 +602,30 @@ class App:
             with contextlib.suppress(ClientGone, OSError):
                 if req is not None and req.stream is not None:
                     if not req.stream.finished:
-                        req.stream.finish("error", err.envelope())
+                        req.stream.finish(EVENT_ERROR, err.envelope())
                 else:
-                    headers = {"Retry-After": "1"} if err.code == "ALL_SLOTS_BUSY" else None
-                    write_json(handler, err.status, err.envelope(), headers)
+                    write_json(handler, err.status, err.envelope(), err.response_headers())
         finally:
             if req is not None and req.stream is not None:
                 req.stream.close()
 
     def serve(self, host, port):
-        """Bind and serve in a background thread; returns the bound port."""
+        """Bind (port 0: any free port) and serve in a background thread; returns the bound port."""
         try:
             self.server = role_server((host, port), self)
         except OSError as exc:
-            raise RbeeError("INTERNAL", "%s cannot listen on %s:%d: %s" % (self.component, host, port, exc.strerror),
-                            {"host": host, "port": port}, "Another program uses the port: stop it or pick another "
-                            "--port", self.component)
+            raise InternalError("%s cannot listen on %s:%d: %s" % (self.component, host, port, exc.strerror),
+                                {"host": host, "port": port}, "Another program uses the port: stop it or pick another "
+                                "--port", self.component)
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
                          daemon=True, name="http").start()
-        return self.server.server_address[1]
+        self.port = self.server.server_address[1]
+        return self.port
+
+    def announce_ready(self, **fields):
+        """The control line that tells the parent process this role serves (PROTOCOL.md §1)."""
+        emit_line(dict({CONTROL: CONTROL_READY, "role": self.component, "port": self.port,
+                        "version": __version__}, **fields))
 
     def stop_serving(self):
         if self.server is not None:
@@ -467,12 +636,19 @@ class App:
 def role_server(address, app):
     """A threaded HTTP server for `app`. http.server is imported here, on first use: it brings
     http.client and the email package (about 15 ms), which a keeper command never needs."""
+    import socketserver
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    
+
     class RoleHTTPServer(ThreadingHTTPServer):
         daemon_threads = True
         allow_reuse_address = True
         request_queue_size = 128
+
+        def server_bind(self):
+            # not HTTPServer.server_bind: it asks DNS for our own name (socket.getfqdn), which
+            # blocks for 10 s on a host whose name does not resolve and whose DNS is unreachable
+            socketserver.TCPServer.server_bind(self)
+            self.server_name, self.server_port = self.server_address[:2]
 
     server = RoleHTTPServer(address, type("RoleRequestHandler", (RoleRequestHandling, BaseHTTPRequestHandler), {}))
     server.app = app
@@ -491,13 +667,13 @@ class RoleRequestHandling:
         """The request body, read once; 413 over 1 MiB (drained so the client sees the answer)."""
         if self._body is None:
             if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                raise RbeeError("INVALID_REQUEST", "Chunked request bodies are not supported; send Content-Length")
+                raise InvalidRequest("Chunked request bodies are not supported; send Content-Length")
             try:
                 length = int(self.headers.get("Content-Length") or 0)
             except ValueError:
-                raise RbeeError("INVALID_REQUEST", "Bad Content-Length header")
+                raise InvalidRequest("Bad Content-Length header")
             if length < 0:
-                raise RbeeError("INVALID_REQUEST", "Bad Content-Length header")
+                raise InvalidRequest("Bad Content-Length header")
             if length > MAX_BODY:
                 self._body = b""
                 with contextlib.suppress(OSError):
@@ -508,8 +684,8 @@ class RoleRequestHandling:
                         if not chunk:
                             break
                         remaining -= len(chunk)
-                raise RbeeError("INVALID_REQUEST", "Request body over 1 MiB (%d bytes)" % length,
-                                {"limit_bytes": MAX_BODY, "content_length": length}, status=413)
+                raise InvalidRequest("Request body over 1 MiB (%d bytes)" % length,
+                                     {"limit_bytes": MAX_BODY, "content_length": length}, status=413)
             self._body = self.rfile.read(length) if length else b""
         return self._body
 
@@ -524,8 +700,8 @@ class RoleRequestHandling:
 
     def send_error(self, code, message=None, explain=None):
         """Protocol-level errors (bad request line, ...) also leave in the envelope."""
-        code_name = "INVALID_REQUEST" if code < 500 or code == 501 else "INTERNAL"   # 501: unknown method
-        envelope = RbeeError(code_name, message or "HTTP %d" % code, status=code).envelope()
+        kind = InvalidRequest if code < 500 or code == 501 else InternalError   # 501: unknown method
+        envelope = kind(message or "HTTP %d" % code, status=code).envelope()
         with contextlib.suppress(OSError):
             write_json(self, code, envelope, {"Connection": "close"})
 
@@ -536,8 +712,13 @@ class RoleRequestHandling:
 def _split_url(url):
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
-        raise RbeeError("INVALID_REQUEST", "Not an http URL: %s" % url)
+        raise InvalidRequest("Not an http URL: %s" % url)
     return parts.hostname, parts.port or 80, (parts.path or "/") + ("?" + parts.query if parts.query else "")
+
+
+def local_address(host):
+    """The address at which this machine reaches a server of its own bound to `host`."""
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
 class HttpResponse:
@@ -548,11 +729,13 @@ class HttpResponse:
     http.client with the email package it imports costs about 12 ms of every start.)"""
 
     def __init__(self, sock):
-        self.sock, self.fp = sock, sock.makefile("rb")
+        self.sock = sock                  #: the connection (one request, one answer)
+        self.fp = sock.makefile("rb")     #: buffered reader of the answer
         parts = self.fp.readline(65537).decode("latin-1").split(None, 2)
         if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
             raise OSError("not an HTTP answer")
-        self.status, self.headers = int(parts[1]), {}
+        self.status = int(parts[1])       #: the HTTP status
+        self.headers = {}                 #: lower-cased header names -> values
         for _ in range(100):
             line = self.fp.readline(65537)
             if line in (b"\r\n", b"\n", b""):
@@ -560,7 +743,7 @@ class HttpResponse:
             key, _, value = line.decode("latin-1").partition(":")
             self.headers[key.strip().lower()] = value.strip()
         length = self.headers.get("content-length")
-        self.length = int(length) if length and length.isdigit() else None
+        self.length = int(length) if length and length.isdigit() else None   #: None: read to the close
 
     def read(self):
         return self.fp.read(self.length) if self.length is not None else self.fp.read()
@@ -575,7 +758,7 @@ class HttpResponse:
 
 
 def http_call(method, url, body=None, headers=None, timeout=30.0, attempts=HTTP_ATTEMPTS, component=None):
-    """Send one request; returns the open response (connect retried per SPEC §9).
+    """Send one request; returns the open response (connect retried per PROTOCOL.md §9).
 
     An error status raises RbeeError from the envelope.
     """
@@ -603,8 +786,8 @@ def http_call(method, url, body=None, headers=None, timeout=30.0, attempts=HTTP_
             resp = HttpResponse(sock)
         except OSError as exc:
             sock.close()
-            raise RbeeError("CONNECTION_TIMEOUT" if isinstance(exc, socket.timeout) else "INTERNAL",
-                            "%s %s failed: %s" % (method, url, exc), {"url": url}, component=component)
+            kind = ConnectionTimeout if isinstance(exc, socket.timeout) else InternalError
+            raise kind("%s %s failed: %s" % (method, url, exc), {"url": url}, component=component)
         if resp.status >= 400:
             raw = resp.read()
             resp.close()
@@ -614,8 +797,8 @@ def http_call(method, url, body=None, headers=None, timeout=30.0, attempts=HTTP_
                 payload = {"error": {"code": "INTERNAL", "message": "HTTP %d from %s" % (resp.status, url)}}
             raise RbeeError.from_envelope(payload, resp.status, component)
         return resp
-    raise RbeeError("CONNECTION_TIMEOUT", "Cannot connect to %s: %s" % (url, last), {"url": url},
-                    component=component)
+    raise ConnectionTimeout("Cannot connect to %s: %s" % (url, last), {"url": url},
+                            component=component)
 
 
 def http_json(method, url, body=None, headers=None, timeout=30.0, attempts=HTTP_ATTEMPTS, component=None):
@@ -645,7 +828,7 @@ def iter_sse(resp):
                 yield event, payload
             event, data = "message", []
         elif line.startswith(":"):
-            yield "ping", None
+            yield EVENT_PING, None
         else:
             field, _, value = line.partition(":")
             value = value[1:] if value.startswith(" ") else value
@@ -661,26 +844,238 @@ def sse_call(method, url, body=None, headers=None, timeout=TOKEN_TIMEOUT, compon
     return resp, iter_sse(resp)
 
 
-def relay_sse(url, body, headers, sink, component, timeout=TOKEN_TIMEOUT):
-    """POST to an SSE endpoint of another role: its narration goes to `sink`, its `error` is
-    raised, and the data of its terminal event (`worker` or `end`) is returned."""
-    resp, events = sse_call("POST", url, body, headers, timeout=timeout, component=component)
-    try:
-        for event, data in events:
-            if event == "narration":
-                sink(data)
-            elif event == "error":
-                raise RbeeError.from_envelope(data, component=component)
-            elif event in ("worker", "end"):
-                return data
-    finally:
-        resp.close()
-    raise RbeeError("INTERNAL", "%s closed the stream without an answer" % component, {"url": url},
-                    component=component)
-
-
 def bearer(token):
-    return {"Authorization": "Bearer " + token} if token else {}
+    return {AUTHORIZATION: "Bearer " + token} if token else {}
+
+
+# ============================================================================================
+# Protocol (docs/PROTOCOL.md): what the roles say to each other, and one client per role
+# ============================================================================================
+
+# Routes, as (method, path). Each role's server builds its route table from these, and the
+# client class of that role below is the one caller of them.
+WORKER_HEALTH, WORKER_EXECUTE = ("GET", "/health"), ("POST", "/execute")
+WORKER_CANCEL, WORKER_SHUTDOWN = ("POST", "/cancel"), ("POST", "/shutdown")
+
+HIVE_HEALTH, HIVE_WORKERS = ("GET", "/v1/health"), ("GET", "/v1/workers/list")
+HIVE_SPAWN, HIVE_READY = ("POST", "/v1/workers/spawn"), ("POST", "/v1/workers/ready")
+HIVE_WORKER_SHUTDOWN = ("POST", "/v1/workers/{worker_id}/shutdown")
+HIVE_MODELS, HIVE_DOWNLOAD = ("GET", "/v1/models"), ("POST", "/v1/models/download")
+HIVE_REMOVE, HIVE_SHUTDOWN = ("POST", "/v1/models/remove"), ("POST", "/v1/shutdown")
+
+QUEEN_HEALTH, QUEEN_TASKS = ("GET", "/health"), ("POST", "/v2/tasks")
+QUEEN_WORKERS, QUEEN_WORKER_SHUTDOWN = ("GET", "/v2/workers"), ("POST", "/v2/workers/shutdown")
+QUEEN_MODELS, QUEEN_DOWNLOAD = ("GET", "/v2/models"), ("POST", "/v2/models/download")
+QUEEN_REMOVE, QUEEN_STATUS = ("POST", "/v2/models/remove"), ("GET", "/v2/status")
+QUEEN_SHUTDOWN = ("POST", "/v2/shutdown")
+
+# SSE events. Every stream ends with exactly one of TERMINAL_EVENTS.
+EVENT_NARRATION, EVENT_STARTED, EVENT_TOKEN = "narration", "started", "token"
+EVENT_END, EVENT_WORKER, EVENT_ERROR = "end", "worker", "error"
+TERMINAL_EVENTS = (EVENT_END, EVENT_WORKER, EVENT_ERROR)
+EVENT_PING = "ping"                  # how iter_sse reports a `: ping` comment (no event of its own)
+SSE_CONTENT_TYPE = "text/event-stream"
+
+# Control lines: JSON lines on a child's stdout beside its narration (which has an `actor`), read
+# by the parent. {"control": "ready", "role", "port", "version"}: the child serves HTTP on `port`.
+CONTROL, CONTROL_READY = "control", "ready"
+# The hive handshake: the first line on the stdin of a `hive --lifeline`, then the lifeline.
+HELLO_TOKEN, HELLO_ENV = "token", "env"
+HELLO_ENV_KEYS = ("HF_TOKEN",)       # secrets a hive gets from the queen's environment, never on argv
+
+# Headers and environment variables that more than one role reads.
+AUTHORIZATION, RETRY_AFTER = "Authorization", "Retry-After"
+ENV_WORKER_API_KEY = "RBEE_WORKER_API_KEY"   # the worker's key, set by its hive
+ENV_HIVE_TOKEN = "RBEE_HIVE_TOKEN"           # the hive's token, for the worker's ready callback
+ENV_QUEEN_URL = "RBEE_QUEEN_URL"             # where the keeper looks for a queen
+
+# What a job's stream yields to a WorkerClient's caller.
+JobStarted = collections.namedtuple("JobStarted", "job_id worker_id")
+Token = collections.namedtuple("Token", "text index")       # a piece of generated text, in order
+Narration = collections.namedtuple("Narration", "event")    # what a hop says while it works
+JobEnded = collections.namedtuple("JobEnded", "stats")      # tokens_out, stop_reason, timings
+
+
+class RoleClient:
+    """Calls one role's HTTP API: plain JSON answers, and streams relayed until their terminal event."""
+
+    component = "rbee"
+
+    def __init__(self, url, token=None):
+        self.url = url.rstrip("/")    #: the role's base URL, as this caller reaches it
+        self.token = token            #: its bearer token or key (None: it asks for none)
+
+    def call(self, route, body=None, timeout=30.0, attempts=HTTP_ATTEMPTS, query=None, **params):
+        method, path = route
+        path = path.format(**{k: urllib.parse.quote(str(v), safe="") for k, v in params.items()})
+        if query:
+            path += "?" + urllib.parse.urlencode(query)
+        return http_json(method, self.url + path, body, bearer(self.token), timeout, attempts, self.component)
+
+    def relay(self, route, body, sink, timeout=TOKEN_TIMEOUT):
+        """POST to a streaming endpoint: its narration goes to `sink`, its `error` is raised, and
+        the data of its terminal event is returned."""
+        resp, events = sse_call(route[0], self.url + route[1], body, bearer(self.token), timeout=timeout,
+                                component=self.component)
+        try:
+            for event, data in events:
+                if event == EVENT_NARRATION:
+                    sink(data)
+                elif event == EVENT_ERROR:
+                    raise RbeeError.from_envelope(data, component=self.component)
+                elif event in TERMINAL_EVENTS:
+                    return data
+        finally:
+            resp.close()
+        raise InternalError("%s closed the stream without an answer" % self.component, {"url": self.url},
+                            component=self.component)
+
+
+class WorkerClient(RoleClient):
+    """A worker (PROTOCOL.md §5.1): jobs for the keeper and the tests, health and shutdown for
+    its hive."""
+
+    component = "llm-worker-rbee"
+
+    def __init__(self, url, api_key=None, worker_id=None, node=None):
+        super().__init__(url, api_key)
+        self.worker_id = worker_id or self.url   #: its id, for messages
+        self.node = node                          #: the node it runs on, for messages
+
+    def health(self, timeout=2.0):
+        return self.call(WORKER_HEALTH, timeout=timeout, attempts=1)
+
+    def cancel(self, job_id, timeout=2.0):
+        """Ask the worker to stop a job (it stays up for the next one); a gone worker is no error."""
+        with contextlib.suppress(RbeeError, OSError):
+            self.call(WORKER_CANCEL, {"job_id": job_id}, timeout=timeout, attempts=1)
+
+    def shutdown(self, timeout=5.0):
+        self.call(WORKER_SHUTDOWN, {}, timeout=timeout, attempts=1)
+
+    def execute(self, body, on_busy=None):
+        """Run a job: yields JobStarted, Narration and Token, then JobEnded; raises the job's
+        error. A busy worker (503) is retried after BUSY_RETRIES seconds (`on_busy(delay)` first).
+        No token for TOKEN_TIMEOUT s, an interrupt, or a caller that lets go of the generator
+        (close it: `contextlib.closing`) cancels the job on the worker."""
+        body = dict(body, job_id=body.get("job_id") or "job-" + random_id(6))
+        for delay in BUSY_RETRIES + (None,):
+            try:
+                resp, events = sse_call(WORKER_EXECUTE[0], self.url + WORKER_EXECUTE[1], body, bearer(self.token),
+                                        component=self.component)
+                break
+            except SlotsBusy:
+                if delay is None:
+                    raise
+                if on_busy:
+                    on_busy(delay)
+                time.sleep(delay)
+        tokens, last_token, ended = 0, time.monotonic(), False
+        try:
+            for event, data in events:
+                if event == EVENT_TOKEN:
+                    tokens, last_token = tokens + 1, time.monotonic()
+                    yield Token(data.get("t", ""), data.get("i"))
+                elif event == EVENT_NARRATION:
+                    yield Narration(data)
+                elif event == EVENT_STARTED:
+                    yield JobStarted(data.get("job_id"), data.get("worker_id"))
+                elif event == EVENT_END:
+                    ended = True
+                    yield JobEnded(data)
+                    return
+                elif event == EVENT_ERROR:
+                    ended = True
+                    raise RbeeError.from_envelope(data, component=self.component)
+                elif time.monotonic() - last_token > TOKEN_TIMEOUT:   # pings alone: alive, but stuck
+                    raise socket.timeout()
+        except socket.timeout:
+            raise ConnectionTimeout("No token from worker %s for %d s" % (self.worker_id, TOKEN_TIMEOUT),
+                                    {"tokens_generated": tokens, "worker_id": self.worker_id, "node": self.node},
+                                    "The node may be overloaded; run the job again", self.component)
+        except OSError:
+            pass   # the connection broke: the worker is gone (below)
+        finally:
+            if not ended:
+                self.cancel(body["job_id"])
+            resp.close()
+        raise WorkerCrashed("Worker %s stopped mid-stream after %d tokens" % (self.worker_id, tokens),
+                            {"tokens_generated": tokens, "worker_id": self.worker_id, "node": self.node},
+                            "Run the command again; if it repeats, see the worker's log on %s under "
+                            "$RBEE_HOME/logs" % (self.node or "its node"), self.component)
+
+
+class HiveClient(RoleClient):
+    """A hive (PROTOCOL.md §5.2): the queen's calls, and the worker's ready callback."""
+
+    component = "rbee-hive"
+
+    def health(self, timeout=2.0):
+        return self.call(HIVE_HEALTH, timeout=timeout, attempts=1)
+
+    def workers(self):
+        return self.call(HIVE_WORKERS, timeout=10)["workers"]
+
+    def spawn(self, body, sink):
+        """A worker for the body's model (provisioned and started if needed): its `worker` event."""
+        return self.relay(HIVE_SPAWN, body, sink, timeout=LOADING_TIMEOUT + 60)
+
+    def ready(self, body):
+        return self.call(HIVE_READY, body, timeout=10)
+
+    def shutdown_worker(self, worker_id):
+        return self.call(HIVE_WORKER_SHUTDOWN, worker_id=worker_id)
+
+    def models(self):
+        return self.call(HIVE_MODELS, timeout=10)["models"]
+
+    def download(self, model_ref, sink):
+        return self.relay(HIVE_DOWNLOAD, {"model_ref": model_ref}, sink, timeout=LOADING_TIMEOUT + 60)
+
+    def remove(self, model_ref):
+        return self.call(HIVE_REMOVE, {"model_ref": model_ref})
+
+    def shutdown(self, timeout=5.0):
+        self.call(HIVE_SHUTDOWN, {}, timeout=timeout, attempts=1)
+
+
+class QueenClient(RoleClient):
+    """A queen (PROTOCOL.md §5.3): every command of the keeper goes through it."""
+
+    component = "queen-rbee"
+
+    def alive(self):
+        try:
+            self.call(QUEEN_HEALTH, timeout=1.0, attempts=1)
+            return True
+        except RbeeError:
+            return False
+
+    def task(self, body, sink):
+        """A worker for the task (the hive started and the model loaded if needed): its `worker` event."""
+        return self.relay(QUEEN_TASKS, body, sink, timeout=LOADING_TIMEOUT + 60)
+
+    def workers(self, node=None):
+        return self.call(QUEEN_WORKERS, query={"node": node} if node else None, timeout=60)["workers"]
+
+    def shutdown_worker(self, node, worker_id):
+        return self.call(QUEEN_WORKER_SHUTDOWN, {"node": node, "worker_id": worker_id}, timeout=60)
+
+    def models(self, node):
+        return self.call(QUEEN_MODELS, query={"node": node}, timeout=60)["models"]
+
+    def download(self, node, model_ref, sink):
+        return self.relay(QUEEN_DOWNLOAD, {"node": node, "model_ref": model_ref}, sink,
+                          timeout=LOADING_TIMEOUT + 60)
+
+    def remove(self, node, model_ref):
+        return self.call(QUEEN_REMOVE, {"node": node, "model_ref": model_ref}, timeout=60)
+
+    def status(self):
+        return self.call(QUEEN_STATUS, timeout=60)
+
+    def shutdown(self):
+        return self.call(QUEEN_SHUTDOWN, {}, timeout=10)
 
 
 # ============================================================================================
@@ -688,13 +1083,18 @@ def bearer(token):
 # ============================================================================================
 
 class ChildOutput(threading.Thread):
-    """Reads a child's stdout: JSON narration lines go to `on_event`, other lines are kept as
-    its tail (the last words of a crashed child); `on_exit(code)` runs when it ends."""
+    """Reads a child's stdout: JSON narration lines go to `on_event`, control lines to
+    `on_control`, other lines are kept as its tail (the last words of a crashed child);
+    `on_exit(code)` runs when it ends."""
 
-    def __init__(self, proc, on_event, on_exit=None, name="child", log=None):
+    def __init__(self, proc, on_event, on_exit=None, name="child", log=None, on_control=None):
         super().__init__(daemon=True, name="out-" + name)
-        self.proc, self.on_event, self.on_exit, self.log = proc, on_event, on_exit, log
-        self.tail = collections.deque(maxlen=20)
+        self.proc = proc                  #: the child whose stdout this thread reads
+        self.on_event = on_event          #: called (in this thread) with each narration event
+        self.on_control = on_control      #: called (in this thread) with each control line
+        self.on_exit = on_exit            #: called (in this thread) with its exit code
+        self.log = log                    #: a file that gets every line, or None
+        self.tail = collections.deque(maxlen=20)   #: its last lines that were not JSON (this thread)
 
     def run(self):
         for raw in iter(self.proc.stdout.readline, b""):
@@ -707,7 +1107,10 @@ class ChildOutput(threading.Thread):
             if line.startswith("{"):
                 with contextlib.suppress(ValueError):
                     event = json.loads(line)
-            if isinstance(event, dict) and "actor" in event:
+            if isinstance(event, dict) and CONTROL in event:
+                if self.on_control:
+                    self.on_control(event)
+            elif isinstance(event, dict) and "actor" in event:
                 with contextlib.suppress(Exception):
                     self.on_event(event)
             elif line.strip():
@@ -817,7 +1220,7 @@ def free_port(host, start):
                 return port
             except OSError:
                 continue
-    raise RbeeError("INTERNAL", "No free port from %d on %s" % (start, host))
+    raise InternalError("No free port from %d on %s" % (start, host))
 
 
 # ============================================================================================
@@ -828,7 +1231,10 @@ class SshTarget:
     """How to reach one node: `argv(command)` is the ssh command line that runs `command` there."""
 
     def __init__(self, host, port=22, user=None, key=None, connect_timeout=10):
-        self.host, self.port, self.user, self.key = host, int(port or 22), user, key
+        self.host = host                  #: a host name, address or ~/.ssh/config alias
+        self.port = int(port or 22)
+        self.user = user                  #: None: ssh's default (config, or the local user)
+        self.key = key                    #: a private key file, or None: ssh's own choice
         self.connect_timeout = connect_timeout
 
     @classmethod
@@ -853,7 +1259,7 @@ class SshTarget:
             args += ["-p", str(self.port)]
         if self.user:
             args += ["-l", self.user]
-        return args + [self.host, command]
+        return args + ["--", self.host, command]   # after --, a host can never be read as an option
 
     def address(self):
         """The node's network address: ssh's own resolution of the host (an alias in
@@ -892,7 +1298,7 @@ def ssh_failure(target, stderr, node=None, attempts=SSH_ATTEMPTS, component="que
         why, hint = "unknown host", "Check the node's --ssh-host (%s)" % target.host
     else:
         why, hint = "host unreachable", "Check that %s is up and sshd listens on port %d" % (target.host, target.port)
-    return RbeeError("SSH_FAILED", "SSH to %s failed after %d attempt%s: %s" % (
+    return SshFailed("SSH to %s failed after %d attempt%s: %s" % (
         target, attempts, "s" if attempts != 1 else "", why),
                      {"node": node, "ssh_host": target.host, "ssh_port": target.port, "attempts": attempts,
                       "ssh_said": text[-400:]},
@@ -900,7 +1306,7 @@ def ssh_failure(target, stderr, node=None, attempts=SSH_ATTEMPTS, component="que
 
 
 def with_ssh_retries(target, node, attempt, actor="queen-rbee"):
-    """Call `attempt()` until ssh gets through, SPEC §9: 3 attempts, 0/200/400 ms apart, the
+    """Call `attempt()` until ssh gets through, PROTOCOL.md §9: 3 attempts, 0/200/400 ms apart, the
     backoff narrated. `attempt` returns (result, None), or (None, ssh's words) when ssh itself
     failed. A refused key is final at once: retrying cannot help."""
     for number in range(1, SSH_ATTEMPTS + 1):
@@ -917,14 +1323,14 @@ def with_ssh_retries(target, node, attempt, actor="queen-rbee"):
 
 
 def ssh_run(target, command, timeout=60, node=None, stdin_data=None, actor="queen-rbee"):
-    """Run `command` on the node; ssh's own failures (exit 255) are retried per SPEC §9."""
+    """Run `command` on the node; ssh's own failures (exit 255) are retried per PROTOCOL.md §9."""
     def attempt():
         try:
             out = subprocess.run(target.argv(command), input=stdin_data, capture_output=True,
                                  timeout=timeout, stdin=None if stdin_data is not None else subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
-            raise RbeeError("CONNECTION_TIMEOUT", "SSH command on %s took over %d s" % (target, timeout),
-                            {"node": node}, "Check the node's load and network", actor)
+            raise ConnectionTimeout("SSH command on %s took over %d s" % (target, timeout),
+                                    {"node": node}, "Check the node's load and network", actor)
         return (None, out.stderr.decode("utf-8", "replace")) if out.returncode == 255 else (out, None)
     return with_ssh_retries(target, node, attempt, actor)
 
@@ -944,7 +1350,7 @@ def remote_command(rbee_dir, python, args, env=None):
 
 
 # ============================================================================================
-# Models: references (SPEC §4), the SQLite catalog (SPEC §3), provisioning from Hugging Face
+# Models: references (PROTOCOL.md §4), the SQLite catalog (PROTOCOL.md §3), provisioning from Hugging Face
 # ============================================================================================
 
 QUANT_PREFERENCE = ("Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q5_K_M", "Q5_0", "Q8_0", "F16")
@@ -959,8 +1365,8 @@ class ModelRef(collections.namedtuple("ModelRef", "provider reference selector t
     @classmethod
     def parse(cls, text):
         if not isinstance(text, str) or not text.strip():
-            raise RbeeError("INVALID_MODEL_REF", "Empty model reference", {"model": text},
-                            "Use hf:ORG/REPO (a GGUF repo on Hugging Face) or file:/absolute/path.gguf")
+            raise InvalidModelRef("Empty model reference", {"model": text},
+                                  "Use hf:ORG/REPO (a GGUF repo on Hugging Face) or file:/absolute/path.gguf")
         text = text.strip()
         match = _HF_REF.match(text)
         if match:
@@ -973,9 +1379,9 @@ class ModelRef(collections.namedtuple("ModelRef", "provider reference selector t
             path = text[len("file://"):] if text.startswith("file://") else text[len("file:"):]
             if path.startswith("/") and not path.endswith("/") and "\0" not in path:
                 return cls("file", os.path.normpath(path), None, "file:" + os.path.normpath(path))
-        raise RbeeError("INVALID_MODEL_REF", "Invalid model reference %r" % text, {"model": text},
-                        "Use hf:ORG/REPO[:FILE_OR_QUANT] (e.g. hf:TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF) "
-                        "or file:/absolute/path/model.gguf")
+        raise InvalidModelRef("Invalid model reference %r" % text, {"model": text},
+                              "Use hf:ORG/REPO[:FILE_OR_QUANT] (e.g. hf:TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF) "
+                              "or file:/absolute/path/model.gguf")
 
 
 def model_ref_of(body):
@@ -1022,7 +1428,7 @@ class ModelCatalog:
                "downloaded_at_unix", "last_used_unix")
 
     def __init__(self, path=None):
-        self.path = path or rbee_home("models.db")
+        self.path = path or rbee_home("models.db")   #: the SQLite file (each call opens its own connection)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         with self._db() as db:
             db.execute(self.SCHEMA)
@@ -1089,9 +1495,9 @@ def require_hub():
     """huggingface_hub, which only downloads need, or a clear error saying how to get it."""
     import importlib.util
     if importlib.util.find_spec("huggingface_hub") is None:
-        raise RbeeError("DOWNLOAD_FAILED", "huggingface_hub is not installed for %s on this node" % sys.executable,
-                        {"python": sys.executable}, "Install it there (pip install huggingface_hub), or let rbee "
-                        "make a venv: rbee.py nodes install NODE")
+        raise DownloadFailed("huggingface_hub is not installed for %s on this node" % sys.executable,
+                             {"python": sys.executable}, "Install it there (pip install huggingface_hub), or let rbee "
+                             "make a venv: rbee.py nodes install NODE")
 
 
 class ModelProvisioner:
@@ -1100,9 +1506,10 @@ class ModelProvisioner:
     sha256 before the catalog sees it. One download per model at a time; others wait for it."""
 
     def __init__(self, catalog, models_dir=None):
-        self.catalog = catalog
-        self.models_dir = models_dir or rbee_home("models")
-        self._locks, self._locks_lock = {}, threading.Lock()
+        self.catalog = catalog            #: where a finished download is recorded
+        self.models_dir = models_dir or rbee_home("models")   #: where downloads go, one folder per repo
+        self._locks = {}                  #: (provider, reference, selector) -> Lock: one provisioning at a time
+        self._locks_lock = threading.Lock()   #: guards _locks
 
     def _lock_for(self, key):
         with self._locks_lock:
@@ -1131,8 +1538,8 @@ class ModelProvisioner:
     def _catalog_file(self, ref):
         path = ref.reference
         if not os.path.isfile(path):
-            raise RbeeError("MODEL_NOT_FOUND", "No model file at %s" % path, {"model": ref.text},
-                            "Check the path; file: models are read on the node that runs the worker")
+            raise ModelNotFound("No model file at %s" % path, {"model": ref.text},
+                                "Check the path; file: models are read on the node that runs the worker")
         return self.catalog.add("file", path, os.path.basename(path), path, os.path.getsize(path))
 
     # -- Hugging Face -----------------------------------------------------------------------
@@ -1142,12 +1549,12 @@ class ModelProvisioner:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if isinstance(exc, errors.GatedRepoError) or status in (401, 403) and not isinstance(
                 exc, errors.RepositoryNotFoundError):
-            return RbeeError("ACCESS_DENIED", "Access to %s denied by Hugging Face (HTTP %s)" % (ref.reference, status),
-                             {"model": ref.text}, "Accept the model's terms on Hugging Face and set HF_TOKEN")
+            return AccessDenied("Access to %s denied by Hugging Face (HTTP %s)" % (ref.reference, status),
+                                {"model": ref.text}, "Accept the model's terms on Hugging Face and set HF_TOKEN")
         if isinstance(exc, (errors.RepositoryNotFoundError, errors.RevisionNotFoundError,
                             errors.EntryNotFoundError)) or status == 404:
-            return RbeeError("MODEL_NOT_FOUND", "Model %s not found on Hugging Face" % ref.reference,
-                             {"model": ref.text}, "Check the spelling of ORG/REPO; a private repo needs HF_TOKEN")
+            return ModelNotFound("Model %s not found on Hugging Face" % ref.reference,
+                                 {"model": ref.text}, "Check the spelling of ORG/REPO; a private repo needs HF_TOKEN")
         return None
 
     def _listing(self, ref):
@@ -1155,8 +1562,8 @@ class ModelProvisioner:
         require_hub()
         from huggingface_hub import HfApi, errors
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-            raise RbeeError("MODEL_NOT_FOUND", "Model %s is not on this node and HF_HUB_OFFLINE is set" % ref.text,
-                            {"model": ref.text}, "Unset HF_HUB_OFFLINE, or download the model while online")
+            raise ModelNotFound("Model %s is not on this node and HF_HUB_OFFLINE is set" % ref.text,
+                                {"model": ref.text}, "Unset HF_HUB_OFFLINE, or download the model while online")
         api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=os.environ.get("HF_TOKEN") or None)
         last = None
         for attempt in range(DOWNLOAD_ATTEMPTS):
@@ -1172,20 +1579,20 @@ class ModelProvisioner:
                 if mapped:
                     raise mapped
                 if isinstance(exc, errors.HFValidationError):
-                    raise RbeeError("INVALID_MODEL_REF", str(exc), {"model": ref.text})
+                    raise InvalidModelRef(str(exc), {"model": ref.text})
                 last = exc
                 if attempt + 1 < DOWNLOAD_ATTEMPTS:
                     time.sleep(0.1 * 2 ** attempt)
-        raise RbeeError("DOWNLOAD_FAILED", "Cannot list %s on Hugging Face: %s" % (ref.reference, last),
-                        {"model": ref.text, "attempts": DOWNLOAD_ATTEMPTS},
-                        "Check the node's network and HF_ENDPOINT (%s)" % (os.environ.get("HF_ENDPOINT") or
+        raise DownloadFailed("Cannot list %s on Hugging Face: %s" % (ref.reference, last),
+                             {"model": ref.text, "attempts": DOWNLOAD_ATTEMPTS},
+                             "Check the node's network and HF_ENDPOINT (%s)" % (os.environ.get("HF_ENDPOINT") or
                                                                            "https://huggingface.co"))
 
     def _download(self, ref):
         files = self._listing(ref)
         filename = choose_gguf(list(files), ref.selector)
         if not filename:
-            raise RbeeError("MODEL_NOT_FOUND", "No GGUF file%s in %s" % (
+            raise ModelNotFound("No GGUF file%s in %s" % (
                 " matching %r" % ref.selector if ref.selector else "", ref.reference),
                 {"model": ref.text, "files": sorted(files)[:20]},
                 "Name a file or quantisation: hf:%s:Q4_K_M" % ref.reference)
@@ -1222,7 +1629,7 @@ class ModelProvisioner:
         import shutil
         free = shutil.disk_usage(dest_dir).free
         if free < size - have:
-            raise RbeeError("INSUFFICIENT_DISK", "Not enough disk for %s: need %s, %s free" % (
+            raise InsufficientDisk("Not enough disk for %s: need %s, %s free" % (
                 filename, human_bytes(size - have), human_bytes(free)),
                 {"required_bytes": size - have, "free_bytes": free, "path": dest_dir},
                 "Free disk space on the node or remove models with `rbee.py models rm REF`")
@@ -1299,10 +1706,10 @@ class ModelProvisioner:
             if last == "CHECKSUM_MISMATCH":
                 os.remove(partial)
         if last == "CHECKSUM_MISMATCH":
-            raise RbeeError("CHECKSUM_MISMATCH", "%s failed its sha256 check %d times" % (filename, DOWNLOAD_ATTEMPTS),
-                            {"model": ref.text, "expected_sha256": sha256},
-                            "The mirror serves corrupt data: try again later or another HF_ENDPOINT")
-        raise RbeeError("DOWNLOAD_FAILED", "Download of %s failed after %d attempts: %s" % (
+            raise ChecksumMismatch("%s failed its sha256 check %d times" % (filename, DOWNLOAD_ATTEMPTS),
+                                   {"model": ref.text, "expected_sha256": sha256},
+                                   "The mirror serves corrupt data: try again later or another HF_ENDPOINT")
+        raise DownloadFailed("Download of %s failed after %d attempts: %s" % (
             filename, DOWNLOAD_ATTEMPTS, last),
             {"model": ref.text, "bytes_kept": have if os.path.exists(partial) else 0},
             "Run the same command again: the download resumes where it stopped")
@@ -1312,7 +1719,9 @@ class DownloadProgress:
     """Narrates download progress at least every 5 % or every second, whichever is rarer."""
 
     def __init__(self, total):
-        self.total, self.last_done, self.last_time = total, -1, 0.0
+        self.total = total                #: bytes of the whole file
+        self.last_done = -1               #: bytes at the last narration (-1: none yet; the download's thread)
+        self.last_time = 0.0              #: when the last narration went out
 
     def update(self, done, force=False):
         now = time.monotonic()
@@ -1359,14 +1768,19 @@ class Job:
         raw = body.get("raw", False)
         if not isinstance(raw, bool):
             raise invalid("raw", "must be true or false")
-        self.job_id, self.prompt, self.stop, self.raw = job_id, prompt, stop, raw
+        self.job_id = job_id              #: the caller's id of the job (for /cancel)
+        self.prompt = prompt              #: the user's text
+        self.stop = stop                  #: the caller's stop strings
+        self.raw = raw                    #: skip the chat template
         self.max_tokens = number("max_tokens", 20, 1, n_ctx, integer=True)
         self.temperature = number("temperature", 0.7, 0, 2)
         self.top_p = number("top_p", 0.95, 0, 1)
         self.top_k = number("top_k", 40, 0, 1 << 20, integer=True)
         self.seed = number("seed", None, -1, (1 << 32) - 1, integer=True)
-        self.cancel = threading.Event()
-        self.interrupted_by = None   # set when the worker itself stops mid-job (not a /cancel)
+        self.template_stop = None         #: the chat template's stop strings (set by the worker)
+        self.stopping_criteria = None     #: the chat template's stopping criteria (set by the worker)
+        self.cancel = threading.Event()   #: set by /cancel, a gone client or shutdown
+        self.interrupted_by = None        #: why the worker itself stopped mid-job (shutdown's thread)
 
 
 def split_at_stop(text, stops):
@@ -1391,7 +1805,8 @@ class ChatPrompt:
     def __init__(self, llm):
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
         eos, bos = llm.token_eos(), llm.token_bos()
-        self.llm = llm
+        self.llm = llm                    #: the model whose tokenizer renders the prompt
+        #: llama-cpp-python's renderer of the template (read-only after this)
         self.formatter = Jinja2ChatFormatter(
             template=llm.metadata["tokenizer.chat_template"],
             eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
@@ -1412,18 +1827,27 @@ class Worker(App):
     """Loads one model, then serves /execute one job at a time (one slot)."""
 
     component = "llm-worker-rbee"
-    routes = (("GET", "/health", "health"), ("POST", "/execute", "execute"),
-              ("POST", "/cancel", "cancel"), ("POST", "/shutdown", "shutdown_request"))
+    routes = ((WORKER_HEALTH, "health"), (WORKER_EXECUTE, "execute"), (WORKER_CANCEL, "cancel"),
+              (WORKER_SHUTDOWN, "shutdown_request"))
 
     def __init__(self, args, api_key):
         super().__init__()
-        self.args, self.api_key = args, api_key
+        self.args = args                  #: the command line
+        self.api_key = api_key            #: the bearer key of /execute, /cancel, /shutdown
         self.worker_id = args.worker_id or "worker-" + random_id(4)
         self.model_ref = args.model_ref or "file:" + os.path.abspath(args.model)
-        self.state, self.job, self.llm, self.memory_mb = "loading", None, None, 0
-        self.slot = threading.Lock()
-        self.last_activity = time.time()
-        self._stopping = threading.Lock()
+        #: loading -> idle <-> busy -> draining; written by the job's request thread (holding
+        #: `slot`) and by shutdown (draining); read by /health
+        self.state = "loading"
+        self.slot = threading.Lock()      #: held by the one running job, and by shutdown at the end
+        self.job = None                   #: the running Job (written under `slot`), for /cancel
+        self.backend = None               #: the backend module (written once by start)
+        self.llm = None                   #: the loaded llama_cpp.Llama (start; shutdown drops it)
+        self.chat = None                  #: the model's chat template, or None (start)
+        self.memory_mb = 0                #: what the model takes in RAM/VRAM (start)
+        self.load_ms = None               #: how long the load took (start)
+        self.url = None                   #: where the worker answers, for its hive (start)
+        self.last_activity = time.time()  #: end of the last job (its request thread)
 
     def authorize(self, req, name):
         if name != "health":
@@ -1439,7 +1863,7 @@ class Worker(App):
         self.backend = backends.require(args.backend, args.device)
         narrate("device-manager", "device_init", "Initialized %s" % self.backend.describe(args.device), "🖥️")
         if not os.path.isfile(args.model):
-            raise RbeeError("MODEL_NOT_FOUND", "No model file at %s" % args.model, {"model": args.model})
+            raise ModelNotFound("No model file at %s" % args.model, {"model": args.model})
         narrate("model-loader", "model_load", "Loading model from %s" % args.model, "📦")
         started = time.monotonic()
         self.llm = self.backend.load(args.model, args.device, args.ctx_size)
@@ -1455,15 +1879,17 @@ class Worker(App):
         narrate("model-loader", "model_loaded", "Model loaded! %d MB cozy in %s!" % (self.memory_mb, where), "🛏️",
                 memory_mb=self.memory_mb, load_ms=self.load_ms)
         port = self.serve(args.host, args.port)
-        self.url = "http://%s:%d" % ("127.0.0.1" if args.host in ("0.0.0.0", "") else args.host, port)
+        self.url = "http://%s:%d" % (local_address(args.host), port)
         self.state = "idle"
         narrate("http-server", "http_ready", "HTTP server ready on port %d" % port, "🚀", port=port)
         if args.hive_url:
             narrate("llm-worker-rbee", "ready_callback", "Reporting ready to rbee-hive", "👋")
-            http_json("POST", args.hive_url.rstrip("/") + "/v1/workers/ready",
-                      {"worker_id": self.worker_id, "url": self.url, "model_ref": self.model_ref,
-                       "backend": args.backend, "device": args.device, "port": port, "load_ms": self.load_ms},
-                      headers=bearer(os.environ.get("RBEE_HIVE_TOKEN")), timeout=10)
+        # after the narration above on the same stdout: a parent that reads this line has relayed it all
+        self.announce_ready(worker_id=self.worker_id)
+        if args.hive_url:
+            HiveClient(args.hive_url, os.environ.get(ENV_HIVE_TOKEN)).ready(
+                {"worker_id": self.worker_id, "url": self.url, "model_ref": self.model_ref, "backend": args.backend,
+                 "device": args.device, "port": port, "load_ms": self.load_ms})
 
     # -- endpoints ------------------------------------------------------------------------------
 
@@ -1489,9 +1915,8 @@ class Worker(App):
         job = Job(req.json, self.args.ctx_size)
         if job.raw or self.chat is None:
             prompt_tokens = self.llm.tokenize(job.prompt.encode("utf-8"), add_bos=True, special=True)
-            job.llama_stop = job.stopping_criteria = None
         else:
-            prompt_tokens, job.llama_stop, job.stopping_criteria = self.chat.render(job.prompt)
+            prompt_tokens, job.template_stop, job.stopping_criteria = self.chat.render(job.prompt)
         n_prompt = len(prompt_tokens)
         if n_prompt >= self.args.ctx_size:
             raise invalid("prompt", "is %d tokens; the context holds %d" % (n_prompt, self.args.ctx_size),
@@ -1514,12 +1939,12 @@ class Worker(App):
 
     def busy(self):
         job = self.job
-        return RbeeError("ALL_SLOTS_BUSY", "Worker %s is busy%s" % (
+        return SlotsBusy("Worker %s is busy%s" % (
             self.worker_id, " with " + job.job_id if job else " (shutting down)"), {"retry_after_s": 1},
             "Retry in a moment, or run another worker for this model")
 
     def _generate(self, stream, job, prompt_tokens):
-        stream.send("started", {"job_id": job.job_id, "worker_id": self.worker_id})
+        stream.send(EVENT_STARTED, {"job_id": job.job_id, "worker_id": self.worker_id})
         with narration_to(stream.narration):
             narrate("llama-backend", "inference_start", "Starting inference (prompt: %d chars, max_tokens: %d)"
                     % (len(job.prompt), job.max_tokens), "🚀", job_id=job.job_id)
@@ -1539,7 +1964,7 @@ class Worker(App):
             started, first_at = time.perf_counter(), None
             chunks = self.llm.create_completion(
                 prompt_tokens, max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
-                top_k=job.top_k, seed=job.seed, stop=job.llama_stop, stopping_criteria=job.stopping_criteria,
+                top_k=job.top_k, seed=job.seed, stop=job.template_stop, stopping_criteria=job.stopping_criteria,
                 stream=True)
             tokens_out = index = 0
             held, stop_reason = "", "max_tokens"
@@ -1557,7 +1982,7 @@ class Worker(App):
                     text, held, stopped = split_at_stop(held + choice["text"], job.stop) if job.stop \
                         else (choice["text"], "", False)
                     if text:
-                        stream.send("token", {"t": text, "i": index})
+                        stream.send(EVENT_TOKEN, {"t": text, "i": index})
                         index += 1
                     if stopped:
                         stop_reason = "stop"
@@ -1566,11 +1991,11 @@ class Worker(App):
                         narrate("llama-backend", "token_generate", "Generated %d tokens" % tokens_out, "🎯",
                                 job_id=job.job_id)
                 if held and stop_reason != "cancelled":
-                    stream.send("token", {"t": held, "i": index})
+                    stream.send(EVENT_TOKEN, {"t": held, "i": index})
             finally:
                 chunks.close()
             if stop_reason == "cancelled" and job.interrupted_by:
-                raise RbeeError("REQUEST_CANCELLED", "Worker %s stopped during job %s after %d tokens (%s)" % (
+                raise RequestCancelled("Worker %s stopped during job %s after %d tokens (%s)" % (
                     self.worker_id, job.job_id, tokens_out, job.interrupted_by),
                     {"tokens_generated": tokens_out, "worker_id": self.worker_id},
                     "Its hive or queen stopped; run the command again", "llm-worker-rbee")
@@ -1580,7 +2005,7 @@ class Worker(App):
                 tokens_out, elapsed * 1000, tokens_out / elapsed), "🎉", job_id=job.job_id)
         # the end event separates the prompt's evaluation from the decoding of the tokens after the first
         decode = ended - first_at if first_at else 0.0
-        stream.finish("end", {"job_id": job.job_id, "tokens_out": tokens_out, "stop_reason": stop_reason,
+        stream.finish(EVENT_END, {"job_id": job.job_id, "tokens_out": tokens_out, "stop_reason": stop_reason,
                               "prompt_eval_ms": round(((first_at or ended) - started) * 1000, 1),
                               "decode_time_ms": round(decode * 1000, 1),
                               "tokens_per_sec": round((tokens_out - 1) / decode, 2) if decode > 0 else 0.0})
@@ -1588,7 +2013,7 @@ class Worker(App):
     # -- shutdown: finish nothing new, unload, exit 0 (narrated on stdout) --------------------------
 
     def shutdown(self, reason="shutdown"):
-        if not self._stopping.acquire(blocking=False):
+        if not self.stopping.claim():
             return
         if self.state == "loading":   # nothing to unload yet
             narrate("llm-worker-rbee", "exit", "Worker exiting (%s during start-up)" % reason, "💤")
@@ -1615,10 +2040,10 @@ class Worker(App):
 
 
 def run_worker(args):
-    api_key = os.environ.get("RBEE_WORKER_API_KEY")
+    api_key = os.environ.get(ENV_WORKER_API_KEY)
     if not api_key:
-        raise RbeeError("MISSING_API_KEY", "RBEE_WORKER_API_KEY is not set", {},
-                        "Set RBEE_WORKER_API_KEY in the worker's environment (never on its command line)")
+        raise MissingApiKey("%s is not set" % ENV_WORKER_API_KEY, {},
+                            "Set %s in the worker's environment (never on its command line)" % ENV_WORKER_API_KEY)
     run_role(Worker(args, api_key), args.lifeline)
 
 
@@ -1629,13 +2054,25 @@ def run_worker(args):
 class WorkerProcess:
     """A worker this hive started: its process, its narration listeners, its readiness."""
 
-    def __init__(self, worker_id, model_ref, backend, device, port, api_key, proc):
-        self.worker_id, self.model_ref, self.backend, self.device = worker_id, model_ref, backend, device
-        self.port, self.api_key, self.proc = port, api_key, proc
-        self.url, self.state, self.last_activity = None, "loading", time.time()
-        self.ready, self.exited = threading.Event(), threading.Event()
-        self.announced = threading.Event()   # its ready_callback narration has been relayed
-        self.listeners, self.output, self.load_ms = [], None, None
+    def __init__(self, worker_id, model_ref, backend, device, host, port, api_key, proc):
+        self.worker_id = worker_id        #: the id the hive gave it
+        self.model_ref = model_ref        #: the reference it was asked for
+        self.backend, self.device = backend, device
+        self.port = port                  #: the port it was told to bind
+        self.api_key = api_key            #: its bearer key, handed to whoever gets this worker
+        self.proc = proc                  #: its process (stdin: its lifeline)
+        self.client = WorkerClient("http://%s:%d" % (local_address(host), port), api_key, worker_id)
+        self.url = None                   #: where it says it answers (its ready callback)
+        #: loading -> idle/busy -> draining -> exited; written by request threads, the reaper and
+        #: the output thread; each write is one assignment, a last writer wins until the next poll
+        self.state = "loading"
+        self.last_activity = time.time()  #: when it last worked or was handed out (same writers)
+        self.load_ms = None               #: how long its model took to load (its ready callback)
+        self.ready = threading.Event()    #: its ready callback came (the /v1/workers/ready thread)
+        self.exited = threading.Event()   #: its process ended (its output thread)
+        self.announced = threading.Event()   #: its ready control line was read: its start-up narration is relayed
+        self.listeners = []               #: narration sinks of the spawns waiting for it (their threads)
+        self.output = None                #: the thread reading its stdout (set once by start_worker)
 
     def public(self):
         return {"worker_id": self.worker_id, "url": self.url, "model_ref": self.model_ref, "backend": self.backend,
@@ -1652,7 +2089,9 @@ class WorkerProcess:
             with contextlib.suppress(ClientGone):
                 listener(event)
         emit_line(dict(event, relayed=True) if listeners else event)
-        if event.get("action") == "ready_callback":
+
+    def control(self, line):
+        if line.get(CONTROL) == CONTROL_READY:
             self.announced.set()
 
     def lost_port(self, host):
@@ -1664,17 +2103,12 @@ class WorkerProcess:
             except OSError:
                 return True
 
-    def request_shutdown(self):
-        http_json("POST", "http://127.0.0.1:%d/shutdown" % self.port, {}, bearer(self.api_key), timeout=5,
-                  attempts=1)
-
-
 class WorkerRegistry:
-    """The hive's in-memory list of workers (SPEC §3: never on disk)."""
+    """The hive's in-memory list of workers (PROTOCOL.md §3: never on disk)."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.workers = {}
+        self.workers = {}    #: worker_id -> WorkerProcess (guarded by `lock`)
 
     def add(self, worker):
         with self.lock:
@@ -1701,26 +2135,25 @@ class WorkerRegistry:
 
 
 class Hive(App):
-    """The pool manager: serves SPEC §5 (Hive) and owns every worker it starts."""
+    """The pool manager: serves PROTOCOL.md §5.2 and owns every worker it starts."""
 
     component = "rbee-hive"
-    routes = (("GET", "/v1/health", "health"), ("GET", "/v1/workers/list", "list_workers"),
-              ("POST", "/v1/workers/spawn", "spawn"), ("POST", "/v1/workers/ready", "worker_ready"),
-              ("POST", "/v1/workers/{worker_id}/shutdown", "shutdown_worker"), ("GET", "/v1/models", "list_models"),
-              ("POST", "/v1/models/download", "download_model"), ("POST", "/v1/models/remove", "remove_model"),
-              ("POST", "/v1/shutdown", "shutdown_request"))
+    routes = ((HIVE_HEALTH, "health"), (HIVE_WORKERS, "list_workers"), (HIVE_SPAWN, "spawn"),
+              (HIVE_READY, "worker_ready"), (HIVE_WORKER_SHUTDOWN, "shutdown_worker"), (HIVE_MODELS, "list_models"),
+              (HIVE_DOWNLOAD, "download_model"), (HIVE_REMOVE, "remove_model"), (HIVE_SHUTDOWN, "shutdown_request"))
 
     def __init__(self, args, token=None):
         super().__init__()
-        self.args, self.token = args, token
-        self.node = args.node_name or socket.gethostname()
-        self.catalog = ModelCatalog()
+        self.args = args                  #: the command line
+        self.token = token                #: the bearer token every request but health must carry (or None)
+        self.node = args.node_name or socket.gethostname()   #: its node's name (no DNS: gethostname is local)
+        self.catalog = ModelCatalog()     #: this node's models.db (each call opens its own connection)
         self.provisioner = ModelProvisioner(self.catalog)
-        self.registry = WorkerRegistry()
-        self._spawn_locks, self._spawn_locks_lock = {}, threading.Lock()
-        self._ports_lock = threading.Lock()
-        self._stopping = threading.Lock()
-        self._backends = None
+        self.registry = WorkerRegistry()  #: the workers it started
+        self._spawn_locks = {}            #: (model, backend, device) -> Lock: one spawn of a model at a time
+        self._spawn_locks_lock = threading.Lock()   #: guards _spawn_locks
+        self._ports_lock = threading.Lock()         #: choosing a worker's port and registering it is one step
+        self._backends = None             #: backends.detect(), asked once (the first health or spawn)
         os.makedirs(rbee_home("logs"), exist_ok=True)
 
     def authorize(self, req, name):
@@ -1729,8 +2162,7 @@ class Hive(App):
 
     @property
     def local_url(self):
-        host = self.args.host
-        return "http://%s:%d" % ("127.0.0.1" if host in ("0.0.0.0", "") else host, self.port)
+        return "http://%s:%d" % (local_address(self.args.host), self.port)
 
     def detected_backends(self):
         if self._backends is None:
@@ -1759,25 +2191,25 @@ class Hive(App):
         stream = req.sse()
         with narration_to(stream.narration):
             row = self.provisioner.provision(ref)
-        stream.finish("end", {"model": row})
+        stream.finish(EVENT_END, {"model": row})
 
     def remove_model(self, req):
         ref = model_ref_of(req.json)
         in_use = [w.worker_id for w in self.registry.all() if ModelRef.parse(w.model_ref)[:2] == ref[:2]]
         if in_use:
-            raise RbeeError("INVALID_REQUEST", "Model %s is loaded by %s" % (ref.text, ", ".join(in_use)),
-                            {"workers": in_use}, "Stop those workers first: rbee.py workers shutdown ID")
+            raise InvalidRequest("Model %s is loaded by %s" % (ref.text, ", ".join(in_use)),
+                                 {"workers": in_use}, "Stop those workers first: rbee.py workers shutdown ID")
         removed = self.catalog.remove(ref)
         if not removed:
-            raise RbeeError("MODEL_NOT_FOUND", "Model %s is not in the catalog of %s" % (ref.text, self.node),
-                            {"model": ref.text}, "See what is there: rbee.py models list")
+            raise ModelNotFound("Model %s is not in the catalog of %s" % (ref.text, self.node),
+                                {"model": ref.text}, "See what is there: rbee.py models list")
         req.send_json(200, {"removed": removed})
 
     def worker_ready(self, req):
         body = req.json
         worker = self.registry.get(body.get("worker_id"))
         if worker is None:
-            raise RbeeError("INVALID_REQUEST", "Unknown worker %r" % body.get("worker_id"), {"field": "worker_id"})
+            raise InvalidRequest("Unknown worker %r" % body.get("worker_id"), {"field": "worker_id"})
         worker.url, worker.load_ms = body.get("url"), body.get("load_ms")
         worker.state, worker.last_activity = "idle", time.time()
         worker.ready.set()
@@ -1786,8 +2218,8 @@ class Hive(App):
     def shutdown_worker(self, req):
         worker = self.registry.get(req.params["worker_id"])
         if worker is None:
-            raise RbeeError("INVALID_REQUEST", "No worker %s on %s" % (req.params["worker_id"], self.node),
-                            {"worker_id": req.params["worker_id"]}, "See the workers: rbee.py workers list")
+            raise InvalidRequest("No worker %s on %s" % (req.params["worker_id"], self.node),
+                                 {"worker_id": req.params["worker_id"]}, "See the workers: rbee.py workers list")
         threading.Thread(target=self.stop_worker, args=(worker,), daemon=True).start()
         req.send_json(202, {"worker_id": worker.worker_id, "state": "draining"})
 
@@ -1805,7 +2237,7 @@ class Hive(App):
         stream = req.sse()
         with narration_to(stream.narration):
             worker, timings = self.worker_for(ref, backend, device)
-        stream.finish("worker", {"worker_id": worker.worker_id, "url": worker.url, "state": worker.state,
+        stream.finish(EVENT_WORKER, {"worker_id": worker.worker_id, "url": worker.url, "state": worker.state,
                                  "api_key": worker.api_key, "backend": backend, "device": device,
                                  "model_ref": ref.text, "timings": timings})
 
@@ -1846,8 +2278,8 @@ class Hive(App):
             try:
                 self.await_ready(worker)
                 return worker
-            except RbeeError as err:
-                if err.code != "WORKER_CRASHED" or attempt == attempts or not worker.lost_port(self.args.host):
+            except WorkerCrashed:
+                if attempt == attempts or not worker.lost_port(self.args.host):
                     raise
                 narrate("rbee-hive", "worker_port_taken", "Port %d was taken while worker %s loaded; starting it "
                         "again on another port" % (worker.port, worker.worker_id), "🔁", worker_id=worker.worker_id)
@@ -1859,7 +2291,7 @@ class Hive(App):
         with self._ports_lock:   # choosing a port and registering its worker is one step
             worker = self._spawn_worker(ref, row, backend, device, port)
         worker.output = ChildOutput(worker.proc, worker.relay, lambda code: self.worker_exited(worker, code),
-                                    worker.worker_id, open_log("%s.log" % worker.worker_id))
+                                    worker.worker_id, open_log("%s.log" % worker.worker_id), worker.control)
         worker.output.start()
         return worker
 
@@ -1868,14 +2300,15 @@ class Hive(App):
         while port in self.registry.ports():
             port = free_port(self.args.host, port + 1)
         worker_id, api_key = "worker-" + random_id(4), random_id(24)
-        env = dict(os.environ, RBEE_WORKER_API_KEY=api_key, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env[ENV_WORKER_API_KEY] = api_key
         if self.token:
-            env["RBEE_HIVE_TOKEN"] = self.token
+            env[ENV_HIVE_TOKEN] = self.token
         argv = [sys.executable, "-u", RBEE_PY, "worker", "--model", row["local_path"], "--backend", backend,
                 "--device", str(device), "--port", str(port), "--host", self.args.host, "--worker-id", worker_id,
                 "--model-ref", ref.text, "--hive-url", self.local_url, "--lifeline"]
         proc = spawn_child(argv, env=env)
-        worker = WorkerProcess(worker_id, ref.text, backend, device, port, api_key, proc)
+        worker = WorkerProcess(worker_id, ref.text, backend, device, self.args.host, port, api_key, proc)
         worker.listeners.append(_current_sink())
         self.registry.add(worker)
         return worker
@@ -1885,23 +2318,24 @@ class Hive(App):
         while not worker.ready.wait(0.05):
             if worker.exited.is_set():
                 last = list(worker.output.tail)[-8:]
-                raise RbeeError("WORKER_CRASHED", "Worker %s exited with code %s before it was ready" % (
+                raise WorkerCrashed("Worker %s exited with code %s before it was ready" % (
                     worker.worker_id, worker.proc.returncode), {"exit_code": worker.proc.returncode,
                                                                 "last_output": last},
                     "See %s for its full output" % rbee_home("logs", worker.worker_id + ".log"))
             if time.monotonic() > deadline:
                 self.stop_worker(worker)
-                raise RbeeError("LOADING_TIMEOUT", "Worker %s did not load its model within %d s" % (
+                raise LoadingTimeout("Worker %s did not load its model within %d s" % (
                     worker.worker_id, LOADING_TIMEOUT), {"worker_id": worker.worker_id},
                     "Check the node's disk and memory; a smaller model loads faster")
         # the worker narrated "HTTP ready" and "ready callback" on stdout before it called us; the
-        # reader thread may not have relayed them yet, and they belong in this spawn's stream
+        # reader thread may not have relayed them yet, and they belong in this spawn's stream: they
+        # have been once it read the ready control line that followed them
         worker.announced.wait(1.0)
 
     def poll_worker(self, worker):
         """The worker's own view of its state (idle/busy), refreshing the registry."""
         try:
-            health = http_json("GET", "http://127.0.0.1:%d/health" % worker.port, timeout=2, attempts=1)
+            health = worker.client.health()
         except RbeeError:
             return worker.state
         worker.state = health.get("state", worker.state)
@@ -1915,13 +2349,13 @@ class Hive(App):
         worker.exited.set()
         worker.state = "exited"
         self.registry.remove(worker.worker_id)
-        if not self._stopping.locked():
+        if not self.stopping.claimed:
             narrate("rbee-hive", "worker_exit", "Worker %s exited (code %s)" % (worker.worker_id, code), "🪦",
                     worker_id=worker.worker_id, level="warn" if code else None)
 
     def stop_worker(self, worker):
         worker.state = "draining"   # inside the queen's 30 s for this hive, a worker gets 20 s
-        stop_child(worker.proc, worker.request_shutdown, timeout=GRACEFUL_TIMEOUT - 10)
+        stop_child(worker.proc, worker.client.shutdown, timeout=GRACEFUL_TIMEOUT - 10)
 
     def idle_reaper(self):
         """Every second: refresh worker states; stop workers idle for longer than --idle-timeout."""
@@ -1937,15 +2371,16 @@ class Hive(App):
     # -- life cycle -----------------------------------------------------------------------------
 
     def start(self):
-        narrate("rbee-hive", "startup", "Starting pool manager on port %d" % self.args.port, "🌅", node=self.node)
-        self.port = self.serve(self.args.host, self.args.port)
+        self.serve(self.args.host, self.args.port)   # first: --port 0 (a local hive) binds a free port
+        narrate("rbee-hive", "startup", "Starting pool manager on port %d" % self.port, "🌅", node=self.node)
         threading.Thread(target=self.idle_reaper, daemon=True, name="idle-reaper").start()
         narrate("http-server", "http_ready", "HTTP server ready on port %d" % self.port, "🚀", node=self.node,
                 port=self.port, version=__version__)
+        self.announce_ready(node=self.node)
 
     def shutdown(self, reason="shutdown"):
         """Stop every worker in parallel, then exit 0 (the catalog is closed after each use)."""
-        if not self._stopping.acquire(blocking=False):
+        if not self.stopping.claim():
             return
         workers = self.registry.all()
         narrate("rbee-hive", "shutdown", "Shutting down pool manager (%s), stopping %d worker(s)" % (
@@ -1974,9 +2409,9 @@ def run_hive(args):
         try:
             hello = json.loads(line)
         except ValueError:
-            raise RbeeError("INVALID_REQUEST", "The first line on a --lifeline hive's stdin must be JSON")
-        token = hello.get("token")
-        os.environ.update({k: str(v) for k, v in (hello.get("env") or {}).items()})
+            raise InvalidRequest("The first line on a --lifeline hive's stdin must be JSON")
+        token = hello.get(HELLO_TOKEN)
+        os.environ.update({k: str(v) for k, v in (hello.get(HELLO_ENV) or {}).items()})
     run_role(Hive(args, token), args.lifeline)
 
 
@@ -1992,7 +2427,7 @@ class NodeRegistry:
     JSON_COLUMNS = ("env", "backends", "devices")
 
     def __init__(self, path=None):
-        self.path = path or rbee_home("beehives.db")
+        self.path = path or rbee_home("beehives.db")   #: the SQLite file (each call opens its own connection)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         with self._db() as db:
             db.execute("""CREATE TABLE IF NOT EXISTS beehives (
@@ -2047,9 +2482,9 @@ class NodeRegistry:
         if name == "localhost":
             return {"node_name": "localhost", "ssh_host": "127.0.0.1", "local": True}
         known = [n["node_name"] for n in self.list()]
-        raise RbeeError("NODE_NOT_FOUND", "Node %r is not registered" % name, {"node": name, "known_nodes": known},
-                        "Register it: rbee.py nodes add %s --ssh-host HOST [--ssh-user USER --ssh-key KEY]" % name,
-                        component="queen-rbee")
+        raise NodeNotFound("Node %r is not registered" % name, {"node": name, "known_nodes": known},
+                           "Register it: rbee.py nodes add %s --ssh-host HOST [--ssh-user USER --ssh-key KEY]" % name,
+                           component="queen-rbee")
 
 
 class HiveSession:
@@ -2057,34 +2492,61 @@ class HiveSession:
     stdin stays open as the hive's lifeline and whose stdout carries its narration."""
 
     def __init__(self, node, token, on_exit):
-        self.node, self.name, self.token = node, node["node_name"], token
-        self.local = bool(node.get("local"))
-        host = "127.0.0.1" if self.local else SshTarget.for_node(node).address()
-        self.url = "http://%s:%d" % (host, HIVE_PORT)
-        self.host = host
-        self.listeners, self.listeners_lock = [], threading.Lock()
-        self.proc = self.output = None
-        self.ready, self.exited = threading.Event(), threading.Event()
-        self.on_exit = on_exit
+        self.node = node                  #: its row in the node registry
+        self.name = node["node_name"]
+        self.token = token                #: the queen's bearer token, given to the hive in the handshake
+        self.local = bool(node.get("local"))   #: node localhost: a local child, no ssh
+        #: where the hive and its workers answer: ssh's own resolution of the node's host, no DNS of ours
+        self.host = "127.0.0.1" if self.local else SshTarget.for_node(node).address()
+        self.client = None                #: a HiveClient once the hive said where it serves (output thread)
+        self.hive_version = None          #: the version its ready line reported (output thread)
+        self.listeners = []               #: narration sinks of the tasks waiting on this node
+        self.listeners_lock = threading.Lock()   #: guards `listeners`
+        self.proc = None                  #: the ssh client or the local child (the starting thread)
+        self.output = None                #: the thread that reads its stdout
+        self.ready = threading.Event()    #: its ready control line came (output thread)
+        self.exited = threading.Event()   #: its process ended (output thread)
+        self.on_exit = on_exit            #: the queen's callback when it ends (output thread)
+        #: ssh connect and start-up times of the last start, reported with the next task
+        #: (written by the output thread and the starting thread; the task takes them once)
         self.timings = {}
-        self.heard = False       # the hive itself said something: ssh got through
+        self.heard = False                #: the hive said something in this attempt: ssh got through
+        self.attempt_started = 0.0        #: when this start attempt began (the starting thread)
 
-    def relay(self, event):
-        """Hive narration goes to the tasks that wait on this node, else to the queen's stdout."""
+    @property
+    def url(self):
+        return self.client.url if self.client else "http://%s:%d" % (self.host, HIVE_PORT)
+
+    def _heard(self):
         if not self.heard:   # its first word: ssh is through and the remote Python runs
             self.heard = True
             self.timings.setdefault("ssh_connect_ms", int((time.monotonic() - self.attempt_started) * 1000))
+
+    def relay(self, event):
+        """Hive narration goes to the tasks that wait on this node, else to the queen's stdout."""
+        self._heard()
         if event.pop("relayed", False):   # the hive's echo of what it already streamed to a task
             return
         event.setdefault("node", self.name)
-        if event.get("action") == "http_ready" and event.get("actor") == "http-server":
-            self.hive_version = event.get("version")
-            self.ready.set()
         with self.listeners_lock:
             listeners = list(self.listeners) or [emit_line]
         for listener in listeners:
             with contextlib.suppress(ClientGone):
                 listener(event)
+
+    def control(self, line):
+        self._heard()
+        if line.get(CONTROL) == CONTROL_READY:
+            self.hive_version = line.get("version")
+            self.client = HiveClient("http://%s:%d" % (self.host, line["port"]), self.token)
+            self.ready.set()
+
+    def tagged(self, sink):
+        """`sink` for narration relayed from this hive's streams, each event marked with the node."""
+        def tag(event):
+            event.setdefault("node", self.name)
+            sink(event)
+        return tag
 
     @contextlib.contextmanager
     def listening(self, sink):
@@ -2097,30 +2559,32 @@ class HiveSession:
                 self.listeners.remove(sink)
 
     def argv(self):
-        args = ["hive", "--lifeline", "--port", str(HIVE_PORT), "--node-name", self.name]
-        if self.local:
-            return [sys.executable, "-u", RBEE_PY] + args + ["--host", "127.0.0.1"]
-        return SshTarget.for_node(self.node).argv(
-            remote_command(self.node.get("rbee_dir"), self.node.get("python"), args, self.node.get("env")))
+        args = ["hive", "--lifeline", "--node-name", self.name]
+        if self.local:   # any free port on loopback: several queens (users, tests) share a machine
+            return [sys.executable, "-u", RBEE_PY] + args + ["--host", "127.0.0.1", "--port", "0"]
+        return SshTarget.for_node(self.node).argv(remote_command(
+            self.node.get("rbee_dir"), self.node.get("python"), args + ["--port", str(HIVE_PORT)],
+            self.node.get("env")))
 
     def start(self):
-        """Start the hive and wait until its HTTP server is up (ssh retried per SPEC §9)."""
+        """Start the hive and wait until it serves (ssh retried per PROTOCOL.md §9)."""
         try:
             self._start()
-        except RbeeError as err:
+        except HiveFailed:
             # A hive of this queen whose ssh session was lost (a network partition: ssh's
             # ServerAlive gave up, but the node never saw the connection close) may still run
             # there and hold the port. It takes our token: stop it, then start a fresh one.
-            if self.local or err.code != "INTERNAL" or not self._stop_leftover():
+            if self.local or not self._stop_leftover():
                 raise
             self._start()
 
     def _stop_leftover(self):
         """Stop a hive of this node that answers on its port and accepts this queen's token."""
+        leftover = HiveClient("http://%s:%d" % (self.host, HIVE_PORT), self.token)
         try:
-            if http_json("GET", self.url + "/v1/health", timeout=2, attempts=1).get("node") != self.name:
+            if leftover.health().get("node") != self.name:
                 return False   # another node's hive on the same machine: not ours to stop
-            http_json("POST", self.url + "/v1/shutdown", {}, bearer(self.token), timeout=5, attempts=1)
+            leftover.shutdown()
         except RbeeError:
             return False   # nothing there, or another queen's hive: the first error stands
         narrate("queen-rbee", "hive_leftover", "Stopping a leftover rbee-hive of this queen on %s (its ssh session "
@@ -2128,7 +2592,7 @@ class HiveSession:
         deadline = time.monotonic() + GRACEFUL_TIMEOUT + 5
         while time.monotonic() < deadline:
             try:
-                http_json("GET", self.url + "/v1/health", timeout=1, attempts=1)
+                leftover.health(timeout=1.0)
             except RbeeError:
                 return True
             time.sleep(0.1)
@@ -2143,10 +2607,10 @@ class HiveSession:
         else:
             with_ssh_retries(SshTarget.for_node(self.node), self.name, self._attempt)
         self.timings["hive_start_ms"] = int((time.monotonic() - started) * 1000)
-        if getattr(self, "hive_version", __version__) != __version__:
+        if self.hive_version != __version__:
             version = self.hive_version
             self.stop()
-            raise RbeeError("VERSION_MISMATCH", "rbee.py on %s is version %s, the queen is %s" % (
+            raise VersionMismatch("rbee.py on %s is version %s, the queen is %s" % (
                 self.name, version, __version__), {"node": self.name, "hive_version": version,
                                                    "queen_version": __version__},
                 "Copy this rbee.py to the node: rbee.py nodes install %s" % self.name, component="queen-rbee")
@@ -2155,15 +2619,16 @@ class HiveSession:
         """One start: (True, None) once the hive serves, (None, ssh's words) when ssh failed."""
         self.ready.clear()
         self.exited.clear()
+        self.client = None
         self.heard, self.attempt_started = False, time.monotonic()
         self.timings.pop("ssh_connect_ms", None)
         self.proc = spawn_child(self.argv(), cwd=HERE)
-        hello = {"token": self.token, "env": {k: os.environ[k] for k in ("HF_TOKEN",) if os.environ.get(k)}}
+        hello = {HELLO_TOKEN: self.token, HELLO_ENV: {k: os.environ[k] for k in HELLO_ENV_KEYS if os.environ.get(k)}}
         with contextlib.suppress(OSError):
             self.proc.stdin.write((json.dumps(hello) + "\n").encode())
             self.proc.stdin.flush()
         self.output = ChildOutput(self.proc, self.relay, self._exited, "hive-" + self.name,
-                                  open_log("hive-%s.log" % self.name))
+                                  open_log("hive-%s.log" % self.name), self.control)
         self.output.start()
         deadline = time.monotonic() + 60
         while not self.ready.wait(0.02):
@@ -2176,25 +2641,16 @@ class HiveSession:
         # ssh exits 255 for its own failures, but also when the remote process died of a
         # signal: a hive that narrated was reached, so that is no ssh failure to retry
         if self.local or self.proc.returncode != 255 or self.heard:
-            raise RbeeError("INTERNAL", "rbee-hive failed to start on %s (exit %s)" % (
-                self.name, self.proc.returncode), {"node": self.name, "last_output": list(self.output.tail)[-8:]},
-                "Check the node: rbee.py nodes check %s (is rbee.py installed there, is port %d free?)" % (
-                    self.name, HIVE_PORT), component="rbee-hive")
+            raise HiveFailed("rbee-hive failed to start on %s (exit %s)" % (self.name, self.proc.returncode),
+                             {"node": self.name, "last_output": list(self.output.tail)[-8:]},
+                             "Check the node: rbee.py nodes check %s%s" % (self.name, "" if self.local else (
+                                 " (is rbee.py installed there, is port %d free?)" % HIVE_PORT)),
+                             component="rbee-hive")
         return None, "\n".join(self.output.tail)
 
     def _exited(self, code):
         self.exited.set()
         self.on_exit(self, code)
-
-    def call(self, method, path, body=None, timeout=30.0):
-        return http_json(method, self.url + path, body, bearer(self.token), timeout=timeout, component="rbee-hive")
-
-    def stream(self, path, body, sink):
-        """Relay a hive SSE endpoint's narration to `sink`; returns its terminal event's data."""
-        def tagged(event):
-            event.setdefault("node", self.name)
-            sink(event)
-        return relay_sse(self.url + path, body, bearer(self.token), tagged, "rbee-hive")
 
     def worker_url(self, url):
         """The worker's URL as the keeper can reach it: the hive's host, the worker's port."""
@@ -2210,28 +2666,29 @@ class HiveSession:
         """Graceful: POST /v1/shutdown, then close the lifeline; SIGKILL after 30 s."""
         if self.proc is None:
             return
-        stop_child(self.proc, lambda: http_json("POST", self.url + "/v1/shutdown", {}, bearer(self.token),
-                                                timeout=5, attempts=1))
+        stop_child(self.proc, self.client.shutdown if self.client else None)
         self.exited.wait(5)
 
 
 class Queen(App):
-    """The orchestrator (SPEC §5 Queen): starts hives on demand and turns a task into a worker."""
+    """The orchestrator (PROTOCOL.md §5.3): starts hives on demand and turns a task into a worker."""
 
     component = "queen-rbee"
-    routes = (("GET", "/health", "health"), ("POST", "/v2/tasks", "task"), ("GET", "/v2/workers", "list_workers"),
-              ("POST", "/v2/workers/shutdown", "shutdown_worker"), ("GET", "/v2/models", "list_models"),
-              ("POST", "/v2/models/download", "download_model"), ("POST", "/v2/models/remove", "remove_model"),
-              ("GET", "/v2/status", "status"), ("POST", "/v2/shutdown", "shutdown_request"))
+    routes = ((QUEEN_HEALTH, "health"), (QUEEN_TASKS, "task"), (QUEEN_WORKERS, "list_workers"),
+              (QUEEN_WORKER_SHUTDOWN, "shutdown_worker"), (QUEEN_MODELS, "list_models"),
+              (QUEEN_DOWNLOAD, "download_model"), (QUEEN_REMOVE, "remove_model"), (QUEEN_STATUS, "status"),
+              (QUEEN_SHUTDOWN, "shutdown_request"))
 
     def __init__(self, args):
         super().__init__()
-        self.args = args
-        self.token = random_id(24)
-        self.nodes = NodeRegistry()
-        self.hives, self.hives_lock = {}, threading.Lock()
+        self.args = args                  #: the command line
+        self.token = random_id(24)        #: the bearer token of every hive this queen starts
+        self.nodes = NodeRegistry()       #: beehives.db (read on every task: the CLI writes it)
+        self.hives = {}                   #: node name -> its running HiveSession (guarded by hives_lock)
+        self.hives_lock = threading.Lock()
+        #: node name -> Lock held while its hive starts (one start per node; the dict's own
+        #: insert is atomic, the Lock serialises the rest)
         self._start_locks = collections.defaultdict(threading.Lock)
-        self._stopping = threading.Lock()
 
     # -- hives ------------------------------------------------------------------------------------
 
@@ -2248,7 +2705,7 @@ class Queen(App):
                 try:
                     session.start()
                 except RbeeError as err:
-                    self.nodes.update(name, status="unreachable" if err.code == "SSH_FAILED" else "reachable",
+                    self.nodes.update(name, status="unreachable" if isinstance(err, SshFailed) else "reachable",
                                       last_error=err.message)
                     raise
             self.nodes.update(name, status="reachable", last_connected_unix=int(time.time()), last_error=None)
@@ -2260,7 +2717,7 @@ class Queen(App):
         with self.hives_lock:
             if self.hives.get(session.name) is session:
                 del self.hives[session.name]
-        if session.ready.is_set() and not self._stopping.locked():
+        if session.ready.is_set() and not self.stopping.claimed:
             narrate("queen-rbee", "hive_exit", "rbee-hive on %s exited (code %s)" % (session.name, code), "🪦",
                     node=session.name)
 
@@ -2285,16 +2742,16 @@ class Queen(App):
         with narration_to(stream.narration):
             session = self.hive(node, stream.narration)
             with session.listening(stream.narration):
-                worker = session.stream("/v1/workers/spawn", {"model_ref": ref.text, "backend": backend,
-                                                               "device": device}, stream.narration)
+                worker = session.client.spawn({"model_ref": ref.text, "backend": backend, "device": device},
+                                              session.tagged(stream.narration))
         timings = dict(session.timings, **(worker.get("timings") or {}))
         session.timings = {}   # the hive start is paid once
-        stream.finish("worker", {"worker_id": worker["worker_id"], "worker_url": session.worker_url(worker["url"]),
+        stream.finish(EVENT_WORKER, {"worker_id": worker["worker_id"], "worker_url": session.worker_url(worker["url"]),
                                  "api_key": worker["api_key"], "node": node, "backend": worker.get("backend"),
                                  "device": worker.get("device"), "model_ref": ref.text, "timings": timings})
 
     def _workers_of(self, session):
-        workers = session.call("GET", "/v1/workers/list", timeout=10)["workers"]
+        workers = session.client.workers()
         for w in workers:
             w.update(node=session.name, url=session.worker_url(w["url"]))
         return workers
@@ -2315,13 +2772,12 @@ class Queen(App):
         node = body.get("node") or "localhost"
         session = next((s for s in self.running_hives() if s.name == node), None)
         if session is None:
-            raise RbeeError("INVALID_REQUEST", "No worker %s: no hive runs on %s" % (body.get("worker_id"), node),
-                            {"node": node}, "See the workers: rbee.py workers list")
-        req.send_json(202, session.call("POST", "/v1/workers/%s/shutdown" % urllib.parse.quote(
-            str(body.get("worker_id")), safe="")))
+            raise InvalidRequest("No worker %s: no hive runs on %s" % (body.get("worker_id"), node),
+                                 {"node": node}, "See the workers: rbee.py workers list")
+        req.send_json(202, session.client.shutdown_worker(str(body.get("worker_id"))))
 
     def list_models(self, req):
-        req.send_json(200, self.hive(req.query.get("node") or "localhost").call("GET", "/v1/models"))
+        req.send_json(200, {"models": self.hive(req.query.get("node") or "localhost").client.models()})
 
     def download_model(self, req):
         body = req.json
@@ -2330,14 +2786,13 @@ class Queen(App):
         with narration_to(stream.narration):
             session = self.hive(body.get("node") or "localhost", stream.narration)
             with session.listening(stream.narration):
-                result = session.stream("/v1/models/download", {"model_ref": ref.text}, stream.narration)
-        stream.finish("end", result)
+                result = session.client.download(ref.text, session.tagged(stream.narration))
+        stream.finish(EVENT_END, result)
 
     def remove_model(self, req):
         body = req.json
         ref = model_ref_of(body)
-        req.send_json(200, self.hive(body.get("node") or "localhost").call("POST", "/v1/models/remove",
-                                                                           {"model_ref": ref.text}))
+        req.send_json(200, self.hive(body.get("node") or "localhost").client.remove(ref.text))
 
     def status(self, req):
         hives = []
@@ -2345,7 +2800,7 @@ class Queen(App):
             entry = {"node": session.name, "url": session.url}
             try:
                 entry["workers"] = self._workers_of(session)
-                entry["models"] = session.call("GET", "/v1/models", timeout=10)["models"]
+                entry["models"] = session.client.models()
             except RbeeError as err:
                 entry["error"] = err.envelope()["error"]
             hives.append(entry)
@@ -2359,13 +2814,14 @@ class Queen(App):
     # -- life cycle -------------------------------------------------------------------------------
 
     def start(self):
-        self.port = self.serve(self.args.host, self.args.port)
+        self.serve(self.args.host, self.args.port)
         narrate("queen-rbee", "http_ready", "Queen ready on %s:%d" % (self.args.host, self.port), "👑",
                 port=self.port, version=__version__)
+        self.announce_ready()
 
     def shutdown(self, reason="shutdown"):
         """Cascade to every hive in parallel, then exit 0."""
-        if not self._stopping.acquire(blocking=False):
+        if not self.stopping.claim():
             return
         with self.hives_lock:
             sessions = list(self.hives.values())
@@ -2409,15 +2865,15 @@ class Keeper:
     answers, and stopping only that one), narration to stderr, results to stdout."""
 
     def __init__(self, args):
-        self.args = args
-        self.queen_url = (getattr(args, "queen", None) or os.environ.get("RBEE_QUEEN_URL")
-                          or DEFAULT_QUEEN_URL).rstrip("/")
-        self.json = getattr(args, "json", False)
-        self.renderer = NarrationRenderer(quiet=getattr(args, "quiet", False))
-        self.queen_proc = None
-        self.job = None          # (worker_url, api_key, job_id) while a job streams
-        self.relay_queen = True
-        self.timings = collections.OrderedDict()
+        self.args = args                  #: the command line
+        #: the queen it talks to: --queen, else $RBEE_QUEEN_URL, else the local default
+        self.queen = QueenClient(getattr(args, "queen", None) or os.environ.get(ENV_QUEEN_URL) or DEFAULT_QUEEN_URL)
+        self.json = getattr(args, "json", False)     #: --json: events on stdout, not text
+        self.quiet = getattr(args, "quiet", False)   #: --quiet: no narration (errors stay)
+        self.renderer = stderr_renderer()            #: narration and errors on stderr
+        self.queen_proc = None            #: the queen this keeper started (ephemeral mode), else None
+        self.relay_queen = True           #: show what the ephemeral queen prints (off once it is stopping)
+        self.timings = collections.OrderedDict()   #: --timings: label -> ms (the main thread)
 
     def __enter__(self):
         return self
@@ -2426,7 +2882,7 @@ class Keeper:
         self.stop_queen()
 
     def show(self, event):
-        if self.renderer.quiet:
+        if self.quiet:
             return
         if self.json:
             emit_line(dict(event="narration", **event))
@@ -2438,41 +2894,36 @@ class Keeper:
 
     # -- the queen --------------------------------------------------------------------------------
 
-    def queen_alive(self):
-        try:
-            http_json("GET", self.queen_url + "/health", timeout=1.0, attempts=1)
-            return True
-        except RbeeError:
-            return False
-
     def ensure_queen(self):
         """Use the queen that answers; else start an ephemeral one on the queen URL's port."""
-        if self.queen_alive():
+        if self.queen.alive():
             return
-        host, port, _ = _split_url(self.queen_url)
+        host, port, _ = _split_url(self.queen.url)
         if host not in ("127.0.0.1", "localhost", "::1"):
-            raise RbeeError("CONNECTION_TIMEOUT", "No queen answers at %s" % self.queen_url, {"queen": self.queen_url},
-                            "Start it there (rbee.py queen) or drop --queen to use a local one", "rbee-keeper")
+            raise ConnectionTimeout("No queen answers at %s" % self.queen.url, {"queen": self.queen.url},
+                                    "Start it there (rbee.py queen) or drop --queen to use a local one", "rbee-keeper")
         ready = threading.Event()
 
         def from_queen(event):
-            if event.get("actor") == "queen-rbee" and event.get("action") == "http_ready":
-                ready.set()
             if self.relay_queen:
                 self.show(event)
+
+        def control(line):
+            if line.get(CONTROL) == CONTROL_READY:
+                ready.set()
         self.queen_proc = spawn_child([sys.executable, "-u", RBEE_PY, "queen", "--host", host, "--port", str(port),
                                        "--lifeline"])
-        output = ChildOutput(self.queen_proc, from_queen, name="queen", log=open_log("queen.log"))
+        output = ChildOutput(self.queen_proc, from_queen, name="queen", log=open_log("queen.log"), on_control=control)
         output.start()
         deadline = time.monotonic() + 30
         while not ready.wait(0.01):
             if self.queen_proc.poll() is not None or time.monotonic() > deadline:
                 self.stop_queen()
-                if self.queen_alive():   # another keeper started one meanwhile: use it, never stop it
+                if self.queen.alive():   # another keeper started one meanwhile: use it, never stop it
                     return
-                raise RbeeError("INTERNAL", "The queen did not start", {"last_output": list(output.tail)[-8:]},
-                                "Is port %d free? Try rbee.py queen --port %d in another terminal" % (port, port),
-                                "queen-rbee")
+                raise InternalError("The queen did not start", {"last_output": list(output.tail)[-8:]},
+                                    "Is port %d free? Try rbee.py queen --port %d in another terminal" % (port, port),
+                                    "queen-rbee")
 
     def stop_queen(self):
         """SIGTERM to the queen this keeper started (never to a persistent one); it cascades."""
@@ -2480,13 +2931,6 @@ class Keeper:
         if proc is not None:
             self.relay_queen = False
             stop_child(proc, graceful=lambda: proc.send_signal(signal.SIGTERM), timeout=GRACEFUL_TIMEOUT + 10)
-
-    def queen(self, method, path, body=None, timeout=60.0):
-        return http_json(method, self.queen_url + path, body, timeout=timeout, component="queen-rbee")
-
-    def queen_stream(self, path, body):
-        """Relay a queen SSE endpoint's narration; returns the data of its terminal event."""
-        return relay_sse(self.queen_url + path, body, None, self.show, "queen-rbee", timeout=LOADING_TIMEOUT + 60)
 
     # -- infer ------------------------------------------------------------------------------------
 
@@ -2499,7 +2943,7 @@ class Keeper:
                 "temperature": args.temperature, "device": args.device}
         if args.backend:
             task["backend"] = args.backend
-        worker = self.queen_stream("/v2/tasks", task)
+        worker = self.queen.task(task, self.show)
         self.timings["worker ready (queen + hive)"] = (time.monotonic() - started) * 1000
         connect = "ssh connect (to the hive's first word)" if args.node != "localhost" else "hive process start"
         for key, label in (("ssh_connect_ms", connect), ("hive_start_ms", "hive ready (HTTP up)"),
@@ -2516,61 +2960,32 @@ class Keeper:
         return 0
 
     def execute(self, worker):
+        """Run the job on the worker; text (or --json events) to stdout as it streams. Ctrl-C, a
+        reader that goes away and errors cancel the job there (WorkerClient.execute)."""
         args = self.args
-        job_id = "job-" + random_id(6)
-        body = {"job_id": job_id, "prompt": args.prompt, "max_tokens": args.max_tokens,
-                "temperature": args.temperature, "raw": args.raw}
+        body = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature,
+                "raw": args.raw}
         body.update((k, getattr(args, k)) for k in ("top_p", "top_k", "seed", "stop") if getattr(args, k) is not None)
-        url, key = worker["worker_url"], worker["api_key"]
-        for delay in BUSY_RETRIES + (None,):
+        client = WorkerClient(worker["worker_url"], worker["api_key"], worker["worker_id"], worker.get("node"))
+
+        def busy(delay):
+            self.say("busy_retry", "Worker %s is busy; retrying in %d s" % (worker["worker_id"], delay), "⏳")
+        tty, posted = sys.stdout.isatty(), time.monotonic()
+        with contextlib.closing(client.execute(body, busy)) as events:
             try:
-                posted = time.monotonic()
-                resp, events = sse_call("POST", url + "/execute", body, bearer(key), component="llm-worker-rbee")
-                break
-            except RbeeError as err:
-                if err.code != "ALL_SLOTS_BUSY" or delay is None:
-                    raise
-                self.say("busy_retry", "Worker %s is busy; retrying in %d s" % (worker["worker_id"], delay), "⏳")
-                time.sleep(delay)
-        self.job = (url, key, job_id)
-        tokens, tty, last_token = 0, sys.stdout.isatty(), time.monotonic()
-        try:
-            for event, data in events:
-                if event == "token":
-                    if not tokens:
-                        self.timings["first token (from /execute)"] = (time.monotonic() - posted) * 1000
-                    tokens, last_token = tokens + 1, time.monotonic()
-                    self.write_out(data.get("t", ""), {"event": "token", "t": data.get("t", ""), "i": data.get("i")})
-                elif event == "narration":
-                    self.show(data)
-                elif event == "end":
-                    self.write_out("\n" if tty else "", dict(event="end", **data))
-                    return data
-                elif event == "error":
-                    raise RbeeError.from_envelope(data, component="llm-worker-rbee")
-                elif time.monotonic() - last_token > TOKEN_TIMEOUT:   # pings alone: alive, but stuck
-                    self.cancel()
-                    raise socket.timeout()
-        except socket.timeout:
-            raise RbeeError("CONNECTION_TIMEOUT", "No token from worker %s for %d s" % (worker["worker_id"],
-                                                                                      TOKEN_TIMEOUT),
-                            {"tokens_generated": tokens}, "The node may be overloaded; run the job again",
-                            "llm-worker-rbee")
-        except (KeyboardInterrupt, StdoutClosed):
-            self.cancel()   # the worker stops this job and stays up for the next one
-            raise
-        except OSError:
-            pass
-        finally:
-            self.job = None
-            resp.close()
-        if tokens and not self.json:
-            self.write_out("\n", None)
-        raise RbeeError("WORKER_CRASHED", "Worker %s stopped mid-stream after %d tokens" % (
-            worker["worker_id"], tokens),
-                        {"tokens_generated": tokens, "worker_id": worker["worker_id"], "node": worker.get("node")},
-                        "Run the command again; if it repeats, see the worker's log on %s under "
-                        "$RBEE_HOME/logs" % worker.get("node"), "llm-worker-rbee")
+                for event in events:
+                    if isinstance(event, Token):
+                        self.timings.setdefault("first token (from /execute)", (time.monotonic() - posted) * 1000)
+                        self.write_out(event.text, {"event": "token", "t": event.text, "i": event.index})
+                    elif isinstance(event, Narration):
+                        self.show(event.event)
+                    elif isinstance(event, JobEnded):
+                        self.write_out("\n" if tty else "", dict(event="end", **event.stats))
+                        return event.stats
+            except RbeeError:
+                if tty and self.renderer.text_open:   # the shell's prompt and the error start on a line of their own
+                    self.write_out("\n", None)
+                raise
 
     def write_out(self, text, event):
         """Generated text (or, with --json, its event) on stdout, flushed at once."""
@@ -2580,17 +2995,11 @@ class Keeper:
                     sys.stdout.write(json.dumps(event, ensure_ascii=False) + "\n")
             elif text:
                 sys.stdout.write(text)
+                self.renderer.text_written(text)
             sys.stdout.flush()
         except BrokenPipeError:   # the reader went away (`| head`): not the worker's fault
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise StdoutClosed()
-
-    def cancel(self):
-        """Ctrl-C: ask the worker to stop the job (it stays up for the next one)."""
-        if self.job:
-            url, key, job_id = self.job
-            with contextlib.suppress(RbeeError, OSError):
-                http_json("POST", url + "/cancel", {"job_id": job_id}, bearer(key), timeout=2, attempts=1)
 
     def show_timings(self, end):
         rows = list(self.timings.items())
@@ -2621,23 +3030,25 @@ def probe_node(target, node, rbee_dir, python):
 
 def cmd_nodes(args):
     registry = NodeRegistry()
-    renderer = NarrationRenderer()
+    renderer = stderr_renderer()
     if args.nodes_cmd == "list":
         for node in registry.list():
             print("%-14s %-28s %-11s %s" % (node["node_name"], "%s:%s" % (node["ssh_host"], node["ssh_port"]),
                                             node["status"], ",".join(node["backends"] or []) or "-"))
+            if node["env"]:
+                print("    env: %s" % " ".join("%s=%s" % kv for kv in sorted(masked_env(node["env"]).items())))
         return 0
     if args.nodes_cmd == "remove":
         if not registry.remove(args.name):
-            raise RbeeError("NODE_NOT_FOUND", "Node %r is not registered" % args.name, {"node": args.name},
-                            "See the registered nodes: rbee.py nodes list")
+            raise NodeNotFound("Node %r is not registered" % args.name, {"node": args.name},
+                               "See the registered nodes: rbee.py nodes list")
         print("Removed node %s" % args.name)
         return 0
     if args.nodes_cmd == "add":
         key = os.path.abspath(os.path.expanduser(args.ssh_key)) if args.ssh_key else None   # the queen runs elsewhere
         node = {"node_name": args.name, "ssh_host": args.ssh_host, "ssh_port": args.ssh_port,
                 "ssh_user": args.ssh_user, "ssh_key_path": key, "rbee_dir": args.rbee_dir,
-                "python": args.python, "env": dict(args.env or [])}
+                "python": args.python, "env": dict(pair for pairs in args.env or [] for pair in pairs)}
         with narration_to(renderer.show):
             info = probe_node(SshTarget.for_node(node), args.name, args.rbee_dir, args.python)
         node.update(backends=list(info.get("backends") or {}), devices=info.get("backends") or {},
@@ -2650,7 +3061,7 @@ def cmd_nodes(args):
         return 0
     node = registry.resolve(args.name)
     if node.get("local"):
-        raise RbeeError("INVALID_REQUEST", "localhost runs rbee from this directory; nothing to %s" % args.nodes_cmd)
+        raise InvalidRequest("localhost runs rbee from this directory; nothing to %s" % args.nodes_cmd)
     target = SshTarget.for_node(node)
     if args.nodes_cmd == "check":
         with narration_to(renderer.show):
@@ -2671,7 +3082,7 @@ def cmd_nodes(args):
                                                  for d in devs)) for name, devs in (info.get("backends") or {}).items())
             or "-"))
         if not same:
-            raise RbeeError("VERSION_MISMATCH", "rbee.py on %s is %s; this one is %s" % (
+            raise VersionMismatch("rbee.py on %s is %s; this one is %s" % (
                 node["node_name"], info.get("rbee_version") or "missing", __version__),
                 {"node": node["node_name"], "rbee_dir": node["rbee_dir"]},
                 "Copy this rbee.py there: rbee.py nodes install %s" % node["node_name"], "rbee-keeper")
@@ -2694,7 +3105,7 @@ def install_node(node, target, args):
     out = ssh_run(target, "mkdir -p %s && tar -xzf - -C %s" % (quoted, quoted), node=node["node_name"],
                   stdin_data=buf.getvalue(), actor="rbee-keeper")
     if out.returncode:
-        raise RbeeError("SSH_FAILED", "Copying rbee.py to %s failed" % node["node_name"],
+        raise SshFailed("Copying rbee.py to %s failed" % node["node_name"],
                         {"said": out.stderr.decode("utf-8", "replace")[-400:]}, "Check write access to %s" % rbee_dir)
     print("Copied rbee.py and backends/ to %s:%s" % (node["node_name"], rbee_dir))
     if args.no_venv:
@@ -2707,8 +3118,8 @@ def install_node(node, target, args):
     print("Installing llama-cpp-python on %s (a first build takes minutes)..." % node["node_name"])
     code = subprocess.call(target.argv(script), stdin=subprocess.DEVNULL)
     if code:
-        raise RbeeError("INTERNAL", "Installing the dependencies on %s failed (exit %d)" % (node["node_name"], code),
-                        {}, "Run the install by hand on the node to see why")
+        raise InternalError("Installing the dependencies on %s failed (exit %d)" % (node["node_name"], code),
+                            {}, "Run the install by hand on the node to see why")
     venv_python = (rbee_dir.rstrip("/") + "/.venv/bin/python")
     NodeRegistry().update(node["node_name"], python=venv_python)
     print("Node %s now uses %s" % (node["node_name"], venv_python))
@@ -2726,12 +3137,12 @@ def cmd_models(args):
         with Keeper(args) as keeper:
             keeper.ensure_queen()
             if args.models_cmd == "list":
-                print_models(keeper.queen("GET", "/v2/models?node=" + urllib.parse.quote(args.node))["models"])
+                print_models(keeper.queen.models(args.node))
             elif args.models_cmd == "download":
-                row = keeper.queen_stream("/v2/models/download", {"node": args.node, "model_ref": args.ref})
+                row = keeper.queen.download(args.node, args.ref, keeper.show)
                 print_models([row["model"]])
             else:
-                removed = keeper.queen("POST", "/v2/models/remove", {"node": args.node, "model_ref": args.ref})
+                removed = keeper.queen.remove(args.node, args.ref)
                 print("Removed %d model(s) from %s" % (len(removed["removed"]), args.node))
         return 0
     catalog = ModelCatalog()
@@ -2739,13 +3150,13 @@ def cmd_models(args):
         print_models(catalog.list())
     elif args.models_cmd == "download":
         ref = ModelRef.parse(args.ref)
-        with narration_to(NarrationRenderer().show):
+        with narration_to(stderr_renderer().show):
             print_models([ModelProvisioner(catalog).provision(ref)])
     else:
         removed = catalog.remove(ModelRef.parse(args.ref))
         if not removed:
-            raise RbeeError("MODEL_NOT_FOUND", "Model %s is not in this machine's catalog" % args.ref,
-                            {"model": args.ref}, "See what is there: rbee.py models list")
+            raise ModelNotFound("Model %s is not in this machine's catalog" % args.ref,
+                                {"model": args.ref}, "See what is there: rbee.py models list")
         print("Removed %s" % ", ".join(r["id"] for r in removed))
     return 0
 
@@ -2754,25 +3165,24 @@ def cmd_workers(args):
     with Keeper(args) as keeper:
         keeper.ensure_queen()
         if args.workers_cmd == "list":
-            path = "/v2/workers" + ("?node=" + urllib.parse.quote(args.node) if args.node else "")
-            for w in keeper.queen("GET", path)["workers"]:
+            for w in keeper.queen.workers(args.node):
                 print("%-16s %-12s %-8s %-30s %-6s %s" % (w["worker_id"], w["node"], w["state"], w["url"],
                                                          "%s:%s" % (w["backend"], w["device"]), w["model_ref"]))
         else:
-            keeper.queen("POST", "/v2/workers/shutdown", {"node": args.node or "localhost", "worker_id": args.id})
+            keeper.queen.shutdown_worker(args.node or "localhost", args.id)
             print("Worker %s is shutting down" % args.id)
     return 0
 
 
 def cmd_status(args):
     keeper = Keeper(args)
-    if not keeper.queen_alive():
-        print("queen:  not running at %s" % keeper.queen_url)
+    if not keeper.queen.alive():
+        print("queen:  not running at %s" % keeper.queen.url)
         for node in NodeRegistry().list():
             print("node:   %-14s %-24s %s" % (node["node_name"], node["ssh_host"], node["status"]))
         return 0
-    status = keeper.queen("GET", "/v2/status")
-    print("queen:  %s (version %s, pid %s)" % (keeper.queen_url, status["version"], status["queen"]["pid"]))
+    status = keeper.queen.status()
+    print("queen:  %s (version %s, pid %s)" % (keeper.queen.url, status["version"], status["queen"]["pid"]))
     for node in status["nodes"]:
         print("node:   %-14s %-24s %s" % (node["node_name"], node["ssh_host"], node["status"]))
     for hive in status["hives"]:
@@ -2796,11 +3206,20 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _env_pair(text):
+def env_pair(text):
+    """`KEY=VALUE` from the command line (the value may hold `=` or be empty)."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError("%r is not KEY=VALUE" % text)
     return key, value
+
+
+SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
+
+
+def masked_env(env):
+    """`env` to show a person: the values of keys that name a secret replaced by ****."""
+    return {k: "****" if any(word in k.upper() for word in SECRET_WORDS) else v for k, v in (env or {}).items()}
 
 
 def _bounded(kind, low, high):
@@ -2876,7 +3295,8 @@ def build_parser():
     a.add_argument("--ssh-key")
     a.add_argument("--rbee-dir", default="~/.rbee/app")
     a.add_argument("--python", default="python3")
-    a.add_argument("--env", nargs="+", metavar="KEY=VALUE", type=_env_pair)
+    a.add_argument("--env", nargs="+", action="append", metavar="KEY=VALUE", type=env_pair,
+                   help="environment of the node's hive; repeat it or give several pairs")
     nodes.add_parser("list")
     for verb in ("remove", "check", "install"):
         n = nodes.add_parser(verb)
@@ -2922,7 +3342,7 @@ def main(argv=None):
     except RbeeError as err:
         if getattr(args, "json", False):
             emit_line(dict(event="error", **err.envelope()))
-        NarrationRenderer().error(err)
+        stderr_renderer().error(err)
         return 1
     except KeyboardInterrupt:
         sys.stderr.write("\n[rbee-keeper] ✋ Interrupted\n")
@@ -2935,7 +3355,7 @@ def main(argv=None):
         with open(rbee_home("logs", "keeper-crash.log"), "a") as log:
             import traceback
             traceback.print_exc(file=log)
-        NarrationRenderer().error(err)
+        stderr_renderer().error(err)
         return 1
 
 

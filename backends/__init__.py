@@ -1,9 +1,9 @@
-"""Backend adapters: one module per accelerator, one interface (SPEC §8).
+"""Backend adapters: one module per accelerator, one interface (PROTOCOL.md §8).
 
 Each module (cpu.py, cuda.py, metal.py) exposes
     available() -> bool
     devices() -> [{index, name, memory_total_mb, memory_free_mb}]
-    preflight(model_size_bytes, device)      raises BackendError with a SPEC §7 code
+    preflight(model_size_bytes, device)      raises BackendError with a PROTOCOL.md §7 code
     load(model_path, device, n_ctx, **opts)  -> llama_cpp.Llama
     memory_used_mb(device) -> int
 Adding ROCm or Vulkan means adding one file and its name to PREFERENCE.
@@ -19,7 +19,7 @@ RAM_FACTOR = 1.2                        # a model needs its size x 1.2 of free m
 
 
 class BackendError(Exception):
-    """An error with a SPEC §7 code; rbee.py renders it in the error envelope."""
+    """An error with a PROTOCOL.md §7 code; rbee.py renders it in the error envelope."""
 
     def __init__(self, code, message, details=None, suggestion=None):
         super().__init__(message)

@@ -80,13 +80,14 @@ def assert_no_rbee_left(marker, within=5.0):
 
 class RoleProcess:
     """A long-lived rbee role (worker, hive, queen) started as a real subprocess; its stdout
-    JSON lines are collected in `events` as they arrive, other lines in `lines`."""
+    narration is collected in `events` as it arrives, its control lines in `controls`, and
+    every line in `lines`."""
 
     def __init__(self, args, env, stdin_data=None):
         self.args = args
         self.proc = subprocess.Popen([PY, "-u", RBEE] + list(args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.events, self.lines = [], []
+        self.events, self.controls, self.lines = [], [], []
         self.cond = threading.Condition()
         if stdin_data is not None:
             self.proc.stdin.write(stdin_data)
@@ -103,7 +104,7 @@ class RoleProcess:
                 except ValueError:
                     event = None
                 if isinstance(event, dict):
-                    self.events.append(event)
+                    (self.controls if "control" in event else self.events).append(event)
                 self.cond.notify_all()
 
     def wait_event(self, action, actor=None, timeout=60.0):
@@ -150,8 +151,9 @@ def env(rbee_home, tmp_path):
     """The environment a user's shell would give rbee, isolated in this test's tmp dir."""
     e = {k: v for k, v in os.environ.items()
          if not k.startswith(("RBEE_", "HF_", "PYTEST_")) and k not in ("HUGGING_FACE_HUB_TOKEN",)}
+    # each test's ephemeral queen on a port of its own: tests run side by side (pytest -n 2)
     e.update(RBEE_HOME=str(rbee_home), HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1",
-             PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+             PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1", RBEE_QUEEN_URL="http://127.0.0.1:%d" % free_port())
     return e
 
 

@@ -51,7 +51,8 @@ def test_seed_flow_on_localhost_ephemeral(env, model_path, model_ref, tmp_path):
     lines = result.stderr.splitlines()
     for actor in SEED_ACTORS:
         assert any(line.startswith("[%s] " % actor) for line in lines), (actor, result.stderr)
-    for needle in ("[rbee-hive] 🌅 Starting pool manager on port 9200", "[http-server] 🚀 HTTP server ready on port 9200",
+    hive_port = int(re.search(r"^\[rbee-hive\] 🌅 Starting pool manager on port (\d+)$", result.stderr, re.M).group(1))
+    for needle in ("[http-server] 🚀 HTTP server ready on port %d" % hive_port,
                    "[llm-worker-rbee] 🌅 Worker starting on port 80", "[llm-worker-rbee] 👋 Reporting ready to rbee-hive",
                    "[tokenizer] 🍰 Tokenized prompt (", "[llama-backend] 🧹 Reset KV cache for fresh start",
                    "[llama-backend] 🎯 Generated 10 tokens", "[llama-backend] 🎉 Inference complete! 20 tokens in "):
@@ -60,7 +61,8 @@ def test_seed_flow_on_localhost_ephemeral(env, model_path, model_ref, tmp_path):
     # the cascade: the keeper waited for it, so nothing is left and the ports are free at once
     assert_no_rbee_left(str(tmp_path), within=5)
     worker_port = int(re.search(r"Worker starting on port (\d+)", result.stderr).group(1))
-    for port in (8080, 9200, worker_port):   # 8001 unless another program held it
+    queen_port = int(env["RBEE_QUEEN_URL"].rsplit(":", 1)[1])   # this test's own (conftest)
+    for port in (queen_port, hive_port, worker_port):   # the worker's is 8001 unless another program held it
         assert not port_open("127.0.0.1", port), port
     # the file: model is cataloged on the node
     import sqlite3
@@ -172,7 +174,8 @@ def test_invalid_model_ref_fails_before_any_process_starts(env, ref, tmp_path):
     assert "Invalid model reference" in result.stderr or "Empty model reference" in result.stderr
     assert "Suggestion: Use hf:ORG/REPO" in result.stderr and "code: INVALID_MODEL_REF" in result.stderr
     assert "Traceback" not in result.stderr
-    assert not port_open("127.0.0.1", 8080)
+    assert not port_open("127.0.0.1", int(env["RBEE_QUEEN_URL"].rsplit(":", 1)[1]))
+    assert not rbee_processes(str(tmp_path))
     assert not os.path.exists(tmp_path / "rbee-home" / "models.db")
 
 

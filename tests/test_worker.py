@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import REPO, free_port, raw_call, raw_request, sse_frames, wait_until
+from conftest import free_port, raw_call, raw_request, sse_frames, wait_until
 
 KEY = "test-key-0123456789"
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
@@ -163,6 +163,10 @@ def test_startup_narration_order_and_ready_callback(roles, env, model_path):
     assert order == [("llm-worker-rbee", "startup"), ("device-manager", "device_init"),
                      ("model-loader", "model_load"), ("model-loader", "model_loaded"),
                      ("http-server", "http_ready"), ("llm-worker-rbee", "ready_callback")]
+    # readiness is a control line of its own, after all the start-up narration, before the callback
+    assert [json.loads(line).get("control") for line in role.lines] == [None] * 6 + ["ready"]
+    ready, = role.controls
+    assert ready["role"] == "llm-worker-rbee" and ready["port"] == port and ready["worker_id"] == "worker-abc123"
     by_action = {e["action"]: e for e in role.events}
     assert by_action["startup"]["human"] == "Worker starting on port %d" % port
     assert by_action["model_load"]["human"] == "Loading model from %s" % model_path
@@ -340,19 +344,22 @@ def test_worker_without_api_key_refuses_to_start(roles, env, model_path):
     assert "Traceback" not in "\n".join(role.lines)
 
 
-@pytest.mark.parametrize("backend,code", [("metal", "BACKEND_UNAVAILABLE"), ("cuda", "BACKEND_UNAVAILABLE")])
-def test_gpu_backend_without_gpu_fails_clearly(roles, env, model_path, backend, code):
+@pytest.mark.parametrize("backend", ["metal", "cuda"])
+def test_gpu_backend_without_gpu_or_device_fails_clearly(roles, env, model_path, backend):
+    """Without the GPU: BACKEND_UNAVAILABLE naming cpu. On a machine that has it, a device it
+    does not have: DEVICE_NOT_FOUND. Either way the worker exits 1 before loading anything."""
     import backends
-    if backends.get(backend).available():   # a real GPU node: this backend is the one under test elsewhere
-        assert backends.get(backend).devices()
-        return
-    role = roles("worker", "--model", model_path, "--backend", backend, "--device", "0", "--port",
+    available = backends.get(backend).available()
+    device = 99 if available else 0
+    role = roles("worker", "--model", model_path, "--backend", backend, "--device", str(device), "--port",
                  str(free_port()), env=dict(env, RBEE_WORKER_API_KEY=KEY))
     assert role.proc.wait(30) == 1
-    error = role.wait_event("error")
-    assert error["error"]["code"] == code
-    assert "cpu" in error["error"]["details"]["available"]
-    assert REPO.exists()
+    error = role.wait_event("error")["error"]
+    if available:
+        assert error["code"] == "DEVICE_NOT_FOUND" and error["details"]["requested"] == 99
+    else:
+        assert error["code"] == "BACKEND_UNAVAILABLE" and "cpu" in error["details"]["available"]
+    assert not any(e.get("action") == "model_load" for e in role.events)
 
 
 def test_a_repeated_prompt_reuses_the_kv_cache_and_gives_the_same_text(worker):
