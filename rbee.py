@@ -2970,7 +2970,7 @@ class Keeper:
 
         def busy(delay):
             self.say("busy_retry", "Worker %s is busy; retrying in %d s" % (worker["worker_id"], delay), "⏳")
-        tty, posted = sys.stdout.isatty(), time.monotonic()
+        tty, posted = not self.json and sys.stdout.isatty(), time.monotonic()
         with contextlib.closing(client.execute(body, busy)) as events:
             try:
                 for event in events:
@@ -2980,12 +2980,17 @@ class Keeper:
                     elif isinstance(event, Narration):
                         self.show(event.event)
                     elif isinstance(event, JobEnded):
-                        self.write_out("\n" if tty else "", dict(event="end", **event.stats))
+                        self.end_text_line(tty)
+                        self.write_out("", dict(event="end", **event.stats))
                         return event.stats
             except RbeeError:
-                if tty and self.renderer.text_open:   # the shell's prompt and the error start on a line of their own
-                    self.write_out("\n", None)
+                self.end_text_line(tty)
                 raise
+
+    def end_text_line(self, tty):
+        """On a terminal, end the text's line: the shell's prompt (or the error) starts a line of its own."""
+        if tty and self.renderer.text_open:
+            self.write_out("\n", None)
 
     def write_out(self, text, event):
         """Generated text (or, with --json, its event) on stdout, flushed at once."""
