@@ -16,6 +16,10 @@ Typical use::
     with NetnsHosts(tmp / "net", keys) as net:       # needs netns_available()
         cfg = write_ssh_config(tmp / "cfg", net.hosts.values(), keys)
         subprocess.run(["ssh", "-F", cfg, "mac", "hostname"])   # -> mac
+
+Several NetnsHosts at once (e.g. one per pytest-xdist worker) need their own
+NS_PREFIX, BRIDGE and SUBNET: the host names stay the same, the namespace
+and interface names do not.
 """
 
 from __future__ import annotations
@@ -268,7 +272,8 @@ class SimHost:
     port: int = 22
     user: str = "root"
     home: Path | None = None  # host-side path of the directory seen as /root there
-    netns: str = ""  # namespace name (same as name)
+    netns: str = ""  # namespace name (NS_PREFIX + name)
+    resolvable: bool = True  # False: its own name does not resolve there, DNS times out
 
 
 def _ip(*args, check=True, input=None) -> subprocess.CompletedProcess:
@@ -320,10 +325,10 @@ class NetnsHosts:
     """Simulated hosts: one network namespace per name, joined by a bridge.
 
     Root namespace: bridge BRIDGE with SUBNET.1/24 (`gateway`). Host i (in
-    the order of NAMES): namespace NAME, eth0 = SUBNET.(i+2)/24, lo up,
-    default route via the gateway, and an sshd on 0.0.0.0:22 started under
-    `unshare --mount --uts --propagation private` with hostname NAME and
-    WORKDIR/NAME-home bind-mounted over /root.
+    the order of NAMES): namespace NS_PREFIX+NAME, eth0 = SUBNET.(i+2)/24,
+    lo up, default route via the gateway, and an sshd on 0.0.0.0:22 started
+    under `unshare --mount --uts --propagation private` with hostname NAME
+    and WORKDIR/NAME-home bind-mounted over /root.
 
     So that a venv made from pyenv's Python (under /root/.pyenv) keeps
     working inside the hosts, the real /root/<p> for each p in
@@ -336,17 +341,28 @@ class NetnsHosts:
     timing out against a DNS server the hosts cannot reach. Everything else
     of the file system (/tmp, /work/main, /usr) is the real one, shared.
 
+    Hosts named in UNRESOLVABLE are air-gapped lab machines whose own name
+    does not resolve: their /etc/hosts lacks their own name (localhost and
+    the other hosts are there), and their /etc/resolv.conf names a
+    nameserver at DEAD_NAMESERVER (default SUBNET.250, an address in the
+    subnet that nobody owns) with the resolver's default timeouts, so a
+    lookup of their own hostname (socket.getfqdn(), which http.server calls
+    on bind) blocks for about 10 s (2 attempts x 5 s) and then fails. A
+    permanent neighbour entry with an unused MAC makes the queries vanish
+    on the bridge (no ARP failure, no ICMP error to cut the wait short).
+
     Processes started with `run_in` / `popen_in` get only the network
     namespace: hostname, /root and /etc are this machine's.
 
-    The namespace, veth and bridge names are fixed by NAMES and BRIDGE, so
-    two instances with the same names cannot run at once (start() of the
-    second tears the first down).
+    The namespace, veth and bridge names are fixed by NS_PREFIX, NAMES and
+    BRIDGE, so two instances with the same of those cannot run at once
+    (start() of the second tears the first down); give each its own
+    NS_PREFIX, BRIDGE and SUBNET.
     """
 
     def __init__(self, workdir, keys: SshKeys, names=("mac", "workstation"),
                  subnet="10.200.0", bridge="rbeebr0", share_from_root=(".pyenv",),
-                 start_timeout=10.0):
+                 start_timeout=10.0, ns_prefix="", unresolvable=(), dead_nameserver=None):
         self.workdir = Path(workdir).absolute()
         if self.workdir == Path("/root") or Path("/root") in self.workdir.parents:
             raise ValueError(f"NetnsHosts workdir must not be under /root (it is hidden "
@@ -356,11 +372,21 @@ class NetnsHosts:
             raise ValueError(f"host names must be unique and non-empty: {names}")
         if len(names) > 250:
             raise ValueError("too many hosts")
+        unresolvable = tuple(unresolvable or ())
+        if not set(unresolvable) <= set(names):
+            raise ValueError(f"unresolvable hosts {unresolvable} not among {names}")
+        if ns_prefix and not all(c.isalnum() or c in "-_." for c in ns_prefix):
+            raise ValueError(f"bad namespace prefix: {ns_prefix!r}")
         self.keys = keys
         self.names = names
         self.subnet = subnet
         self.gateway = f"{subnet}.1"
+        self.dead_nameserver = dead_nameserver or f"{subnet}.250"
         self.bridge = bridge
+        self.ns_prefix = ns_prefix
+        # interface names in the root namespace: unique per prefix (the crc
+        # keeps them unique and within 15 characters)
+        self._if_tag = "".join(c for c in ns_prefix if c.isalnum())
         if len(bridge) > 15:
             raise ValueError(f"bridge name too long (max 15): {bridge}")
         self.share_from_root = tuple(share_from_root or ())
@@ -369,17 +395,27 @@ class NetnsHosts:
         for i, name in enumerate(names):
             self.hosts[name] = SimHost(
                 name=name, address=f"{subnet}.{i + 2}", port=22, user="root",
-                home=self.workdir / f"{name}-home", netns=name,
+                home=self.workdir / f"{name}-home", netns=f"{ns_prefix}{name}",
+                resolvable=name not in unresolvable,
             )
+        if self.dead_nameserver in {h.address for h in self.hosts.values()} | {self.gateway}:
+            raise ValueError(f"dead nameserver {self.dead_nameserver} is a host's address")
         self.authorized_keys = self.workdir / "authorized_keys"
         self.host_key = self.workdir / "ssh_host_ed25519_key"
         self._procs: dict[str, subprocess.Popen] = {}
 
     # -- paths / names
+    def netns(self, name) -> str:
+        """The network namespace of host NAME (`ip netns exec <netns> ...`)."""
+        return self.hosts[name].netns
+
     def veth(self, name) -> str:
         """Name of the host-side (root namespace) end of NAME's veth pair;
         `ip link set <veth> down` cuts that host off silently."""
-        return _veth_name("rbv-", name)
+        return _veth_name(f"rbv{self._if_tag}-", name)
+
+    def _veth_peer(self, name) -> str:
+        return _veth_name(f"rbp{self._if_tag}-", name)
 
     def sshd_log(self, name) -> Path:
         return self.workdir / f"{name}-sshd.log"
@@ -416,20 +452,20 @@ class NetnsHosts:
             f"link set {self.bridge} up",
         ]
         for name in self.names:
-            cmds.append(f"netns add {name}")
+            cmds.append(f"netns add {self.netns(name)}")
         _ip("-batch", "-", input="\n".join(cmds) + "\n")
         cmds = []
         for name in self.names:
-            vh, vp = self.veth(name), _veth_name("rbp-", name)
+            vh, vp = self.veth(name), self._veth_peer(name)
             cmds += [
                 f"link add {vh} type veth peer name {vp}",
-                f"link set {vp} netns {name}",
+                f"link set {vp} netns {self.netns(name)}",
                 f"link set {vh} master {self.bridge}",
                 f"link set {vh} up",
             ]
         _ip("-batch", "-", input="\n".join(cmds) + "\n")
-        for name in self.names:  # inside each namespace (batch lines take no -n)
-            h, vp = self.hosts[name], _veth_name("rbp-", name)
+        for i, name in enumerate(self.names):  # inside each namespace (batch lines take no -n)
+            h, vp = self.hosts[name], self._veth_peer(name)
             cmds = [
                 f"link set {vp} name eth0",
                 f"addr add {h.address}/24 dev eth0",
@@ -437,7 +473,12 @@ class NetnsHosts:
                 "link set lo up",
                 f"route add default via {self.gateway}",
             ]
-            _ip("-n", name, "-batch", "-", input="\n".join(cmds) + "\n")
+            if not h.resolvable:
+                # the DNS queries leave the host and vanish (a locally
+                # administered MAC that no interface has): a real timeout
+                cmds.append(f"neigh replace {self.dead_nameserver} lladdr 02:00:de:ad:{i // 256:02x}:{i % 256:02x} "
+                            f"dev eth0 nud permanent")
+            _ip("-n", h.netns, "-batch", "-", input="\n".join(cmds) + "\n")
 
     def _start_sshd(self, name):
         h = self.hosts[name]
@@ -460,13 +501,18 @@ class NetnsHosts:
         # lookup of their own hostname (e.g. socket.getfqdn(), which
         # http.server calls on bind) would hang ~10 s in resolver timeouts.
         etc_hosts, resolv = self.workdir / f"{name}-etc-hosts", self.workdir / f"{name}-resolv.conf"
-        etc_hosts.write_text(self._etc_hosts())
-        resolv.write_text("# no nameserver: lookups fail fast (127.0.0.1:53 is closed)\n"
-                          "options timeout:1 attempts:1\n")
+        etc_hosts.write_text(self._etc_hosts(name))
+        if h.resolvable:
+            resolv.write_text("# no nameserver: lookups fail fast (127.0.0.1:53 is closed)\n"
+                              "options timeout:1 attempts:1\n")
+        else:
+            # air-gapped: a nameserver nobody answers for, resolver defaults
+            # (timeout 5 s, 2 attempts)
+            resolv.write_text(f"nameserver {self.dead_nameserver}\n")
         script.append(f"mount --bind {q(str(etc_hosts))} /etc/hosts")
         script.append(f"mount --bind {q(str(resolv))} /etc/resolv.conf")
         script.append(f"exec {SSHD} -D -f {q(str(cfg))} -E {q(str(log))}")
-        argv = [IP, "netns", "exec", name, "unshare", "--mount", "--uts",
+        argv = [IP, "netns", "exec", h.netns, "unshare", "--mount", "--uts",
                 "--propagation", "private", "/bin/sh", "-c", "\n".join(script)]
         with open(log, "ab") as errf:
             self._procs[name] = subprocess.Popen(
@@ -474,7 +520,9 @@ class NetnsHosts:
                 preexec_fn=_die_with_parent,
             )
 
-    def _etc_hosts(self) -> str:
+    def _etc_hosts(self, name) -> str:
+        """/etc/hosts as host NAME sees it: localhost, the gateway, every
+        host -- except NAME itself when its name must not resolve."""
         lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
         gw_names = ["gateway"]
         real = socket.gethostname()
@@ -482,6 +530,8 @@ class NetnsHosts:
             gw_names.append(real)
         lines.append(f"{self.gateway}\t{' '.join(gw_names)}")
         for h in self.hosts.values():
+            if h.name == name and not h.resolvable:
+                continue
             lines.append(f"{h.address}\t{h.name}")
         return "\n".join(lines) + "\n"
 
@@ -491,8 +541,8 @@ class NetnsHosts:
         names = list(self.names)
         # 1. kill everything inside the namespaces
         for name in names:
-            if _netns_exists(name):
-                for pid in _netns_pids(name):
+            if _netns_exists(self.netns(name)):
+                for pid in _netns_pids(self.netns(name)):
                     try:
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:
@@ -509,17 +559,20 @@ class NetnsHosts:
         self._procs.clear()
         deadline = time.monotonic() + 5
         for name in names:
-            while _netns_exists(name) and _netns_pids(name) and time.monotonic() < deadline:
+            ns = self.netns(name)
+            while _netns_exists(ns) and _netns_pids(ns) and time.monotonic() < deadline:
                 time.sleep(0.01)
-        # 2. veths (deleting one end removes both), namespaces, bridge
+        # 2. veths (deleting one end removes both; a peer not yet moved into
+        # its namespace by a crashed start too), namespaces, bridge
         for name in names:
-            if _link_exists(self.veth(name)):
-                _ip("link", "del", self.veth(name), check=False)
-            if _netns_exists(name):
-                _ip("netns", "del", name, check=False)
+            for link in (self.veth(name), self._veth_peer(name)):
+                if _link_exists(link):
+                    _ip("link", "del", link, check=False)
+            if _netns_exists(self.netns(name)):
+                _ip("netns", "del", self.netns(name), check=False)
         if _link_exists(self.bridge):
             _ip("link", "del", self.bridge, check=False)
-        leftovers = [n for n in names if _netns_exists(n)]
+        leftovers = [self.netns(n) for n in names if _netns_exists(self.netns(n))]
         leftovers += [self.veth(n) for n in names if _link_exists(self.veth(n))]
         if _link_exists(self.bridge):
             leftovers.append(self.bridge)
@@ -534,18 +587,26 @@ class NetnsHosts:
 
     # -- inspection
     def run_in(self, name, argv, **kw) -> subprocess.CompletedProcess:
-        """`ip netns exec NAME argv...` (network namespace only: the hostname
-        and /root there are the root namespace's, unlike over ssh)."""
-        if name not in self.hosts:
-            raise KeyError(name)
+        """`ip netns exec <netns of NAME> argv...` (network namespace only:
+        the hostname, /root and /etc there are the root namespace's, unlike
+        over ssh)."""
         if isinstance(argv, (str, bytes)):
             argv = [argv]
-        return subprocess.run([IP, "netns", "exec", name, *argv], **kw)
+        return subprocess.run([IP, "netns", "exec", self.netns(name), *argv], **kw)
 
     def popen_in(self, name, argv, **kw) -> subprocess.Popen:
-        if name not in self.hosts:
-            raise KeyError(name)
-        return subprocess.Popen([IP, "netns", "exec", name, *argv], **kw)
+        return subprocess.Popen([IP, "netns", "exec", self.netns(name), *argv], **kw)
+
+    def host_of_netns_inode(self, ino) -> str | None:
+        """The host whose network namespace has inode INO (as in the link
+        /proc/PID/ns/net -> net:[INO]); None for none of them."""
+        for name, h in self.hosts.items():
+            try:
+                if os.stat(f"/run/netns/{h.netns}").st_ino == ino:
+                    return name
+            except OSError:
+                pass
+        return None
 
     def listening_ports(self, name) -> set[int]:
         r = self.run_in(name, ["cat", "/proc/net/tcp", "/proc/net/tcp6"],
@@ -553,7 +614,7 @@ class NetnsHosts:
         return _parse_listen(r.stdout)
 
     def __repr__(self):
-        return f"NetnsHosts({', '.join(f'{h.name}={h.address}' for h in self.hosts.values())})"
+        return f"NetnsHosts({', '.join(f'{h.name}={h.address}' for h in self.hosts.values())}; {self.bridge})"
 
 
 # --------------------------------------------------------------------------

@@ -1,7 +1,13 @@
 """Issue 4 over real ssh: the seed's Test-001 flow end to end, from this machine (keeper + queen) to
-simulated hosts `mac` and `workstation` -- network namespaces at 10.200.0.2/.3, each with its own
-sshd, hostname and home (tests/hosts.py) -- with the model `hf:...` served by a local Hugging Face
-endpoint (tests/fakehub.py) on the gateway 10.200.0.1, downloaded by the real huggingface_hub.
+simulated hosts `mac`, `workstation` and `airgap` -- network namespaces at 10.200.0.2/.3/.4, each
+with its own sshd, hostname and home (tests/hosts.py) -- with the model `hf:...` served by a local
+Hugging Face endpoint (tests/fakehub.py) on the gateway 10.200.0.1, downloaded by the real
+huggingface_hub. `airgap` is an air-gapped lab machine: its own hostname does not resolve there and
+its nameserver never answers, so a lookup of its name blocks for about 10 s.
+
+Under pytest-xdist each worker N (PYTEST_XDIST_WORKER=gwN) gets its own subnet 10.(200+N).0, bridge
+rbeebrN and namespaces wN-mac, wN-workstation, wN-airgap; the host names (hostname there, ssh
+alias, node name) stay the same. Addresses are always taken from the Sim.
 
 Nothing of rbee is mocked: real sshd and ssh client, real processes on every hop, the real model.
 Each test has its own state dirs under its tmp_path (the keeper's/queen's RBEE_HOME, and one
@@ -22,6 +28,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -44,6 +51,18 @@ SEED = ["--prompt", "write a short story", "--max-tokens", "20", "--temperature"
 SEED_ACTORS = ("rbee-hive", "http-server", "model-provisioner", "llm-worker-rbee", "device-manager",
                "model-loader", "tokenizer", "llama-backend")
 LONG = 1500   # tokens: a generation that is still running when a test interrupts it
+AIRGAP = "airgap"   # the simulated host whose own name does not resolve (namespaces only)
+
+
+def xdist_worker_index():
+    """N of pytest-xdist's worker gwN; 0 when not under xdist."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    match = re.fullmatch(r"gw(\d+)", worker)
+    if worker and not match:
+        raise AssertionError("unexpected PYTEST_XDIST_WORKER=%r" % worker)
+    index = int(match.group(1)) if match else 0
+    assert index <= 55, "at most 56 xdist workers (subnets 10.200.0 .. 10.255.0)"
+    return index
 
 
 # -- the simulated network ------------------------------------------------------------------------
@@ -58,12 +77,15 @@ class Sim:
         use_netns = netns_available() and not os.environ.get("RBEE_TEST_FORCE_LOOPBACK")
         if IN_CI:
             assert use_netns, "under CI=true these tests need network namespaces (root, iproute2)"
-        if use_netns:
-            self.net = NetnsHosts(workdir / "net", self.keys).start()
+        if use_netns:   # namespaces, bridge and subnet of this xdist worker
+            n = xdist_worker_index()
+            self.net = NetnsHosts(workdir / "net", self.keys, names=("mac", "workstation", AIRGAP),
+                                  subnet="10.%d.0" % (200 + n), bridge="rbeebr%d" % n, ns_prefix="w%d-" % n,
+                                  unresolvable=(AIRGAP,)).start()
             self.addresses = {name: h.address for name, h in self.net.hosts.items()}
             entries = [(name, h.address, h.port, h.user) for name, h in self.net.hosts.items()]
             hub_host = self.net.gateway
-        else:   # one machine: a private sshd on loopback is node `mac`
+        else:   # one machine: a private sshd on loopback is node `mac` (no workstation, no airgap)
             self.sshd = LoopbackSshd(workdir / "sshd", self.keys).start()
             self.addresses = {"mac": self.sshd.host}
             entries = [("mac", self.sshd.host, self.sshd.port, self.sshd.user)]
@@ -96,11 +118,16 @@ class Sim:
 
     def host_of(self, pid):
         """The simulated host a process runs on (by its network namespace); `local` for this one."""
+        if not self.net:
+            return "mac"
         ino = int(re.search(r"\[(\d+)\]", os.readlink("/proc/%d/ns/net" % pid)).group(1))
-        for name in (self.net.names if self.net else ()):
-            if os.stat("/run/netns/" + name).st_ino == ino:
-                return name
-        return "local" if self.net else "mac"
+        return self.net.host_of_netns_inode(ino) or "local"
+
+    def need_airgap(self):
+        """The airgap host exists only with namespaces: under CI=true that is a failure, else a skip."""
+        if not self.netns:
+            assert not IN_CI, "under CI=true the airgap host must exist (network namespaces)"
+            pytest.skip("the loopback fallback has no airgap host")
 
     def sshd_accepted(self, name):
         """How many ssh logins host `name` accepted so far (its sshd logs at VERBOSE)."""
@@ -215,6 +242,11 @@ def registry_rows(tmp_path):
     return rbee.NodeRegistry(str(path)).list() if path.exists() else []
 
 
+def queen_port(env):
+    """The port of the queen URL in the environment (each test's ephemeral queen has its own)."""
+    return urllib.parse.urlsplit(env.get("RBEE_QUEEN_URL") or "http://127.0.0.1:8080").port
+
+
 def infer_args(node, *extra, max_tokens=20):
     return ["infer", "--node", node, "--model", MODEL, "--prompt", "write a short story",
             "--max-tokens", str(max_tokens), "--temperature", "0.7"] + list(extra)
@@ -255,6 +287,34 @@ def assert_error(stderr, code, *needles):
     assert "Traceback" not in stderr
 
 
+# -- the simulated hosts themselves -----------------------------------------------------------------
+
+def test_airgap_host_cannot_resolve_its_own_name(sim):
+    """The fixture: on airgap a lookup of its own hostname blocks (its nameserver never answers;
+    about 10 s in all, cut here at 3 s), while localhost and the other hosts resolve at once; on mac
+    its own name resolves at once."""
+    sim.need_airgap()
+    own = "%s -c 'import socket; print(socket.gethostbyname(socket.gethostname()))'" % PY
+
+    def over_ssh(name, command):
+        started = time.monotonic()
+        result = subprocess.run(["ssh", "-F", sim.config, name, command], capture_output=True, text=True,
+                                timeout=30)
+        return result, time.monotonic() - started
+
+    mac, mac_s = over_ssh("mac", "hostname; timeout 3 " + own)
+    assert mac.returncode == 0 and mac.stdout.split() == ["mac", sim.addresses["mac"]], mac
+    assert mac_s < 3, mac_s
+    air, air_s = over_ssh(AIRGAP, "hostname; timeout 3 " + own)
+    assert air.returncode == 124 and air.stdout.split() == [AIRGAP], air   # still blocked after 3 s
+    assert air_s >= 3, air_s
+    others = "%s -c 'import socket; print(*map(socket.gethostbyname, (\"localhost\", \"mac\", \"gateway\")))'" % PY
+    names, names_s = over_ssh(AIRGAP, "timeout 3 %s && cat /etc/hosts" % others)
+    assert names.returncode == 0 and names_s < 3, (names, names_s)
+    assert names.stdout.split()[:3] == ["127.0.0.1", sim.addresses["mac"], sim.net.gateway], names.stdout
+    assert AIRGAP not in names.stdout.split(), names.stdout      # its own name is not in /etc/hosts
+
+
 # -- the seed command -------------------------------------------------------------------------------
 
 def test_seed_command_on_mac_over_ssh(sim, ssh_env, tmp_path):
@@ -288,7 +348,7 @@ def test_seed_command_on_mac_over_ssh(sim, ssh_env, tmp_path):
     # it went over ssh to mac: a new login there (test_persistent_... shows where each process runs)
     assert sim.sshd_accepted("mac") > logins
     worker_port = int(re.search(r"Worker starting on port (\d+)", err).group(1))
-    assert 8080 not in listening_ports_local()
+    assert queen_port(ssh_env) not in listening_ports_local()     # the ephemeral queen is gone
     assert not {9200, 8001, worker_port} & sim.listening("mac")
     # exactly the chosen file was downloaded, once, and the node's catalog has the row
     assert len(sim.hub.file_gets(REPO_ID, GGUF)) == gets + 1 and not sim.hub.file_gets(REPO_ID, DECOY)
@@ -310,6 +370,44 @@ def test_seed_command_on_mac_over_ssh(sim, ssh_env, tmp_path):
     assert len(sim.hub.file_gets(REPO_ID, GGUF)) == gets + 1      # no new GET of the file
     assert "[model-provisioner]" not in again.stderr and "Downloading" not in again.stderr, again.stderr
     assert_no_rbee_left(str(tmp_path), within=5)
+
+
+def test_seed_command_on_an_unresolvable_host_is_as_fast_as_on_localhost(sim, ssh_env, tmp_path):
+    """On a host whose own name does not resolve (airgap: not in its /etc/hosts, its nameserver
+    unreachable), the seed command with a cataloged model finishes within 1.5 s of the same
+    command on node localhost. Ephemeral queen; the best of 2 runs each, alternating, after a
+    first run per node that downloads and catalogs the model (localhost's catalog is the keeper's
+    RBEE_HOME: its local hive inherits the keeper's environment, HF_ENDPOINT included)."""
+    sim.need_airgap()
+    add_node(sim, ssh_env, tmp_path, AIRGAP)
+    env = dict(ssh_env, HF_ENDPOINT=sim.hub.url)
+    nodes = (AIRGAP, "localhost")
+
+    def timed(node):
+        started = time.monotonic()
+        result = run_rbee(["infer", "--node", node, "--model", MODEL] + SEED, env, timeout=300)
+        elapsed = time.monotonic() - started
+        assert result.returncode == 0, (node, result.stderr)
+        assert result.stdout.strip(), (node, result.stderr)
+        assert_no_rbee_left(str(tmp_path), within=5)
+        return elapsed, result
+
+    first = {node: timed(node)[0] for node in nodes}        # downloads and catalogs the model
+    assert (tmp_path / (AIRGAP + "-home") / "models.db").exists()
+    assert (tmp_path / "rbee-home" / "models.db").exists()
+    runs = {node: [] for node in nodes}
+    for _ in range(2):
+        for node in nodes:
+            elapsed, result = timed(node)
+            assert "Downloading" not in result.stderr, (node, result.stderr)    # cataloged
+            runs[node].append(elapsed)
+    airgap, local = min(runs[AIRGAP]), min(runs["localhost"])
+    print("seed command, cataloged model: airgap %s s, localhost %s s" % (runs[AIRGAP], runs["localhost"]))
+    assert airgap - local < 1.5, (
+        "the seed command took %.2f s on airgap vs %.2f s on localhost (difference %.2f s, limit 1.5 s; "
+        "runs: airgap %s, localhost %s; first runs with download: %s)" % (
+            airgap, local, airgap - local, ["%.2f" % t for t in runs[AIRGAP]],
+            ["%.2f" % t for t in runs["localhost"]], {k: "%.2f" % v for k, v in first.items()}))
 
 
 # -- persistent mode --------------------------------------------------------------------------------
@@ -481,7 +579,7 @@ def test_ctrl_c_on_a_remote_node_in_ephemeral_mode_leaves_nothing(sim, ssh_env, 
 # -- two nodes --------------------------------------------------------------------------------------
 
 def test_two_nodes_on_one_persistent_queen(sim, ssh_env, tmp_path, roles):
-    names = sorted(sim.addresses)
+    names = sorted(set(sim.addresses) & {"mac", "workstation"})
     for name in names:
         add_node(sim, ssh_env, tmp_path, name)
     queen = start_queen(roles, ssh_env)

@@ -1,4 +1,4 @@
-"""The hive (SPEC §3, §4, §5 Hive; issue 3) as a real process: its SQLite catalog, downloads through
+"""The hive (PROTOCOL.md §3, §4, §5.2; issue 3) as a real process: its SQLite catalog, downloads through
 the real huggingface_hub from a local Hugging Face endpoint (tests/fakehub.py) serving the real
 SmolLM2 GGUF, preflight, and its pool of real workers on the real model."""
 import hashlib
@@ -378,7 +378,7 @@ def test_bytes_always_corrupted_end_in_checksum_mismatch_and_leave_nothing(repo,
     error = error_of(spawn(hive, REF))
     assert error["code"] == "CHECKSUM_MISMATCH"
     assert error["message"] and error.get("suggestion")
-    assert len(repo.file_gets(REPO_ID, CHOSEN)) == 6     # SPEC §9: 6 attempts
+    assert len(repo.file_gets(REPO_ID, CHOSEN)) == 6     # PROTOCOL.md §9: 6 attempts
     assert catalog_rows(rbee_home) == []
     assert not model_dir(rbee_home).exists() or os.listdir(model_dir(rbee_home)) == []
     assert_nothing_spawned(hive, tmp_path, rbee_home)

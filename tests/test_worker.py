@@ -1,4 +1,4 @@
-"""The worker (SPEC §5 Worker, seed phases 9 and 13) as a real process on the real SmolLM2 model."""
+"""The worker (PROTOCOL.md §5.1, seed phases 9 and 13) as a real process on the real SmolLM2 model."""
 import json
 import os
 import signal
@@ -392,3 +392,72 @@ def test_garbage_request_lines_get_the_envelope_too(worker):
     assert head.startswith(b"HTTP/1.0 501")
     assert json.loads(body)["error"]["code"] == "INVALID_REQUEST"
     assert run_job(worker.port, max_tokens=2)[-1][0] == "end"
+
+
+# -- rbee's own client of the worker (what the keeper runs jobs through) ----------------------------
+
+def worker_client(worker):
+    import rbee
+    return rbee, rbee.WorkerClient("http://127.0.0.1:%d" % worker.port, KEY, "worker-under-test", "localhost")
+
+
+def test_worker_client_yields_typed_events_in_order(worker):
+    rbee, client = worker_client(worker)
+    events = list(client.execute({"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "raw": True}))
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[0] == "JobStarted" and kinds[-1] == "JobEnded" and kinds.count("JobEnded") == 1
+    tokens = [e for e in events if isinstance(e, rbee.Token)]
+    assert [t.index for t in tokens] == list(range(len(tokens))) and "".join(t.text for t in tokens)
+    assert events[-1].stats["tokens_out"] == 12 and events[-1].stats["stop_reason"] == "max_tokens"
+    assert any(isinstance(e, rbee.Narration) and e.event["action"] == "inference_start" for e in events)
+    assert client.health()["state"] == "idle"
+
+
+def test_worker_client_cancels_the_job_when_the_caller_lets_go(worker):
+    rbee, client = worker_client(worker)
+    events = client.execute({"prompt": PROMPT, "max_tokens": 1500, "temperature": 0, "raw": True})
+    for event in events:
+        if isinstance(event, rbee.Token) and event.index >= 3:
+            break
+    assert client.health()["state"] == "busy"
+    events.close()       # the caller let go: the job is cancelled on the worker
+    wait_until(lambda: client.health()["state"] == "idle", 3, what="the worker to be idle after the close")
+
+
+def test_worker_client_retries_a_busy_worker_then_runs_the_job(worker):
+    rbee, client = worker_client(worker)
+    long_job = client.execute({"job_id": "long", "prompt": PROMPT, "max_tokens": 1500, "temperature": 0, "raw": True})
+    next(e for e in long_job if isinstance(e, rbee.Token))
+    delays = []
+
+    def on_busy(delay):
+        delays.append(delay)
+        if len(delays) == 2:
+            long_job.close()   # the slot frees while the client waits
+    ended = list(client.execute({"prompt": PROMPT, "max_tokens": 4, "temperature": 0, "raw": True}, on_busy))
+    assert delays == [1, 2] and isinstance(ended[-1], rbee.JobEnded), delays
+
+
+def test_worker_client_raises_typed_errors(worker):
+    rbee, client = worker_client(worker)
+    with pytest.raises(rbee.InvalidRequest) as bad:
+        list(client.execute({"prompt": "", "max_tokens": 4}))
+    assert bad.value.details["field"] == "prompt" and bad.value.status == 400
+    with pytest.raises(rbee.InvalidApiKey):
+        list(rbee.WorkerClient(client.url, "wrong-key").execute({"prompt": PROMPT}))
+    worker.kill()
+    with pytest.raises(rbee.ConnectionTimeout):    # nobody listens there any more
+        list(client.execute({"prompt": PROMPT}))
+
+
+def test_worker_client_reports_a_worker_that_dies_mid_stream_as_crashed(worker):
+    rbee, client = worker_client(worker)
+    events = client.execute({"prompt": PROMPT, "max_tokens": 1500, "temperature": 0, "raw": True})
+    next(e for e in events if isinstance(e, rbee.Token) and e.index == 2)
+    os.kill(worker.proc.pid, signal.SIGKILL)
+    with pytest.raises(rbee.WorkerCrashed) as crashed:
+        for _ in events:
+            pass
+    details = crashed.value.details
+    assert details["tokens_generated"] >= 3 and details["worker_id"] == "worker-under-test"
+    assert details["node"] == "localhost" and "localhost" in crashed.value.suggestion
