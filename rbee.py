@@ -145,21 +145,29 @@ class RbeeError(Exception):
         return InternalError("%s: %s" % (type(exc).__name__, exc), component=component)
 
 
+# One class per code (PROTOCOL.md §7), as a table; the ones with more to say follow it.
+class InvalidModelRef(RbeeError): code, status = "INVALID_MODEL_REF", 400
+class NodeNotFound(RbeeError): code, status = "NODE_NOT_FOUND", 404
+class SshFailed(RbeeError): code, status = "SSH_FAILED", 502
+class VersionMismatch(RbeeError): code, status = "VERSION_MISMATCH", 409
+class ModelNotFound(RbeeError): code, status = "MODEL_NOT_FOUND", 404
+class AccessDenied(RbeeError): code, status = "ACCESS_DENIED", 403
+class DownloadFailed(RbeeError): code, status = "DOWNLOAD_FAILED", 502
+class ChecksumMismatch(RbeeError): code, status = "CHECKSUM_MISMATCH", 502
+class InsufficientDisk(RbeeError): code, status = "INSUFFICIENT_DISK", 507
+class InsufficientRam(RbeeError): code, status = "INSUFFICIENT_RAM", 507
+class VramExhausted(RbeeError): code, status = "VRAM_EXHAUSTED", 507
+class BackendUnavailable(RbeeError): code, status = "BACKEND_UNAVAILABLE", 400
+class DeviceNotFound(RbeeError): code, status = "DEVICE_NOT_FOUND", 400
+class WorkerCrashed(RbeeError): code, status = "WORKER_CRASHED", 500
+class LoadingTimeout(RbeeError): code, status = "LOADING_TIMEOUT", 504
+class MissingApiKey(RbeeError): code, status = "MISSING_API_KEY", 401
+class InvalidApiKey(RbeeError): code, status = "INVALID_API_KEY", 401
+
+
 class InvalidRequest(RbeeError):
     code, status = "INVALID_REQUEST", 400   # also an unknown path (404), a wrong method (405), a body over 1 MiB (413)
     default_suggestion = "Check the command's options: rbee.py infer --help"
-
-
-class InvalidModelRef(RbeeError):
-    code, status = "INVALID_MODEL_REF", 400
-
-
-class NodeNotFound(RbeeError):
-    code, status = "NODE_NOT_FOUND", 404
-
-
-class SshFailed(RbeeError):
-    code, status = "SSH_FAILED", 502
 
 
 class ConnectionTimeout(RbeeError):
@@ -167,52 +175,9 @@ class ConnectionTimeout(RbeeError):
     default_suggestion = "Check that the node is up and reachable, then run the command again"
 
 
-class VersionMismatch(RbeeError):
-    code, status = "VERSION_MISMATCH", 409
-
-
-class ModelNotFound(RbeeError):
-    code, status = "MODEL_NOT_FOUND", 404
-
-
-class AccessDenied(RbeeError):
-    code, status = "ACCESS_DENIED", 403
-
-
-class DownloadFailed(RbeeError):
-    code, status = "DOWNLOAD_FAILED", 502
-
-
-class ChecksumMismatch(RbeeError):
-    code, status = "CHECKSUM_MISMATCH", 502
-
-
-class InsufficientDisk(RbeeError):
-    code, status = "INSUFFICIENT_DISK", 507
-
-
-class InsufficientRam(RbeeError):
-    code, status = "INSUFFICIENT_RAM", 507
-
-
-class VramExhausted(RbeeError):
-    code, status = "VRAM_EXHAUSTED", 507
-
-
-class BackendUnavailable(RbeeError):
-    code, status = "BACKEND_UNAVAILABLE", 400
-
-
-class DeviceNotFound(RbeeError):
-    code, status = "DEVICE_NOT_FOUND", 400
-
-
-class WorkerCrashed(RbeeError):
-    code, status = "WORKER_CRASHED", 500
-
-
-class LoadingTimeout(RbeeError):
-    code, status = "LOADING_TIMEOUT", 504
+class RequestCancelled(RbeeError):
+    code, status = "REQUEST_CANCELLED", 499
+    default_suggestion = "Run the command again"
 
 
 class SlotsBusy(RbeeError):
@@ -220,19 +185,6 @@ class SlotsBusy(RbeeError):
 
     def response_headers(self):
         return {RETRY_AFTER: str(self.details.get("retry_after_s", 1))}
-
-
-class MissingApiKey(RbeeError):
-    code, status = "MISSING_API_KEY", 401
-
-
-class InvalidApiKey(RbeeError):
-    code, status = "INVALID_API_KEY", 401
-
-
-class RequestCancelled(RbeeError):
-    code, status = "REQUEST_CANCELLED", 499
-    default_suggestion = "Run the command again"
 
 
 class InternalError(RbeeError):
