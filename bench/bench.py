@@ -6,7 +6,9 @@ scenario is paired with a raw run made just before it, and each ratio compares t
 
 Scenarios: raw (in-process), worker (/execute over HTTP), warm (`rbee.py infer` against a
 persistent queen whose worker is up: the whole command), cold_local (nothing running, node
-localhost), cold_ssh (the same over a real sshd on loopback), peer (`python -m llama_cpp.server`,
+localhost), cold_ssh (the same over real ssh to a simulated air-gapped host: a network namespace
+whose own hostname does not resolve and whose nameserver never answers, where any DNS lookup on
+a start-up path would cost 10 s; a private sshd on loopback where namespaces are unavailable), peer (`python -m llama_cpp.server`,
 streamed /v1/completions), footprint (resident memory of the queen, the hive, and the worker
 minus a process holding just the raw model).
 """
@@ -193,11 +195,12 @@ def summarize(runs, raw_runs=None):
     return out
 
 
-def role(args, env, ready_action):
+def role(args, env):
+    """`rbee.py ROLE ...` once it serves: its ready control line (PROTOCOL.md §1) came."""
     proc = subprocess.Popen([PY, "-u", RBEE] + args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env=env, start_new_session=True)
     for line in iter(proc.stdout.readline, b""):
-        if ('"action": "%s"' % ready_action).encode() in line:
+        if line.startswith(b"{") and json.loads(line).get("control") == "ready":
             return proc
     raise RuntimeError("rbee.py %s did not start" % args[0])
 
@@ -228,7 +231,7 @@ def main():
         print("worker and peer ...", file=sys.stderr)
         port = free_port()
         worker = role(["worker", "--model", model, "--backend", "cpu", "--device", "0", "--port", str(port),
-                       "--host", "127.0.0.1"], dict(env, RBEE_WORKER_API_KEY="bench"), "http_ready")
+                       "--host", "127.0.0.1"], dict(env, RBEE_WORKER_API_KEY="bench"))
         body = {"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "seed": SEED, "raw": True}
         with peer_server(model, env) as peer_port:
             peer_body = {"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "seed": SEED, "stream": True}
@@ -241,7 +244,7 @@ def main():
 
         print("warm ...", file=sys.stderr)
         qport = free_port()
-        queen = role(["queen", "--port", str(qport)], env, "http_ready")
+        queen = role(["queen", "--port", str(qport)], env)
         warm_args = infer + ["--node", "localhost", "--queen", "http://127.0.0.1:%d" % qport]
         raws, (warm_runs,) = baseline.paired(lambda: whole_command(warm_args, env))
         results["warm"] = summarize(warm_runs, raws)
@@ -281,23 +284,30 @@ def timed(argv):
 
 
 def cold_ssh(tmp, env, infer, baseline):
-    from hosts import LoopbackSshd, SshKeys, write_ssh_config
+    """The cold command over real ssh, to an air-gapped simulated host where one can be made."""
+    from hosts import LoopbackSshd, NetnsHosts, SshKeys, netns_available, write_ssh_config
     if not shutil.which("ssh") or not os.path.exists("/usr/sbin/sshd"):
         return {"skipped": "no OpenSSH here (make sysdeps installs it)"}
     keys = SshKeys(tmp / "keys")
-    sshd = LoopbackSshd(tmp / "sshd", keys).start()
+    if netns_available():
+        host = NetnsHosts(tmp / "net", keys, names=("airgap",), subnet="10.210.0", bridge="rbeebrbench",
+                          ns_prefix="bench-", unresolvable=("airgap",)).start()
+        entry, where = (host.hosts["airgap"].name, host.hosts["airgap"].address, 22, "root"), "airgap"
+    else:
+        host = LoopbackSshd(tmp / "sshd", keys).start()
+        entry, where = ("airgap", host.host, host.port, host.user), "loopback sshd"
     try:
-        config = write_ssh_config(tmp / "ssh_config", [("loop", sshd.host, sshd.port, sshd.user)], keys)
+        config = write_ssh_config(tmp / "ssh_config", [entry], keys)
         ssh_env = dict(env, RBEE_SSH_CONFIG=config)
-        add = subprocess.run([PY, RBEE, "nodes", "add", "loop", "--ssh-host", "loop", "--rbee-dir", str(REPO),
+        add = subprocess.run([PY, RBEE, "nodes", "add", "airgap", "--ssh-host", "airgap", "--rbee-dir", str(REPO),
                               "--python", PY, "--env", "RBEE_HOME=%s" % (tmp / "remote-home")],
                              env=ssh_env, capture_output=True, text=True)
         if add.returncode:
             raise RuntimeError("nodes add failed: %s" % add.stderr)
-        raws, (runs,) = baseline.paired(lambda: whole_command(infer + ["--node", "loop"], ssh_env), warmup=0)
-        return summarize(runs, raws)
+        raws, (runs,) = baseline.paired(lambda: whole_command(infer + ["--node", "airgap"], ssh_env), warmup=0)
+        return dict(summarize(runs, raws), host=where)
     finally:
-        sshd.stop()
+        host.stop()
 
 
 @contextlib.contextmanager
