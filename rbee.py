@@ -44,7 +44,7 @@ QUEEN_PORT, HIVE_PORT, WORKER_PORT = 8080, 9200, 8001
 DEFAULT_QUEEN_URL = "http://127.0.0.1:%d" % QUEEN_PORT
 MAX_BODY = 1 << 20                 # request bodies over 1 MiB get 413
 PING_INTERVAL = 10.0               # a silent SSE stream sends ": ping" this often
-TOKEN_TIMEOUT = 60.0               # no token (or ping) for this long ends a request
+TOKEN_TIMEOUT = 60.0               # no token for this long ends a request (pings or not); also socket reads
 LOADING_TIMEOUT = 300.0            # a worker must report ready within 5 min
 GRACEFUL_TIMEOUT = 30.0            # graceful shutdown, then SIGKILL
 SSH_ATTEMPTS, SSH_BACKOFF = 3, (0.0, 0.2, 0.4)
@@ -834,6 +834,16 @@ CONTROL, CONTROL_READY = "control", "ready"
 # The hive handshake: the first line on the stdin of a `hive --lifeline`, then the lifeline.
 HELLO_TOKEN, HELLO_ENV = "token", "env"
 HELLO_ENV_KEYS = ("HF_TOKEN",)       # secrets a hive gets from the queen's environment, never on argv
+SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")   # a variable whose name has one holds a secret
+
+
+def is_secret(name):
+    return any(word in name.upper() for word in SECRET_WORDS)
+
+
+def masked_env(env):
+    """`env` to show a person: the values of variables that hold a secret replaced by ****."""
+    return {k: "****" if is_secret(k) else v for k, v in (env or {}).items()}
 
 # Headers and environment variables that more than one role reads.
 AUTHORIZATION, RETRY_AFTER = "Authorization", "Retry-After"
@@ -2514,9 +2524,9 @@ class HiveSession:
         args = ["hive", "--lifeline", "--node-name", self.name]
         if self.local:   # any free port on loopback: several queens (users, tests) share a machine
             return [sys.executable, "-u", RBEE_PY] + args + ["--host", "127.0.0.1", "--port", "0"]
+        plain = {k: v for k, v in (self.node.get("env") or {}).items() if not is_secret(k)}   # secrets: hello
         return SshTarget.for_node(self.node).argv(remote_command(
-            self.node.get("rbee_dir"), self.node.get("python"), args + ["--port", str(HIVE_PORT)],
-            self.node.get("env")))
+            self.node.get("rbee_dir"), self.node.get("python"), args + ["--port", str(HIVE_PORT)], plain))
 
     def start(self):
         """Start the hive and wait until it serves (ssh retried per PROTOCOL.md §9)."""
@@ -2575,7 +2585,7 @@ class HiveSession:
         self.heard, self.attempt_started = False, time.monotonic()
         self.timings.pop("ssh_connect_ms", None)
         self.proc = spawn_child(self.argv(), cwd=HERE)
-        hello = {HELLO_TOKEN: self.token, HELLO_ENV: {k: os.environ[k] for k in HELLO_ENV_KEYS if os.environ.get(k)}}
+        hello = {HELLO_TOKEN: self.token, HELLO_ENV: self.secrets()}
         with contextlib.suppress(OSError):
             self.proc.stdin.write((json.dumps(hello) + "\n").encode())
             self.proc.stdin.flush()
@@ -2599,6 +2609,13 @@ class HiveSession:
                                  " (is rbee.py installed there, is port %d free?)" % HIVE_PORT)),
                              component="rbee-hive")
         return None, "\n".join(self.output.tail)
+
+    def secrets(self):
+        """What the hive gets in its handshake, never on argv: the queen's HF_TOKEN and the
+        node's own variables that hold a secret (nodes add --env HF_TOKEN=...)."""
+        env = {k: os.environ[k] for k in HELLO_ENV_KEYS if os.environ.get(k)}
+        env.update((k, v) for k, v in (self.node.get("env") or {}).items() if is_secret(k))
+        return env
 
     def _exited(self, code):
         self.exited.set()
@@ -2722,6 +2739,7 @@ class Queen(App):
     def shutdown_worker(self, req):
         body = req.json
         node = body.get("node") or "localhost"
+        self.nodes.resolve(node)   # NODE_NOT_FOUND for a node nobody registered
         session = next((s for s in self.running_hives() if s.name == node), None)
         if session is None:
             raise InvalidRequest("No worker %s: no hive runs on %s" % (body.get("worker_id"), node),
@@ -2757,7 +2775,8 @@ class Queen(App):
                 entry["error"] = err.envelope()["error"]
             hives.append(entry)
         req.send_json(200, {"version": __version__, "queen": {"pid": os.getpid(), "port": self.port},
-                            "nodes": self.nodes.list(), "hives": hives})
+                            "nodes": [dict(n, env=masked_env(n["env"])) for n in self.nodes.list()],
+                            "hives": hives})
 
     def shutdown_request(self, req):
         req.send_json(202, {"status": "shutting down"})
@@ -3158,8 +3177,8 @@ def cmd_status(args):
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):   # usage errors: exit 2 with the envelope's words, no traceback
         self.print_usage(sys.stderr)
-        sys.stderr.write("[rbee-keeper] ❌ Error: %s\nSuggestion: rbee.py %s --help\n" % (
-            message, self.prog.split(" ", 1)[1] if " " in self.prog else ""))
+        sys.stderr.write("[rbee-keeper] ❌ Error: %s\nSuggestion: rbee.py %s--help\n" % (
+            message, self.prog.split(" ", 1)[1] + " " if " " in self.prog else ""))
         sys.exit(2)
 
 
@@ -3170,13 +3189,6 @@ def env_pair(text):
         raise argparse.ArgumentTypeError("%r is not KEY=VALUE" % text)
     return key, value
 
-
-SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
-
-
-def masked_env(env):
-    """`env` to show a person: the values of keys that name a secret replaced by ****."""
-    return {k: "****" if any(word in k.upper() for word in SECRET_WORDS) else v for k, v in (env or {}).items()}
 
 
 def _bounded(kind, low, high):

@@ -6,6 +6,8 @@ Each module (cpu.py, cuda.py, metal.py) exposes
     preflight(model_size_bytes, device)      raises BackendError with a PROTOCOL.md §7 code
     load(model_path, device, n_ctx, **opts)  -> llama_cpp.Llama
     memory_used_mb(device) -> int
+    describe(device) -> str                   for narration ("CPU device 0 (2 threads)")
+    unavailable_reason() -> str or None      why available() is False
 Adding ROCm or Vulkan means adding one file and its name to PREFERENCE.
 Nothing here imports llama_cpp at module level: the hive reports backends without loading it.
 """
