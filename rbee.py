@@ -64,7 +64,7 @@ class Once:
     shutdown runs once, whichever signal, request or lifeline asks first)."""
 
     def __init__(self):
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()         #: guards `claimed`
         self.claimed = False    #: whether someone has claimed it (set once, under _lock)
 
     def claim(self):
@@ -267,10 +267,11 @@ def human_bytes(n):
 
 
 def same_output(a, b):
-    """Whether file descriptors `a` and `b` write to the same terminal or file (`2>&1`)."""
+    """Whether `a` and `b` (file descriptors or streams) write to the same terminal or file (`2>&1`)."""
     try:
+        a, b = [x if isinstance(x, int) else x.fileno() for x in (a, b)]
         sa, sb = os.fstat(a), os.fstat(b)
-    except OSError:
+    except (OSError, ValueError, AttributeError):   # a stream without a descriptor (StringIO)
         return False
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino) or (os.isatty(a) and os.isatty(b)
                                                                and sa.st_rdev == sb.st_rdev)
@@ -287,26 +288,31 @@ class NarrationRenderer:
 
     def __init__(self, stream=None, text_fd=1):
         self.stream = stream or sys.stderr          #: where narration goes
+        #: narration goes to a terminal: progress bars redraw in place
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        #: whether generated text (on `text_fd`) shares our terminal or file
-        self.shared = same_output(text_fd, self.stream.fileno()) if hasattr(self.stream, "fileno") else False
-        self.text_open = False    #: the last text written ended mid-line (the caller's thread)
+        self.shared = same_output(text_fd, self.stream)   #: generated text shares our terminal or file
+        #: the last text written ended mid-line (the main thread writes text; narration comes from
+        #: that thread and from the ephemeral queen's output thread: both under `lock`)
+        self.text_open = False
+        self.lock = threading.Lock()
         self._bar_open = False    #: a progress bar is drawn and its line not ended yet
         self._last_decile = {}    #: (actor, action) -> the last 10 % step printed, off a terminal
 
     def write(self, text):
-        if self.text_open and self.shared:
-            text, self.text_open = "\n" + text, False
-        try:
-            self.stream.write(text)
-            self.stream.flush()
-        except (OSError, ValueError):
-            pass
+        with self.lock:
+            if self.text_open and self.shared:
+                text, self.text_open = "\n" + text, False
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
 
     def text_written(self, text):
         """The caller wrote generated `text` to stdout."""
         if text:
-            self.text_open = not text.endswith("\n")
+            with self.lock:
+                self.text_open = not text.endswith("\n")
 
     def _end_bar(self):
         if self._bar_open:
@@ -378,7 +384,7 @@ class SSEStream:
 
     def __init__(self, handler):
         self.handler = handler               #: the request handler whose socket this stream writes
-        self.wfile = handler.wfile
+        self.wfile = handler.wfile            #: its buffered writer (under `lock`)
         self.lock = threading.Lock()         #: one frame at a time (request thread, relays, pinger)
         self.finished = False                #: no frame may follow (set under `lock`, or by close)
         self.last_write = time.monotonic()   #: when a frame last left (under `lock`), for the pinger
@@ -420,7 +426,8 @@ class SSEStream:
             self.close()
 
     def close(self):
-        self.finished = True
+        with self.lock:
+            self.finished = True
         with SSEStream._open_lock:
             SSEStream._open.discard(self)
 
@@ -463,7 +470,7 @@ class Request:
         self.handler = handler              #: http.server's handler of this connection
         self.params = params                #: the {name} parts of the route's path
         self.query = query                  #: the query string as a dict
-        self.headers = handler.headers
+        self.headers = handler.headers        #: the request's headers
         self.stream = None                  #: the SSE stream, once the handler opened one
         self._body = handler.read_body()
 
@@ -949,7 +956,7 @@ class WorkerClient(RoleClient):
                 elif event == EVENT_ERROR:
                     ended = True
                     raise RbeeError.from_envelope(data, component=self.component)
-                elif time.monotonic() - last_token > TOKEN_TIMEOUT:   # pings alone: alive, but stuck
+                if event != EVENT_TOKEN and time.monotonic() - last_token > TOKEN_TIMEOUT:   # alive, but stuck
                     raise socket.timeout()
         except socket.timeout:
             raise ConnectionTimeout("No token from worker %s for %d s" % (self.worker_id, TOKEN_TIMEOUT),
@@ -1069,9 +1076,10 @@ class ChildOutput(threading.Thread):
             if line.startswith("{"):
                 with contextlib.suppress(ValueError):
                     event = json.loads(line)
-            if isinstance(event, dict) and CONTROL in event:
+            if isinstance(event, dict) and CONTROL in event and "actor" not in event:
                 if self.on_control:
-                    self.on_control(event)
+                    with contextlib.suppress(Exception):   # a malformed line must not end this reader
+                        self.on_control(event)
             elif isinstance(event, dict) and "actor" in event:
                 with contextlib.suppress(Exception):
                     self.on_event(event)
@@ -1194,10 +1202,10 @@ class SshTarget:
 
     def __init__(self, host, port=22, user=None, key=None, connect_timeout=10):
         self.host = host                  #: a host name, address or ~/.ssh/config alias
-        self.port = int(port or 22)
+        self.port = int(port or 22)           #: sshd's port on the node
         self.user = user                  #: None: ssh's default (config, or the local user)
         self.key = key                    #: a private key file, or None: ssh's own choice
-        self.connect_timeout = connect_timeout
+        self.connect_timeout = connect_timeout  #: seconds for ssh to connect (ConnectTimeout)
 
     @classmethod
     def for_node(cls, node):
@@ -1612,7 +1620,7 @@ class ModelProvisioner:
         from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
         url = hf_hub_url(ref.reference, filename, endpoint=os.environ.get("HF_ENDPOINT") or None)
         progress = DownloadProgress(size)
-        last = None
+        last, corrupt = None, False   # why the last attempt failed; whether its bytes failed the sha256
         for attempt in range(DOWNLOAD_ATTEMPTS):
             if attempt:
                 delay = 0.1 * 2 ** (attempt - 1)
@@ -1651,23 +1659,20 @@ class ModelProvisioner:
                     mapped = self._hub_error(exc, ref)
                     if mapped:
                         raise mapped
-                    last = "%s: %s" % (type(exc).__name__, exc)
+                    last, corrupt = "%s: %s" % (type(exc).__name__, exc), False
                     continue
                 if have < size:
-                    last = "connection closed at %s of %s" % (human_bytes(have), human_bytes(size))
+                    last, corrupt = "connection closed at %s of %s" % (human_bytes(have), human_bytes(size)), False
                     continue
             progress.update(have, force=True)
             if sha256 and digest.hexdigest() != sha256:
                 os.remove(partial)
-                last = "CHECKSUM_MISMATCH"
+                last, corrupt = "CHECKSUM_MISMATCH", True
                 narrate("model-provisioner", "checksum_mismatch", "Checksum mismatch for %s (CHECKSUM_MISMATCH); "
                         "deleted it" % filename, "⚠️", level="warn")
                 continue
             return digest.hexdigest()
-        with contextlib.suppress(OSError):
-            if last == "CHECKSUM_MISMATCH":
-                os.remove(partial)
-        if last == "CHECKSUM_MISMATCH":
+        if corrupt:   # (its bytes are deleted already)
             raise ChecksumMismatch("%s failed its sha256 check %d times" % (filename, DOWNLOAD_ATTEMPTS),
                                    {"model": ref.text, "expected_sha256": sha256},
                                    "The mirror serves corrupt data: try again later or another HF_ENDPOINT")
@@ -1734,7 +1739,7 @@ class Job:
         self.prompt = prompt              #: the user's text
         self.stop = stop                  #: the caller's stop strings
         self.raw = raw                    #: skip the chat template
-        self.max_tokens = number("max_tokens", 20, 1, n_ctx, integer=True)
+        self.max_tokens = number("max_tokens", 20, 1, n_ctx, integer=True)  #: the generation's sampling, validated
         self.temperature = number("temperature", 0.7, 0, 2)
         self.top_p = number("top_p", 0.95, 0, 1)
         self.top_k = number("top_k", 40, 0, 1 << 20, integer=True)
@@ -1796,7 +1801,8 @@ class Worker(App):
         super().__init__()
         self.args = args                  #: the command line
         self.api_key = api_key            #: the bearer key of /execute, /cancel, /shutdown
-        self.worker_id = args.worker_id or "worker-" + random_id(4)
+        self.worker_id = args.worker_id or "worker-" + random_id(4)  #: the id its hive gave it (or a random one)
+        #: the reference it serves, as the caller named it
         self.model_ref = args.model_ref or "file:" + os.path.abspath(args.model)
         #: loading -> idle <-> busy -> draining; written by the job's request thread (holding
         #: `slot`) and by shutdown (draining); read by /health
@@ -2019,7 +2025,7 @@ class WorkerProcess:
     def __init__(self, worker_id, model_ref, backend, device, host, port, api_key, proc):
         self.worker_id = worker_id        #: the id the hive gave it
         self.model_ref = model_ref        #: the reference it was asked for
-        self.backend, self.device = backend, device
+        self.backend, self.device = backend, device  #: where it runs the model
         self.port = port                  #: the port it was told to bind
         self.api_key = api_key            #: its bearer key, handed to whoever gets this worker
         self.proc = proc                  #: its process (stdin: its lifeline)
@@ -2069,7 +2075,7 @@ class WorkerRegistry:
     """The hive's in-memory list of workers (PROTOCOL.md §3: never on disk)."""
 
     def __init__(self):
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()          #: guards `workers`
         self.workers = {}    #: worker_id -> WorkerProcess (guarded by `lock`)
 
     def add(self, worker):
@@ -2110,7 +2116,7 @@ class Hive(App):
         self.token = token                #: the bearer token every request but health must carry (or None)
         self.node = args.node_name or socket.gethostname()   #: its node's name (no DNS: gethostname is local)
         self.catalog = ModelCatalog()     #: this node's models.db (each call opens its own connection)
-        self.provisioner = ModelProvisioner(self.catalog)
+        self.provisioner = ModelProvisioner(self.catalog)  #: downloads into the catalog (one per model at a time)
         self.registry = WorkerRegistry()  #: the workers it started
         self._spawn_locks = {}            #: (model, backend, device) -> Lock: one spawn of a model at a time
         self._spawn_locks_lock = threading.Lock()   #: guards _spawn_locks
@@ -2455,7 +2461,7 @@ class HiveSession:
 
     def __init__(self, node, token, on_exit):
         self.node = node                  #: its row in the node registry
-        self.name = node["node_name"]
+        self.name = node["node_name"]         #: the node's name
         self.token = token                #: the queen's bearer token, given to the hive in the handshake
         self.local = bool(node.get("local"))   #: node localhost: a local child, no ssh
         #: where the hive and its workers answer: ssh's own resolution of the node's host, no DNS of ours
@@ -2467,6 +2473,9 @@ class HiveSession:
         self.proc = None                  #: the ssh client or the local child (the starting thread)
         self.output = None                #: the thread that reads its stdout
         self.ready = threading.Event()    #: its ready control line came (output thread)
+        #: it answered: ready, or it showed another version of rbee.py, one that may write no
+        #: ready line at all (0.1.0 did not); the start waits for this (output thread)
+        self.answered = threading.Event()
         self.exited = threading.Event()   #: its process ended (output thread)
         self.on_exit = on_exit            #: the queen's callback when it ends (output thread)
         #: ssh connect and start-up times of the last start, reported with the next task
@@ -2489,6 +2498,9 @@ class HiveSession:
         self._heard()
         if event.pop("relayed", False):   # the hive's echo of what it already streamed to a task
             return
+        if event.get("version") not in (None, __version__) and not self.ready.is_set():
+            self.hive_version = event["version"]   # another rbee.py: the start ends in VERSION_MISMATCH
+            self.answered.set()
         event.setdefault("node", self.name)
         with self.listeners_lock:
             listeners = list(self.listeners) or [emit_line]
@@ -2498,10 +2510,11 @@ class HiveSession:
 
     def control(self, line):
         self._heard()
-        if line.get(CONTROL) == CONTROL_READY:
+        if line.get(CONTROL) == CONTROL_READY and isinstance(line.get("port"), int):
             self.hive_version = line.get("version")
             self.client = HiveClient("http://%s:%d" % (self.host, line["port"]), self.token)
             self.ready.set()
+            self.answered.set()
 
     def tagged(self, sink):
         """`sink` for narration relayed from this hive's streams, each event marked with the node."""
@@ -2580,6 +2593,7 @@ class HiveSession:
     def _attempt(self):
         """One start: (True, None) once the hive serves, (None, ssh's words) when ssh failed."""
         self.ready.clear()
+        self.answered.clear()
         self.exited.clear()
         self.client = None
         self.heard, self.attempt_started = False, time.monotonic()
@@ -2593,10 +2607,10 @@ class HiveSession:
                                   open_log("hive-%s.log" % self.name), self.control)
         self.output.start()
         deadline = time.monotonic() + 60
-        while not self.ready.wait(0.02):
+        while not self.answered.wait(0.02):
             if self.exited.is_set() or time.monotonic() > deadline:
                 break
-        if self.ready.is_set():
+        if self.answered.is_set():
             return True, None
         self.kill()
         self.output.join(2)   # its last words
@@ -2654,17 +2668,17 @@ class Queen(App):
         self.token = random_id(24)        #: the bearer token of every hive this queen starts
         self.nodes = NodeRegistry()       #: beehives.db (read on every task: the CLI writes it)
         self.hives = {}                   #: node name -> its running HiveSession (guarded by hives_lock)
-        self.hives_lock = threading.Lock()
-        #: node name -> Lock held while its hive starts (one start per node; the dict's own
-        #: insert is atomic, the Lock serialises the rest)
-        self._start_locks = collections.defaultdict(threading.Lock)
+        self.hives_lock = threading.Lock()    #: guards `hives` and `_start_locks`
+        self._start_locks = {}            #: node name -> Lock held while its hive starts (one start per node)
 
     # -- hives ------------------------------------------------------------------------------------
 
     def hive(self, name, sink=None):
         """The running hive of node `name`, started (narrated to `sink`) if there is none."""
         node = self.nodes.resolve(name)
-        with self._start_locks[name]:
+        with self.hives_lock:
+            start_lock = self._start_locks.setdefault(name, threading.Lock())
+        with start_lock:
             with self.hives_lock:
                 session = self.hives.get(name)
             if session and not session.exited.is_set():
@@ -2945,7 +2959,9 @@ class Keeper:
         with contextlib.closing(client.execute(body, busy)) as events:
             try:
                 for event in events:
-                    if isinstance(event, Token):
+                    if isinstance(event, JobStarted):   # (after any busy retries)
+                        posted = time.monotonic()
+                    elif isinstance(event, Token):
                         self.timings.setdefault("first token (from /execute)", (time.monotonic() - posted) * 1000)
                         self.write_out(event.text, {"event": "token", "t": event.text, "i": event.index})
                     elif isinstance(event, Narration):

@@ -41,7 +41,7 @@ from hosts import (LoopbackSshd, NetnsHosts, SshKeys, listening_ports_local, net
                    write_ssh_config)
 
 sys.path.insert(0, str(REPO))
-import rbee  # noqa: E402  (for NodeRegistry: registering a node that cannot be reached)
+import rbee  # noqa: E402  (NodeRegistry for a node that cannot be reached; the role clients)
 
 REPO_ID = "rbee-test/SmolLM2-135M-Instruct-GGUF"
 MODEL = "hf:" + REPO_ID
@@ -255,11 +255,6 @@ def worker_event(result):
     return next(e for e in json_events(result.stdout) if e["event"] == "worker")
 
 
-def get_json(url):
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return json.load(resp)
-
-
 def role_pids(tmp_path):
     """{role: [pid, ...]} of this test's live rbee processes (ssh clients count as `ssh`)."""
     found = {}
@@ -430,9 +425,9 @@ def test_persistent_queen_over_ssh_reuses_the_worker_and_survives_the_keeper(sim
     assert running.get("queen") == ["local" if sim.netns else "mac"], running
     assert running.get("hive") == ["mac"] and running.get("worker") == ["mac"], running
     assert "infer" not in running
-    health = get_json(one["worker_url"] + "/health")
+    health = rbee.WorkerClient(one["worker_url"]).health()
     assert health["worker_id"] == one["worker_id"] and health["state"] == "idle"
-    assert get_json("http://%s:9200/v1/health" % sim.addresses["mac"])["node"] == "mac"
+    assert rbee.HiveClient("http://%s:9200" % sim.addresses["mac"]).health()["node"] == "mac"
     # SIGTERM to the queen cascades over ssh: nothing left on any host
     queen.proc.send_signal(signal.SIGTERM)
     assert queen.proc.wait(40) == 0
@@ -562,7 +557,7 @@ def test_nodes_add_keeps_every_env_pair_and_secrets_never_reach_argv(sim, ssh_en
         assert secret not in cmd, cmd
     with open("/proc/%d/environ" % running["worker"][0], "rb") as f:
         assert ("HF_TOKEN=" + secret).encode() in f.read().split(b"\0")
-    status = get_json(queen.url + "/v2/status")
+    status = rbee.QueenClient(queen.url).status()
     assert next(n for n in status["nodes"] if n["node_name"] == "mac")["env"]["HF_TOKEN"] == "****"
     assert secret not in json.dumps(status)
 
@@ -586,11 +581,11 @@ def test_ctrl_c_on_a_remote_node_leaves_the_persistent_worker_idle(sim, ssh_env,
     keeper = start_keeper(infer_args("mac", "--json", "--queen", queen.url, max_tokens=LONG), ssh_env)
     events = read_until_tokens(keeper, 3)
     worker = next(e for e in events if e["event"] == "worker")
-    assert get_json(worker["worker_url"] + "/health")["state"] == "busy"
+    assert rbee.WorkerClient(worker["worker_url"]).health()["state"] == "busy"
     keeper.send_signal(signal.SIGINT)
     _, err = keeper.communicate(timeout=30)
     assert keeper.returncode == 130, err
-    wait_until(lambda: get_json(worker["worker_url"] + "/health")["state"] == "idle", 5,
+    wait_until(lambda: rbee.WorkerClient(worker["worker_url"]).health()["state"] == "idle", 5,
                what="the worker on mac to be idle after Ctrl-C")
     running = roles_on(sim, tmp_path)
     assert running.get("worker") == ["mac"] and running.get("hive") == ["mac"] and "infer" not in running
@@ -625,12 +620,12 @@ def test_two_nodes_on_one_persistent_queen(sim, ssh_env, tmp_path, roles):
         workers[name] = worker_event(result)
         assert workers[name]["node"] == name
         assert workers[name]["worker_url"].startswith("http://%s:" % sim.addresses[name])
-    listed = get_json(queen.url + "/v2/workers")["workers"]
+    listed = rbee.QueenClient(queen.url).workers()
     assert sorted((w["node"], w["worker_id"], w["url"]) for w in listed) == sorted(
         (name, w["worker_id"], w["worker_url"]) for name, w in workers.items())
     assert all(w["backend"] == "cpu" and w["model_ref"] == MODEL for w in listed), listed
     # (a hive refreshes a worker's state once a second: the last one may still read "busy")
-    wait_until(lambda: all(w["state"] == "idle" for w in get_json(queen.url + "/v2/workers")["workers"]), 5,
+    wait_until(lambda: all(w["state"] == "idle" for w in rbee.QueenClient(queen.url).workers()), 5,
                what="both workers listed as idle")
     # each hive and worker runs on its own host
     running = roles_on(sim, tmp_path)
@@ -642,7 +637,7 @@ def test_two_nodes_on_one_persistent_queen(sim, ssh_env, tmp_path, roles):
         clash = run_rbee(infer_args("workstation", "--queen", queen.url), ssh_env, timeout=120)
         assert clash.returncode == 1
         assert_error(clash.stderr, "INTERNAL", "rbee-hive failed to start on workstation", "port 9200")
-        assert [w["worker_id"] for w in get_json(queen.url + "/v2/workers")["workers"]] == [workers["mac"]["worker_id"]]
+        assert [w["worker_id"] for w in rbee.QueenClient(queen.url).workers()] == [workers["mac"]["worker_id"]]
     cli = run_rbee(["workers", "list", "--queen", queen.url], ssh_env)
     assert cli.returncode == 0, cli.stderr
     for name, w in workers.items():
@@ -725,4 +720,14 @@ def test_nodes_install_copies_rbee_and_the_queen_checks_the_version(sim, ssh_env
     refused = run_rbee(infer_args("mac"), ssh_env, timeout=120)
     assert refused.returncode == 1
     assert_error(refused.stderr, "VERSION_MISMATCH", "rbee.py on mac is version 0.0.1", "rbee.py nodes install mac")
+    assert_no_rbee_left(str(tmp_path), within=5)
+
+    # rbee 0.1.0 (the first release, from this repository's history) wrote no ready control line:
+    # it is refused as quickly, not after the 60 s wait for a line that never comes
+    copied.write_bytes(subprocess.run(["git", "show", "9d76839:rbee.py"], cwd=str(REPO), check=True,
+                                      capture_output=True).stdout)
+    started = time.monotonic()
+    refused = run_rbee(infer_args("mac"), ssh_env, timeout=120)
+    assert refused.returncode == 1 and time.monotonic() - started < 20, refused.stderr
+    assert_error(refused.stderr, "VERSION_MISMATCH", "rbee.py on mac is version 0.1.0", "rbee.py nodes install mac")
     assert_no_rbee_left(str(tmp_path), within=5)
