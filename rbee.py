@@ -3220,6 +3220,7 @@ def _bounded(kind, low, high):
 
 
 def build_parser():
+    import backends   # the registry of adapters names the --backend choices (stdlib only: no llama_cpp)
     p = ArgumentParser(prog="rbee.py", description="rbee: your machines as one LLM inference service")
     p.add_argument("--version", action="version", version="rbee " + __version__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
@@ -3235,7 +3236,8 @@ def build_parser():
     s.add_argument("--seed", type=_bounded(int, -1, (1 << 32) - 1))
     s.add_argument("--stop", nargs="+")
     s.add_argument("--raw", action="store_true", help="send the prompt as is, without the model's chat template")
-    s.add_argument("--backend", choices=("cpu", "cuda", "metal"))
+    s.add_argument("--backend", choices=backends.PREFERENCE, help="default: the node's best of %s" % ", ".join(
+        backends.PREFERENCE))
     s.add_argument("--device", type=_bounded(int, 0, 1024), default=0)
     s.add_argument("--queen", help="queen URL (default %s, or $RBEE_QUEEN_URL)" % DEFAULT_QUEEN_URL)
     s.add_argument("--quiet", action="store_true", help="no narration (errors stay)")
@@ -3259,7 +3261,7 @@ def build_parser():
 
     s = sub.add_parser("worker", help="serve one model (started by a hive)")
     s.add_argument("--model", required=True, help="path of a GGUF file")
-    s.add_argument("--backend", required=True, choices=("cpu", "cuda", "metal"))
+    s.add_argument("--backend", required=True, choices=backends.PREFERENCE)
     s.add_argument("--device", type=_bounded(int, 0, 1024), required=True)
     s.add_argument("--port", type=_bounded(int, 0, 65535), required=True)
     s.add_argument("--host", default="0.0.0.0")
