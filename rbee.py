@@ -23,6 +23,7 @@ huggingface_hub are imported where they are needed.
 import argparse
 import collections
 import contextlib
+import errno
 import json
 import os
 import re
@@ -30,6 +31,7 @@ import select
 import shlex
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -43,8 +45,12 @@ RBEE_PY = os.path.join(HERE, "rbee.py")
 QUEEN_PORT, HIVE_PORT, WORKER_PORT = 8080, 9200, 8001
 DEFAULT_QUEEN_URL = "http://127.0.0.1:%d" % QUEEN_PORT
 MAX_BODY = 1 << 20                 # request bodies over 1 MiB get 413
+MAX_JSON_DEPTH = 32                # deeper request bodies get 400
+BODY_TIMEOUT = 10.0                # a request's body must arrive within this (a too large Content-Length)
 PING_INTERVAL = 10.0               # a silent SSE stream sends ": ping" this often
-TOKEN_TIMEOUT = 60.0               # no token for this long ends a request (pings or not); also socket reads
+# no token for this long ends a request (pings or not); also socket reads. RBEE_TOKEN_TIMEOUT sets
+# it for every role started with that environment (a slow CPU node; the tests use a few seconds)
+TOKEN_TIMEOUT = float(os.environ.get("RBEE_TOKEN_TIMEOUT") or 60.0)
 LOADING_TIMEOUT = 300.0            # a worker must report ready within 5 min
 GRACEFUL_TIMEOUT = 30.0            # graceful shutdown, then SIGKILL
 SSH_ATTEMPTS, SSH_BACKOFF = 3, (0.0, 0.2, 0.4)
@@ -73,6 +79,40 @@ class Once:
                 return False
             self.claimed = True
             return True
+
+
+class KeyedLocks:
+    """One lock per key (a model, a node), held by whoever works on that key; a key's lock is
+    forgotten once nobody holds or waits for it, so many distinct keys cost nothing lasting."""
+
+    def __init__(self):
+        self._lock = threading.Lock()   #: guards `_entries`
+        self._entries = {}              #: key -> [Lock, how many hold or wait for it]
+
+    @contextlib.contextmanager
+    def holding(self, key, on_wait=None):
+        """Hold `key`'s lock for the block; `on_wait()` first when someone else holds it."""
+        with self._lock:
+            entry = self._entries.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            if not entry[0].acquire(blocking=False):
+                if on_wait:
+                    on_wait()
+                entry[0].acquire()
+            try:
+                yield
+            finally:
+                entry[0].release()
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._entries[key]
+
+    def __len__(self):
+        with self._lock:
+            return len(self._entries)
 
 
 def rbee_home(*parts):
@@ -159,10 +199,8 @@ class InsufficientRam(RbeeError): code, status = "INSUFFICIENT_RAM", 507
 class VramExhausted(RbeeError): code, status = "VRAM_EXHAUSTED", 507
 class BackendUnavailable(RbeeError): code, status = "BACKEND_UNAVAILABLE", 400
 class DeviceNotFound(RbeeError): code, status = "DEVICE_NOT_FOUND", 400
-class WorkerCrashed(RbeeError): code, status = "WORKER_CRASHED", 500
+class WorkerCrashed(RbeeError): code, status = "WORKER_CRASHED", 502   # a hop behind us died
 class LoadingTimeout(RbeeError): code, status = "LOADING_TIMEOUT", 504
-class MissingApiKey(RbeeError): code, status = "MISSING_API_KEY", 401
-class InvalidApiKey(RbeeError): code, status = "INVALID_API_KEY", 401
 
 
 class InvalidRequest(RbeeError):
@@ -173,6 +211,16 @@ class InvalidRequest(RbeeError):
 class ConnectionTimeout(RbeeError):
     code, status = "CONNECTION_TIMEOUT", 504
     default_suggestion = "Check that the node is up and reachable, then run the command again"
+
+
+class MissingApiKey(RbeeError):
+    code, status = "MISSING_API_KEY", 401
+    default_suggestion = ("Send Authorization: Bearer KEY; for a queen set RBEE_API_KEY to the key in "
+                          "$RBEE_HOME/api-key on its machine")
+
+
+class InvalidApiKey(MissingApiKey):
+    code, status = "INVALID_API_KEY", 401
 
 
 class RequestCancelled(RbeeError):
@@ -221,7 +269,7 @@ _narration = threading.local()
 
 def emit_line(obj):
     """One JSON line on stdout, flushed (a parent process reads it); a closed stdout is ignored."""
-    line = json.dumps(obj, ensure_ascii=False) + "\n"
+    line = json_text(obj) + "\n"
     with _stdout_lock:
         try:
             sys.stdout.write(line)
@@ -413,7 +461,7 @@ class SSEStream:
             self.last_write = time.monotonic()
 
     def send(self, event, data):
-        self._write(("event: %s\ndata: %s\n\n" % (event, json.dumps(data, ensure_ascii=False))).encode())
+        self._write(("event: %s\ndata: %s\n\n" % (event, json_text(data))).encode())
 
     def narration(self, event):
         self.send(EVENT_NARRATION, event)
@@ -452,8 +500,72 @@ class SSEStream:
                     stream._write(b": ping\n\n")
 
 
+def json_text(obj):
+    """JSON for the wire and for stdout: UTF-8 where it can be, and a string that holds a lone
+    surrogate (valid in a JSON string, not in UTF-8) keeps it as its `\\udXXX` escape."""
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def parse_json_body(raw):
+    """A request body as a dict: 400 for what is not a JSON object, nests deeper than
+    MAX_JSON_DEPTH, or holds a string that is no valid Unicode (a lone surrogate)."""
+    if not raw:
+        return {}
+    depth = deepest = 0
+    in_string = escaped = False
+    brackets = raw.count(b"[") + raw.count(b"{")
+    for byte in raw if brackets > MAX_JSON_DEPTH else b"":   # nesting, counted before the parser recurses
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (byte == 0x5C, byte != 0x22)
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    if deepest > MAX_JSON_DEPTH:
+        raise InvalidRequest("JSON body nested %d deep; at most %d" % (deepest, MAX_JSON_DEPTH), {"field": "body"})
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidRequest("Malformed JSON body: %s" % exc, {"field": "body"})
+    if not isinstance(data, dict):
+        raise invalid("body", "must be a JSON object")
+    _check_unicode(data, "body")
+    return data
+
+
+def _check_unicode(value, where):
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise invalid(where, "is not valid Unicode (a lone surrogate)")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, where)
+            _check_unicode(item, key if isinstance(key, str) and where == "body" else where)
+    elif isinstance(value, list):
+        for item in value:
+            _check_unicode(item, where)
+
+
+def text_field(body, name, default=None, limit=1024):
+    """The string `name` of a request body (`default` when absent or null; required when the
+    default is None): 400 for another type, an empty string or one over `limit` characters."""
+    value = body.get(name)
+    if value is None:
+        if default is None:
+            raise invalid(name, "is required")
+        return default
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise invalid(name, "must be a non-empty string of at most %d characters" % limit)
+    return value
+
+
 def write_json(handler, status, obj, headers=None):
-    body = json.dumps(obj, ensure_ascii=False).encode()
+    body = json_text(obj).encode()
     handler.send_response(status)
     handler.send_header("Content-Type", "application/json")
     handler.send_header("Content-Length", str(len(body)))
@@ -473,30 +585,26 @@ class Request:
         self.headers = handler.headers        #: the request's headers
         self.stream = None                  #: the SSE stream, once the handler opened one
         self._body = handler.read_body()
+        self._json = None                   #: the body, parsed once and checked (the request's thread)
 
     @property
     def json(self):
-        if not self._body:
-            return {}
-        try:
-            data = json.loads(self._body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidRequest("Malformed JSON body: %s" % exc, {"field": "body"})
-        if not isinstance(data, dict):
-            raise invalid("body", "must be a JSON object")
-        return data
+        """The body as a JSON object, within MAX_JSON_DEPTH, its strings valid Unicode."""
+        if self._json is None:
+            self._json = parse_json_body(self._body)
+        return self._json
 
     def bearer(self):
         auth = self.headers.get(AUTHORIZATION) or ""
         return auth[7:].strip() if auth[:7].lower() == "bearer " else None
 
     def require_bearer(self, expected):
-        """Constant-time check of `Authorization: Bearer <key>`."""
+        """Constant-time check of `Authorization: Bearer <key>` (`expected` None: no key is right)."""
         given = self.bearer()
         if not given:
             raise MissingApiKey("Missing API key (%s: Bearer ...)" % AUTHORIZATION)
         import hmac
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        if expected is None or not hmac.compare_digest(given.encode(), expected.encode()):
             raise InvalidApiKey("Invalid API key")
 
     def send_json(self, status, obj, headers=None):
@@ -645,24 +753,61 @@ class RoleRequestHandling:
                         remaining -= len(chunk)
                 raise InvalidRequest("Request body over 1 MiB (%d bytes)" % length,
                                      {"limit_bytes": MAX_BODY, "content_length": length}, status=413)
-            self._body = self.rfile.read(length) if length else b""
+            self._body = self._read_exactly(length) if length else b""
         return self._body
+
+    def _read_exactly(self, length):
+        """`length` bytes of body within BODY_TIMEOUT (a Content-Length larger than what comes is a
+        400 then, not a handler held for the connection's whole timeout)."""
+        deadline, chunks, have = time.monotonic() + BODY_TIMEOUT, [], 0
+        try:
+            while have < length:
+                self.connection.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = self.rfile.read1(length - have)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                have += len(chunk)
+        except (socket.timeout, OSError):
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                self.connection.settimeout(self.timeout)
+        if have < length:
+            self.close_connection = True
+            raise InvalidRequest("The body ended after %d of %d bytes (Content-Length) within %d s" % (
+                have, length, BODY_TIMEOUT), {"field": "body", "received_bytes": have, "content_length": length})
+        return b"".join(chunks)
 
     def handle_one_request(self):
         with contextlib.suppress(ConnectionError, socket.timeout):
             super().handle_one_request()
 
-    def _dispatch(self):
-        self.server.app.dispatch(self)
+    def parse_request(self):
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":   # (a bare `GET /`): it would get no status line
+            self.send_error(400, "HTTP/0.9 requests are not supported; send HTTP/1.0 or 1.1")
+            return False
+        return True
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
+    def __getattr__(self, name):
+        # every method, known or not, goes to the role's dispatch: a wrong one is a 405 (or a 404
+        # for a path nobody serves) in the envelope, never http.server's 501
+        if name.startswith("do_"):
+            return lambda: self.server.app.dispatch(self)
+        raise AttributeError(name)
 
     def send_error(self, code, message=None, explain=None):
-        """Protocol-level errors (bad request line, ...) also leave in the envelope."""
-        kind = InvalidRequest if code < 500 or code == 501 else InternalError   # 501: unknown method
-        envelope = kind(message or "HTTP %d" % code, status=code).envelope()
+        """Protocol-level errors (a bad request line, an unsupported HTTP version) leave in the
+        envelope too, always with a status line, and as 400s: they are the client's."""
+        if self.request_version == "HTTP/0.9" or not getattr(self, "requestline", ""):
+            self.request_version = "HTTP/1.0"   # so that send_response writes the status line
+        status = 400 if code >= 500 else code
+        envelope = InvalidRequest(message or "HTTP %d" % code, status=status).envelope()
+        self.close_connection = True
         with contextlib.suppress(OSError):
-            write_json(self, code, envelope, {"Connection": "close"})
+            write_json(self, status, envelope, {"Connection": "close"})
 
     def log_message(self, fmt, *args):   # access logs would drown the narration
         pass
@@ -852,10 +997,60 @@ def masked_env(env):
     """`env` to show a person: the values of variables that hold a secret replaced by ****."""
     return {k: "****" if is_secret(k) else v for k, v in (env or {}).items()}
 
+
+def is_loopback(host):
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def role_secret(component, key_file, env_name, created_name, host):
+    """The bearer secret a role requires (None: it requires none). From the file given on its
+    command line, else from $ENV_NAME, else, for a role bound to an address the network reaches,
+    from $RBEE_HOME/CREATED_NAME, created (0600) the first time. Never from argv, never logged."""
+    if key_file:
+        try:
+            with open(os.path.expanduser(key_file)) as f:
+                secret = f.read().strip()
+        except OSError as exc:
+            raise InvalidRequest("Cannot read the key file %s: %s" % (key_file, exc.strerror), {"file": key_file},
+                                 "Give a file that holds the key on its first line")
+        if not secret:
+            raise InvalidRequest("The key file %s is empty" % key_file, {"file": key_file},
+                                 "Put the key on its first line, or leave the option out")
+        return secret
+    if os.environ.get(env_name):
+        return os.environ[env_name]
+    path = rbee_home(created_name)
+    if is_loopback(host) and not os.path.exists(path):
+        return None
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        with open(path) as f:
+            return f.read().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(random_id(24) + "\n")
+    narrate(component, "key_created", "Created a key for %s in %s (readable by you alone); clients send it as "
+            "%s: Bearer KEY" % (component, path, AUTHORIZATION), "🔑", path=path)
+    with open(path) as f:
+        return f.read().strip()
+
+
+def queen_key():
+    """The key the keeper sends its queen: $RBEE_API_KEY, else the one a queen created here."""
+    if os.environ.get(ENV_API_KEY):
+        return os.environ[ENV_API_KEY]
+    with contextlib.suppress(OSError):
+        with open(rbee_home("api-key")) as f:
+            return f.read().strip() or None
+    return None
+
 # Headers and environment variables that more than one role reads.
 AUTHORIZATION, RETRY_AFTER = "Authorization", "Retry-After"
 ENV_WORKER_API_KEY = "RBEE_WORKER_API_KEY"   # the worker's key, set by its hive
-ENV_HIVE_TOKEN = "RBEE_HIVE_TOKEN"           # the hive's token, for the worker's ready callback
+ENV_HIVE_TOKEN = "RBEE_HIVE_TOKEN"           # a standalone hive's token (or --token-file)
+ENV_READY_TOKEN = "RBEE_READY_TOKEN"         # a worker's own secret for its ready callback, from its hive
+ENV_API_KEY = "RBEE_API_KEY"                 # the queen's key (or --api-key-file); the keeper sends it
 ENV_QUEEN_URL = "RBEE_QUEEN_URL"             # where the keeper looks for a queen
 
 # What a job's stream yields to a WorkerClient's caller.
@@ -870,9 +1065,19 @@ class RoleClient:
 
     component = "rbee"
 
-    def __init__(self, url, token=None):
+    def __init__(self, url, token=None, node=None):
         self.url = url.rstrip("/")    #: the role's base URL, as this caller reaches it
         self.token = token            #: its bearer token or key (None: it asks for none)
+        self.node = node              #: the node it runs on, for messages (None: not known)
+
+    def gone(self, route):
+        """The role stopped in the middle of its answer: which one, where, and what to do."""
+        where = " on %s" % self.node if self.node else ""
+        return WorkerCrashed("%s%s stopped before it finished %s %s" % (self.component, where, route[0], route[1]),
+                             {"hop": self.component, "node": self.node, "url": self.url},
+                             "Run the command again; if it repeats, see %s's log under $RBEE_HOME/logs%s" % (
+                                 self.component, " (the queen's machine keeps hive-%s.log)" % self.node
+                                 if self.node else ""), self.component)
 
     def call(self, route, body=None, timeout=30.0, attempts=HTTP_ATTEMPTS, query=None, **params):
         method, path = route
@@ -894,10 +1099,11 @@ class RoleClient:
                     raise RbeeError.from_envelope(data, component=self.component)
                 elif event in TERMINAL_EVENTS:
                     return data
+        except OSError:   # (a reset connection; the end of the stream is the same news, below)
+            pass
         finally:
             resp.close()
-        raise InternalError("%s closed the stream without an answer" % self.component, {"url": self.url},
-                            component=self.component)
+        raise self.gone(route)
 
 
 class WorkerClient(RoleClient):
@@ -907,9 +1113,8 @@ class WorkerClient(RoleClient):
     component = "llm-worker-rbee"
 
     def __init__(self, url, api_key=None, worker_id=None, node=None):
-        super().__init__(url, api_key)
+        super().__init__(url, api_key, node)
         self.worker_id = worker_id or self.url   #: its id, for messages
-        self.node = node                          #: the node it runs on, for messages
 
     def health(self, timeout=2.0):
         return self.call(WORKER_HEALTH, timeout=timeout, attempts=1)
@@ -1093,9 +1298,13 @@ class ChildOutput(threading.Thread):
 
 
 def open_log(name):
-    """$RBEE_HOME/logs/NAME for appending: what a child process printed, for when it fails."""
-    os.makedirs(rbee_home("logs"), exist_ok=True)
-    return open(rbee_home("logs", name), "a")
+    """$RBEE_HOME/logs/NAME for appending, readable by its owner only: what a process printed,
+    for when it fails."""
+    os.makedirs(rbee_home("logs"), mode=0o700, exist_ok=True)
+    path = rbee_home("logs", name)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)   # (a log from an older rbee may have been readable by all)
+    return os.fdopen(fd, "a")
 
 
 def spawn_child(argv, env=None, cwd=None):
@@ -1323,6 +1532,8 @@ def remote_command(rbee_dir, python, args, env=None):
 # Models: references (PROTOCOL.md §4), the SQLite catalog (PROTOCOL.md §3), provisioning from Hugging Face
 # ============================================================================================
 
+GGUF_MAGIC = b"GGUF"    # the first 4 bytes of every GGUF file
+MAX_REF = 4096          # characters of a model reference
 QUANT_PREFERENCE = ("Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q5_K_M", "Q5_0", "Q8_0", "F16")
 _HF_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _HF_REF = re.compile(r"^hf:(%s)/(%s)(?::([^\s/:][^\s:]*))?$" % (_HF_NAME, _HF_NAME))
@@ -1338,18 +1549,18 @@ class ModelRef(collections.namedtuple("ModelRef", "provider reference selector t
             raise InvalidModelRef("Empty model reference", {"model": text},
                                   "Use hf:ORG/REPO (a GGUF repo on Hugging Face) or file:/absolute/path.gguf")
         text = text.strip()
-        match = _HF_REF.match(text)
+        match = _HF_REF.match(text) if len(text) <= MAX_REF else None
         if match:
             org, repo, selector = match.groups()
             if ".." in org + repo:
                 match = None
             else:
                 return cls("hf", "%s/%s" % (org, repo), selector, text)
-        if text.startswith("file:"):
+        if text.startswith("file:") and len(text) <= MAX_REF:
             path = text[len("file://"):] if text.startswith("file://") else text[len("file:"):]
             if path.startswith("/") and not path.endswith("/") and "\0" not in path:
                 return cls("file", os.path.normpath(path), None, "file:" + os.path.normpath(path))
-        raise InvalidModelRef("Invalid model reference %r" % text, {"model": text},
+        raise InvalidModelRef("Invalid model reference %r" % text[:200], {"model": text[:200]},
                               "Use hf:ORG/REPO[:FILE_OR_QUANT] (e.g. hf:TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF) "
                               "or file:/absolute/path/model.gguf")
 
@@ -1478,12 +1689,7 @@ class ModelProvisioner:
     def __init__(self, catalog, models_dir=None):
         self.catalog = catalog            #: where a finished download is recorded
         self.models_dir = models_dir or rbee_home("models")   #: where downloads go, one folder per repo
-        self._locks = {}                  #: (provider, reference, selector) -> Lock: one provisioning at a time
-        self._locks_lock = threading.Lock()   #: guards _locks
-
-    def _lock_for(self, key):
-        with self._locks_lock:
-            return self._locks.setdefault(key, threading.Lock())
+        self.locks = KeyedLocks()         #: one provisioning of a (provider, reference, selector) at a time
 
     def provision(self, ref):
         """The catalog row for `ref`, downloading it first if needed (narrated)."""
@@ -1492,24 +1698,39 @@ class ModelProvisioner:
         row = self.catalog.find(ref)
         if row:
             return row
-        lock = self._lock_for((ref.provider, ref.reference, ref.selector))
-        if not lock.acquire(blocking=False):
+
+        def wait():
             narrate("model-provisioner", "download_wait", "Waiting for the download of %s in progress" % ref.text,
                     "⏳")
-            lock.acquire()
-        try:
+        with self.locks.holding((ref.provider, ref.reference, ref.selector), wait):
             row = self.catalog.find(ref)
             if row:
                 return row
             return self._catalog_file(ref) if ref.provider == "file" else self._download(ref)
-        finally:
-            lock.release()
+
+    @staticmethod
+    def check(ref):
+        """What can be known of a reference before any work starts: a `file:` model must be a
+        regular, readable file that starts with the GGUF magic. One answer for every way it is
+        not, so that the error tells nobody whether some other file exists."""
+        if ref.provider != "file":
+            return
+        try:
+            fd = os.open(ref.reference, os.O_RDONLY | os.O_NONBLOCK)   # (a FIFO must not block us)
+            try:
+                regular = stat.S_ISREG(os.fstat(fd).st_mode)
+                magic = os.read(fd, 4) if regular else b""
+            finally:
+                os.close(fd)
+        except OSError:
+            regular, magic = False, b""
+        if not regular or magic != GGUF_MAGIC:
+            raise InvalidModelRef("%s is not a readable GGUF model file" % ref.text, {"model": ref.text},
+                                  "Give the absolute path of a .gguf file on the node that runs the worker")
 
     def _catalog_file(self, ref):
+        self.check(ref)
         path = ref.reference
-        if not os.path.isfile(path):
-            raise ModelNotFound("No model file at %s" % path, {"model": ref.text},
-                                "Check the path; file: models are read on the node that runs the worker")
         return self.catalog.add("file", path, os.path.basename(path), path, os.path.getsize(path))
 
     # -- Hugging Face -----------------------------------------------------------------------
@@ -1613,6 +1834,16 @@ class ModelProvisioner:
             dest, human_bytes(size), time.monotonic() - started), "✅", model_ref=ref.text)
         return row
 
+    def _disk_full(self, ref, filename, size, partial):
+        """INSUFFICIENT_DISK, the bytes so far kept in `partial` for a resume."""
+        import shutil
+        have = os.path.getsize(partial) if os.path.exists(partial) else 0
+        free = shutil.disk_usage(os.path.dirname(partial)).free
+        return InsufficientDisk("The disk filled up while downloading %s: need %s more, %s free" % (
+            filename, human_bytes(size - have), human_bytes(free)),
+            {"required_bytes": size - have, "free_bytes": free, "bytes_kept": have, "path": os.path.dirname(partial)},
+            "Free disk space on the node, then run the same command again: the download resumes where it stopped")
+
     def _fetch(self, ref, filename, size, sha256, partial):
         """Download into `partial`, resuming from its length; returns the verified sha256."""
         from huggingface_hub import get_session, hf_hub_url
@@ -1656,6 +1887,8 @@ class ModelProvisioner:
                                 have += len(chunk)
                                 progress.update(have)
                 except Exception as exc:
+                    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                        raise self._disk_full(ref, filename, size, partial)
                     mapped = self._hub_error(exc, ref)
                     if mapped:
                         raise mapped
@@ -1855,7 +2088,7 @@ class Worker(App):
         # after the narration above on the same stdout: a parent that reads this line has relayed it all
         self.announce_ready(worker_id=self.worker_id)
         if args.hive_url:
-            HiveClient(args.hive_url, os.environ.get(ENV_HIVE_TOKEN)).ready(
+            HiveClient(args.hive_url, os.environ.get(ENV_READY_TOKEN)).ready(
                 {"worker_id": self.worker_id, "url": self.url, "model_ref": self.model_ref, "backend": args.backend,
                  "device": args.device, "port": port, "load_ms": self.load_ms})
 
@@ -2028,6 +2261,7 @@ class WorkerProcess:
         self.backend, self.device = backend, device  #: where it runs the model
         self.port = port                  #: the port it was told to bind
         self.api_key = api_key            #: its bearer key, handed to whoever gets this worker
+        self.ready_token = None           #: the secret its ready callback must carry (set by its spawn)
         self.proc = proc                  #: its process (stdin: its lifeline)
         self.client = WorkerClient("http://%s:%d" % (local_address(host), port), api_key, worker_id)
         self.url = None                   #: where it says it answers (its ready callback)
@@ -2063,8 +2297,10 @@ class WorkerProcess:
             self.announced.set()
 
     def lost_port(self, host):
-        """Whether another program now holds the port this worker was given."""
+        """Whether another program now holds the port this worker was given (a port in
+        TIME_WAIT, left by this worker itself, is no other program's: we bind as our servers do)."""
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, self.port))
                 return False
@@ -2118,14 +2354,14 @@ class Hive(App):
         self.catalog = ModelCatalog()     #: this node's models.db (each call opens its own connection)
         self.provisioner = ModelProvisioner(self.catalog)  #: downloads into the catalog (one per model at a time)
         self.registry = WorkerRegistry()  #: the workers it started
-        self._spawn_locks = {}            #: (model, backend, device) -> Lock: one spawn of a model at a time
-        self._spawn_locks_lock = threading.Lock()   #: guards _spawn_locks
+        self.spawn_locks = KeyedLocks()   #: one spawn of a (model, backend, device) at a time
         self._ports_lock = threading.Lock()         #: choosing a worker's port and registering it is one step
         self._backends = None             #: backends.detect(), asked once (the first health or spawn)
-        os.makedirs(rbee_home("logs"), exist_ok=True)
+        os.makedirs(rbee_home("logs"), mode=0o700, exist_ok=True)
 
     def authorize(self, req, name):
-        if self.token and name != "health":
+        # a ready callback carries its worker's own secret instead, checked by worker_ready
+        if self.token and name not in ("health", "worker_ready"):
             req.require_bearer(self.token)
 
     @property
@@ -2156,6 +2392,7 @@ class Hive(App):
 
     def download_model(self, req):
         ref = model_ref_of(req.json)
+        self.provisioner.check(ref)
         stream = req.sse()
         with narration_to(stream.narration):
             row = self.provisioner.provision(ref)
@@ -2174,13 +2411,17 @@ class Hive(App):
         req.send_json(200, {"removed": removed})
 
     def worker_ready(self, req):
+        """A worker this hive spawned says it serves. Only that worker knows its secret; its URL
+        is where the hive told it to listen, whatever the body says."""
         body = req.json
-        worker = self.registry.get(body.get("worker_id"))
-        if worker is None:
-            raise InvalidRequest("Unknown worker %r" % body.get("worker_id"), {"field": "worker_id"})
-        worker.url, worker.load_ms = body.get("url"), body.get("load_ms")
-        worker.state, worker.last_activity = "idle", time.time()
-        worker.ready.set()
+        worker = self.registry.get(text_field(body, "worker_id", limit=200))
+        req.require_bearer(worker.ready_token if worker else None)
+        if not worker.ready.is_set():
+            load_ms = body.get("load_ms")
+            worker.url = "http://%s:%d" % (local_address(self.args.host), worker.port)
+            worker.load_ms = load_ms if isinstance(load_ms, int) and not isinstance(load_ms, bool) else None
+            worker.state, worker.last_activity = "idle", time.time()
+            worker.ready.set()
         req.send_json(200, {"ok": True})
 
     def shutdown_worker(self, req):
@@ -2199,9 +2440,10 @@ class Hive(App):
         body = req.json
         ref = model_ref_of(body)
         backend, device = backend_and_device(body)
-        if not backend:
-            import backends
-            backend = backends.best()
+        import backends
+        backend = backend or backends.best()
+        backends.require(backend, device)   # what is known before the stream: its own status
+        self.provisioner.check(ref)
         stream = req.sse()
         with narration_to(stream.narration):
             worker, timings = self.worker_for(ref, backend, device)
@@ -2214,9 +2456,7 @@ class Hive(App):
     def worker_for(self, ref, backend, device):
         """An idle worker for (model, backend, device): reused, or provisioned and spawned."""
         key = (ref.text, backend, device)
-        with self._spawn_locks_lock:
-            lock = self._spawn_locks.setdefault(key, threading.Lock())
-        with lock:   # concurrent spawns of one model make one worker
+        with self.spawn_locks.holding(key):   # concurrent spawns of one model make one worker
             # one copy of a model per device: an idle worker first, else a busy one (its 503 is
             # retried by the keeper) rather than a second copy in the same memory
             live = [w for w in self.registry.matching(*key) if self.poll_worker(w) in ("idle", "busy")]
@@ -2267,16 +2507,16 @@ class Hive(App):
         port = free_port(self.args.host, port)
         while port in self.registry.ports():
             port = free_port(self.args.host, port + 1)
-        worker_id, api_key = "worker-" + random_id(4), random_id(24)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env[ENV_WORKER_API_KEY] = api_key
-        if self.token:
-            env[ENV_HIVE_TOKEN] = self.token
+        worker_id, api_key, ready_token = "worker-" + random_id(4), random_id(24), random_id(24)
+        env = {k: v for k, v in os.environ.items() if k not in (ENV_HIVE_TOKEN, ENV_API_KEY)}
+        env.update(PYTHONUNBUFFERED="1")
+        env[ENV_WORKER_API_KEY], env[ENV_READY_TOKEN] = api_key, ready_token
         argv = [sys.executable, "-u", RBEE_PY, "worker", "--model", row["local_path"], "--backend", backend,
                 "--device", str(device), "--port", str(port), "--host", self.args.host, "--worker-id", worker_id,
                 "--model-ref", ref.text, "--hive-url", self.local_url, "--lifeline"]
         proc = spawn_child(argv, env=env)
         worker = WorkerProcess(worker_id, ref.text, backend, device, self.args.host, port, api_key, proc)
+        worker.ready_token = ready_token
         worker.listeners.append(_current_sink())
         self.registry.add(worker)
         return worker
@@ -2380,6 +2620,8 @@ def run_hive(args):
             raise InvalidRequest("The first line on a --lifeline hive's stdin must be JSON")
         token = hello.get(HELLO_TOKEN)
         os.environ.update({k: str(v) for k, v in (hello.get(HELLO_ENV) or {}).items()})
+    else:   # standalone: its own token, required wherever the network reaches it
+        token = role_secret("rbee-hive", args.token_file, ENV_HIVE_TOKEN, "hive-token", args.host)
     run_role(Hive(args, token), args.lifeline)
 
 
@@ -2512,7 +2754,7 @@ class HiveSession:
         self._heard()
         if line.get(CONTROL) == CONTROL_READY and isinstance(line.get("port"), int):
             self.hive_version = line.get("version")
-            self.client = HiveClient("http://%s:%d" % (self.host, line["port"]), self.token)
+            self.client = HiveClient("http://%s:%d" % (self.host, line["port"]), self.token, self.name)
             self.ready.set()
             self.answered.set()
 
@@ -2555,7 +2797,7 @@ class HiveSession:
 
     def _stop_leftover(self):
         """Stop a hive of this node that answers on its port and accepts this queen's token."""
-        leftover = HiveClient("http://%s:%d" % (self.host, HIVE_PORT), self.token)
+        leftover = HiveClient("http://%s:%d" % (self.host, HIVE_PORT), self.token, self.name)
         try:
             if leftover.health().get("node") != self.name:
                 return False   # another node's hive on the same machine: not ours to stop
@@ -2666,10 +2908,16 @@ class Queen(App):
         super().__init__()
         self.args = args                  #: the command line
         self.token = random_id(24)        #: the bearer token of every hive this queen starts
+        #: the key every caller but /health must send (None: a loopback queen without one)
+        self.api_key = role_secret(self.component, args.api_key_file, ENV_API_KEY, "api-key", args.host)
         self.nodes = NodeRegistry()       #: beehives.db (read on every task: the CLI writes it)
         self.hives = {}                   #: node name -> its running HiveSession (guarded by hives_lock)
         self.hives_lock = threading.Lock()    #: guards `hives` and `_start_locks`
         self._start_locks = {}            #: node name -> Lock held while its hive starts (one start per node)
+
+    def authorize(self, req, name):
+        if self.api_key and name != "health":
+            req.require_bearer(self.api_key)
 
     # -- hives ------------------------------------------------------------------------------------
 
@@ -2713,11 +2961,16 @@ class Queen(App):
     def health(self, req):
         req.send_json(200, {"status": "ok", "version": __version__})
 
+    def node_of(self, body_or_query):
+        """The registered node a request names (`node`, default localhost): 400 for a wrong type,
+        404 NODE_NOT_FOUND for one nobody registered, both before any stream starts."""
+        node = text_field(body_or_query, "node", "localhost", limit=200)
+        self.nodes.resolve(node)
+        return node
+
     def task(self, req):
         body = req.json
-        node = body.get("node")
-        if not isinstance(node, str) or not node:
-            raise invalid("node", "must be a node name")
+        node = text_field(body, "node", limit=200)
         ref = ModelRef.parse(body.get("model"))
         backend, device = backend_and_device(body)
         self.nodes.resolve(node)   # NODE_NOT_FOUND before the stream starts
@@ -2752,31 +3005,30 @@ class Queen(App):
 
     def shutdown_worker(self, req):
         body = req.json
-        node = body.get("node") or "localhost"
-        self.nodes.resolve(node)   # NODE_NOT_FOUND for a node nobody registered
+        node, worker_id = self.node_of(body), text_field(body, "worker_id", limit=200)
         session = next((s for s in self.running_hives() if s.name == node), None)
         if session is None:
-            raise InvalidRequest("No worker %s: no hive runs on %s" % (body.get("worker_id"), node),
+            raise InvalidRequest("No worker %s: no hive runs on %s" % (worker_id, node),
                                  {"node": node}, "See the workers: rbee.py workers list")
-        req.send_json(202, session.client.shutdown_worker(str(body.get("worker_id"))))
+        req.send_json(202, session.client.shutdown_worker(worker_id))
 
     def list_models(self, req):
-        req.send_json(200, {"models": self.hive(req.query.get("node") or "localhost").client.models()})
+        req.send_json(200, {"models": self.hive(self.node_of(req.query)).client.models()})
 
     def download_model(self, req):
         body = req.json
-        ref = model_ref_of(body)
+        ref, node = model_ref_of(body), self.node_of(body)
         stream = req.sse()
         with narration_to(stream.narration):
-            session = self.hive(body.get("node") or "localhost", stream.narration)
+            session = self.hive(node, stream.narration)
             with session.listening(stream.narration):
                 result = session.client.download(ref.text, session.tagged(stream.narration))
         stream.finish(EVENT_END, result)
 
     def remove_model(self, req):
         body = req.json
-        ref = model_ref_of(body)
-        req.send_json(200, self.hive(body.get("node") or "localhost").client.remove(ref.text))
+        ref, node = model_ref_of(body), self.node_of(body)
+        req.send_json(200, self.hive(node).client.remove(ref.text))
 
     def status(self, req):
         hives = []
@@ -2852,7 +3104,8 @@ class Keeper:
     def __init__(self, args):
         self.args = args                  #: the command line
         #: the queen it talks to: --queen, else $RBEE_QUEEN_URL, else the local default
-        self.queen = QueenClient(getattr(args, "queen", None) or os.environ.get(ENV_QUEEN_URL) or DEFAULT_QUEEN_URL)
+        self.queen = QueenClient(getattr(args, "queen", None) or os.environ.get(ENV_QUEEN_URL) or DEFAULT_QUEEN_URL,
+                                 queen_key())
         self.json = getattr(args, "json", False)     #: --json: events on stdout, not text
         self.quiet = getattr(args, "quiet", False)   #: --quiet: no narration (errors stay)
         self.renderer = stderr_renderer()            #: narration and errors on stderr
@@ -2863,7 +3116,9 @@ class Keeper:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
+        if isinstance(exc, RbeeError):   # what went wrong first; the cleanup (a stuck worker) may take long
+            report_error(exc, self.json)
         self.stop_queen()
 
     def show(self, event):
@@ -3198,6 +3453,13 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def ssh_host(text):
+    """A host name, address or ssh alias: never something ssh could take for an option."""
+    if not text or text.startswith("-") or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError("%r is not a host name" % text)
+    return text
+
+
 def env_pair(text):
     """`KEY=VALUE` from the command line (the value may hold `=` or be empty)."""
     key, sep, value = text.partition("=")
@@ -3249,6 +3511,8 @@ def build_parser():
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=_bounded(int, 0, 65535), default=QUEEN_PORT)
     s.add_argument("--lifeline", action="store_true", help="exit when stdin closes (set by the keeper)")
+    s.add_argument("--api-key-file", help="the key callers must send (else $RBEE_API_KEY; off loopback, "
+                   "else $RBEE_HOME/api-key, created)")
     s.set_defaults(func=run_queen)
 
     s = sub.add_parser("hive", help="run a node's pool manager")
@@ -3257,6 +3521,8 @@ def build_parser():
     s.add_argument("--lifeline", action="store_true", help="read the queen's handshake, exit when stdin closes")
     s.add_argument("--node-name")
     s.add_argument("--idle-timeout", type=_bounded(float, 0.0, 1e9), default=300.0)
+    s.add_argument("--token-file", help="the token callers must send (else $RBEE_HIVE_TOKEN; off loopback, "
+                   "else $RBEE_HOME/hive-token, created)")
     s.set_defaults(func=run_hive)
 
     s = sub.add_parser("worker", help="serve one model (started by a hive)")
@@ -3276,7 +3542,7 @@ def build_parser():
     nodes = s.add_subparsers(dest="nodes_cmd", required=True, parser_class=ArgumentParser)
     a = nodes.add_parser("add")
     a.add_argument("name")
-    a.add_argument("--ssh-host", required=True)
+    a.add_argument("--ssh-host", required=True, type=ssh_host)
     a.add_argument("--ssh-port", type=_bounded(int, 1, 65535), default=22)
     a.add_argument("--ssh-user")
     a.add_argument("--ssh-key")
@@ -3322,14 +3588,22 @@ def _with_keeper(args, action):
         return action(keeper)
 
 
+def report_error(err, as_json=False):
+    """Show an error once: `[component] ❌ Error: ...` on stderr (and, with --json, its event)."""
+    if getattr(err, "reported", False):
+        return
+    err.reported = True
+    if as_json:
+        emit_line(dict(event="error", **err.envelope()))
+    stderr_renderer().error(err)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
     except RbeeError as err:
-        if getattr(args, "json", False):
-            emit_line(dict(event="error", **err.envelope()))
-        stderr_renderer().error(err)
+        report_error(err, getattr(args, "json", False))
         return 1
     except KeyboardInterrupt:
         sys.stderr.write("\n[rbee-keeper] ✋ Interrupted\n")
@@ -3338,8 +3612,7 @@ def main(argv=None):
         return 0
     except Exception as exc:   # a bug: still the envelope's shape, with the traceback in a log
         err = RbeeError.wrap(exc, "rbee-keeper")
-        os.makedirs(rbee_home("logs"), exist_ok=True)
-        with open(rbee_home("logs", "keeper-crash.log"), "a") as log:
+        with open_log("keeper-crash.log") as log:
             import traceback
             traceback.print_exc(file=log)
         stderr_renderer().error(err)

@@ -116,6 +116,14 @@ def spawned(events):
     return data
 
 
+def refused(hive, path, body):
+    """What the hive knows is wrong before any stream starts: the error's own status and the
+    envelope (PROTOCOL.md §5), no SSE. Returns (status, error)."""
+    resp, data = call(hive.port, "POST", path, body, hive.token)
+    assert resp.status != 200 and resp.getheader("Content-Type") == "application/json", (resp.status, data)
+    return resp.status, data["error"]
+
+
 def error_of(events):
     kind, data = events[-1]
     assert kind == "error", data
@@ -456,7 +464,8 @@ def test_model_larger_than_ram_is_refused_with_insufficient_ram(start_hive, rbee
         mem_total = int(next(line for line in f if line.startswith("MemTotal:")).split()[1]) * 1024
     big = tmp_path / "huge-model.Q8_0.gguf"
     with open(big, "wb") as f:
-        f.truncate(mem_total * 10)    # sparse: takes no disk
+        f.write(b"GGUF")              # the magic of a GGUF file, then nothing: sparse, it takes no disk
+        f.truncate(mem_total * 10)
     hive = start_hive()
     error = error_of(spawn(hive, "file:%s" % big))
     assert error["code"] == "INSUFFICIENT_RAM", error
@@ -475,8 +484,8 @@ def test_unusable_backend_or_device_is_refused_before_any_download(repo, start_h
     if code == "BACKEND_UNAVAILABLE" and backends.get(backend).available():   # a real GPU node
         device, code = 99, "DEVICE_NOT_FOUND"
     hive = start_hive()
-    error = error_of(spawn(hive, REF, backend, device))
-    assert error["code"] == code, error
+    status, error = refused(hive, "/v1/workers/spawn", {"model_ref": REF, "backend": backend, "device": device})
+    assert error["code"] == code and status == 400, (status, error)
     assert error["message"] and error.get("suggestion")
     if code == "BACKEND_UNAVAILABLE":
         assert "cpu" in error["details"]["available"]

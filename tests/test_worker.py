@@ -154,7 +154,7 @@ def test_startup_narration_order_and_ready_callback(roles, env, model_path):
         role = roles("worker", "--model", model_path, "--backend", "cpu", "--device", "0", "--port", str(port),
                      "--host", "127.0.0.1", "--worker-id", "worker-abc123", "--model-ref", "hf:Org/Repo-GGUF",
                      "--hive-url", "http://127.0.0.1:%d" % hive.server_address[1],
-                     env=dict(env, RBEE_WORKER_API_KEY=KEY, RBEE_HIVE_TOKEN="hive-token"))
+                     env=dict(env, RBEE_WORKER_API_KEY=KEY, RBEE_READY_TOKEN="ready-secret"))
         role.wait_event("ready_callback")
         wait_until(lambda: received, 10, what="the ready callback")
     finally:
@@ -175,7 +175,7 @@ def test_startup_narration_order_and_ready_callback(roles, env, model_path):
     assert by_action["http_ready"]["human"] == "HTTP server ready on port %d" % port
     path, auth, body = received[0]
     assert path == "/v1/workers/ready"
-    assert auth == "Bearer hive-token"
+    assert auth == "Bearer ready-secret"   # its own secret from its hive, not the hive's token
     assert body["worker_id"] == "worker-abc123"
     assert body["url"] == "http://127.0.0.1:%d" % port
     assert body["model_ref"] == "hf:Org/Repo-GGUF"
@@ -385,11 +385,13 @@ def raw_exchange(port, data):
             answer += chunk
 
 
-def test_garbage_request_lines_get_the_envelope_too(worker):
-    # no HTTP version: an HTTP/0.9 answer, which is a body alone
-    assert json.loads(raw_exchange(worker.port, b"GARBAGE\r\n\r\n"))["error"]["code"] == "INVALID_REQUEST"
-    head, _, body = raw_exchange(worker.port, b"BREW /execute HTTP/1.0\r\n\r\n").partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.0 501")
+@pytest.mark.parametrize("request_line, status", [
+    (b"GARBAGE", 400), (b"GET /health", 400),                  # no HTTP version: HTTP/0.9, refused
+    (b"GET /health HTTP/2.0", 400), (b"GET /health HTTP/x.y", 400),
+    (b"BREW /execute HTTP/1.0", 405), (b"BREW /nowhere HTTP/1.0", 404)])   # unknown methods: no 501
+def test_garbage_request_lines_get_a_status_line_and_the_envelope(worker, request_line, status):
+    head, _, body = raw_exchange(worker.port, request_line + b"\r\n\r\n").partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 %d " % status), head
     assert json.loads(body)["error"]["code"] == "INVALID_REQUEST"
     assert run_job(worker.port, max_tokens=2)[-1][0] == "end"
 
