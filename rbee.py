@@ -1045,6 +1045,11 @@ def queen_key():
             return f.read().strip() or None
     return None
 
+# How the queen's machine reaches a node's hive and workers: straight over the network (lan), or
+# only through the node's ssh connection (ssh: they listen on the node's 127.0.0.1, forwarded).
+TRANSPORT_LAN, TRANSPORT_SSH = "lan", "ssh"
+TRANSPORTS = (TRANSPORT_LAN, TRANSPORT_SSH)
+
 # Headers and environment variables that more than one role reads.
 AUTHORIZATION, RETRY_AFTER = "Authorization", "Retry-After"
 ENV_WORKER_API_KEY = "RBEE_WORKER_API_KEY"   # the worker's key, set by its hive
@@ -1396,7 +1401,7 @@ def free_port(host, start):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as our servers bind
             try:
                 s.bind((host, port))
-                return port
+                return s.getsockname()[1]   # (`start` 0: any free port)
             except OSError:
                 continue
     raise InternalError("No free port from %d on %s" % (start, host))
@@ -1421,6 +1426,14 @@ class SshTarget:
         return cls(node["ssh_host"], node.get("ssh_port") or 22, node.get("ssh_user"), node.get("ssh_key_path"))
 
     def argv(self, command):
+        return self._options() + ["--", self.host, command]   # after --, a host can never be read as an option
+
+    def control(self, operation, *args):
+        """The ssh command line of a control operation (`forward`, `check`) on this node's master
+        connection: the one of its hive's session, which ControlMaster=auto made the master."""
+        return self._options() + ["-O", operation] + list(args) + ["--", self.host]
+
+    def _options(self):
         args = ["ssh", "-T"]
         config = os.environ.get("RBEE_SSH_CONFIG")
         if config:
@@ -1438,7 +1451,7 @@ class SshTarget:
             args += ["-p", str(self.port)]
         if self.user:
             args += ["-l", self.user]
-        return args + ["--", self.host, command]   # after --, a host can never be read as an option
+        return args
 
     def address(self):
         """The node's network address: ssh's own resolution of the host (an alias in
@@ -2633,7 +2646,7 @@ class NodeRegistry:
     """$RBEE_HOME/beehives.db on the queen's machine. The CLI writes it; the queen reads it."""
 
     COLUMNS = ("node_name", "ssh_host", "ssh_port", "ssh_user", "ssh_key_path", "rbee_dir", "python", "env",
-               "backends", "devices", "last_connected_unix", "status", "last_error")
+               "backends", "devices", "last_connected_unix", "status", "last_error", "transport")
     JSON_COLUMNS = ("env", "backends", "devices")
 
     def __init__(self, path=None):
@@ -2644,7 +2657,10 @@ class NodeRegistry:
                 node_name TEXT PRIMARY KEY, ssh_host TEXT NOT NULL, ssh_port INTEGER NOT NULL DEFAULT 22,
                 ssh_user TEXT, ssh_key_path TEXT, rbee_dir TEXT NOT NULL, python TEXT NOT NULL, env TEXT,
                 backends TEXT, devices TEXT, last_connected_unix INTEGER,
-                status TEXT NOT NULL DEFAULT 'unknown', last_error TEXT)""")
+                status TEXT NOT NULL DEFAULT 'unknown', last_error TEXT,
+                transport TEXT NOT NULL DEFAULT 'lan')""")
+            if "transport" not in [row[1] for row in db.execute("PRAGMA table_info(beehives)")]:   # rbee 0.1
+                db.execute("ALTER TABLE beehives ADD COLUMN transport TEXT NOT NULL DEFAULT 'lan'")
 
     _db = ModelCatalog._db
 
@@ -2666,6 +2682,7 @@ class NodeRegistry:
         return [self._decode(r) for r in rows]
 
     def save(self, node):
+        node = dict({"transport": TRANSPORT_LAN}, **{k: v for k, v in node.items() if v is not None})
         values = [json.dumps(node.get(c)) if c in self.JSON_COLUMNS and node.get(c) is not None else node.get(c)
                   for c in self.COLUMNS]
         with self._db() as db:
@@ -2706,8 +2723,14 @@ class HiveSession:
         self.name = node["node_name"]         #: the node's name
         self.token = token                #: the queen's bearer token, given to the hive in the handshake
         self.local = bool(node.get("local"))   #: node localhost: a local child, no ssh
-        #: where the hive and its workers answer: ssh's own resolution of the node's host, no DNS of ours
-        self.host = "127.0.0.1" if self.local else SshTarget.for_node(node).address()
+        #: ssh transport: the hive and its workers listen on the node's loopback, reached by forwards
+        self.tunnelled = not self.local and node.get("transport") == TRANSPORT_SSH
+        #: where the hive and its workers answer: ssh's own resolution of the node's host, no DNS of
+        #: ours (ssh transport: this machine's loopback, where the forwards listen)
+        self.host = "127.0.0.1" if self.local or self.tunnelled else SshTarget.for_node(node).address()
+        self.forwards = {}                #: the node's port -> this machine's forwarded port (ssh transport)
+        self.forwards_lock = threading.Lock()   #: guards `forwards`; one forward set up at a time
+        self.hive_port = None             #: the port the hive reported in its ready line (output thread)
         self.client = None                #: a HiveClient once the hive said where it serves (output thread)
         self.hive_version = None          #: the version its ready line reported (output thread)
         self.listeners = []               #: narration sinks of the tasks waiting on this node
@@ -2753,10 +2776,31 @@ class HiveSession:
     def control(self, line):
         self._heard()
         if line.get(CONTROL) == CONTROL_READY and isinstance(line.get("port"), int):
-            self.hive_version = line.get("version")
-            self.client = HiveClient("http://%s:%d" % (self.host, line["port"]), self.token, self.name)
+            self.hive_version, self.hive_port = line.get("version"), line["port"]
             self.ready.set()
             self.answered.set()
+
+    def reach(self, port):
+        """The URL at which this machine reaches the node's `port`: the node's address, or, with
+        the ssh transport, a local port forwarded through the node's ssh connection."""
+        if not self.tunnelled:
+            return "http://%s:%d" % (self.host, port)
+        with self.forwards_lock:
+            if port not in self.forwards:
+                local = free_port("127.0.0.1", 0)
+                spec = "127.0.0.1:%d:127.0.0.1:%d" % (local, port)
+                try:
+                    out = subprocess.run(SshTarget.for_node(self.node).control("forward", "-L", spec),
+                                         capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
+                except subprocess.TimeoutExpired:
+                    out = None
+                if out is None or out.returncode:
+                    raise SshFailed("Cannot forward port %d of %s through its ssh connection: %s" % (
+                        port, self.name, out.stderr.strip() if out else "ssh -O forward took over 10 s"),
+                        {"node": self.name, "port": port}, "Check the node: rbee.py nodes check %s" % self.name,
+                        "queen-rbee")
+                self.forwards[port] = local
+            return "http://127.0.0.1:%d" % self.forwards[port]
 
     def tagged(self, sink):
         """`sink` for narration relayed from this hive's streams, each event marked with the node."""
@@ -2779,9 +2823,13 @@ class HiveSession:
         args = ["hive", "--lifeline", "--node-name", self.name]
         if self.local:   # any free port on loopback: several queens (users, tests) share a machine
             return [sys.executable, "-u", RBEE_PY] + args + ["--host", "127.0.0.1", "--port", "0"]
+        if self.tunnelled:   # the node's loopback only: nothing of rbee faces its network
+            args += ["--host", "127.0.0.1", "--port", "0"]
+        else:
+            args += ["--port", str(HIVE_PORT)]
         plain = {k: v for k, v in (self.node.get("env") or {}).items() if not is_secret(k)}   # secrets: hello
         return SshTarget.for_node(self.node).argv(remote_command(
-            self.node.get("rbee_dir"), self.node.get("python"), args + ["--port", str(HIVE_PORT)], plain))
+            self.node.get("rbee_dir"), self.node.get("python"), args, plain))
 
     def start(self):
         """Start the hive and wait until it serves (ssh retried per PROTOCOL.md §9)."""
@@ -2791,7 +2839,7 @@ class HiveSession:
             # A hive of this queen whose ssh session was lost (a network partition: ssh's
             # ServerAlive gave up, but the node never saw the connection close) may still run
             # there and hold the port. It takes our token: stop it, then start a fresh one.
-            if self.local or not self._stop_leftover():
+            if self.local or self.tunnelled or not self._stop_leftover():   # (a tunnelled hive holds no fixed port)
                 raise
             self._start()
 
@@ -2838,6 +2886,8 @@ class HiveSession:
         self.answered.clear()
         self.exited.clear()
         self.client = None
+        with self.forwards_lock:
+            self.forwards.clear()   # (they lived on the connection of the last attempt)
         self.heard, self.attempt_started = False, time.monotonic()
         self.timings.pop("ssh_connect_ms", None)
         self.proc = spawn_child(self.argv(), cwd=HERE)
@@ -2852,6 +2902,8 @@ class HiveSession:
         while not self.answered.wait(0.02):
             if self.exited.is_set() or time.monotonic() > deadline:
                 break
+        if self.ready.is_set():
+            self.client = HiveClient(self.reach(self.hive_port), self.token, self.name)
         if self.answered.is_set():
             return True, None
         self.kill()
@@ -2878,9 +2930,8 @@ class HiveSession:
         self.on_exit(self, code)
 
     def worker_url(self, url):
-        """The worker's URL as the keeper can reach it: the hive's host, the worker's port."""
-        port = urllib.parse.urlsplit(url).port
-        return "http://%s:%d" % (self.host, port)
+        """The worker's URL as the keeper can reach it: the hive's host (or a forward), its port."""
+        return self.reach(urllib.parse.urlsplit(url).port)
 
     def kill(self):
         if self.proc and self.proc.poll() is None:
@@ -3282,6 +3333,8 @@ def cmd_nodes(args):
         for node in registry.list():
             print("%-14s %-28s %-11s %s" % (node["node_name"], "%s:%s" % (node["ssh_host"], node["ssh_port"]),
                                             node["status"], ",".join(node["backends"] or []) or "-"))
+            if node["transport"] != TRANSPORT_LAN:
+                print("    transport: %s" % node["transport"])
             if node["env"]:
                 print("    env: %s" % " ".join("%s=%s" % kv for kv in sorted(masked_env(node["env"]).items())))
         return 0
@@ -3295,7 +3348,8 @@ def cmd_nodes(args):
         key = os.path.abspath(os.path.expanduser(args.ssh_key)) if args.ssh_key else None   # the queen runs elsewhere
         node = {"node_name": args.name, "ssh_host": args.ssh_host, "ssh_port": args.ssh_port,
                 "ssh_user": args.ssh_user, "ssh_key_path": key, "rbee_dir": args.rbee_dir,
-                "python": args.python, "env": dict(pair for pairs in args.env or [] for pair in pairs)}
+                "python": args.python, "env": dict(pair for pairs in args.env or [] for pair in pairs),
+                "transport": args.transport}
         with narration_to(renderer.show):
             info = probe_node(SshTarget.for_node(node), args.name, args.rbee_dir, args.python)
         node.update(backends=list(info.get("backends") or {}), devices=info.get("backends") or {},
@@ -3548,6 +3602,9 @@ def build_parser():
     a.add_argument("--ssh-key")
     a.add_argument("--rbee-dir", default="~/.rbee/app")
     a.add_argument("--python", default="python3")
+    a.add_argument("--transport", choices=TRANSPORTS, default=TRANSPORT_LAN,
+                   help="lan: the queen reaches the node's hive and workers over the network; ssh: only through "
+                        "the node's ssh connection (they listen on its 127.0.0.1; the node opens nothing but sshd)")
     a.add_argument("--env", nargs="+", action="append", metavar="KEY=VALUE", type=env_pair,
                    help="environment of the node's hive; repeat it or give several pairs")
     nodes.add_parser("list")

@@ -256,8 +256,8 @@ def main():
         raws, (cold_runs,) = baseline.paired(lambda: whole_command(infer + ["--node", "localhost"], env), warmup=0)
         results["cold_local"] = summarize(cold_runs, raws)
 
-        print("cold_ssh ...", file=sys.stderr)
-        results["cold_ssh"] = cold_ssh(tmp, env, infer, baseline)
+        print("cold_ssh, and the lan and ssh transports ...", file=sys.stderr)
+        results.update(over_ssh(tmp, env, infer, baseline))
         results["raw"] = summarize(baseline.runs[1:])
         results["raw"]["load_s"] = round(baseline.load_s, 3)
         baseline.close()
@@ -283,11 +283,13 @@ def timed(argv):
     return (time.perf_counter() - t0) * 1000
 
 
-def cold_ssh(tmp, env, infer, baseline):
-    """The cold command over real ssh, to an air-gapped simulated host where one can be made."""
+def over_ssh(tmp, env, infer, baseline):
+    """The cold command over real ssh, to an air-gapped simulated host where one can be made; then
+    the same host as two nodes, `airgap` (--transport lan) and `airgap-ssh` (--transport ssh:
+    every byte through the ssh connection), cold and warm, paired, for the per-token cost of ssh."""
     from hosts import LoopbackSshd, NetnsHosts, SshKeys, netns_available, write_ssh_config
     if not shutil.which("ssh") or not os.path.exists("/usr/sbin/sshd"):
-        return {"skipped": "no OpenSSH here (make sysdeps installs it)"}
+        return {"cold_ssh": {"skipped": "no OpenSSH here (make sysdeps installs it)"}}
     keys = SshKeys(tmp / "keys")
     if netns_available():
         host = NetnsHosts(tmp / "net", keys, names=("airgap",), subnet="10.210.0", bridge="rbeebrbench",
@@ -296,16 +298,33 @@ def cold_ssh(tmp, env, infer, baseline):
     else:
         host = LoopbackSshd(tmp / "sshd", keys).start()
         entry, where = ("airgap", host.host, host.port, host.user), "loopback sshd"
+    results = {}
     try:
         config = write_ssh_config(tmp / "ssh_config", [entry], keys)
         ssh_env = dict(env, RBEE_SSH_CONFIG=config)
-        add = subprocess.run([PY, RBEE, "nodes", "add", "airgap", "--ssh-host", "airgap", "--rbee-dir", str(REPO),
-                              "--python", PY, "--env", "RBEE_HOME=%s" % (tmp / "remote-home")],
-                             env=ssh_env, capture_output=True, text=True)
-        if add.returncode:
-            raise RuntimeError("nodes add failed: %s" % add.stderr)
-        raws, (runs,) = baseline.paired(lambda: whole_command(infer + ["--node", "airgap"], ssh_env), warmup=0)
-        return dict(summarize(runs, raws), host=where)
+        for node, transport in (("airgap", "lan"), ("airgap-ssh", "ssh")):
+            add = subprocess.run([PY, RBEE, "nodes", "add", node, "--ssh-host", "airgap", "--rbee-dir", str(REPO),
+                                  "--python", PY, "--transport", transport, "--env",
+                                  "RBEE_HOME=%s" % (tmp / "remote-home")], env=ssh_env, capture_output=True, text=True)
+            if add.returncode:
+                raise RuntimeError("nodes add failed: %s" % add.stderr)
+        raws, (lan, ssh) = baseline.paired(lambda: whole_command(infer + ["--node", "airgap"], ssh_env),
+                                           lambda: whole_command(infer + ["--node", "airgap-ssh"], ssh_env), warmup=0)
+        results["cold_ssh"] = dict(summarize(lan, raws), host=where)
+        results["cold_ssh_transport"] = dict(summarize(ssh, raws), host=where)
+        qport = free_port()
+        queen = role(["queen", "--port", str(qport)], ssh_env)
+        try:
+            warm = infer + ["--queen", "http://127.0.0.1:%d" % qport, "--node"]
+            raws, (lan, ssh) = baseline.paired(lambda: whole_command(warm + ["airgap"], ssh_env),
+                                               lambda: whole_command(warm + ["airgap-ssh"], ssh_env))
+            results["warm_lan"] = dict(summarize(lan, raws), host=where)
+            results["warm_ssh_transport"] = dict(summarize(ssh, raws), host=where)
+            results["warm_ssh_transport"]["tok_s_vs_lan"] = round(
+                results["warm_ssh_transport"]["tok_s"]["median"] / results["warm_lan"]["tok_s"]["median"], 3)
+        finally:
+            stop(queen)
+        return results
     finally:
         host.stop()
 
@@ -329,18 +348,22 @@ def peer_server(model, env):
 def print_table(r):
     print("\nrbee bench: %s, %d tokens, n_ctx %d, %d threads, temperature 0, %d runs (median [min-max])" % (
         r["config"]["model"], TOKENS, N_CTX, THREADS, RUNS))
-    print("%-11s %-26s %-26s %-22s %s" % ("scenario", "time to first token ms", "tokens/s", "wall s",
+    print("%-18s %-26s %-26s %-22s %s" % ("scenario", "time to first token ms", "tokens/s", "wall s",
                                           "vs the raw runs paired with it"))
-    for name in ("raw", "worker", "warm", "cold_local", "cold_ssh", "peer"):
+    for name in ("raw", "worker", "warm", "cold_local", "cold_ssh", "cold_ssh_transport", "warm_lan",
+                 "warm_ssh_transport", "peer"):
         s = r.get(name) or {}
         if "ttft_ms" not in s:
-            print("%-11s %s" % (name, s.get("skipped", "-")))
+            print("%-18s %s" % (name, s.get("skipped", "-")))
             continue
         cell = lambda k, f: (f % s[k]["median"] + " [" + f % s[k]["min"] + "-" + f % s[k]["max"] + "]") if s.get(k) else "-"
         ratio = s.get("ratio_to_raw", {})
-        print("%-11s %-26s %-26s %-22s %s" % (name, cell("ttft_ms", "%.1f"), cell("tok_s", "%.1f"), cell("wall_s", "%.2f"),
+        print("%-18s %-26s %-26s %-22s %s" % (name, cell("ttft_ms", "%.1f"), cell("tok_s", "%.1f"), cell("wall_s", "%.2f"),
                                               "ttft %+.1f ms, tok/s x%.3f" % (s["ttft_over_raw_ms"], ratio.get("tok_s", 1))
                                               if ratio else "(all raw runs; load %.2f s)" % s.get("load_s", 0)))
+    if r.get("warm_ssh_transport", {}).get("tok_s_vs_lan"):
+        print("ssh transport: warm tok/s x%.3f of the lan transport to the same host" % (
+            r["warm_ssh_transport"]["tok_s_vs_lan"]))
     f = r.get("footprint", {})
     print("footprint: queen %.1f MB, hive %.1f MB, worker overhead %.1f MB over the raw model process; "
           "python -c pass %.1f ms" % (f.get("queen_rss_mb", 0), f.get("hive_rss_mb", 0), f.get("worker_overhead_mb", 0),

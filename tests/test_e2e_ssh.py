@@ -24,6 +24,7 @@ import os
 import platform
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -560,6 +561,55 @@ def test_nodes_add_keeps_every_env_pair_and_secrets_never_reach_argv(sim, ssh_en
     status = rbee.QueenClient(queen.url).status()
     assert next(n for n in status["nodes"] if n["node_name"] == "mac")["env"]["HF_TOKEN"] == "****"
     assert secret not in json.dumps(status)
+
+
+def listeners_in(sim, name):
+    """(address, port, process) of every TCP listener on host `name`, as `ss -ltnp` there shows them."""
+    out = subprocess.run(["ip", "netns", "exec", sim.net.netns(name), "ss", "-Hltnp"], capture_output=True,
+                         text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        local = line.split()[3]
+        address, _, port = local.rpartition(":")
+        found.append((address.strip("[]"), int(port), line))
+    return found
+
+
+def test_ssh_transport_keeps_rbee_on_the_nodes_loopback(sim, ssh_env, tmp_path, roles):
+    """`nodes add --transport ssh`: the hive and its worker listen on mac's 127.0.0.1 only (mac
+    needs nothing open but sshd); the queen and the keeper reach them through forwards over the
+    node's ssh connection, and the seed command works through it."""
+    sim.need_airgap()   # (network namespaces: `ss` inside the host)
+    result = run_rbee(["nodes", "add", "mac", "--ssh-host", "mac", "--rbee-dir", str(REPO), "--python", PY,
+                       "--transport", "ssh", "--env"] + node_env(sim, tmp_path, "mac"), ssh_env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "transport: ssh" in run_rbee(["nodes", "list"], ssh_env).stdout
+    queen = start_queen(roles, ssh_env)
+    first = run_rbee(infer_args("mac", "--json", "--queen", queen.url), ssh_env, timeout=300)
+    assert first.returncode == 0, first.stderr
+    worker = worker_event(first)
+    assert worker["worker_url"].startswith("http://127.0.0.1:"), worker      # a forward on this machine
+    assert json_events(first.stdout)[-1]["event"] == "end"
+    assert roles_on(sim, tmp_path).get("worker") == ["mac"] and roles_on(sim, tmp_path).get("hive") == ["mac"]
+    rbee_listeners = [(a, p, line) for a, p, line in listeners_in(sim, "mac") if "python" in line]
+    assert len(rbee_listeners) >= 2, listeners_in(sim, "mac")             # the hive and the worker
+    assert all(address == "127.0.0.1" for address, _, _ in rbee_listeners), rbee_listeners
+    assert rbee.WorkerClient(worker["worker_url"]).health()["worker_id"] == worker["worker_id"]
+    # the node's own address reaches nothing of rbee
+    for _, port, _ in rbee_listeners:
+        with socket.socket() as probe:
+            probe.settimeout(2)
+            assert probe.connect_ex((sim.addresses["mac"], port)) != 0, port
+    second = run_rbee(infer_args("mac", "--quiet", "--queen", queen.url), ssh_env, timeout=300)
+    assert second.returncode == 0 and second.stdout.strip(), second.stderr
+    queen.proc.send_signal(signal.SIGTERM)
+    assert queen.proc.wait(40) == 0
+    assert_no_rbee_left(str(tmp_path), within=5)
+    # the seed command itself, with its own queen, through the ssh transport
+    seed = run_rbee(["infer", "--node", "mac", "--model", MODEL] + SEED, ssh_env, timeout=300)
+    assert seed.returncode == 0 and seed.stdout.strip(), seed.stderr
+    assert "[llama-backend] 🎉 Inference complete! 20 tokens" in seed.stderr
+    assert_no_rbee_left(str(tmp_path), within=5)
 
 
 def test_invalid_model_ref_for_a_remote_node_starts_nothing_and_connects_nowhere(sim, ssh_env, tmp_path):
