@@ -631,3 +631,48 @@ def test_a_backend_error_is_wrapped_as_its_typed_error():
     err = rbee.RbeeError.wrap(backends.BackendError("DEVICE_NOT_FOUND", "no such device", {"requested": 3}),
                               "llm-worker-rbee")
     assert type(err) is rbee.DeviceNotFound and err.details == {"requested": 3} and err.status == 400
+
+
+# ============================================================================================
+# KeyedLocks: one lock per key, forgotten when nobody holds it (the hive's spawn and download locks)
+# ============================================================================================
+
+def test_keyed_locks_forget_every_key_nobody_holds():
+    locks = rbee.KeyedLocks()
+    for n in range(30000):   # 30,000 distinct (model, backend, device) spawns
+        with locks.holding(("hf:org/model-%d" % n, "cpu", 0)):
+            assert len(locks) == 1
+    assert len(locks) == 0
+
+
+def test_keyed_locks_serialise_one_key_and_say_who_waits():
+    import threading
+    locks, order, waited = rbee.KeyedLocks(), [], []
+    inside = threading.Event()
+
+    def first():
+        with locks.holding("model"):
+            inside.set()
+            order.append("first in")
+            release.wait(5)
+            order.append("first out")
+    release = threading.Event()
+    thread = threading.Thread(target=first)
+    thread.start()
+    inside.wait(5)
+
+    waiting = threading.Event()
+
+    def second():
+        with locks.holding("model", on_wait=lambda: (waited.append(True), waiting.set())):
+            order.append("second in")
+    other = threading.Thread(target=second)
+    other.start()
+    with locks.holding("another model"):   # other keys are not held up
+        order.append("another")
+    assert waiting.wait(5)
+    release.set()
+    thread.join(5)
+    other.join(5)
+    assert waited == [True] and order.index("first out") < order.index("second in")
+    assert order.index("another") < order.index("first out") and len(locks) == 0
