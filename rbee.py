@@ -986,6 +986,28 @@ CONTROL, CONTROL_READY = "control", "ready"
 # The hive handshake: the first line on the stdin of a `hive --lifeline`, then the lifeline.
 HELLO_TOKEN, HELLO_ENV = "token", "env"
 HELLO_ENV_KEYS = ("HF_TOKEN",)       # secrets a hive gets from the queen's environment, never on argv
+
+
+# How the queen's machine reaches a node's hive and workers: straight over the network (lan), or
+# only through the node's ssh connection (ssh: they listen on the node's 127.0.0.1, forwarded).
+TRANSPORT_LAN, TRANSPORT_SSH = "lan", "ssh"
+TRANSPORTS = (TRANSPORT_LAN, TRANSPORT_SSH)
+
+# Headers and environment variables that more than one role reads.
+AUTHORIZATION, RETRY_AFTER = "Authorization", "Retry-After"
+ENV_WORKER_API_KEY = "RBEE_WORKER_API_KEY"   # the worker's key, set by its hive
+ENV_HIVE_TOKEN = "RBEE_HIVE_TOKEN"           # a standalone hive's token (or --token-file)
+ENV_READY_TOKEN = "RBEE_READY_TOKEN"         # a worker's own secret for its ready callback, from its hive
+ENV_API_KEY = "RBEE_API_KEY"                 # the queen's key (or --api-key-file); the keeper sends it
+ENV_QUEEN_URL = "RBEE_QUEEN_URL"             # where the keeper looks for a queen
+
+# What a job's stream yields to a WorkerClient's caller.
+JobStarted = collections.namedtuple("JobStarted", "job_id worker_id")
+Token = collections.namedtuple("Token", "text index")       # a piece of generated text, in order
+Narration = collections.namedtuple("Narration", "event")    # what a hop says while it works
+JobEnded = collections.namedtuple("JobEnded", "stats")      # tokens_out, stop_reason, timings
+
+
 SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")   # a variable whose name has one holds a secret
 
 
@@ -1007,18 +1029,9 @@ def role_secret(component, key_file, env_name, created_name, host):
     command line, else from $ENV_NAME, else, for a role bound to an address the network reaches,
     from $RBEE_HOME/CREATED_NAME, created (0600) the first time. Never from argv, never logged."""
     if key_file:
-        try:
-            with open(os.path.expanduser(key_file)) as f:
-                secret = f.read().strip()
-        except OSError as exc:
-            raise InvalidRequest("Cannot read the key file %s: %s" % (key_file, exc.strerror), {"file": key_file},
-                                 "Give a file that holds the key on its first line")
-        if not secret:
-            raise InvalidRequest("The key file %s is empty" % key_file, {"file": key_file},
-                                 "Put the key on its first line, or leave the option out")
-        return secret
+        return read_secret(os.path.expanduser(key_file), key_file)
     if os.environ.get(env_name):
-        return os.environ[env_name]
+        return checked_secret(os.environ[env_name], "$" + env_name)
     path = rbee_home(created_name)
     if is_loopback(host) and not os.path.exists(path):
         return None
@@ -1026,43 +1039,40 @@ def role_secret(component, key_file, env_name, created_name, host):
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        with open(path) as f:
-            return f.read().strip()
+        return read_secret(path, path)
     with os.fdopen(fd, "w") as f:
         f.write(random_id(24) + "\n")
     narrate(component, "key_created", "Created a key for %s in %s (readable by you alone); clients send it as "
             "%s: Bearer KEY" % (component, path, AUTHORIZATION), "🔑", path=path)
-    with open(path) as f:
-        return f.read().strip()
+    return read_secret(path, path)
+
+
+def read_secret(path, source):
+    try:
+        with open(path) as f:
+            secret = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequest("Cannot read the key file %s: %s" % (path, getattr(exc, "strerror", None) or exc),
+                             {"file": path}, "Give a file that holds the key on its first line")
+    return checked_secret(secret, source)
+
+
+def checked_secret(secret, source):
+    """A key as an HTTP header can carry it: printable ASCII, not empty (an empty key would
+    switch the check off)."""
+    if not secret or not all(33 <= ord(c) < 127 for c in secret):
+        raise InvalidRequest("The key in %s is empty or not printable ASCII" % source, {"source": source},
+                             "Use a key of letters, digits and punctuation, e.g. from `openssl rand -hex 24`")
+    return secret
 
 
 def queen_key():
     """The key the keeper sends its queen: $RBEE_API_KEY, else the one a queen created here."""
     if os.environ.get(ENV_API_KEY):
-        return os.environ[ENV_API_KEY]
-    with contextlib.suppress(OSError):
-        with open(rbee_home("api-key")) as f:
-            return f.read().strip() or None
+        return checked_secret(os.environ[ENV_API_KEY], "$" + ENV_API_KEY)
+    if os.path.exists(rbee_home("api-key")):
+        return read_secret(rbee_home("api-key"), rbee_home("api-key"))
     return None
-
-# How the queen's machine reaches a node's hive and workers: straight over the network (lan), or
-# only through the node's ssh connection (ssh: they listen on the node's 127.0.0.1, forwarded).
-TRANSPORT_LAN, TRANSPORT_SSH = "lan", "ssh"
-TRANSPORTS = (TRANSPORT_LAN, TRANSPORT_SSH)
-
-# Headers and environment variables that more than one role reads.
-AUTHORIZATION, RETRY_AFTER = "Authorization", "Retry-After"
-ENV_WORKER_API_KEY = "RBEE_WORKER_API_KEY"   # the worker's key, set by its hive
-ENV_HIVE_TOKEN = "RBEE_HIVE_TOKEN"           # a standalone hive's token (or --token-file)
-ENV_READY_TOKEN = "RBEE_READY_TOKEN"         # a worker's own secret for its ready callback, from its hive
-ENV_API_KEY = "RBEE_API_KEY"                 # the queen's key (or --api-key-file); the keeper sends it
-ENV_QUEEN_URL = "RBEE_QUEEN_URL"             # where the keeper looks for a queen
-
-# What a job's stream yields to a WorkerClient's caller.
-JobStarted = collections.namedtuple("JobStarted", "job_id worker_id")
-Token = collections.namedtuple("Token", "text index")       # a piece of generated text, in order
-Narration = collections.namedtuple("Narration", "event")    # what a hop says while it works
-JobEnded = collections.namedtuple("JobEnded", "stats")      # tokens_out, stop_reason, timings
 
 
 class RoleClient:
@@ -2374,7 +2384,7 @@ class Hive(App):
 
     def authorize(self, req, name):
         # a ready callback carries its worker's own secret instead, checked by worker_ready
-        if self.token and name not in ("health", "worker_ready"):
+        if self.token is not None and name not in ("health", "worker_ready"):
             req.require_bearer(self.token)
 
     @property
@@ -2967,7 +2977,7 @@ class Queen(App):
         self._start_locks = {}            #: node name -> Lock held while its hive starts (one start per node)
 
     def authorize(self, req, name):
-        if self.api_key and name != "health":
+        if self.api_key is not None and name != "health":
             req.require_bearer(self.api_key)
 
     # -- hives ------------------------------------------------------------------------------------
