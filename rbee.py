@@ -185,22 +185,21 @@ class RbeeError(Exception):
         return InternalError("%s: %s" % (type(exc).__name__, exc), component=component)
 
 
-# One class per code (PROTOCOL.md §7), as a table; the ones with more to say follow it.
-class InvalidModelRef(RbeeError): code, status = "INVALID_MODEL_REF", 400
-class NodeNotFound(RbeeError): code, status = "NODE_NOT_FOUND", 404
-class SshFailed(RbeeError): code, status = "SSH_FAILED", 502
-class VersionMismatch(RbeeError): code, status = "VERSION_MISMATCH", 409
-class ModelNotFound(RbeeError): code, status = "MODEL_NOT_FOUND", 404
-class AccessDenied(RbeeError): code, status = "ACCESS_DENIED", 403
-class DownloadFailed(RbeeError): code, status = "DOWNLOAD_FAILED", 502
-class ChecksumMismatch(RbeeError): code, status = "CHECKSUM_MISMATCH", 502
-class InsufficientDisk(RbeeError): code, status = "INSUFFICIENT_DISK", 507
-class InsufficientRam(RbeeError): code, status = "INSUFFICIENT_RAM", 507
-class VramExhausted(RbeeError): code, status = "VRAM_EXHAUSTED", 507
-class BackendUnavailable(RbeeError): code, status = "BACKEND_UNAVAILABLE", 400
-class DeviceNotFound(RbeeError): code, status = "DEVICE_NOT_FOUND", 400
-class WorkerCrashed(RbeeError): code, status = "WORKER_CRASHED", 502   # a hop behind us died
-class LoadingTimeout(RbeeError): code, status = "LOADING_TIMEOUT", 504
+def error_class(code, status):
+    """The RbeeError subclass of a code that needs nothing but its status (INVALID_MODEL_REF ->
+    InvalidModelRef)."""
+    name = "".join(part.title() for part in code.split("_"))
+    return type(name, (RbeeError,), {"code": code, "status": status, "__module__": __name__})
+
+
+# One class per code (PROTOCOL.md §7); the ones with more to say than a status follow.
+(InvalidModelRef, NodeNotFound, SshFailed, VersionMismatch, ModelNotFound, AccessDenied, DownloadFailed,
+ ChecksumMismatch, InsufficientDisk, InsufficientRam, VramExhausted, BackendUnavailable, DeviceNotFound,
+ WorkerCrashed, LoadingTimeout) = [error_class(code, status) for code, status in (
+    ("INVALID_MODEL_REF", 400), ("NODE_NOT_FOUND", 404), ("SSH_FAILED", 502), ("VERSION_MISMATCH", 409),
+    ("MODEL_NOT_FOUND", 404), ("ACCESS_DENIED", 403), ("DOWNLOAD_FAILED", 502), ("CHECKSUM_MISMATCH", 502),
+    ("INSUFFICIENT_DISK", 507), ("INSUFFICIENT_RAM", 507), ("VRAM_EXHAUSTED", 507), ("BACKEND_UNAVAILABLE", 400),
+    ("DEVICE_NOT_FOUND", 400), ("WORKER_CRASHED", 502), ("LOADING_TIMEOUT", 504))]   # (WORKER_CRASHED: a hop died)
 
 
 class InvalidRequest(RbeeError):

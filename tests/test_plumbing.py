@@ -616,6 +616,8 @@ def test_every_documented_code_has_its_class_and_status():
     assert sorted(rbee.RbeeError.by_code) == sorted(codes)
     for code in codes:
         assert 400 <= rbee.RbeeError.by_code[code].status < 600 and rbee.RbeeError.by_code[code].code == code
+    for cls in rbee.RbeeError.by_code.values():   # each class under its own name, raised as rbee raises it
+        assert getattr(rbee, cls.__name__) is cls and issubclass(cls, rbee.RbeeError)
     assert rbee.SlotsBusy("busy", {"retry_after_s": 2}).response_headers() == {"Retry-After": "2"}
     assert rbee.InvalidRequest("bad").response_headers() == {}
 
