@@ -39,9 +39,22 @@ sysdeps:
 test: model sysdeps
 	$(VPY) -m pytest -v tests
 
-bench: model
+# llama.cpp's own llama-server, built once from the llama.cpp that the llama-cpp-python sdist vendors
+LLAMA_SDIST  := .cache/sdist/llama_cpp_python-0.3.36
+LLAMA_SERVER := .cache/llama.cpp-build/bin/llama-server
+
+$(LLAMA_SERVER): | setup
+	$(VPY) -m pip install -q cmake ninja
+	mkdir -p .cache/sdist
+	test -d $(LLAMA_SDIST) || ($(VPY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 \
+	  -d .cache/sdist && tar -xzf .cache/sdist/llama_cpp_python-0.3.36.tar.gz -C .cache/sdist)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH cmake -S $(LLAMA_SDIST) -B .cache/llama.cpp-build -G Ninja \
+	  -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TOOLS=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH ninja -C .cache/llama.cpp-build llama-server
+
+bench: model $(LLAMA_SERVER)
 	$(VPY) -m pip install -q 'llama-cpp-python[server]==0.3.36'
-	$(VPY) bench/bench.py
+	LLAMA_SERVER=$(CURDIR)/$(LLAMA_SERVER) $(VPY) bench/bench.py
 
 clean:
 	rm -rf $(VENV) .cache bench/results.json

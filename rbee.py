@@ -26,6 +26,7 @@ import contextlib
 import errno
 import json
 import os
+import queue
 import re
 import select
 import shlex
@@ -57,7 +58,9 @@ SSH_ATTEMPTS, SSH_BACKOFF = 3, (0.0, 0.2, 0.4)
 HTTP_CONNECT_TIMEOUT, HTTP_ATTEMPTS = 5.0, 3
 DOWNLOAD_ATTEMPTS = 6
 BUSY_RETRIES = (1, 2, 4)           # a busy worker (503) is retried after 1, 2, 4 s
-DEFAULT_N_CTX = 2048
+DEFAULT_N_CTX = 2048               # tokens of context per slot
+DEFAULT_PARALLEL = 4               # a worker's slots
+DEFAULT_MAX_QUEUE = 64             # requests that may wait for a slot
 
 
 def random_id(nbytes):
@@ -246,6 +249,14 @@ class HiveFailed(InternalError):
 
 def invalid(field, message, suggestion=None):
     return InvalidRequest("%s: %s" % (field, message), {"field": field}, suggestion)
+
+
+def parallel_of(body):
+    """A request's `parallel`: the slots of a worker it starts (default DEFAULT_PARALLEL)."""
+    parallel = body.get("parallel", DEFAULT_PARALLEL)
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or not 1 <= parallel <= 256:
+        raise invalid("parallel", "must be an integer from 1 to 256")
+    return parallel
 
 
 def backend_and_device(body):
@@ -973,7 +984,7 @@ QUEEN_REMOVE, QUEEN_STATUS = ("POST", "/v2/models/remove"), ("GET", "/v2/status"
 QUEEN_SHUTDOWN = ("POST", "/v2/shutdown")
 
 # SSE events. Every stream ends with exactly one of TERMINAL_EVENTS.
-EVENT_NARRATION, EVENT_STARTED, EVENT_TOKEN = "narration", "started", "token"
+EVENT_NARRATION, EVENT_QUEUED, EVENT_STARTED, EVENT_TOKEN = "narration", "queued", "started", "token"
 EVENT_END, EVENT_WORKER, EVENT_ERROR = "end", "worker", "error"
 TERMINAL_EVENTS = (EVENT_END, EVENT_WORKER, EVENT_ERROR)
 EVENT_PING = "ping"                  # how iter_sse reports a `: ping` comment (no event of its own)
@@ -1001,6 +1012,7 @@ ENV_API_KEY = "RBEE_API_KEY"                 # the queen's key (or --api-key-fil
 ENV_QUEEN_URL = "RBEE_QUEEN_URL"             # where the keeper looks for a queen
 
 # What a job's stream yields to a WorkerClient's caller.
+Queued = collections.namedtuple("Queued", "position")          # the job waits for a slot
 JobStarted = collections.namedtuple("JobStarted", "job_id worker_id")
 Token = collections.namedtuple("Token", "text index")       # a piece of generated text, in order
 Narration = collections.namedtuple("Narration", "event")    # what a hop says while it works
@@ -1158,7 +1170,7 @@ class WorkerClient(RoleClient):
                 if on_busy:
                     on_busy(delay)
                 time.sleep(delay)
-        tokens, last_token, ended = 0, time.monotonic(), False
+        tokens, last_token, ended, queued = 0, time.monotonic(), False, False
         try:
             for event, data in events:
                 if event == EVENT_TOKEN:
@@ -1167,7 +1179,11 @@ class WorkerClient(RoleClient):
                 elif event == EVENT_NARRATION:
                     yield Narration(data)
                 elif event == EVENT_STARTED:
+                    queued, last_token = False, time.monotonic()
                     yield JobStarted(data.get("job_id"), data.get("worker_id"))
+                elif event == EVENT_QUEUED:
+                    queued = True   # (waiting for a slot is no stall: the pings say the worker lives)
+                    yield Queued(data.get("position"))
                 elif event == EVENT_END:
                     ended = True
                     yield JobEnded(data)
@@ -1175,7 +1191,7 @@ class WorkerClient(RoleClient):
                 elif event == EVENT_ERROR:
                     ended = True
                     raise RbeeError.from_envelope(data, component=self.component)
-                if event != EVENT_TOKEN and time.monotonic() - last_token > TOKEN_TIMEOUT:   # alive, but stuck
+                if event != EVENT_TOKEN and not queued and time.monotonic() - last_token > TOKEN_TIMEOUT:   # stuck
                     raise socket.timeout()
         except socket.timeout:
             raise ConnectionTimeout("No token from worker %s for %d s" % (self.worker_id, TOKEN_TIMEOUT),
@@ -1999,9 +2015,7 @@ class Job:
         self.top_p = number("top_p", 0.95, 0, 1)
         self.top_k = number("top_k", 40, 0, 1 << 20, integer=True)
         self.seed = number("seed", None, -1, (1 << 32) - 1, integer=True)
-        self.template_stop = None         #: the chat template's stop strings (set by the worker)
-        self.stopping_criteria = None     #: the chat template's stopping criteria (set by the worker)
-        self.cancel = threading.Event()   #: set by /cancel, a gone client or shutdown
+        self.engine_job = None            #: its backends.engine.EngineJob (cancel: /cancel, a gone client, shutdown)
         self.interrupted_by = None        #: why the worker itself stopped mid-job (shutdown's thread)
 
 
@@ -2046,7 +2060,8 @@ class ChatPrompt:
 
 
 class Worker(App):
-    """Loads one model, then serves /execute one job at a time (one slot)."""
+    """Loads one model, then serves /execute from --parallel slots with continuous batching
+    (backends/engine.py); requests beyond the free slots wait in a FIFO queue of --max-queue."""
 
     component = "llm-worker-rbee"
     routes = ((WORKER_HEALTH, "health"), (WORKER_EXECUTE, "execute"), (WORKER_CANCEL, "cancel"),
@@ -2059,18 +2074,17 @@ class Worker(App):
         self.worker_id = args.worker_id or "worker-" + random_id(4)  #: the id its hive gave it (or a random one)
         #: the reference it serves, as the caller named it
         self.model_ref = args.model_ref or "file:" + os.path.abspath(args.model)
-        #: loading -> idle <-> busy -> draining; written by the job's request thread (holding
-        #: `slot`) and by shutdown (draining); read by /health
-        self.state = "loading"
-        self.slot = threading.Lock()      #: held by the one running job, and by shutdown at the end
-        self.job = None                   #: the running Job (written under `slot`), for /cancel
+        self.state = "loading"            #: loading -> ready -> draining (start; shutdown)
+        self.jobs = {}                    #: job_id -> Job, queued or running (under `jobs_lock`)
+        self.jobs_lock = threading.Lock()   #: guards `jobs`: admission against --parallel + --max-queue
         self.backend = None               #: the backend module (written once by start)
-        self.llm = None                   #: the loaded llama_cpp.Llama (start; shutdown drops it)
+        self.llm = None                   #: the loaded llama_cpp.Llama: tokenizer, template (start)
+        self.engine = None                #: the slots and their decode loop (start; shutdown closes it)
         self.chat = None                  #: the model's chat template, or None (start)
-        self.memory_mb = 0                #: what the model takes in RAM/VRAM (start)
+        self.memory_mb = 0                #: what the model and its slots' context take (start)
         self.load_ms = None               #: how long the load took (start)
         self.url = None                   #: where the worker answers, for its hive (start)
-        self.last_activity = time.time()  #: end of the last job (its request thread)
+        self.last_activity = time.time()  #: when the last job ended (request threads)
 
     def authorize(self, req, name):
         if name != "health":
@@ -2083,13 +2097,16 @@ class Worker(App):
         narrate("llm-worker-rbee", "startup", "Worker starting on port %d" % args.port, "🌅",
                 worker_id=self.worker_id)
         import backends
+        from backends.engine import Engine
         self.backend = backends.require(args.backend, args.device)
         narrate("device-manager", "device_init", "Initialized %s" % self.backend.describe(args.device), "🖥️")
         if not os.path.isfile(args.model):
             raise ModelNotFound("No model file at %s" % args.model, {"model": args.model})
         narrate("model-loader", "model_load", "Loading model from %s" % args.model, "📦")
         started = time.monotonic()
-        self.llm = self.backend.load(args.model, args.device, args.ctx_size)
+        # the Llama's own context is never used for generation (the engine's is): keep it small
+        self.llm = self.backend.load(args.model, args.device, 64)
+        self.engine = Engine(self.llm, args.parallel, args.ctx_size)
         self.load_ms = int((time.monotonic() - started) * 1000)
         self.chat = ChatPrompt.for_model(self.llm)
         # what exists now (llama_cpp, numpy, the model's objects) lives as long as the worker: keep
@@ -2099,11 +2116,12 @@ class Worker(App):
         gc.freeze()
         self.memory_mb = max(self.backend.memory_used_mb(args.device), os.path.getsize(args.model) >> 20)
         where = "RAM" if args.backend == "cpu" else "VRAM"
-        narrate("model-loader", "model_loaded", "Model loaded! %d MB cozy in %s!" % (self.memory_mb, where), "🛏️",
-                memory_mb=self.memory_mb, load_ms=self.load_ms)
+        narrate("model-loader", "model_loaded", "Model loaded! %d MB cozy in %s! (%d slots x %d tokens of context)" % (
+            self.memory_mb, where, args.parallel, args.ctx_size), "🛏️", memory_mb=self.memory_mb,
+            load_ms=self.load_ms, slots=args.parallel, ctx_per_slot=args.ctx_size)
         port = self.serve(args.host, args.port)
         self.url = "http://%s:%d" % (local_address(args.host), port)
-        self.state = "idle"
+        self.state = "ready"
         narrate("http-server", "http_ready", "HTTP server ready on port %d" % port, "🚀", port=port)
         if args.hive_url:
             narrate("llm-worker-rbee", "ready_callback", "Reporting ready to rbee-hive", "👋")
@@ -2117,17 +2135,22 @@ class Worker(App):
     # -- endpoints ------------------------------------------------------------------------------
 
     def health(self, req):
-        req.send_json(200, {"status": "ok", "state": self.state, "worker_id": self.worker_id,
+        running, waiting = self.engine.load() if self.engine else (0, 0)
+        state = self.state if self.state != "ready" else ("busy" if running else "idle")
+        req.send_json(200, {"status": "ok", "state": state, "worker_id": self.worker_id,
                             "model_ref": self.model_ref, "backend": self.args.backend, "device": self.args.device,
-                            "memory_mb": self.memory_mb, "slots_total": 1,
-                            "slots_available": 0 if self.slot.locked() or self.state != "idle" else 1,
+                            "memory_mb": self.memory_mb, "slots_total": self.args.parallel,
+                            "slots_available": max(0, self.args.parallel - running) if self.state == "ready" else 0,
+                            "queue_length": waiting, "max_queue": self.args.max_queue,
+                            "ctx_per_slot": self.args.ctx_size, "ctx_total": self.args.ctx_size * self.args.parallel,
                             "last_activity_unix": int(self.last_activity), "version": __version__})
 
     def cancel(self, req):
         job_id = req.json.get("job_id")
-        job = self.job
-        if job is not None and job.job_id == job_id:
-            job.cancel.set()
+        with self.jobs_lock:
+            job = self.jobs.get(job_id) if isinstance(job_id, str) else None
+        if job is not None:
+            job.engine_job.cancel.set()
         req.send_empty(204)
 
     def shutdown_request(self, req):
@@ -2139,101 +2162,99 @@ class Worker(App):
         if job.raw or self.chat is None:
             prompt_tokens = self.llm.tokenize(job.prompt.encode("utf-8"), add_bos=True, special=True)
         else:
-            prompt_tokens, job.template_stop, job.stopping_criteria = self.chat.render(job.prompt)
-        n_prompt = len(prompt_tokens)
-        if n_prompt >= self.args.ctx_size:
-            raise invalid("prompt", "is %d tokens; the context holds %d" % (n_prompt, self.args.ctx_size),
+            prompt_tokens, template_stop, _ = self.chat.render(job.prompt)
+            job.stop = job.stop + [s for s in template_stop or [] if s not in job.stop]
+        if len(prompt_tokens) >= self.args.ctx_size:
+            raise invalid("prompt", "is %d tokens; a slot's context holds %d" % (len(prompt_tokens), self.args.ctx_size),
                           "Shorten the prompt, or give workers a larger context (rbee.py worker --ctx-size)")
-        if not self.slot.acquire(blocking=False):
-            raise self.busy()
-        self.job = job
-        if self.state == "draining":   # a shutdown began meanwhile: it cancels no job it has not seen
-            self.job = None
-            self.slot.release()
-            raise self.busy()
+        from backends.engine import EngineJob
+        job.engine_job = EngineJob(prompt_tokens, job.max_tokens, job.temperature, job.top_p, job.top_k, job.seed)
+        with self.jobs_lock:   # admission: the slots plus the queue, or 503
+            if self.state != "ready" or job.job_id in self.jobs or \
+                    len(self.jobs) >= self.args.parallel + self.args.max_queue:
+                raise self.busy()
+            self.jobs[job.job_id] = job
         try:
-            self.state = "busy"
-            self._generate(req.sse(), job, prompt_tokens)
+            position = self.engine.submit(job.engine_job)
+            self._stream(req.sse(), job, len(prompt_tokens), position)
         finally:
-            self.job, self.last_activity = None, time.time()
-            if self.state == "busy":
-                self.state = "idle"
-            self.slot.release()
+            job.engine_job.cancel.set()   # (a job that is still queued or running ends here too)
+            with self.jobs_lock:
+                self.jobs.pop(job.job_id, None)
+            self.last_activity = time.time()
 
     def busy(self):
-        job = self.job
-        return SlotsBusy("Worker %s is busy%s" % (
-            self.worker_id, " with " + job.job_id if job else " (shutting down)"), {"retry_after_s": 1},
-            "Retry in a moment, or run another worker for this model")
+        why = "is shutting down" if self.state != "ready" else "has %d slots busy and %d requests waiting" % (
+            self.args.parallel, self.args.max_queue)
+        return SlotsBusy("Worker %s %s" % (self.worker_id, why), {"retry_after_s": 1},
+                         "Retry in a moment, or run another worker for this model")
 
-    def _generate(self, stream, job, prompt_tokens):
-        stream.send(EVENT_STARTED, {"job_id": job.job_id, "worker_id": self.worker_id})
+    def _stream(self, stream, job, n_prompt, position):
+        """The job's SSE stream: queued (if it waits), started, narration and tokens, then end."""
         with narration_to(stream.narration):
-            narrate("llama-backend", "inference_start", "Starting inference (prompt: %d chars, max_tokens: %d)"
-                    % (len(job.prompt), job.max_tokens), "🚀", job_id=job.job_id)
-            narrate("tokenizer", "tokenize", "Tokenized prompt (%d tokens)" % len(prompt_tokens), "🍰",
-                    job_id=job.job_id)
-            # llama.cpp keeps the KV cache of a prompt prefix shared with the last job (as
-            # llama.cpp's server does): only the rest of the prompt is evaluated again.
-            cached = self.llm.input_ids[:self.llm.n_tokens].tolist()
-            common = next((i for i, (a, b) in enumerate(zip(cached, prompt_tokens)) if a != b),
-                          min(len(cached), len(prompt_tokens)))
-            if common > 1:   # a lone BOS in common is no reuse worth the name
-                narrate("llama-backend", "cache_reuse", "Reusing KV cache for %d of %d prompt tokens" % (
-                    common, len(prompt_tokens)), "♻️", job_id=job.job_id)
-            else:
-                self.llm.reset()
-                narrate("llama-backend", "cache_reset", "Reset KV cache for fresh start", "🧹", job_id=job.job_id)
-            started, first_at = time.perf_counter(), None
-            chunks = self.llm.create_completion(
-                prompt_tokens, max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
-                top_k=job.top_k, seed=job.seed, stop=job.template_stop, stopping_criteria=job.stopping_criteria,
-                stream=True)
-            tokens_out = index = 0
-            held, stop_reason = "", "max_tokens"
-            try:
-                for chunk in chunks:
-                    if job.cancel.is_set() or stream.client_gone():
-                        stop_reason = "cancelled"
-                        break
-                    choice = chunk["choices"][0]
-                    if choice.get("finish_reason"):
-                        stop_reason = "eos" if choice["finish_reason"] == "stop" else "max_tokens"
+            if position:
+                stream.send(EVENT_QUEUED, {"job_id": job.job_id, "position": position})
+                narrate("llm-worker-rbee", "queued", "Waiting for a free slot (position %d)" % position, "⏳",
+                        job_id=job.job_id)
+            events, tokens_out, index, held, stop_reason = job.engine_job.events, 0, 0, "", None
+            started = first_at = None
+            while stop_reason is None:
+                try:
+                    kind, data = events.get(timeout=0.2)
+                except queue.Empty:
+                    if stream.client_gone():   # a client that left: its job ends (or never starts)
+                        job.engine_job.cancel.set()
+                    continue
+                if kind == "admitted":
+                    started = time.perf_counter()
+                    stream.send(EVENT_STARTED, {"job_id": job.job_id, "worker_id": self.worker_id, "slot": data["slot"]})
+                    narrate("llama-backend", "inference_start", "Starting inference (prompt: %d chars, max_tokens: %d)"
+                            % (len(job.prompt), job.max_tokens), "🚀", job_id=job.job_id)
+                    narrate("tokenizer", "tokenize", "Tokenized prompt (%d tokens)" % n_prompt, "🍰", job_id=job.job_id)
+                    if data["reused"] > 1:   # a lone BOS in common is no reuse worth the name
+                        narrate("llama-backend", "cache_reuse", "Reusing KV cache for %d of %d prompt tokens" % (
+                            data["reused"], n_prompt), "♻️", job_id=job.job_id)
                     else:
-                        tokens_out += 1
-                        first_at = first_at or time.perf_counter()
-                    text, held, stopped = split_at_stop(held + choice["text"], job.stop) if job.stop \
-                        else (choice["text"], "", False)
+                        narrate("llama-backend", "cache_reset", "Reset KV cache for fresh start", "🧹",
+                                job_id=job.job_id)
+                elif kind == "token":
+                    tokens_out += 1
+                    first_at = first_at or time.perf_counter()
+                    text, held, stopped = split_at_stop(held + data, job.stop) if job.stop else (data, "", False)
                     if text:
                         stream.send(EVENT_TOKEN, {"t": text, "i": index})
                         index += 1
                     if stopped:
                         stop_reason = "stop"
-                        break
-                    if tokens_out % 10 == 0 and not choice.get("finish_reason") and tokens_out:
+                        job.engine_job.cancel.set()
+                    elif tokens_out % 10 == 0:
                         narrate("llama-backend", "token_generate", "Generated %d tokens" % tokens_out, "🎯",
                                 job_id=job.job_id)
-                if held and stop_reason != "cancelled":
-                    stream.send(EVENT_TOKEN, {"t": held, "i": index})
-            finally:
-                chunks.close()
+                elif kind == "end":
+                    stop_reason = data
+                else:
+                    raise InternalError("llama.cpp failed during job %s: %s" % (job.job_id, data),
+                                        {"job_id": job.job_id}, component=self.component)
+            if held and stop_reason != "cancelled":
+                stream.send(EVENT_TOKEN, {"t": held, "i": index})
             if stop_reason == "cancelled" and job.interrupted_by:
                 raise RequestCancelled("Worker %s stopped during job %s after %d tokens (%s)" % (
                     self.worker_id, job.job_id, tokens_out, job.interrupted_by),
                     {"tokens_generated": tokens_out, "worker_id": self.worker_id},
                     "Its hive or queen stopped; run the command again", "llm-worker-rbee")
             ended = time.perf_counter()
+            started = started or ended
             elapsed = max(ended - started, 1e-9)
             narrate("llama-backend", "inference_complete", "Inference complete! %d tokens in %d ms (%.0f tok/s)" % (
                 tokens_out, elapsed * 1000, tokens_out / elapsed), "🎉", job_id=job.job_id)
         # the end event separates the prompt's evaluation from the decoding of the tokens after the first
         decode = ended - first_at if first_at else 0.0
         stream.finish(EVENT_END, {"job_id": job.job_id, "tokens_out": tokens_out, "stop_reason": stop_reason,
-                              "prompt_eval_ms": round(((first_at or ended) - started) * 1000, 1),
-                              "decode_time_ms": round(decode * 1000, 1),
-                              "tokens_per_sec": round((tokens_out - 1) / decode, 2) if decode > 0 else 0.0})
+                                  "prompt_eval_ms": round(((first_at or ended) - started) * 1000, 1),
+                                  "decode_time_ms": round(decode * 1000, 1),
+                                  "tokens_per_sec": round((tokens_out - 1) / decode, 2) if decode > 0 else 0.0})
 
-    # -- shutdown: finish nothing new, unload, exit 0 (narrated on stdout) --------------------------
+    # -- shutdown: finish nothing new, end every job, unload, exit 0 (narrated on stdout) --------
 
     def shutdown(self, reason="shutdown"):
         if not self.stopping.claim():
@@ -2242,13 +2263,17 @@ class Worker(App):
             narrate("llm-worker-rbee", "exit", "Worker exiting (%s during start-up)" % reason, "💤")
             os._exit(0)
         self.state = "draining"
-        job = self.job
-        if job is not None:
+        with self.jobs_lock:
+            jobs = list(self.jobs.values())
+        for job in jobs:
             job.interrupted_by = reason
-            job.cancel.set()
+            job.engine_job.cancel.set()
         narrate("llm-worker-rbee", "shutdown", "Shutting down gracefully (%s)" % reason, "👋")
-        if not self.slot.acquire(timeout=GRACEFUL_TIMEOUT / 2):   # kept: no job starts from now on
-            # the job did not stop (a long prompt still in llama.cpp): freeing the model under it
+        deadline = time.monotonic() + GRACEFUL_TIMEOUT / 2
+        while self.jobs and time.monotonic() < deadline:   # their streams say how they ended
+            time.sleep(0.02)
+        if not self.engine.close(timeout=max(0.1, deadline - time.monotonic())):
+            # a step did not end (a long prompt still in llama.cpp): freeing the model under it
             # would crash, so leave and let the system take the memory back
             narrate("llm-worker-rbee", "exit", "Worker exiting (a job did not stop in time)", "💤", level="warn")
             os._exit(0)
@@ -2466,16 +2491,17 @@ class Hive(App):
         backend = backend or backends.best()
         backends.require(backend, device)   # what is known before the stream: its own status
         self.provisioner.check(ref)
+        parallel = parallel_of(body)
         stream = req.sse()
         with narration_to(stream.narration):
-            worker, timings = self.worker_for(ref, backend, device)
+            worker, timings = self.worker_for(ref, backend, device, parallel)
         stream.finish(EVENT_WORKER, {"worker_id": worker.worker_id, "url": worker.url, "state": worker.state,
                                  "api_key": worker.api_key, "backend": backend, "device": device,
                                  "model_ref": ref.text, "timings": timings})
 
     # -- the pool -------------------------------------------------------------------------------
 
-    def worker_for(self, ref, backend, device):
+    def worker_for(self, ref, backend, device, parallel=DEFAULT_PARALLEL):
         """An idle worker for (model, backend, device): reused, or provisioned and spawned."""
         key = (ref.text, backend, device)
         with self.spawn_locks.holding(key):   # concurrent spawns of one model make one worker
@@ -2495,16 +2521,16 @@ class Hive(App):
             download_ms = int((time.monotonic() - started) * 1000)
             self.catalog.touch(row["id"])
             module.preflight(row["size_bytes"], device)
-            worker = self.launch(ref, row, backend, device)
+            worker = self.launch(ref, row, backend, device, parallel)
             return worker, {"reused": False, "download_ms": download_ms, "load_ms": worker.load_ms}
 
-    def launch(self, ref, row, backend, device, attempts=3):
+    def launch(self, ref, row, backend, device, parallel, attempts=3):
         """Start a worker and wait until it is ready. A worker binds its port only after loading
         its model, so another program (another hive on this machine) can take the port meanwhile:
         such a worker is started again on the next free port."""
         port = WORKER_PORT
         for attempt in range(1, attempts + 1):
-            worker = self.start_worker(ref, row, backend, device, port)
+            worker = self.start_worker(ref, row, backend, device, parallel, port)
             try:
                 self.await_ready(worker)
                 return worker
@@ -2517,15 +2543,15 @@ class Hive(App):
             finally:
                 worker.listeners.clear()
 
-    def start_worker(self, ref, row, backend, device, port=WORKER_PORT):
+    def start_worker(self, ref, row, backend, device, parallel, port=WORKER_PORT):
         with self._ports_lock:   # choosing a port and registering its worker is one step
-            worker = self._spawn_worker(ref, row, backend, device, port)
+            worker = self._spawn_worker(ref, row, backend, device, parallel, port)
         worker.output = ChildOutput(worker.proc, worker.relay, lambda code: self.worker_exited(worker, code),
                                     worker.worker_id, open_log("%s.log" % worker.worker_id), worker.control)
         worker.output.start()
         return worker
 
-    def _spawn_worker(self, ref, row, backend, device, port):
+    def _spawn_worker(self, ref, row, backend, device, parallel, port):
         port = free_port(self.args.host, port)
         while port in self.registry.ports():
             port = free_port(self.args.host, port + 1)
@@ -2535,7 +2561,7 @@ class Hive(App):
         env[ENV_WORKER_API_KEY], env[ENV_READY_TOKEN] = api_key, ready_token
         argv = [sys.executable, "-u", RBEE_PY, "worker", "--model", row["local_path"], "--backend", backend,
                 "--device", str(device), "--port", str(port), "--host", self.args.host, "--worker-id", worker_id,
-                "--model-ref", ref.text, "--hive-url", self.local_url, "--lifeline"]
+                "--model-ref", ref.text, "--hive-url", self.local_url, "--parallel", str(parallel), "--lifeline"]
         proc = spawn_child(argv, env=env)
         worker = WorkerProcess(worker_id, ref.text, backend, device, self.args.host, port, api_key, proc)
         worker.ready_token = ready_token
@@ -3033,12 +3059,14 @@ class Queen(App):
         node = text_field(body, "node", limit=200)
         ref = ModelRef.parse(body.get("model"))
         backend, device = backend_and_device(body)
+        parallel = parallel_of(body)
         self.nodes.resolve(node)   # NODE_NOT_FOUND before the stream starts
         stream = req.sse()
         with narration_to(stream.narration):
             session = self.hive(node, stream.narration)
             with session.listening(stream.narration):
-                worker = session.client.spawn({"model_ref": ref.text, "backend": backend, "device": device},
+                worker = session.client.spawn({"model_ref": ref.text, "backend": backend, "device": device,
+                                               "parallel": parallel},
                                               session.tagged(stream.narration))
         timings = dict(session.timings, **(worker.get("timings") or {}))
         session.timings = {}   # the hive start is paid once
@@ -3240,7 +3268,7 @@ class Keeper:
         started = time.monotonic()
         self.ensure_queen()
         task = {"node": args.node, "model": ref.text, "prompt": args.prompt, "max_tokens": args.max_tokens,
-                "temperature": args.temperature, "device": args.device}
+                "temperature": args.temperature, "device": args.device, "parallel": args.parallel}
         if args.backend:
             task["backend"] = args.backend
         worker = self.queen.task(task, self.show)
@@ -3564,6 +3592,8 @@ def build_parser():
     s.add_argument("--backend", choices=backends.PREFERENCE, help="default: the node's best of %s" % ", ".join(
         backends.PREFERENCE))
     s.add_argument("--device", type=_bounded(int, 0, 1024), default=0)
+    s.add_argument("--parallel", type=_bounded(int, 1, 256), default=DEFAULT_PARALLEL,
+                   help="slots of a worker this command starts (a running one keeps its own)")
     s.add_argument("--queen", help="queen URL (default %s, or $RBEE_QUEEN_URL)" % DEFAULT_QUEEN_URL)
     s.add_argument("--quiet", action="store_true", help="no narration (errors stay)")
     s.add_argument("--json", action="store_true", help="one JSON event per line on stdout")
@@ -3597,7 +3627,11 @@ def build_parser():
     s.add_argument("--worker-id")
     s.add_argument("--model-ref")
     s.add_argument("--hive-url")
-    s.add_argument("--ctx-size", type=_bounded(int, 16, 1 << 20), default=DEFAULT_N_CTX)
+    s.add_argument("--ctx-size", type=_bounded(int, 16, 1 << 20), default=DEFAULT_N_CTX, help="tokens per slot")
+    s.add_argument("--parallel", type=_bounded(int, 1, 256), default=DEFAULT_PARALLEL,
+                   help="slots: requests served at once, batched together")
+    s.add_argument("--max-queue", type=_bounded(int, 0, 1 << 16), default=DEFAULT_MAX_QUEUE,
+                   help="requests that may wait for a slot; beyond them, 503")
     s.add_argument("--lifeline", action="store_true", help="exit when stdin closes")
     s.set_defaults(func=run_worker)
 

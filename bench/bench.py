@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -233,7 +234,7 @@ def main():
         worker = role(["worker", "--model", model, "--backend", "cpu", "--device", "0", "--port", str(port),
                        "--host", "127.0.0.1"], dict(env, RBEE_WORKER_API_KEY="bench"))
         body = {"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "seed": SEED, "raw": True}
-        with peer_server(model, env) as peer_port:
+        with peer_server(model, env) as (peer_port, _):
             peer_body = {"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "seed": SEED, "stream": True}
             raws, (worker_runs, peer_runs) = baseline.paired(
                 lambda: sse_tokens(port, "/execute", body, {"Authorization": "Bearer bench"}),
@@ -258,6 +259,7 @@ def main():
 
         print("cold_ssh, and the lan and ssh transports ...", file=sys.stderr)
         results.update(over_ssh(tmp, env, infer, baseline))
+        results["concurrency"] = concurrency(model, env)
         results["raw"] = summarize(baseline.runs[1:])
         results["raw"]["load_s"] = round(baseline.load_s, 3)
         baseline.close()
@@ -329,6 +331,125 @@ def over_ssh(tmp, env, infer, baseline):
         host.stop()
 
 
+# -- many clients at once: rbee's slots against llama.cpp's own server and llama-cpp-python's -----
+
+CLIENTS = (1, 4, 8)
+CONC_RUNS = int(os.environ.get("BENCH_CONC_RUNS", "3"))
+DISTINCT = ["Once upon a time, in a small village by the sea, there lived", "The three laws of robotics are",
+            "In the year 2300, the first colony on Mars", "My grandmother's secret recipe for apple pie",
+            "The history of the printing press begins", "Dear diary, today something strange happened",
+            "The best way to learn a new language is", "Deep in the forest, an old wizard kept"]
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def clients_at_once(n, one):
+    """`one(k)` for k in 0..n-1 at once (a thread each): aggregate tok/s over the whole wall
+    time, p50/p95 of time to first token and of each client's end-to-end latency."""
+    results, t0 = [None] * n, time.perf_counter()
+
+    def run(k):
+        try:
+            results[k] = dict(one(k), end=time.perf_counter())
+        except Exception as exc:   # a refused or cut client counts as zero tokens
+            results[k] = {"tokens": 0, "error": str(exc), "end": time.perf_counter()}
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ok = [r for r in results if r.get("tokens")]
+    wall = max(r["end"] for r in results) - t0
+    ttft = [r["ttft_ms"] for r in ok] or [0]
+    e2e = [(r["end"] - t0) * 1000 for r in ok] or [0]
+    return {"agg_tok_s": sum(r["tokens"] for r in results) / wall, "tokens": sum(r["tokens"] for r in results),
+            "expected_tokens": n * TOKENS, "ttft_p50_ms": percentile(ttft, 0.5), "ttft_p95_ms": percentile(ttft, 0.95),
+            "e2e_p50_ms": percentile(e2e, 0.5), "e2e_p95_ms": percentile(e2e, 0.95)}
+
+
+def concurrency(model, env):
+    """The concurrency table: 1, 4 and 8 streaming clients with distinct prompts, 128 tokens each,
+    the same model, threads and context per slot, CONC_RUNS runs each (median)."""
+    servers = [("rbee worker (4 slots, its defaults)", rbee_worker_server, RBEE_TOKEN, "/execute"),
+               ("llama-server -np 4", lambda m, e: llama_server(m, e, ["-np", "4", "-c", str(4 * N_CTX)]),
+                PEER_TOKEN, "/v1/completions"),
+               ("llama-server (its defaults)", lambda m, e: llama_server(m, e, []), PEER_TOKEN, "/v1/completions"),
+               ("llama_cpp.server", peer_server, PEER_TOKEN, "/v1/completions")]
+    table = {}
+    for name, server, marker, path in servers:
+        print("concurrency: %s ..." % name, file=sys.stderr)
+        with server(model, env) as (port, headers):
+            if port is None:
+                table[name] = {"skipped": headers}
+                continue
+            rbee = path == "/execute"
+
+            def one(k):
+                body = {"prompt": DISTINCT[k % len(DISTINCT)], "max_tokens": TOKENS, "temperature": 0}
+                body.update({"raw": True} if rbee else {"stream": True})
+                return sse_tokens(port, path, body, headers, marker)
+            one(0)   # warm-up
+            table[name] = {}
+            for n in CLIENTS:
+                runs = [clients_at_once(n, one) for _ in range(CONC_RUNS)]
+                table[name][str(n)] = {k: round(statistics.median(r[k] for r in runs), 1) for k in runs[0]}
+    base = table.get("llama-server -np 4", {})
+    for name, rows in table.items():
+        for n, row in rows.items():
+            if isinstance(row, dict) and base.get(n):
+                row["vs_llama_server_np4"] = {k: round(row[k] / base[n][k], 3) if base[n][k] else None
+                                              for k in ("agg_tok_s", "ttft_p95_ms", "e2e_p95_ms")}
+    return table
+
+
+@contextlib.contextmanager
+def rbee_worker_server(model, env):
+    port = free_port()
+    worker = role(["worker", "--model", model, "--backend", "cpu", "--device", "0", "--port", str(port),
+                   "--host", "127.0.0.1", "--ctx-size", str(N_CTX)], dict(env, RBEE_WORKER_API_KEY="bench"))
+    try:
+        yield port, {"Authorization": "Bearer bench"}
+    finally:
+        stop(worker)
+
+
+@contextlib.contextmanager
+def llama_server(model, env, options):
+    """llama.cpp's own server (make bench builds it from the sdist's llama.cpp), on the model."""
+    binary = os.environ.get("LLAMA_SERVER") or str(REPO / ".cache" / "llama.cpp-build" / "bin" / "llama-server")
+    if not os.path.exists(binary):
+        yield None, "no llama-server at %s (make bench builds it)" % binary
+        return
+    port = free_port()
+    proc = subprocess.Popen([binary, "-m", model, "-t", str(THREADS), "-tb", str(THREADS), "-ngl", "0",
+                             "--host", "127.0.0.1", "--port", str(port)] + options,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        wait_until_serving(port)
+        yield port, None
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_until_serving(port, timeout=120):
+    """llama-server answers 503 while it loads: wait for its /health to say ok."""
+    import urllib.request
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("llama-server on %d did not come up" % port)
+
+
 @contextlib.contextmanager
 def peer_server(model, env):
     """llama-cpp-python's own OpenAI server on the same model, context and threads; yields its port."""
@@ -339,7 +460,7 @@ def peer_server(model, env):
                             start_new_session=True)
     try:
         wait_port(port)
-        yield port
+        yield port, None
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -364,6 +485,21 @@ def print_table(r):
     if r.get("warm_ssh_transport", {}).get("tok_s_vs_lan"):
         print("ssh transport: warm tok/s x%.3f of the lan transport to the same host" % (
             r["warm_ssh_transport"]["tok_s_vs_lan"]))
+    print("\nconcurrency: %d tokens a client, distinct prompts, %d runs (median); ratios to llama-server -np 4"
+          % (TOKENS, CONC_RUNS))
+    print("%-38s %-8s %-16s %-22s %-22s %s" % ("server", "clients", "aggregate tok/s", "first token p50/p95 ms",
+                                               "end-to-end p50/p95 ms", "tok/s, p95 first token vs np4"))
+    for name, rows in r.get("concurrency", {}).items():
+        if "skipped" in rows:
+            print("%-38s %s" % (name, rows["skipped"]))
+            continue
+        for n, row in rows.items():
+            vs = row.get("vs_llama_server_np4") or {}
+            print("%-38s %-8s %-16s %-22s %-22s %s" % (
+                name, n, "%.1f (%d/%d tok)" % (row["agg_tok_s"], row["tokens"], row["expected_tokens"]),
+                "%.0f / %.0f" % (row["ttft_p50_ms"], row["ttft_p95_ms"]), "%.0f / %.0f" % (row["e2e_p50_ms"],
+                                                                                         row["e2e_p95_ms"]),
+                "x%s, x%s" % (vs.get("agg_tok_s"), vs.get("ttft_p95_ms")) if vs else ""))
     f = r.get("footprint", {})
     print("footprint: queen %.1f MB, hive %.1f MB, worker overhead %.1f MB over the raw model process; "
           "python -c pass %.1f ms" % (f.get("queen_rss_mb", 0), f.get("hive_rss_mb", 0), f.get("worker_overhead_mb", 0),

@@ -253,3 +253,17 @@ def test_a_reader_that_goes_away_cancels_the_job_quietly(env, model_ref, tmp_pat
     assert keeper.wait(60) == 0, err
     assert "❌" not in err and "Traceback" not in err
     assert_no_rbee_left(str(tmp_path), within=5)
+
+
+def test_eight_keepers_at_once_on_one_persistent_queen_all_finish(queen, env, model_ref):
+    """Eight users at once on one model: the worker's four slots serve four, the others wait in
+    its queue (told their position), and every command exits 0 with its text."""
+    keepers = [start_keeper(["infer", "--node", "localhost", "--model", model_ref, "--prompt", "%s (%d)" % (PROMPT, k),
+                             "--max-tokens", "48", "--temperature", "0", "--raw", "--queen", queen.url], env)
+               for k in range(8)]
+    results = [(k.communicate(timeout=300), k.returncode) for k in keepers]
+    assert all(code == 0 and out.strip() for (out, _), code in results), [
+        (code, err.decode()[-500:]) for (_, err), code in results if code]
+    assert not any("❌" in err.decode() for (_, err), _ in results)
+    listed = run_rbee(["workers", "list", "--queen", queen.url], env)
+    assert len(listed.stdout.strip().splitlines()) == 1, listed.stdout   # one worker served all eight

@@ -16,15 +16,29 @@ PROMPT = "Once upon a time, in a small village by the sea, there lived"
 
 
 @pytest.fixture
-def worker(roles, env, model_path):
-    """A running worker (cpu, device 0) with its key in the environment, never on argv."""
-    port = free_port()
-    env = dict(env, RBEE_WORKER_API_KEY=KEY)
-    role = roles("worker", "--model", model_path, "--backend", "cpu", "--device", "0", "--port", str(port),
-                 "--host", "127.0.0.1", "--lifeline", env=env)
-    role.wait_event("http_ready", timeout=60)
-    role.port = port
-    return role
+def start_worker(roles, env, model_path):
+    """Start a worker (cpu, device 0, extra options such as --parallel) with its key in the
+    environment, never on argv; returns it once it serves."""
+    def start(*options):
+        port = free_port()
+        role = roles("worker", "--model", model_path, "--backend", "cpu", "--device", "0", "--port", str(port),
+                     "--host", "127.0.0.1", "--lifeline", *options, env=dict(env, RBEE_WORKER_API_KEY=KEY))
+        role.wait_event("http_ready", timeout=60)
+        role.port = port
+        return role
+    return start
+
+
+@pytest.fixture
+def worker(start_worker):
+    """A worker with the defaults (4 slots, a queue of 64)."""
+    return start_worker()
+
+
+@pytest.fixture
+def one_slot_worker(start_worker):
+    """A worker of one slot and no queue: a second request gets 503."""
+    return start_worker("--parallel", "1", "--max-queue", "0")
 
 
 def request(port, method, path, body=None, key=KEY, **kw):
@@ -185,7 +199,8 @@ def test_startup_narration_order_and_ready_callback(roles, env, model_path):
         assert KEY.encode() not in f.read()
 
 
-def test_second_request_gets_503_while_busy_then_succeeds(worker):
+def test_second_request_gets_503_while_busy_then_succeeds(one_slot_worker):
+    worker = one_slot_worker
     conn, resp = execute(worker.port, max_tokens=300, job_id="long")
     assert resp.status == 200
     stream = sse_events(resp)
@@ -426,8 +441,8 @@ def test_worker_client_stops_the_job_when_the_caller_lets_go(worker):
     wait_until(lambda: client.health()["state"] == "idle", 3, what="the worker to be idle after the close")
 
 
-def test_worker_client_retries_a_busy_worker_then_runs_the_job(worker):
-    rbee, client = worker_client(worker)
+def test_worker_client_retries_a_busy_worker_then_runs_the_job(one_slot_worker):
+    rbee, client = worker_client(one_slot_worker)
     long_job = client.execute({"job_id": "long", "prompt": PROMPT, "max_tokens": 1500, "temperature": 0, "raw": True})
     next(e for e in long_job if isinstance(e, rbee.Token))
     delays = []
@@ -463,3 +478,140 @@ def test_worker_client_reports_a_worker_that_dies_mid_stream_as_crashed(worker):
     details = crashed.value.details
     assert details["tokens_generated"] >= 3 and details["worker_id"] == "worker-under-test"
     assert details["node"] == "localhost" and "localhost" in crashed.value.suggestion
+
+
+# -- slots, continuous batching and the queue (issue 10) --------------------------------------------
+
+DISTINCT = ["Once upon a time, in a small village by the sea, there lived", "The three laws of robotics are",
+            "def fibonacci(n):\n    ", "My grandmother's secret recipe for apple pie"]
+
+
+def text_of(events):
+    return "".join(d["t"] for e, d, _ in events if e == "token")
+
+
+def run_together(port, bodies):
+    """Run the jobs at once (one thread each); returns their events in the bodies' order."""
+    results = [None] * len(bodies)
+
+    def one(k):
+        results[k] = run_job(port, **bodies[k])
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return results
+
+
+def test_four_slots_stream_each_text_as_alone_and_start_together(worker):
+    bodies = [dict(prompt=p, max_tokens=48, job_id="job-%d" % k) for k, p in enumerate(DISTINCT)]
+    alone = [text_of(run_job(worker.port, **body)) for body in bodies]
+    together = run_together(worker.port, bodies)
+    assert [text_of(events) for events in together] == alone and all(alone)
+    firsts = [next(t for e, _, t in events if e == "token") for events in together]
+    ends = [events[-1][2] for events in together]
+    assert max(firsts) < min(ends), "every first token before any job ends: they ran side by side"
+    assert all(events[-1][0] == "end" and events[-1][1]["tokens_out"] == 48 for events in together)
+
+
+def test_a_seeded_sample_is_the_same_whatever_runs_beside_it(worker):
+    body = dict(prompt=DISTINCT[0], max_tokens=32, temperature=0.9, seed=1234, job_id="seeded")
+    alone = text_of(run_job(worker.port, **body))
+    together = run_together(worker.port, [body] + [dict(prompt=p, max_tokens=32, temperature=0.9, job_id="x%d" % k)
+                                                   for k, p in enumerate(DISTINCT[1:])])
+    assert text_of(together[0]) == alone and alone
+
+
+def test_sixteen_requests_on_four_slots_queue_then_all_complete(worker):
+    seen_queue, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen_queue.append(call(worker.port, "GET", "/health", key=None)[1]["queue_length"])
+            time.sleep(0.05)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    bodies = [dict(prompt=DISTINCT[k % 4] + " (%d)" % k, max_tokens=64, job_id="job-%d" % k) for k in range(16)]
+    results = run_together(worker.port, bodies)
+    stop.set()
+    watcher.join()
+    assert all(events[-1][0] == "end" and events[-1][1]["tokens_out"] >= 1 for events in results)
+    positions = sorted(d["position"] for events in results for e, d, _ in events if e == "queued")
+    assert positions == list(range(1, 13)), positions
+    queued_narration = [d["human"] for events in results for e, d, _ in events if e == "narration"
+                        and d["action"] == "queued"]
+    assert len(queued_narration) == 12 and all(h.startswith("Waiting for a free slot (position ") for h in queued_narration)
+    assert max(seen_queue) >= 1 and call(worker.port, "GET", "/health", key=None)[1]["queue_length"] == 0
+    health = call(worker.port, "GET", "/health", key=None)[1]
+    assert health["slots_total"] == 4 and health["slots_available"] == 4 and health["ctx_total"] == 4 * 2048
+
+
+def test_a_full_queue_answers_503_with_retry_after_then_serves(start_worker):
+    worker = start_worker("--parallel", "2", "--max-queue", "2")
+    answers, lock = [], threading.Lock()
+
+    def one(k):
+        conn, resp = execute(worker.port, prompt=DISTINCT[k % 4], max_tokens=200, job_id="job-%d" % k)
+        if resp.status != 200:
+            with lock:
+                answers.append((resp.status, resp.getheader("Retry-After"), json.loads(resp.read())))
+            return
+        first = next(e for e, _, _ in sse_events(resp))
+        with lock:
+            answers.append((200, first, None))
+        while resp.readline():
+            pass
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    refused = [a for a in answers if a[0] == 503]
+    assert len(refused) == 4 and all(int(r[1]) >= 1 and r[2]["error"]["code"] == "ALL_SLOTS_BUSY" for r in refused)
+    firsts = sorted(a[1] for a in answers if a[0] == 200)
+    assert firsts == ["queued", "queued", "started", "started"], firsts
+    assert run_job(worker.port, max_tokens=3)[-1][0] == "end"
+
+
+def test_a_queued_client_that_leaves_never_starts(start_worker):
+    worker = start_worker("--parallel", "1")
+    conn, resp = execute(worker.port, max_tokens=1500, job_id="running")
+    running = sse_events(resp)
+    assert next(e for e, _, _ in running if e == "token")
+    waiting_conn, waiting = execute(worker.port, max_tokens=20, job_id="waiting")
+    assert next(e for e, _, _ in sse_events(waiting)) == "queued"
+    assert call(worker.port, "GET", "/health", key=None)[1]["queue_length"] == 1
+    waiting.sock.shutdown(socket.SHUT_RDWR)
+    waiting.sock.close()
+    left = time.monotonic()
+    wait_until(lambda: call(worker.port, "GET", "/health", key=None)[1]["queue_length"] == 0, 1.0, 0.02,
+               "the queued client to leave the queue")
+    assert time.monotonic() - left < 1.0
+    health = call(worker.port, "GET", "/health", key=None)[1]
+    assert health["slots_available"] == 0 and health["state"] == "busy"   # the one slot is still the first job's
+    call(worker.port, "POST", "/cancel", {"job_id": "running"})
+    assert [e for e, _, _ in running][-1] == "end"
+    wait_until(lambda: call(worker.port, "GET", "/health", key=None)[1]["state"] == "idle", 2,
+               what="the worker idle: the job that left never started")
+
+
+def test_cancelling_one_job_leaves_the_others_texts_as_alone(worker):
+    bodies = [dict(prompt=p, max_tokens=40, job_id="keep-%d" % k) for k, p in enumerate(DISTINCT[:3])]
+    alone = [text_of(run_job(worker.port, **body)) for body in bodies]
+    conn, resp = execute(worker.port, prompt=DISTINCT[3], max_tokens=1500, job_id="doomed")
+    doomed = sse_events(resp)
+    assert next(e for e, _, _ in doomed if e == "token")
+    results = [None] * 3
+
+    def one(k):
+        results[k] = run_job(worker.port, **bodies[k])
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    assert call(worker.port, "POST", "/cancel", {"job_id": "doomed"})[0].status == 204
+    for thread in threads:
+        thread.join(120)
+    assert [e for e, _, _ in doomed][-1] == "end"
+    assert [text_of(events) for events in results] == alone

@@ -1,0 +1,264 @@
+"""Continuous batching over one loaded model: N slots share one llama.cpp context.
+
+Each slot is a sequence id with its own part of the KV cache (`--ctx-size` tokens each) and its
+own sampler chain. One thread owns the context: at every step it lets waiting jobs into free
+slots, puts into one `llama_batch` the next token of every generating slot and as much of the
+new prompts as the batch holds, decodes once, and samples each slot's token from its own row of
+logits. A job that joins starts at the next step; one that ends or is cancelled frees its slot
+at once, the others decoding on. A slot keeps the KV cache of its last prompt, and a new job
+goes to the free slot that shares the longest prefix with it (as llama.cpp's server does), so
+only the rest of its prompt is evaluated.
+
+Not an adapter (it is in no backend's PREFERENCE): every backend's worker runs on it.
+"""
+import codecs
+import collections
+import ctypes
+import queue
+import threading
+import time
+
+N_BATCH = 512          # tokens in one decode step, all slots together
+MIN_P = 0.05           # the min-p that llama-cpp-python's create_completion uses by default
+
+
+class EngineJob:
+    """One generation: its prompt tokens, sampling settings, cancel flag, and the events the
+    engine's thread puts for the request's thread, in order:
+        ("admitted", {"slot", "reused"})  it has a slot; `reused` prompt tokens came from its cache
+        ("token", text)                    text of one sampled token ("" while a UTF-8 character is split)
+        ("end", stop_reason)               eos, max_tokens or cancelled; the last event
+        ("error", message)                 llama.cpp failed; the last event
+    """
+
+    def __init__(self, prompt_tokens, max_tokens, temperature=0.7, top_p=0.95, top_k=40, seed=None):
+        self.prompt_tokens = list(prompt_tokens)   #: the whole prompt, BOS and template included
+        self.max_tokens = max_tokens
+        self.temperature, self.top_p, self.top_k, self.seed = temperature, top_p, top_k, seed
+        self.cancel = threading.Event()            #: set by anyone: the engine ends the job at its next step
+        self.events = queue.Queue()                #: written by the engine's thread, read by the job's owner
+        self.admitted = threading.Event()          #: it got a slot (the engine's thread)
+
+
+class Slot:
+    """One sequence of the context, owned by the engine's thread."""
+
+    def __init__(self, seq_id):
+        self.seq_id = seq_id       #: its sequence id in the context
+        self.job = None            #: the job it runs, or None: free
+        self.cache = []            #: the tokens whose KV it holds, from position 0
+        self.pending = []          #: prompt tokens still to evaluate
+        self.next_token = None     #: the token sampled last, to evaluate at the next step
+        self.sampler = None        #: its sampler chain (llama_sampler pointer)
+        self.generated = 0         #: tokens sampled for its job
+        self.decoder = None        #: its incremental UTF-8 decoder
+        self.last_used = 0.0       #: when its last job ended (the least recently used is reused first)
+
+
+class Engine:
+    """N slots over one model, one decode loop. `submit(job)` queues a job (FIFO); the caller
+    reads `job.events`. `close()` ends every job and frees the context."""
+
+    def __init__(self, llm, n_slots, n_ctx_slot, n_batch=N_BATCH):
+        import llama_cpp
+        self.llama_cpp = llama_cpp
+        self.llm = llm                                  #: the loaded Llama (its model; its own context is unused)
+        self.n_slots, self.n_ctx_slot = n_slots, n_ctx_slot
+        self.n_batch = n_batch
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_slots * n_ctx_slot
+        params.n_seq_max = n_slots
+        params.kv_unified = False                       # each sequence its own n_ctx_slot cells
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_threads = llm.context_params.n_threads
+        params.n_threads_batch = llm.context_params.n_threads_batch
+        params.offload_kqv = llm.context_params.offload_kqv
+        params.flash_attn_type = llm.context_params.flash_attn_type
+        params.no_perf = True
+        self.model = llm._model.model
+        self.ctx = llama_cpp.llama_init_from_model(self.model, params)   #: the context (the loop's thread)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create a context of %d x %d tokens" % (n_slots, n_ctx_slot))
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.slots = [Slot(i) for i in range(n_slots)]  #: the sequences (the loop's thread)
+        self.waiting = collections.deque()             #: jobs without a slot yet, FIFO (under `cond`)
+        self.cond = threading.Condition()               #: guards `waiting` and `running`; wakes the loop
+        self.running = 0                                #: jobs in slots (under `cond`)
+        self.closing = False                            #: close() was called (under `cond`)
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="engine")
+        self.thread.start()
+
+    # -- what other threads call -----------------------------------------------------------------
+
+    def submit(self, job):
+        """Queue `job`; returns its place in the queue (0: a slot is free, it starts at the next step)."""
+        with self.cond:
+            self.waiting.append(job)
+            self.cond.notify()
+            return max(0, self.running + len(self.waiting) - self.n_slots)
+
+    def load(self):
+        """(jobs in slots, jobs waiting)."""
+        with self.cond:
+            return self.running, len(self.waiting)
+
+    def close(self, timeout=15.0):
+        """End every job (`cancelled`), stop the loop, free the context. False: a step did not
+        end within `timeout` (llama.cpp still runs; nothing is freed under it)."""
+        with self.cond:
+            self.closing = True
+            for job in self.waiting:
+                job.cancel.set()
+            self.cond.notify()
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            return False
+        for slot in self.slots:
+            if slot.sampler:
+                self.llama_cpp.llama_sampler_free(slot.sampler)
+        self.llama_cpp.llama_batch_free(self.batch)
+        self.llama_cpp.llama_free(self.ctx)
+        return True
+
+    # -- the loop's thread -----------------------------------------------------------------------
+
+    def _loop(self):
+        while True:
+            with self.cond:
+                self._admit()
+                if self.closing and not self.running:
+                    return
+                if not self.running:
+                    self.cond.wait(0.5)
+                    continue
+            try:
+                self._step()
+            except Exception as exc:   # llama.cpp failed: every running job ends with the error
+                for slot in self.slots:
+                    if slot.job:
+                        self._finish(slot, None, "%s: %s" % (type(exc).__name__, exc))
+
+    def _admit(self):
+        """Waiting jobs into free slots, in order; cancelled ones leave without starting."""
+        while self.waiting:
+            job = self.waiting[0]
+            if job.cancel.is_set() or self.closing:
+                self.waiting.popleft()
+                job.events.put(("end", "cancelled"))
+                continue
+            free = [s for s in self.slots if s.job is None]
+            if not free:
+                return
+            self.waiting.popleft()
+            slot = max(free, key=lambda s: (common_prefix(s.cache, job.prompt_tokens), -s.last_used))
+            self._start(slot, job)
+            self.running += 1
+
+    def _start(self, slot, job):
+        lc = self.llama_cpp
+        prompt = job.prompt_tokens
+        reused = min(common_prefix(slot.cache, prompt), len(prompt) - 1)   # the last one is evaluated again
+        lc.llama_memory_seq_rm(self.memory, slot.seq_id, reused, -1)
+        slot.cache, slot.pending = prompt[:reused], prompt[reused:]
+        slot.job, slot.next_token, slot.generated = job, None, 0
+        slot.decoder = codecs.getincrementaldecoder("utf-8")("ignore")
+        if slot.sampler:
+            lc.llama_sampler_free(slot.sampler)
+        slot.sampler = self._sampler(job)
+        job.admitted.set()
+        job.events.put(("admitted", {"slot": slot.seq_id, "reused": reused}))
+
+    def _sampler(self, job):
+        lc = self.llama_cpp
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if job.temperature <= 0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+            return chain
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(job.top_k))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(job.top_p, 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(MIN_P, 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(job.temperature))
+        seed = job.seed if job.seed is not None and job.seed >= 0 else lc.LLAMA_DEFAULT_SEED
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
+        return chain
+
+    def _step(self):
+        """One decode: each generating slot's next token first, then prompt chunks in the rest."""
+        batch, outputs = self.batch, []
+        batch.n_tokens = 0
+        active = [s for s in self.slots if s.job]
+        for slot in active:
+            if slot.job.cancel.is_set() or self.closing:
+                self._finish(slot, "cancelled")
+        for slot in (s for s in active if s.job and s.next_token is not None):
+            outputs.append((slot, self._add(slot, [slot.next_token], True)))
+            slot.next_token = None
+        for slot in (s for s in active if s.job and s.pending):
+            room = self.n_batch - batch.n_tokens
+            if room <= 0:
+                break
+            chunk, slot.pending = slot.pending[:room], slot.pending[room:]
+            index = self._add(slot, chunk, not slot.pending)
+            if not slot.pending:
+                outputs.append((slot, index))
+        if not batch.n_tokens:
+            return
+        code = self.llama_cpp.llama_decode(self.ctx, batch)
+        if code != 0:
+            raise RuntimeError("llama_decode returned %d" % code)
+        for slot, index in outputs:
+            self._sample(slot, index)
+
+    def _add(self, slot, tokens, last_logits):
+        """Put `tokens` of `slot` into the batch; returns the batch index of the last one."""
+        batch = self.batch
+        for k, token in enumerate(tokens):
+            i = batch.n_tokens
+            batch.token[i] = token
+            batch.pos[i] = len(slot.cache)
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = slot.seq_id
+            batch.logits[i] = last_logits and k == len(tokens) - 1
+            batch.n_tokens = i + 1
+            slot.cache.append(token)
+        return batch.n_tokens - 1
+
+    def _sample(self, slot, index):
+        lc = self.llama_cpp
+        token = lc.llama_sampler_sample(slot.sampler, self.ctx, index)
+        if lc.llama_vocab_is_eog(self.vocab, token):
+            return self._finish(slot, "eos")
+        slot.generated += 1
+        slot.job.events.put(("token", slot.decoder.decode(self._piece(token))))
+        if slot.generated >= slot.job.max_tokens or len(slot.cache) + 1 >= self.n_ctx_slot:
+            return self._finish(slot, "max_tokens")
+        slot.next_token = token
+
+    def _piece(self, token):
+        buf = ctypes.create_string_buffer(64)
+        n = self.llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self.llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def _finish(self, slot, reason, error=None):
+        job, slot.job, slot.next_token, slot.pending = slot.job, None, None, []
+        slot.last_used = time.monotonic()
+        with self.cond:
+            self.running -= 1
+        tail = slot.decoder.decode(b"", final=True) if slot.decoder else ""
+        if tail and error is None:
+            job.events.put(("token", tail))
+        job.events.put(("error", error) if error is not None else ("end", reason))
+
+
+def common_prefix(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
