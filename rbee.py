@@ -2114,11 +2114,13 @@ class Worker(App):
         import gc
         gc.collect()
         gc.freeze()
-        self.memory_mb = max(self.backend.memory_used_mb(args.device), os.path.getsize(args.model) >> 20)
+        self.memory_mb = max(self.backend.memory_used_mb(args.device),   # (KV pages count once touched)
+                             (os.path.getsize(args.model) >> 20) + self.engine.kv_mb)
         where = "RAM" if args.backend == "cpu" else "VRAM"
-        narrate("model-loader", "model_loaded", "Model loaded! %d MB cozy in %s! (%d slots x %d tokens of context)" % (
-            self.memory_mb, where, args.parallel, args.ctx_size), "🛏️", memory_mb=self.memory_mb,
-            load_ms=self.load_ms, slots=args.parallel, ctx_per_slot=args.ctx_size)
+        narrate("model-loader", "model_loaded", "Model loaded! %d MB cozy in %s! (%d slots x %d tokens of context, "
+                "a KV cache of %d MB)" % (self.memory_mb, where, args.parallel, args.ctx_size, self.engine.kv_mb),
+                "🛏️", memory_mb=self.memory_mb, kv_cache_mb=self.engine.kv_mb, load_ms=self.load_ms,
+                slots=args.parallel, ctx_per_slot=args.ctx_size)
         port = self.serve(args.host, args.port)
         self.url = "http://%s:%d" % (local_address(args.host), port)
         self.state = "ready"
@@ -2143,6 +2145,7 @@ class Worker(App):
                             "slots_available": max(0, self.args.parallel - running) if self.state == "ready" else 0,
                             "queue_length": waiting, "max_queue": self.args.max_queue,
                             "ctx_per_slot": self.args.ctx_size, "ctx_total": self.args.ctx_size * self.args.parallel,
+                            "kv_cache_mb": self.engine.kv_mb if self.engine else 0,
                             "last_activity_unix": int(self.last_activity), "version": __version__})
 
     def cancel(self, req):
@@ -2150,7 +2153,7 @@ class Worker(App):
         with self.jobs_lock:
             job = self.jobs.get(job_id) if isinstance(job_id, str) else None
         if job is not None:
-            job.engine_job.cancel.set()
+            self.engine.cancel(job.engine_job)
         req.send_empty(204)
 
     def shutdown_request(self, req):
@@ -2170,15 +2173,17 @@ class Worker(App):
         from backends.engine import EngineJob
         job.engine_job = EngineJob(prompt_tokens, job.max_tokens, job.temperature, job.top_p, job.top_k, job.seed)
         with self.jobs_lock:   # admission: the slots plus the queue, or 503
-            if self.state != "ready" or job.job_id in self.jobs or \
-                    len(self.jobs) >= self.args.parallel + self.args.max_queue:
+            if job.job_id in self.jobs:
+                raise InvalidRequest("job_id: %s is already running here" % job.job_id, {"field": "job_id"},
+                                     "Give each job its own id (or none: the worker makes one)", status=409)
+            if self.state != "ready" or len(self.jobs) >= self.args.parallel + self.args.max_queue:
                 raise self.busy()
             self.jobs[job.job_id] = job
         try:
             position = self.engine.submit(job.engine_job)
             self._stream(req.sse(), job, len(prompt_tokens), position)
         finally:
-            job.engine_job.cancel.set()   # (a job that is still queued or running ends here too)
+            self.engine.cancel(job.engine_job)   # (a job that is still queued or running ends here too)
             with self.jobs_lock:
                 self.jobs.pop(job.job_id, None)
             self.last_activity = time.time()
@@ -2203,7 +2208,7 @@ class Worker(App):
                     kind, data = events.get(timeout=0.2)
                 except queue.Empty:
                     if stream.client_gone():   # a client that left: its job ends (or never starts)
-                        job.engine_job.cancel.set()
+                        self.engine.cancel(job.engine_job)
                     continue
                 if kind == "admitted":
                     started = time.perf_counter()
@@ -2226,7 +2231,7 @@ class Worker(App):
                         index += 1
                     if stopped:
                         stop_reason = "stop"
-                        job.engine_job.cancel.set()
+                        self.engine.cancel(job.engine_job)
                     elif tokens_out % 10 == 0:
                         narrate("llama-backend", "token_generate", "Generated %d tokens" % tokens_out, "🎯",
                                 job_id=job.job_id)
@@ -2267,7 +2272,7 @@ class Worker(App):
             jobs = list(self.jobs.values())
         for job in jobs:
             job.interrupted_by = reason
-            job.engine_job.cancel.set()
+            self.engine.cancel(job.engine_job)
         narrate("llm-worker-rbee", "shutdown", "Shutting down gracefully (%s)" % reason, "👋")
         deadline = time.monotonic() + GRACEFUL_TIMEOUT / 2
         while self.jobs and time.monotonic() < deadline:   # their streams say how they ended

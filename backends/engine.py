@@ -52,6 +52,7 @@ class Slot:
         self.sampler = None        #: its sampler chain (llama_sampler pointer)
         self.generated = 0         #: tokens sampled for its job
         self.decoder = None        #: its incremental UTF-8 decoder
+        self.started = 0.0         #: when its job got it (older jobs' prompts go into a batch first)
         self.last_used = 0.0       #: when its last job ended (the least recently used is reused first)
 
 
@@ -87,6 +88,8 @@ class Engine:
         self.cond = threading.Condition()               #: guards `waiting` and `running`; wakes the loop
         self.running = 0                                #: jobs in slots (under `cond`)
         self.closing = False                            #: close() was called (under `cond`)
+        self.dead = None                                #: why the loop ended unexpectedly, if it did (under `cond`)
+        self.kv_mb = kv_cache_mb(llama_cpp, self.model, llama_cpp.llama_n_ctx(self.ctx))   #: its KV cache, f16
         self.thread = threading.Thread(target=self._loop, daemon=True, name="engine")
         self.thread.start()
 
@@ -95,9 +98,18 @@ class Engine:
     def submit(self, job):
         """Queue `job`; returns its place in the queue (0: a slot is free, it starts at the next step)."""
         with self.cond:
+            if self.closing or self.dead:
+                job.events.put(("error", self.dead) if self.dead else ("end", "cancelled"))
+                return 0
             self.waiting.append(job)
             self.cond.notify()
             return max(0, self.running + len(self.waiting) - self.n_slots)
+
+    def cancel(self, job):
+        """End `job` at the next step (a waiting one leaves the queue at once, never started)."""
+        job.cancel.set()
+        with self.cond:
+            self.cond.notify()
 
     def load(self):
         """(jobs in slots, jobs waiting)."""
@@ -125,44 +137,65 @@ class Engine:
     # -- the loop's thread -----------------------------------------------------------------------
 
     def _loop(self):
-        while True:
+        try:
+            while True:
+                with self.cond:
+                    self._admit()
+                    if self.closing and not self.running:
+                        return
+                    if not self.running:
+                        self.cond.wait(0.5)
+                        continue
+                try:
+                    self._step()
+                except Exception as exc:   # llama.cpp failed: the running jobs end with the error
+                    self._fail_running("%s: %s" % (type(exc).__name__, exc))
+        except BaseException as exc:   # no job may wait for a loop that is gone
             with self.cond:
-                self._admit()
-                if self.closing and not self.running:
-                    return
-                if not self.running:
-                    self.cond.wait(0.5)
-                    continue
-            try:
-                self._step()
-            except Exception as exc:   # llama.cpp failed: every running job ends with the error
-                for slot in self.slots:
-                    if slot.job:
-                        self._finish(slot, None, "%s: %s" % (type(exc).__name__, exc))
+                self.dead = "the engine stopped: %s: %s" % (type(exc).__name__, exc)
+                waiting, self.waiting = list(self.waiting), collections.deque()
+            for job in waiting:
+                job.events.put(("error", self.dead))
+            self._fail_running(self.dead)
+            raise
+
+    def _fail_running(self, error):
+        """End every running job with `error`; forget every slot's cache (what llama.cpp holds
+        for them is not known any more)."""
+        for slot in self.slots:
+            if slot.job:
+                self._finish(slot, None, error)
+            self.llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+            slot.cache = []
 
     def _admit(self):
-        """Waiting jobs into free slots, in order; cancelled ones leave without starting."""
+        """Waiting jobs into free slots, in order; cancelled ones leave the queue at once."""
+        for job in [j for j in self.waiting if j.cancel.is_set() or self.closing]:
+            self.waiting.remove(job)
+            job.events.put(("end", "cancelled"))
         while self.waiting:
-            job = self.waiting[0]
-            if job.cancel.is_set() or self.closing:
-                self.waiting.popleft()
-                job.events.put(("end", "cancelled"))
-                continue
             free = [s for s in self.slots if s.job is None]
             if not free:
                 return
-            self.waiting.popleft()
+            job = self.waiting.popleft()
             slot = max(free, key=lambda s: (common_prefix(s.cache, job.prompt_tokens), -s.last_used))
-            self._start(slot, job)
             self.running += 1
+            try:
+                self._start(slot, job)
+            except Exception as exc:   # (this job alone)
+                self._finish(slot, None, "%s: %s" % (type(exc).__name__, exc), locked=True)
 
     def _start(self, slot, job):
         lc = self.llama_cpp
         prompt = job.prompt_tokens
+        slot.job, slot.next_token, slot.generated, slot.started = job, None, 0, time.monotonic()
+        if not prompt:
+            raise ValueError("an empty prompt")
         reused = min(common_prefix(slot.cache, prompt), len(prompt) - 1)   # the last one is evaluated again
-        lc.llama_memory_seq_rm(self.memory, slot.seq_id, reused, -1)
+        if not lc.llama_memory_seq_rm(self.memory, slot.seq_id, reused, -1):   # (a cache that cannot be cut)
+            lc.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+            reused = 0
         slot.cache, slot.pending = prompt[:reused], prompt[reused:]
-        slot.job, slot.next_token, slot.generated = job, None, 0
         slot.decoder = codecs.getincrementaldecoder("utf-8")("ignore")
         if slot.sampler:
             lc.llama_sampler_free(slot.sampler)
@@ -195,7 +228,7 @@ class Engine:
         for slot in (s for s in active if s.job and s.next_token is not None):
             outputs.append((slot, self._add(slot, [slot.next_token], True)))
             slot.next_token = None
-        for slot in (s for s in active if s.job and s.pending):
+        for slot in sorted((s for s in active if s.job and s.pending), key=lambda s: s.started):   # oldest first
             room = self.n_batch - batch.n_tokens
             if room <= 0:
                 break
@@ -244,15 +277,26 @@ class Engine:
             n = self.llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         return buf.raw[:n]
 
-    def _finish(self, slot, reason, error=None):
+    def _finish(self, slot, reason, error=None, locked=False):
         job, slot.job, slot.next_token, slot.pending = slot.job, None, None, []
         slot.last_used = time.monotonic()
-        with self.cond:
+        if locked:   # (the caller holds `cond`)
             self.running -= 1
+        else:
+            with self.cond:
+                self.running -= 1
         tail = slot.decoder.decode(b"", final=True) if slot.decoder else ""
         if tail and error is None:
             job.events.put(("token", tail))
         job.events.put(("error", error) if error is not None else ("end", reason))
+
+
+def kv_cache_mb(llama_cpp, model, n_ctx):
+    """What a KV cache of `n_ctx` cells takes (f16 keys and values, every layer)."""
+    n_embd, n_head = llama_cpp.llama_model_n_embd(model), llama_cpp.llama_model_n_head(model)
+    n_head_kv = llama_cpp.llama_model_n_head_kv(model)
+    per_token = 2 * llama_cpp.llama_model_n_layer(model) * (n_embd // max(1, n_head)) * n_head_kv * 2
+    return int(per_token * n_ctx / (1 << 20))
 
 
 def common_prefix(a, b):

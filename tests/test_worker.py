@@ -574,16 +574,22 @@ def test_a_full_queue_answers_503_with_retry_after_then_serves(start_worker):
     assert run_job(worker.port, max_tokens=3)[-1][0] == "end"
 
 
-def test_a_queued_client_that_leaves_never_starts(start_worker):
+def test_queued_clients_that_leave_never_start(start_worker):
     worker = start_worker("--parallel", "1")
     conn, resp = execute(worker.port, max_tokens=1500, job_id="running")
     running = sse_events(resp)
     assert next(e for e, _, _ in running if e == "token")
-    waiting_conn, waiting = execute(worker.port, max_tokens=20, job_id="waiting")
-    assert next(e for e, _, _ in sse_events(waiting)) == "queued"
-    assert call(worker.port, "GET", "/health", key=None)[1]["queue_length"] == 1
-    waiting.sock.shutdown(socket.SHUT_RDWR)
+    first_conn, first = execute(worker.port, max_tokens=20, job_id="first-in-line")
+    assert next(e for e, _, _ in sse_events(first)) == "queued"
+    waiting_conn, waiting = execute(worker.port, max_tokens=20, job_id="waiting")   # behind it in the queue
+    assert next(sse_events(waiting))[1]["position"] == 2
+    assert call(worker.port, "GET", "/health", key=None)[1]["queue_length"] == 2
+    waiting.sock.shutdown(socket.SHUT_RDWR)   # the one at the back leaves first
     waiting.sock.close()
+    wait_until(lambda: call(worker.port, "GET", "/health", key=None)[1]["queue_length"] == 1, 1.0, 0.02,
+               "the client at the back to leave the queue")
+    first.sock.shutdown(socket.SHUT_RDWR)
+    first.sock.close()
     left = time.monotonic()
     wait_until(lambda: call(worker.port, "GET", "/health", key=None)[1]["queue_length"] == 0, 1.0, 0.02,
                "the queued client to leave the queue")
