@@ -424,12 +424,19 @@ def llama_server(model, env, options):
         yield None, "no llama-server at %s (make bench builds it)" % binary
         return
     port = free_port()
-    proc = subprocess.Popen([binary, "-m", model, "-t", str(THREADS), "-tb", str(THREADS), "-ngl", "0",
-                             "--host", "127.0.0.1", "--port", str(port)] + options,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    try:
-        wait_until_serving(port)
+    with served([binary, "-m", model, "-t", str(THREADS), "-tb", str(THREADS), "-ngl", "0", "--host", "127.0.0.1",
+                 "--port", str(port)] + options, env, lambda: wait_until_serving(port)):
         yield port, None
+
+
+@contextlib.contextmanager
+def served(argv, env, wait):
+    """A server process for the block (killed with its group after it); `wait()` until it serves."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    try:
+        wait()
+        yield proc
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -454,16 +461,10 @@ def wait_until_serving(port, timeout=120):
 def peer_server(model, env):
     """llama-cpp-python's own OpenAI server on the same model, context and threads; yields its port."""
     port = free_port()
-    proc = subprocess.Popen([PY, "-m", "llama_cpp.server", "--model", model, "--n_ctx", str(N_CTX), "--n_threads",
-                             str(THREADS), "--n_threads_batch", str(THREADS), "--n_gpu_layers", "0", "--port", str(port),
-                             "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                            start_new_session=True)
-    try:
-        wait_port(port)
+    with served([PY, "-m", "llama_cpp.server", "--model", model, "--n_ctx", str(N_CTX), "--n_threads", str(THREADS),
+                 "--n_threads_batch", str(THREADS), "--n_gpu_layers", "0", "--port", str(port), "--host", "127.0.0.1"],
+                env, lambda: wait_port(port)):
         yield port, None
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def print_table(r):
