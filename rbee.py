@@ -251,12 +251,24 @@ def invalid(field, message, suggestion=None):
     return InvalidRequest("%s: %s" % (field, message), {"field": field}, suggestion)
 
 
+def number_field(body, name, default, low, high, integer=False):
+    """The number `name` of a request body (`default` when absent or null): 400 for another type,
+    NaN, or a value outside low..high."""
+    value = body.get(name, default)
+    if value is None:
+        return default
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise invalid(name, "must be %s" % ("an integer" if integer else "a number"))
+    if value != value or not low <= value <= high:   # NaN fails the first test
+        raise invalid(name, "must be between %s and %s" % (low, high),
+                      "Use --%s between %s and %s" % (name.replace("_", "-"), low, high))
+    return value
+
+
 def parallel_of(body):
     """A request's `parallel`: the slots of a worker it starts (default DEFAULT_PARALLEL)."""
-    parallel = body.get("parallel", DEFAULT_PARALLEL)
-    if isinstance(parallel, bool) or not isinstance(parallel, int) or not 1 <= parallel <= 256:
-        raise invalid("parallel", "must be an integer from 1 to 256")
-    return parallel
+    return number_field(body, "parallel", DEFAULT_PARALLEL, 1, 256, integer=True)
 
 
 def backend_and_device(body):
@@ -1051,11 +1063,12 @@ def role_secret(component, key_file, env_name, created_name, host):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         return read_secret(path, path)
+    secret = random_id(24)
     with os.fdopen(fd, "w") as f:
-        f.write(random_id(24) + "\n")
+        f.write(secret + "\n")
     narrate(component, "key_created", "Created a key for %s in %s (readable by you alone); clients send it as "
             "%s: Bearer KEY" % (component, path, AUTHORIZATION), "🔑", path=path)
-    return read_secret(path, path)
+    return secret
 
 
 def read_secret(path, source):
@@ -1112,11 +1125,15 @@ class RoleClient:
             path += "?" + urllib.parse.urlencode(query)
         return http_json(method, self.url + path, body, bearer(self.token), timeout, attempts, self.component)
 
+    def open_stream(self, route, body, timeout=TOKEN_TIMEOUT):
+        """(response, iterator of (event, data)) of a streaming endpoint."""
+        return sse_call(route[0], self.url + route[1], body, bearer(self.token), timeout=timeout,
+                        component=self.component)
+
     def relay(self, route, body, sink, timeout=TOKEN_TIMEOUT):
         """POST to a streaming endpoint: its narration goes to `sink`, its `error` is raised, and
         the data of its terminal event is returned."""
-        resp, events = sse_call(route[0], self.url + route[1], body, bearer(self.token), timeout=timeout,
-                                component=self.component)
+        resp, events = self.open_stream(route, body, timeout)
         try:
             for event, data in events:
                 if event == EVENT_NARRATION:
@@ -1161,8 +1178,7 @@ class WorkerClient(RoleClient):
         body = dict(body, job_id=body.get("job_id") or "job-" + random_id(6))
         for delay in BUSY_RETRIES + (None,):
             try:
-                resp, events = sse_call(WORKER_EXECUTE[0], self.url + WORKER_EXECUTE[1], body, bearer(self.token),
-                                        component=self.component)
+                resp, events = self.open_stream(WORKER_EXECUTE, body)
                 break
             except SlotsBusy:
                 if delay is None:
@@ -1981,17 +1997,6 @@ class Job:
     """One /execute request: validated parameters and its cancel flag."""
 
     def __init__(self, body, n_ctx):
-        def number(name, default, low, high, integer=False):
-            value = body.get(name, default)
-            if value is None:
-                return default
-            kinds = (int,) if integer else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kinds):
-                raise invalid(name, "must be %s" % ("an integer" if integer else "a number"))
-            if value != value or not low <= value <= high:   # NaN fails the first test
-                raise invalid(name, "must be between %s and %s" % (low, high),
-                              "Use --%s between %s and %s" % (name.replace("_", "-"), low, high))
-            return value
         job_id = body.get("job_id") or "job-" + random_id(6)
         if not isinstance(job_id, str) or len(job_id) > 200:
             raise invalid("job_id", "must be a string of at most 200 characters")
@@ -2010,11 +2015,12 @@ class Job:
         self.prompt = prompt              #: the user's text
         self.stop = stop                  #: the caller's stop strings
         self.raw = raw                    #: skip the chat template
-        self.max_tokens = number("max_tokens", 20, 1, n_ctx, integer=True)  #: the generation's sampling, validated
-        self.temperature = number("temperature", 0.7, 0, 2)
-        self.top_p = number("top_p", 0.95, 0, 1)
-        self.top_k = number("top_k", 40, 0, 1 << 20, integer=True)
-        self.seed = number("seed", None, -1, (1 << 32) - 1, integer=True)
+        # the generation's length and sampling, validated
+        self.max_tokens = number_field(body, "max_tokens", 20, 1, n_ctx, integer=True)
+        self.temperature = number_field(body, "temperature", 0.7, 0, 2)
+        self.top_p = number_field(body, "top_p", 0.95, 0, 1)
+        self.top_k = number_field(body, "top_k", 40, 0, 1 << 20, integer=True)
+        self.seed = number_field(body, "seed", None, -1, (1 << 32) - 1, integer=True)
         self.engine_job = None            #: its backends.engine.EngineJob (cancel: /cancel, a gone client, shutdown)
         self.interrupted_by = None        #: why the worker itself stopped mid-job (shutdown's thread)
 
@@ -2168,7 +2174,8 @@ class Worker(App):
             prompt_tokens, template_stop, _ = self.chat.render(job.prompt)
             job.stop = job.stop + [s for s in template_stop or [] if s not in job.stop]
         if len(prompt_tokens) >= self.args.ctx_size:
-            raise invalid("prompt", "is %d tokens; a slot's context holds %d" % (len(prompt_tokens), self.args.ctx_size),
+            too_long = "is %d tokens; a slot's context holds %d" % (len(prompt_tokens), self.args.ctx_size)
+            raise invalid("prompt", too_long,
                           "Shorten the prompt, or give workers a larger context (rbee.py worker --ctx-size)")
         from backends.engine import EngineJob
         job.engine_job = EngineJob(prompt_tokens, job.max_tokens, job.temperature, job.top_p, job.top_k, job.seed)
@@ -2212,10 +2219,12 @@ class Worker(App):
                     continue
                 if kind == "admitted":
                     started = time.perf_counter()
-                    stream.send(EVENT_STARTED, {"job_id": job.job_id, "worker_id": self.worker_id, "slot": data["slot"]})
+                    stream.send(EVENT_STARTED, {"job_id": job.job_id, "worker_id": self.worker_id,
+                                                "slot": data["slot"]})
                     narrate("llama-backend", "inference_start", "Starting inference (prompt: %d chars, max_tokens: %d)"
                             % (len(job.prompt), job.max_tokens), "🚀", job_id=job.job_id)
-                    narrate("tokenizer", "tokenize", "Tokenized prompt (%d tokens)" % n_prompt, "🍰", job_id=job.job_id)
+                    narrate("tokenizer", "tokenize", "Tokenized prompt (%d tokens)" % n_prompt, "🍰",
+                            job_id=job.job_id)
                     if data["reused"] > 1:   # a lone BOS in common is no reuse worth the name
                         narrate("llama-backend", "cache_reuse", "Reusing KV cache for %d of %d prompt tokens" % (
                             data["reused"], n_prompt), "♻️", job_id=job.job_id)
@@ -2307,13 +2316,13 @@ def run_worker(args):
 class WorkerProcess:
     """A worker this hive started: its process, its narration listeners, its readiness."""
 
-    def __init__(self, worker_id, model_ref, backend, device, host, port, api_key, proc):
+    def __init__(self, worker_id, model_ref, backend, device, host, port, api_key, ready_token, proc):
         self.worker_id = worker_id        #: the id the hive gave it
         self.model_ref = model_ref        #: the reference it was asked for
         self.backend, self.device = backend, device  #: where it runs the model
         self.port = port                  #: the port it was told to bind
         self.api_key = api_key            #: its bearer key, handed to whoever gets this worker
-        self.ready_token = None           #: the secret its ready callback must carry (set by its spawn)
+        self.ready_token = ready_token    #: the secret its ready callback must carry
         self.proc = proc                  #: its process (stdin: its lifeline)
         self.client = WorkerClient("http://%s:%d" % (local_address(host), port), api_key, worker_id)
         self.url = None                   #: where it says it answers (its ready callback)
@@ -2470,7 +2479,7 @@ class Hive(App):
         req.require_bearer(worker.ready_token if worker else None)
         if not worker.ready.is_set():
             load_ms = body.get("load_ms")
-            worker.url = "http://%s:%d" % (local_address(self.args.host), worker.port)
+            worker.url = worker.client.url   # where the hive told it to listen
             worker.load_ms = load_ms if isinstance(load_ms, int) and not isinstance(load_ms, bool) else None
             worker.state, worker.last_activity = "idle", time.time()
             worker.ready.set()
@@ -2568,8 +2577,8 @@ class Hive(App):
                 "--device", str(device), "--port", str(port), "--host", self.args.host, "--worker-id", worker_id,
                 "--model-ref", ref.text, "--hive-url", self.local_url, "--parallel", str(parallel), "--lifeline"]
         proc = spawn_child(argv, env=env)
-        worker = WorkerProcess(worker_id, ref.text, backend, device, self.args.host, port, api_key, proc)
-        worker.ready_token = ready_token
+        worker = WorkerProcess(worker_id, ref.text, backend, device, self.args.host, port, api_key, ready_token,
+                               proc)
         worker.listeners.append(_current_sink())
         self.registry.add(worker)
         return worker
