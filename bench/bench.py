@@ -1,16 +1,18 @@
 """make bench: rbee against raw llama-cpp-python and llama-cpp-python's own server, in ONE run.
 
-Same model (SmolLM2-135M Q4_1), prompt, n_ctx, threads, temperature 0, seed and 128 tokens for
-every scenario; 7 runs each; median, min and max. These machines are noisy, so every run of a
-scenario is paired with a raw run made just before it, and each ratio compares the two. Writes a table to stdout and bench/results.json.
+Same model (SmolLM2-135M Q4_1), prompt, n_ctx, threads, flash attention (on, llama.cpp's own
+default, which rbee's worker keeps), temperature 0, seed and 128 tokens for every scenario; 7
+runs each; median, min and max. These machines are noisy, so every run of a scenario is paired
+with a raw run made just before it, and each ratio compares the two. Writes a table to stdout
+and bench/results.json.
 
 Scenarios: raw (in-process), worker (/execute over HTTP), warm (`rbee.py infer` against a
 persistent queen whose worker is up: the whole command), cold_local (nothing running, node
 localhost), cold_ssh (the same over real ssh to a simulated air-gapped host: a network namespace
 whose own hostname does not resolve and whose nameserver never answers, where any DNS lookup on
-a start-up path would cost 10 s; a private sshd on loopback where namespaces are unavailable), peer (`python -m llama_cpp.server`,
-streamed /v1/completions), footprint (resident memory of the queen, the hive, and the worker
-minus a process holding just the raw model).
+a start-up path would cost 10 s; a private sshd on loopback where namespaces are unavailable),
+peer (`python -m llama_cpp.server`, streamed /v1/completions), footprint (resident memory of the
+queen, the hive, and the worker minus a process holding just the raw model).
 """
 import contextlib
 import json
@@ -77,7 +79,7 @@ def rate(times):
 def raw_child(model):
     """The raw baseline's process: loads the model, then does one run per line on stdin."""
     started = time.perf_counter()
-    llm = backends.get("cpu").load(model, 0, N_CTX)
+    llm = backends.get("cpu").load(model, 0, N_CTX, flash_attn=True)   # (as the worker's context has it)
     print(json.dumps({"load_s": time.perf_counter() - started}), flush=True)
     for _ in sys.stdin:
         llm.reset()
@@ -462,7 +464,8 @@ def peer_server(model, env):
     """llama-cpp-python's own OpenAI server on the same model, context and threads; yields its port."""
     port = free_port()
     with served([PY, "-m", "llama_cpp.server", "--model", model, "--n_ctx", str(N_CTX), "--n_threads", str(THREADS),
-                 "--n_threads_batch", str(THREADS), "--n_gpu_layers", "0", "--port", str(port), "--host", "127.0.0.1"],
+                 "--n_threads_batch", str(THREADS), "--n_gpu_layers", "0", "--flash_attn", "true",
+                 "--port", str(port), "--host", "127.0.0.1"],
                 env, lambda: wait_port(port)):
         yield port, None
 

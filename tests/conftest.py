@@ -139,6 +139,18 @@ def model_path():
     return fetch_model.fetch()
 
 
+@pytest.fixture(scope="session")
+def reference_llm(model_path):
+    """llama-cpp-python's own Llama on the model, with the settings a worker's context has (the
+    CPU's threads, flash attention as llama.cpp's default turns it on): the texts to compare with."""
+    import llama_cpp
+
+    import backends
+    threads = backends.physical_cores()
+    return llama_cpp.Llama(model_path=model_path, n_ctx=2048, n_gpu_layers=0, n_threads=threads,
+                           n_threads_batch=threads, flash_attn=True, verbose=False)
+
+
 @pytest.fixture
 def rbee_home(tmp_path):
     home = tmp_path / "rbee-home"

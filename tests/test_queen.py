@@ -31,17 +31,12 @@ def infer_args(model_ref, *extra, max_tokens=20, temperature="0"):
             "--max-tokens", str(max_tokens), "--temperature", temperature] + list(extra)
 
 
-def test_seed_flow_on_localhost_ephemeral(env, model_path, model_ref, tmp_path):
+def test_seed_flow_on_localhost_ephemeral(env, model_path, reference_llm, model_ref, tmp_path):
     """The seed command: tokens alone on stdout, every hop's narration on stderr, nothing left."""
-    import llama_cpp
-
-    import backends
     result = run_rbee(["infer", "--node", "localhost", "--model", model_ref, "--prompt", "write a short story",
                        "--max-tokens", "20", "--temperature", "0"], env)
     assert result.returncode == 0, result.stderr
-    threads = backends.physical_cores()
-    llm = llama_cpp.Llama(model_path=model_path, n_ctx=2048, n_gpu_layers=0, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+    llm = reference_llm
     expected = llm.create_chat_completion(messages=[{"role": "user", "content": "write a short story"}],
                                           max_tokens=20, temperature=0)["choices"][0]["message"]["content"]
     assert result.stdout == expected and expected

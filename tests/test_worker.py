@@ -71,19 +71,14 @@ def run_job(port, **body):
     return events
 
 
-def test_streamed_text_equals_in_process_llama_cpp(worker, model_path):
+def test_streamed_text_equals_in_process_llama_cpp(worker, reference_llm):
     """temperature 0: the worker's stream is exactly llama-cpp-python's own completion."""
-    import llama_cpp
-
-    import backends
     events = run_job(worker.port, max_tokens=64, seed=1234)
     tokens = [d for e, d, _ in events if e == "token"]
     assert [t["i"] for t in tokens] == list(range(len(tokens)))
     streamed = "".join(t["t"] for t in tokens)
 
-    threads = backends.physical_cores()
-    llm = llama_cpp.Llama(model_path=model_path, n_ctx=2048, n_gpu_layers=0, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+    llm = reference_llm
     expected = llm.create_completion(PROMPT, max_tokens=64, temperature=0, seed=1234)["choices"][0]["text"]
     assert streamed == expected
     assert len(streamed) > 20
@@ -95,17 +90,12 @@ def test_streamed_text_equals_in_process_llama_cpp(worker, model_path):
     assert end[1]["tokens_per_sec"] > 0
 
 
-def test_chat_template_by_default_equals_create_chat_completion(worker, model_path):
+def test_chat_template_by_default_equals_create_chat_completion(worker, reference_llm):
     """Without `raw`, the prompt is one user message in the model's own chat template: the same
     text as llama-cpp-python's create_chat_completion, as Ollama users expect."""
-    import llama_cpp
-
-    import backends
     events = run_job(worker.port, prompt="write a short story", max_tokens=40, raw=False)
     streamed = "".join(d["t"] for e, d, _ in events if e == "token")
-    threads = backends.physical_cores()
-    llm = llama_cpp.Llama(model_path=model_path, n_ctx=2048, n_gpu_layers=0, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+    llm = reference_llm
     answer = llm.create_chat_completion(messages=[{"role": "user", "content": "write a short story"}],
                                         max_tokens=40, temperature=0)
     assert streamed == answer["choices"][0]["message"]["content"]
