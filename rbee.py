@@ -61,6 +61,11 @@ BUSY_RETRIES = (1, 2, 4)           # a busy worker (503) is retried after 1, 2, 
 DEFAULT_N_CTX = 2048               # tokens of context per slot
 DEFAULT_PARALLEL = 4               # a worker's slots
 DEFAULT_MAX_QUEUE = 64             # requests that may wait for a slot
+DEFAULT_KEEP_ALIVE = 300.0         # an idle worker stays loaded this long (Ollama's 5m); a hive with no worker too
+DEFAULT_MAX_REPLICAS = 2           # workers of one model the queen starts when every slot is taken
+PLACEMENT_WAIT = 300.0             # a task that waits for memory (busy workers) gives up after this
+HANDOUT_GRACE = 3.0                # a worker handed out counts as loaded this long (its job may not show yet)
+AUTO_NODE = "auto"                 # a task's node when the queen chooses it
 
 
 def random_id(nbytes):
@@ -271,6 +276,52 @@ def parallel_of(body):
     return number_field(body, "parallel", DEFAULT_PARALLEL, 1, 256, integer=True)
 
 
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def duration_s(value):
+    """A keep-alive as Ollama reads it: seconds (a number, or a string of one), or a duration
+    such as "30s", "10m", "1h30m"; 0 unloads at once, a negative value never. None if it is neither."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if value == value and abs(value) < 1e12 else None
+    if not isinstance(value, str) or not value.strip():
+        return None
+    text = value.strip()
+    with contextlib.suppress(ValueError):
+        return duration_s(float(text))
+    sign = -1.0 if text.startswith("-") else 1.0
+    match = _DURATION.match(text.lstrip("-"))
+    if not match or not any(match.groups()):
+        return None
+    h, m, sec = (float(g or 0) for g in match.groups())
+    return sign * (h * 3600 + m * 60 + sec)
+
+
+def keep_alive_of(body, default):
+    """A request's `keep_alive` in seconds (absent or null: `default`); 400 for anything else."""
+    value = body.get("keep_alive")
+    if value is None:
+        return default
+    seconds = duration_s(value)
+    if seconds is None:
+        raise invalid("keep_alive", "must be seconds or a duration such as 30s, 10m, 1h (0: unload at once, "
+                      "negative: keep loaded)")
+    return -1.0 if seconds < 0 else seconds
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def size_mb(text):
+    """A memory size as users write it ("8G", "512M", "1.5G", "2GB", bytes if bare) in MB, or None."""
+    match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", str(text), re.I)
+    if not match:
+        return None
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()] / (1 << 20))
+
+
 def backend_and_device(body):
     """A request's optional `backend` (None: the node's best) and its `device` (default 0)."""
     backend, device = body.get("backend"), body.get("device", 0)
@@ -334,6 +385,15 @@ def human_bytes(n):
             return ("%d %s" if unit == "B" else "%.0f %s") % (n, unit) if n >= 10 or unit == "B" \
                 else "%.1f %s" % (n, unit)
         n /= 1024.0
+
+
+def human_duration(seconds):
+    """30s, 5m, 1h30m; "forever" for a negative keep-alive."""
+    if seconds < 0:
+        return "forever"
+    h, rest = divmod(int(round(seconds)), 3600)
+    m, sec = divmod(rest, 60)
+    return "".join("%d%s" % (n, unit) for n, unit in ((h, "h"), (m, "m"), (sec, "s")) if n) or "0s"
 
 
 def same_output(a, b):
@@ -988,6 +1048,7 @@ HIVE_SPAWN, HIVE_READY = ("POST", "/v1/workers/spawn"), ("POST", "/v1/workers/re
 HIVE_WORKER_SHUTDOWN = ("POST", "/v1/workers/{worker_id}/shutdown")
 HIVE_MODELS, HIVE_DOWNLOAD = ("GET", "/v1/models"), ("POST", "/v1/models/download")
 HIVE_REMOVE, HIVE_SHUTDOWN = ("POST", "/v1/models/remove"), ("POST", "/v1/shutdown")
+HIVE_RESOURCES = ("GET", "/v1/resources")
 
 QUEEN_HEALTH, QUEEN_TASKS = ("GET", "/health"), ("POST", "/v2/tasks")
 QUEEN_WORKERS, QUEEN_WORKER_SHUTDOWN = ("GET", "/v2/workers"), ("POST", "/v2/workers/shutdown")
@@ -1007,6 +1068,7 @@ SSE_CONTENT_TYPE = "text/event-stream"
 CONTROL, CONTROL_READY = "control", "ready"
 # The hive handshake: the first line on the stdin of a `hive --lifeline`, then the lifeline.
 HELLO_TOKEN, HELLO_ENV = "token", "env"
+HELLO_KEEP_ALIVE = "keep_alive"      # seconds a hive lives with no worker (and its workers' default)
 HELLO_ENV_KEYS = ("HF_TOKEN",)       # secrets a hive gets from the queen's environment, never on argv
 
 
@@ -1248,6 +1310,9 @@ class HiveClient(RoleClient):
 
     def models(self):
         return self.call(HIVE_MODELS, timeout=10)["models"]
+
+    def resources(self, model_ref=None):
+        return self.call(HIVE_RESOURCES, query={"model": model_ref} if model_ref else None, timeout=15, attempts=1)
 
     def download(self, model_ref, sink):
         return self.relay(HIVE_DOWNLOAD, {"model_ref": model_ref}, sink, timeout=LOADING_TIMEOUT + 60)
@@ -2331,6 +2396,10 @@ class WorkerProcess:
         self.state = "loading"
         self.last_activity = time.time()  #: when it last worked or was handed out (same writers)
         self.load_ms = None               #: how long its model took to load (its ready callback)
+        self.keep_alive = DEFAULT_KEEP_ALIVE   #: seconds it stays loaded when idle, -1 forever (the last spawn's)
+        self.handed_out = time.time()     #: when a spawn last gave it out (the reaper leaves it alone a moment)
+        #: its last /health (memory_mb, slots_total, slots_available, queue_length): the poller's
+        self.health = {}
         self.ready = threading.Event()    #: its ready callback came (the /v1/workers/ready thread)
         self.exited = threading.Event()   #: its process ended (its output thread)
         self.announced = threading.Event()   #: its ready control line was read: its start-up narration is relayed
@@ -2338,9 +2407,19 @@ class WorkerProcess:
         self.output = None                #: the thread reading its stdout (set once by start_worker)
 
     def public(self):
+        health = self.health
         return {"worker_id": self.worker_id, "url": self.url, "model_ref": self.model_ref, "backend": self.backend,
                 "device": self.device, "state": self.state, "pid": self.proc.pid, "port": self.port,
-                "last_activity_unix": int(self.last_activity)}
+                "last_activity_unix": int(self.last_activity), "memory_mb": health.get("memory_mb", 0),
+                "slots_total": health.get("slots_total", 0), "slots_available": health.get("slots_available", 0),
+                "queue_length": health.get("queue_length", 0), "keep_alive_s": self.keep_alive,
+                "expires_unix": self.expires()}
+
+    def expires(self):
+        """When the reaper will stop it if it stays idle (None: never, or it is busy)."""
+        if self.keep_alive < 0 or self.state != "idle":
+            return None
+        return int(max(self.last_activity + self.keep_alive, self.handed_out + HANDOUT_GRACE))
 
     def relay(self, event):
         """Worker narration goes to whoever waits for this worker and to the hive's stdout (its
@@ -2405,9 +2484,10 @@ class Hive(App):
     component = "rbee-hive"
     routes = ((HIVE_HEALTH, "health"), (HIVE_WORKERS, "list_workers"), (HIVE_SPAWN, "spawn"),
               (HIVE_READY, "worker_ready"), (HIVE_WORKER_SHUTDOWN, "shutdown_worker"), (HIVE_MODELS, "list_models"),
-              (HIVE_DOWNLOAD, "download_model"), (HIVE_REMOVE, "remove_model"), (HIVE_SHUTDOWN, "shutdown_request"))
+              (HIVE_DOWNLOAD, "download_model"), (HIVE_REMOVE, "remove_model"), (HIVE_SHUTDOWN, "shutdown_request"),
+              (HIVE_RESOURCES, "resources"))
 
-    def __init__(self, args, token=None):
+    def __init__(self, args, token=None, keep_alive=None):
         super().__init__()
         self.args = args                  #: the command line
         self.token = token                #: the bearer token every request but health must carry (or None)
@@ -2418,6 +2498,10 @@ class Hive(App):
         self.spawn_locks = KeyedLocks()   #: one spawn of a (model, backend, device) at a time
         self._ports_lock = threading.Lock()         #: choosing a worker's port and registering it is one step
         self._backends = None             #: backends.detect(), asked once (the first health or spawn)
+        #: a worker's keep-alive when its spawn names none; a queen's hive also ends after this long
+        #: without a worker (the handshake's, else --keep-alive)
+        self.keep_alive = args.keep_alive if keep_alive is None else keep_alive
+        self.workerless_since = time.time()   #: when its last worker went (the reaper's)
         os.makedirs(rbee_home("logs"), mode=0o700, exist_ok=True)
 
     def authorize(self, req, name):
@@ -2450,6 +2534,28 @@ class Hive(App):
 
     def list_models(self, req):
         req.send_json(200, {"models": self.catalog.list()})
+
+    def resources(self, req):
+        """What the queen places by (PROTOCOL.md §12): memory now, per backend's devices, every
+        worker (loading ones too) with its memory and load, the catalog, and the size of `?model`."""
+        import backends
+        ram_total, ram_free = backends.meminfo_mb()
+        found = backends.detect()
+        workers = self.registry.all()
+        for worker in workers:
+            if worker.ready.is_set():
+                self.poll_worker(worker)
+        answer = {"node": self.node, "ram_total_mb": ram_total, "ram_free_mb": ram_free, "devices": found,
+                  "memory": {name: backends.get(name).MEMORY for name in found},
+                  "workers": [w.public() for w in workers], "models": self.catalog.list(),
+                  "keep_alive_s": self.keep_alive}
+        if req.query.get("model"):
+            ref = ModelRef.parse(req.query["model"])
+            row = self.catalog.find(ref)
+            size = row["size_bytes"] if row else (
+                os.path.getsize(ref.reference) if ref.provider == "file" and os.path.isfile(ref.reference) else None)
+            answer["model"] = {"model_ref": ref.text, "cataloged": row is not None, "size_bytes": size}
+        req.send_json(200, answer)
 
     def download_model(self, req):
         ref = model_ref_of(req.json)
@@ -2506,17 +2612,21 @@ class Hive(App):
         backends.require(backend, device)   # what is known before the stream: its own status
         self.provisioner.check(ref)
         parallel = parallel_of(body)
+        keep_alive = keep_alive_of(body, self.keep_alive)
+        limit_mb = number_field(body, "memory_limit_mb", None, 0, 1 << 40, integer=True)
         stream = req.sse()
         with narration_to(stream.narration):
-            worker, timings = self.worker_for(ref, backend, device, parallel)
+            worker, timings = self.worker_for(ref, backend, device, parallel, keep_alive, limit_mb)
         stream.finish(EVENT_WORKER, {"worker_id": worker.worker_id, "url": worker.url, "state": worker.state,
                                  "api_key": worker.api_key, "backend": backend, "device": device,
                                  "model_ref": ref.text, "timings": timings})
 
     # -- the pool -------------------------------------------------------------------------------
 
-    def worker_for(self, ref, backend, device, parallel=DEFAULT_PARALLEL):
-        """An idle worker for (model, backend, device): reused, or provisioned and spawned."""
+    def worker_for(self, ref, backend, device, parallel=DEFAULT_PARALLEL, keep_alive=None, limit_mb=None):
+        """An idle worker for (model, backend, device): reused, or provisioned and spawned. Its
+        keep-alive becomes this request's (as with Ollama); `limit_mb`: what the queen lets it take."""
+        keep_alive = self.keep_alive if keep_alive is None else keep_alive
         key = (ref.text, backend, device)
         with self.spawn_locks.holding(key):   # concurrent spawns of one model make one worker
             # one copy of a model per device: an idle worker first, else a busy one (its 503 is
@@ -2524,7 +2634,7 @@ class Hive(App):
             live = [w for w in self.registry.matching(*key) if self.poll_worker(w) in ("idle", "busy")]
             if live:
                 worker = min(live, key=lambda w: w.state != "idle")
-                worker.last_activity = time.time()   # handed out: not idle any more for the reaper
+                worker.handed_out, worker.keep_alive = time.time(), keep_alive   # not the reaper's for a moment
                 narrate("rbee-hive", "worker_reuse", "Reusing %s worker %s on port %d" % (
                     worker.state, worker.worker_id, worker.port), "♻️", worker_id=worker.worker_id)
                 return worker, {"reused": True}
@@ -2535,7 +2645,15 @@ class Hive(App):
             download_ms = int((time.monotonic() - started) * 1000)
             self.catalog.touch(row["id"])
             module.preflight(row["size_bytes"], device)
+            if limit_mb is not None and backends.required_mb(row["size_bytes"]) > limit_mb:
+                need = backends.required_mb(row["size_bytes"])
+                error = VramExhausted if module.MEMORY == "vram" else InsufficientRam
+                raise error("%s needs %d MB; rbee may use %d MB more on %s" % (ref.text, need, limit_mb, self.node),
+                            {"required_mb": need, "available_mb": limit_mb, "node": self.node},
+                            "Raise the node's limit (rbee.py nodes set %s --max-ram SIZE), unload a worker, or "
+                            "choose a smaller model" % self.node)
             worker = self.launch(ref, row, backend, device, parallel)
+            worker.handed_out, worker.keep_alive = time.time(), keep_alive
             return worker, {"reused": False, "download_ms": download_ms, "load_ms": worker.load_ms}
 
     def launch(self, ref, row, backend, device, parallel, attempts=3):
@@ -2608,7 +2726,7 @@ class Hive(App):
             health = worker.client.health()
         except RbeeError:
             return worker.state
-        worker.state = health.get("state", worker.state)
+        worker.state, worker.health = health.get("state", worker.state), health
         if worker.state == "busy":
             worker.last_activity = time.time()
         else:
@@ -2628,15 +2746,26 @@ class Hive(App):
         stop_child(worker.proc, worker.client.shutdown, timeout=GRACEFUL_TIMEOUT - 10)
 
     def idle_reaper(self):
-        """Every second: refresh worker states; stop workers idle for longer than --idle-timeout."""
+        """Every second: refresh worker states; stop workers idle for longer than their keep-alive
+        (never one handed out in the last HANDOUT_GRACE s: its job may not have reached it yet).
+        A queen's hive with no worker for its keep-alive ends (its queen starts it again)."""
         while not self.stopped.wait(1.0):
-            for worker in self.registry.all():
+            workers = self.registry.all()
+            for worker in workers:
                 if not worker.ready.is_set() or worker.state == "draining":
                     continue
-                if self.poll_worker(worker) == "idle" and time.time() - worker.last_activity > self.args.idle_timeout:
-                    narrate("rbee-hive", "worker_idle_stop", "Stopping worker %s, idle for %d s" % (
-                        worker.worker_id, time.time() - worker.last_activity), "😴", worker_id=worker.worker_id)
+                expires = worker.expires() if self.poll_worker(worker) == "idle" else None
+                if expires is not None and time.time() >= expires:
+                    narrate("rbee-hive", "worker_idle_stop", "Stopping worker %s, idle for %d s (keep-alive %s)" % (
+                        worker.worker_id, time.time() - worker.last_activity, human_duration(worker.keep_alive)),
+                        "😴", worker_id=worker.worker_id, model_ref=worker.model_ref)
                     threading.Thread(target=self.stop_worker, args=(worker,), daemon=True).start()
+            if workers:
+                self.workerless_since = time.time()
+            elif self.args.lifeline and 0 <= self.keep_alive < time.time() - self.workerless_since:
+                narrate("rbee-hive", "hive_idle_stop", "No worker for %s: the pool manager ends" % human_duration(
+                    self.keep_alive), "😴", node=self.node)
+                self.shutdown("no worker for %s" % human_duration(self.keep_alive))
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -2680,11 +2809,11 @@ def run_hive(args):
             hello = json.loads(line)
         except ValueError:
             raise InvalidRequest("The first line on a --lifeline hive's stdin must be JSON")
-        token = hello.get(HELLO_TOKEN)
+        token, keep_alive = hello.get(HELLO_TOKEN), duration_s(hello.get(HELLO_KEEP_ALIVE))
         os.environ.update({k: str(v) for k, v in (hello.get(HELLO_ENV) or {}).items()})
     else:   # standalone: its own token, required wherever the network reaches it
-        token = role_secret("rbee-hive", args.token_file, ENV_HIVE_TOKEN, "hive-token", args.host)
-    run_role(Hive(args, token), args.lifeline)
+        token, keep_alive = role_secret("rbee-hive", args.token_file, ENV_HIVE_TOKEN, "hive-token", args.host), None
+    run_role(Hive(args, token, keep_alive), args.lifeline)
 
 
 # ============================================================================================
@@ -2710,6 +2839,9 @@ class NodeRegistry:
                 transport TEXT NOT NULL DEFAULT 'lan')""")
             if "transport" not in [row[1] for row in db.execute("PRAGMA table_info(beehives)")]:   # rbee 0.1
                 db.execute("ALTER TABLE beehives ADD COLUMN transport TEXT NOT NULL DEFAULT 'lan'")
+            # what rbee may use of a node's memory (nodes add/set --max-ram/--max-vram), localhost's too
+            db.execute("""CREATE TABLE IF NOT EXISTS limits (
+                node_name TEXT PRIMARY KEY, max_ram_mb INTEGER, max_vram_mb INTEGER)""")
 
     _db = ModelCatalog._db
 
@@ -2748,7 +2880,22 @@ class NodeRegistry:
 
     def remove(self, name):
         with self._db() as db:
+            db.execute("DELETE FROM limits WHERE node_name = ?", (name,))
             return db.execute("DELETE FROM beehives WHERE node_name = ?", (name,)).rowcount
+
+    def limits(self, name):
+        """{"max_ram_mb", "max_vram_mb"} of a node (None: no cap)."""
+        with self._db() as db:
+            row = db.execute("SELECT max_ram_mb, max_vram_mb FROM limits WHERE node_name = ?", (name,)).fetchone()
+        return {"max_ram_mb": row[0] if row else None, "max_vram_mb": row[1] if row else None}
+
+    def set_limits(self, name, **caps):
+        """Change the caps given (a value of 0 removes that cap); the others stay."""
+        merged = dict(self.limits(name), **{k: v or None for k, v in caps.items() if v is not None})
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO limits (node_name, max_ram_mb, max_vram_mb) VALUES (?, ?, ?)",
+                       (name, merged["max_ram_mb"], merged["max_vram_mb"]))
+        return merged
 
     def resolve(self, name):
         """The node called `name`; `localhost` needs no registration (a local child, no ssh)."""
@@ -2767,8 +2914,9 @@ class HiveSession:
     """One hive the queen started: a local child for `localhost`, else an ssh session whose
     stdin stays open as the hive's lifeline and whose stdout carries its narration."""
 
-    def __init__(self, node, token, on_exit):
+    def __init__(self, node, token, on_exit, keep_alive=DEFAULT_KEEP_ALIVE):
         self.node = node                  #: its row in the node registry
+        self.keep_alive = keep_alive      #: its workers' default keep-alive, and how long it lives without one
         self.name = node["node_name"]         #: the node's name
         self.token = token                #: the queen's bearer token, given to the hive in the handshake
         self.local = bool(node.get("local"))   #: node localhost: a local child, no ssh
@@ -2940,7 +3088,7 @@ class HiveSession:
         self.heard, self.attempt_started = False, time.monotonic()
         self.timings.pop("ssh_connect_ms", None)
         self.proc = spawn_child(self.argv(), cwd=HERE)
-        hello = {HELLO_TOKEN: self.token, HELLO_ENV: self.secrets()}
+        hello = {HELLO_TOKEN: self.token, HELLO_ENV: self.secrets(), HELLO_KEEP_ALIVE: self.keep_alive}
         with contextlib.suppress(OSError):
             self.proc.stdin.write((json.dumps(hello) + "\n").encode())
             self.proc.stdin.flush()
@@ -2995,6 +3143,239 @@ class HiveSession:
         self.exited.wait(5)
 
 
+# -- placement: which node, backend and device serve a task (PROTOCOL.md §12) --------------------
+
+Placement = collections.namedtuple("Placement", "action node backend device evict free_mb reason worker_id")
+Placement.__doc__ = """What the scheduler decided: `reuse` a worker of the model (the hive hands it out),
+`spawn` one (after stopping the idle workers in `evict`), or `wait` for busy workers to end."""
+
+
+def node_view(resources, limits, pending=(), loads=None):
+    """A node as placement sees it, from its hive's /v1/resources, its caps (nodes set) and the
+    queen's own spawns in progress (`pending`: dicts of node, model_ref, backend, device, need_mb,
+    parallel): every device with the memory rbee may still take there, and every worker with its
+    load. `loads(key)` adds what the queen handed out that a worker's health may not show yet."""
+    memory = resources.get("memory") or {}
+    workers = []
+    for w in resources.get("workers") or []:
+        if w.get("state") in ("draining", "exited"):
+            continue
+        slots = w.get("slots_total") or 0
+        load = (slots - (w.get("slots_available") or 0) if slots else 0) + (w.get("queue_length") or 0)
+        workers.append(dict(w, pool=_pool(memory, w["backend"], w["device"]), load=load))
+    seen = {(w["model_ref"], w["backend"], w["device"]) for w in workers}
+    for p in pending:   # a spawn the hive has not registered yet (it may still download)
+        if (p["model_ref"], p["backend"], p["device"]) not in seen:
+            workers.append({"worker_id": None, "model_ref": p["model_ref"], "backend": p["backend"],
+                            "device": p["device"], "state": "loading", "memory_mb": 0, "slots_total": p["parallel"],
+                            "load": 0, "last_activity_unix": 0, "pool": _pool(memory, p["backend"], p["device"])})
+    for w in workers:
+        if loads:
+            w["load"] = max(w["load"], loads((resources["node"], w["model_ref"], w["backend"], w["device"])))
+    reserved = collections.Counter()
+    for p in pending:
+        reserved[_pool(memory, p["backend"], p["device"])] += p["need_mb"]
+    used = collections.Counter()
+    for w in workers:
+        used[w["pool"]] += w.get("memory_mb") or 0
+    devices = []
+    for backend, found in (resources.get("devices") or {}).items():
+        for d in found:
+            pool = _pool(memory, backend, d["index"])
+            free = (resources["ram_free_mb"] if pool == ("ram",) else d.get("memory_free_mb") or 0) - reserved[pool]
+            cap = limits.get("max_ram_mb" if pool == ("ram",) else "max_vram_mb")
+            if cap:
+                free = min(free, cap - used[pool] - reserved[pool])
+            # room_mb may be below 0 (a cap lowered under what runs): stopping workers counts from there
+            devices.append({"backend": backend, "device": d["index"], "pool": pool, "free_mb": max(0, int(free)),
+                            "room_mb": int(free)})
+    model = resources.get("model") or {}
+    return {"node": resources["node"], "devices": devices, "workers": workers,
+            "cataloged": bool(model.get("cataloged"))}
+
+
+def _pool(memory, backend, device):
+    """The memory a worker of `backend` takes: the node's RAM, or one device's VRAM."""
+    return ("vram", device) if memory.get(backend) == "vram" else ("ram",)
+
+
+def plan_placement(model_ref, need_mb, views, backend=None, device=None, max_replicas=DEFAULT_MAX_REPLICAS):
+    """Where a task for `model_ref` (needing `need_mb`, 0 if unknown) runs, in the order of
+    PROTOCOL.md §12: a worker of the model with a free slot (else the least loaded, unless a
+    replica fits elsewhere); a node that has the model cataloged and room; the device with the
+    most free memory where it fits, GPUs before the CPU; the same after stopping idle workers,
+    least recently used first; else wait for busy ones, or INSUFFICIENT_RAM / VRAM_EXHAUSTED."""
+    wanted = lambda b, d: backend in (None, b) and device in (None, d)
+    mine = [(v, w) for v in views for w in v["workers"] if w["model_ref"] == model_ref and wanted(w["backend"],
+                                                                                                   w["device"])]
+    if mine:
+        v, w = min(mine, key=lambda vw: (vw[1]["load"] / (vw[1]["slots_total"] or DEFAULT_PARALLEL), vw[1]["load"]))
+        slots = w["slots_total"] or DEFAULT_PARALLEL
+        where = "%s %s:%s" % (v["node"], w["backend"], w["device"])
+        if w["load"] < slots:
+            return Placement("reuse", v["node"], w["backend"], w["device"], (), None, "%s: its worker has a free slot "
+                             "(%d of %d busy)" % (where, w["load"], slots), w["worker_id"])
+        if len(mine) < max_replicas:
+            taken = {(v2["node"], w2["backend"], w2["device"]) for v2, w2 in mine}
+            option = _best_device(need_mb, views, wanted, taken, evict=False)
+            if option:
+                return option._replace(reason="%s, a replica: every worker of the model is busy (%s: %d requests for "
+                                       "%d slots)" % (option.reason, where, w["load"], slots))
+        return Placement("reuse", v["node"], w["backend"], w["device"], (), None, "%s: its least loaded worker "
+                         "(%d requests for %d slots: it queues)" % (where, w["load"], slots), w["worker_id"])
+    option = _best_device(need_mb, views, wanted, (), evict=False) or _best_device(need_mb, views, wanted, (), True)
+    if option:
+        return option
+    waitable = [(v["node"], d) for v in views for d in v["devices"] if wanted(d["backend"], d["device"])
+                and d["room_mb"] + sum(w.get("memory_mb") or 0 for w in v["workers"] if w["pool"] == d["pool"])
+                >= max(need_mb, 1)]
+    if waitable:
+        return Placement("wait", waitable[0][0], None, None, (), None, "%d MB frees when busy workers on %s end" % (
+            need_mb, ", ".join(sorted({n for n, _ in waitable}))), None)
+    free = {v["node"]: {"%s:%s" % (d["backend"], d["device"]): d["free_mb"] for d in v["devices"]
+                        if wanted(d["backend"], d["device"])} for v in views}
+    vram = all(d["pool"][0] == "vram" for v in views for d in v["devices"] if wanted(d["backend"], d["device"]))
+    error = VramExhausted if vram and any(free.values()) else InsufficientRam
+    raise error("No node has room for %s: it needs %d MB (%s)" % (model_ref, need_mb, "; ".join(
+        "%s: %s" % (node, ", ".join("%s %d MB free" % kv for kv in sorted(f.items())) or "no such device")
+        for node, f in sorted(free.items()))), {"required_mb": need_mb, "free_mb": free},
+        "Raise a node's limit (rbee.py nodes set NODE --max-ram SIZE), add a node, or choose a smaller model "
+        "(a lower quantisation)", component="queen-rbee")
+
+
+def _best_device(need_mb, views, wanted, taken, evict):
+    """The best device with room for `need_mb`: without `evict`, by cataloged model, GPU before
+    CPU, most free memory; with it, the fewest MB of idle workers to stop (least recently used)."""
+    options = []
+    for v in views:
+        for d in v["devices"]:
+            if not wanted(d["backend"], d["device"]) or (v["node"], d["backend"], d["device"]) in taken:
+                continue
+            free, stop = d["room_mb"], []
+            if evict:
+                idle = sorted((w for w in v["workers"] if w["pool"] == d["pool"] and w["state"] == "idle"
+                               and not w["load"] and w["worker_id"]), key=lambda w: w.get("last_activity_unix") or 0)
+                for w in idle:
+                    if free >= max(need_mb, 1):
+                        break
+                    stop.append(w)
+                    free += w.get("memory_mb") or 0
+            if free < max(need_mb, 1) or (evict and not stop):
+                continue
+            gpu = d["pool"][0] == "vram"
+            key = (sum(w.get("memory_mb") or 0 for w in stop), not v["cataloged"], not gpu, -free)
+            why = ("model cached, " if v["cataloged"] else "") + "%s free" % human_bytes(free << 20)
+            if stop:
+                why += " once %d idle worker(s) unload" % len(stop)
+            options.append((key, Placement("spawn", v["node"], d["backend"], d["device"],
+                                           tuple((v["node"], w["worker_id"], w["model_ref"]) for w in stop), free,
+                                           "%s %s:%s: %s" % (v["node"], d["backend"], d["device"], why), None)))
+    return min(options, key=lambda o: o[0])[1] if options else None
+
+
+class Scheduler:
+    """The queen's placement of tasks (PROTOCOL.md §12): surveys the nodes' hives, decides with
+    plan_placement, stops idle workers that must make room, and hands the task to a hive's
+    spawn. One decision at a time; spawns run beside each other, their memory reserved."""
+
+    def __init__(self, queen):
+        self.queen = queen                #: the queen whose hives and node registry it uses
+        self.lock = threading.Lock()      #: one survey-and-decision at a time; guards the two below
+        #: spawns in progress: dicts of node, model_ref, backend, device, need_mb, parallel (under `lock`)
+        self.pending = []
+        #: (node, model_ref, backend, device) -> times the queen handed that worker out (under `lock`)
+        self.handouts = collections.defaultdict(list)
+
+    def place(self, ref, nodes, backend, device, parallel, keep_alive, sink):
+        """The `worker` event of a hive for the task, after placing it on one of `nodes`."""
+        deadline, said_wait = time.monotonic() + PLACEMENT_WAIT, False
+        while True:
+            with self.lock:
+                views, need_mb = self.survey(ref, nodes, sink)
+                plan = plan_placement(ref.text, need_mb, views, backend, device, self.queen.args.max_replicas)
+                if plan.action != "wait":
+                    self.evict(plan.evict, sink)
+                    spawn, now = None, time.monotonic()
+                    if plan.action == "spawn":
+                        spawn = {"node": plan.node, "model_ref": ref.text, "backend": plan.backend,
+                                 "device": plan.device, "need_mb": need_mb, "parallel": parallel, "since": now}
+                        self.pending.append(spawn)
+                    self.handouts[(plan.node, ref.text, plan.backend, plan.device)].append(now)
+                    break
+            if time.monotonic() > deadline:
+                raise InsufficientRam("No room for %s after waiting %d s: %s" % (ref.text, PLACEMENT_WAIT, plan.reason),
+                                      {"required_mb": need_mb, "waited_s": PLACEMENT_WAIT},
+                                      "Unload a worker (rbee.py workers shutdown ID) or raise a node's limit",
+                                      component="queen-rbee")
+            if not said_wait:
+                narrate("queen-rbee", "placement_wait", "Waiting for memory for %s: %s" % (ref.text, plan.reason),
+                        "⏳")
+                said_wait = True
+            time.sleep(0.5)
+        narrate("queen-rbee", "placement", "Placing on %s" % plan.reason, "📍", node=plan.node,
+                backend=plan.backend, device=plan.device, decision=plan.action)
+        try:
+            session = self.queen.hive(plan.node, sink)
+            with session.listening(sink):
+                body = {"model_ref": ref.text, "backend": plan.backend, "device": plan.device, "parallel": parallel,
+                        "keep_alive": keep_alive}
+                if plan.free_mb is not None:
+                    body["memory_limit_mb"] = plan.free_mb
+                return session, session.client.spawn(body, session.tagged(sink))
+        finally:
+            if spawn:
+                with self.lock:
+                    self.pending.remove(spawn)
+
+    def survey(self, ref, nodes, sink):
+        """(node views, MB the model needs: 0 if no node knows its size yet) of the nodes whose
+        hives answer; the first error if none does."""
+        results, errors = {}, []
+
+        def ask(name):
+            try:
+                session = self.queen.hive(name, sink)
+                results[name] = session.client.resources(ref.text)
+            except RbeeError as err:
+                errors.append(err)
+                if len(nodes) > 1:
+                    narrate("queen-rbee", "node_skipped", "Leaving %s out: %s" % (name, err.message), "⚠️",
+                            node=name, level="warn")
+        in_parallel(ask, nodes)
+        if not results:
+            raise errors[0]
+        now = time.monotonic()
+        starts = {(p["node"], p["model_ref"], p["backend"], p["device"]): p["since"] for p in self.pending}
+        for key in list(self.handouts):   # a worker still loading counts every task handed to it
+            recent = [t for t in self.handouts[key] if t >= starts.get(key, now - HANDOUT_GRACE)]
+            if recent:
+                self.handouts[key] = recent
+            else:
+                del self.handouts[key]
+
+        def loads(key):
+            return len(self.handouts.get(key, ()))
+        sizes = [r["model"]["size_bytes"] for r in results.values() if (r.get("model") or {}).get("size_bytes")]
+        import backends
+        views = [node_view(results[name], self.queen.nodes.limits(name), [p for p in self.pending if p["node"] == name],
+                           loads) for name in nodes if name in results]
+        # the file's size x 1.2 before any worker ran it; then what its workers take (slots' KV cache too)
+        seen = [w.get("memory_mb") or 0 for v in views for w in v["workers"] if w["model_ref"] == ref.text]
+        return views, max([backends.required_mb(max(sizes)) if sizes else 0] + seen)
+
+    def evict(self, evict, sink):
+        """Stop these idle workers and wait until their hives no longer list them."""
+        for node, worker_id, model_ref in evict:
+            narrate("queen-rbee", "evict", "Unloading idle %s (worker %s) on %s to make room, least recently used "
+                    "first" % (model_ref, worker_id, node), "🧹", node=node, worker_id=worker_id)
+            self.queen.hive(node, sink).client.shutdown_worker(worker_id)
+        deadline = time.monotonic() + GRACEFUL_TIMEOUT
+        for node, worker_id, _ in evict:
+            client = self.queen.hive(node, sink).client
+            while time.monotonic() < deadline and any(w["worker_id"] == worker_id for w in client.workers()):
+                time.sleep(0.1)
+
+
 class Queen(App):
     """The orchestrator (PROTOCOL.md §5.3): starts hives on demand and turns a task into a worker."""
 
@@ -3014,6 +3395,7 @@ class Queen(App):
         self.hives = {}                   #: node name -> its running HiveSession (guarded by hives_lock)
         self.hives_lock = threading.Lock()    #: guards `hives` and `_start_locks`
         self._start_locks = {}            #: node name -> Lock held while its hive starts (one start per node)
+        self.scheduler = Scheduler(self)  #: where tasks run: placement, replicas, eviction
 
     def authorize(self, req, name):
         if self.api_key is not None and name != "health":
@@ -3031,7 +3413,7 @@ class Queen(App):
                 session = self.hives.get(name)
             if session and not session.exited.is_set():
                 return session
-            session = HiveSession(node, self.token, self._hive_exited)
+            session = HiveSession(node, self.token, self._hive_exited, self.args.keep_alive)
             with narration_to(sink or _current_sink()), session.listening(sink or emit_line):
                 try:
                     session.start()
@@ -3069,24 +3451,28 @@ class Queen(App):
         return node
 
     def task(self, req):
+        """A worker for the task: on its `node`, or (none, or "auto") wherever the scheduler places it."""
         body = req.json
-        node = text_field(body, "node", limit=200)
+        node = text_field(body, "node", AUTO_NODE, limit=200)
         ref = ModelRef.parse(body.get("model"))
         backend, device = backend_and_device(body)
+        if "device" not in body:
+            device = None   # (any device of the chosen backend)
         parallel = parallel_of(body)
-        self.nodes.resolve(node)   # NODE_NOT_FOUND before the stream starts
-        stream = req.sse()
+        keep_alive = keep_alive_of(body, self.args.keep_alive)
+        nodes = self.candidates() if node == AUTO_NODE else [self.nodes.resolve(node)["node_name"]]
+        stream = req.sse()   # (NODE_NOT_FOUND and every 400 before the stream starts)
         with narration_to(stream.narration):
-            session = self.hive(node, stream.narration)
-            with session.listening(stream.narration):
-                worker = session.client.spawn({"model_ref": ref.text, "backend": backend, "device": device,
-                                               "parallel": parallel},
-                                              session.tagged(stream.narration))
+            session, worker = self.scheduler.place(ref, nodes, backend, device, parallel, keep_alive, stream.narration)
         timings = dict(session.timings, **(worker.get("timings") or {}))
         session.timings = {}   # the hive start is paid once
         stream.finish(EVENT_WORKER, {"worker_id": worker["worker_id"], "worker_url": session.worker_url(worker["url"]),
-                                 "api_key": worker["api_key"], "node": node, "backend": worker.get("backend"),
+                                 "api_key": worker["api_key"], "node": session.name, "backend": worker.get("backend"),
                                  "device": worker.get("device"), "model_ref": ref.text, "timings": timings})
+
+    def candidates(self):
+        """The nodes a task without one may go to: localhost and every registered node."""
+        return ["localhost"] + [n["node_name"] for n in self.nodes.list() if n["node_name"] != "localhost"]
 
     def _workers_of(self, session):
         workers = session.client.workers()
@@ -3133,18 +3519,36 @@ class Queen(App):
         req.send_json(200, self.hive(node).client.remove(ref.text))
 
     def status(self, req):
-        hives = []
-        for session in self.running_hives():
-            entry = {"node": session.name, "url": session.url}
+        """Nodes (with their caps), each running hive's memory, devices, workers and models, and
+        every worker in one list (`rbee.py ps`). Nothing is started to answer."""
+        hives, workers = [], []
+
+        def ask(session):
+            entry = {"node": session.name, "url": session.url, "limits": self.nodes.limits(session.name)}
             try:
-                entry["workers"] = self._workers_of(session)
-                entry["models"] = session.client.models()
+                found = session.client.resources()
+                for w in found["workers"]:
+                    w.update(node=session.name, url=session.worker_url(w["url"]) if w.get("url") else None)
+                entry.update((k, found[k]) for k in ("ram_total_mb", "ram_free_mb", "devices", "workers", "models",
+                                                     "keep_alive_s"))
             except RbeeError as err:
                 entry["error"] = err.envelope()["error"]
             hives.append(entry)
-        req.send_json(200, {"version": __version__, "queen": {"pid": os.getpid(), "port": self.port},
-                            "nodes": [dict(n, env=masked_env(n["env"])) for n in self.nodes.list()],
-                            "hives": hives})
+        in_parallel(ask, self.running_hives())
+        hives.sort(key=lambda h: h["node"])
+        for entry in hives:
+            workers += entry.get("workers", [])
+        nodes = [dict(n, env=masked_env(n["env"]), limits=self.nodes.limits(n["node_name"])) for n in self.nodes.list()]
+        running = {h["node"] for h in hives}
+        for node in nodes:
+            node["hive"] = node["node_name"] in running
+        local = {"node_name": "localhost", "ssh_host": "127.0.0.1", "status": "local", "hive": "localhost" in running,
+                 "limits": self.nodes.limits("localhost")}
+        req.send_json(200, {"version": __version__, "queen": {"pid": os.getpid(), "port": self.port,
+                                                              "keep_alive_s": self.args.keep_alive,
+                                                              "max_replicas": self.args.max_replicas},
+                            "nodes": [local] + [n for n in nodes if n["node_name"] != "localhost"],
+                            "hives": hives, "workers": workers})
 
     def shutdown_request(self, req):
         req.send_json(202, {"status": "shutting down"})
@@ -3281,13 +3685,14 @@ class Keeper:
         ref = ModelRef.parse(args.model)   # before any process or connection starts
         started = time.monotonic()
         self.ensure_queen()
-        task = {"node": args.node, "model": ref.text, "prompt": args.prompt, "max_tokens": args.max_tokens,
-                "temperature": args.temperature, "device": args.device, "parallel": args.parallel}
-        if args.backend:
-            task["backend"] = args.backend
+        task = {"model": ref.text, "prompt": args.prompt, "max_tokens": args.max_tokens,
+                "temperature": args.temperature, "parallel": args.parallel}
+        task.update((k, getattr(args, k)) for k in ("node", "backend", "device", "keep_alive")
+                    if getattr(args, k) is not None)
         worker = self.queen.task(task, self.show)
         self.timings["worker ready (queen + hive)"] = (time.monotonic() - started) * 1000
-        connect = "ssh connect (to the hive's first word)" if args.node != "localhost" else "hive process start"
+        local = worker.get("node") == "localhost"
+        connect = "hive process start" if local else "ssh connect (to the hive's first word)"
         for key, label in (("ssh_connect_ms", connect), ("hive_start_ms", "hive ready (HTTP up)"),
                            ("download_ms", "model download"),
                            ("load_ms", "model load")):
@@ -3406,12 +3811,21 @@ def cmd_nodes(args):
         node.update(backends=list(info.get("backends") or {}), devices=info.get("backends") or {},
                     last_connected_unix=int(time.time()), status="reachable", last_error=info.get("error"))
         registry.save(node)
+        if args.max_ram or args.max_vram:
+            registry.set_limits(args.name, max_ram_mb=args.max_ram, max_vram_mb=args.max_vram)
         print("Added node %s (%s), ssh %.0f ms, Python %s, rbee %s, backends: %s" % (
             args.name, SshTarget.for_node(node), info["latency_ms"], info.get("python") or "missing",
             info.get("rbee_version") or "not installed (run: rbee.py nodes install %s)" % args.name,
             ", ".join(node["backends"]) or "-"))
         return 0
     node = registry.resolve(args.name)
+    if args.nodes_cmd == "set":
+        if args.max_ram is None and args.max_vram is None:
+            raise InvalidRequest("Nothing to set", suggestion="rbee.py nodes set %s --max-ram SIZE --max-vram SIZE"
+                                 % args.name)
+        caps = registry.set_limits(node["node_name"], max_ram_mb=args.max_ram, max_vram_mb=args.max_vram)
+        print("Node %s: rbee may use %s" % (node["node_name"], describe_limits(caps)))
+        return 0
     if node.get("local"):
         raise InvalidRequest("localhost runs rbee from this directory; nothing to %s" % args.nodes_cmd)
     target = SshTarget.for_node(node)
@@ -3526,23 +3940,73 @@ def cmd_workers(args):
     return 0
 
 
-def cmd_status(args):
+def describe_limits(caps):
+    """"at most 8 GB of RAM and 6 GB of VRAM per GPU", or "all its memory"."""
+    parts = ["%s of %s" % (human_bytes(caps[key] << 20), what) for key, what in (("max_ram_mb", "RAM"),
+                                                                                ("max_vram_mb", "VRAM per GPU"))
+             if caps.get(key)]
+    return "at most " + " and ".join(parts) if parts else "all its memory"
+
+
+def queen_status(args):
+    """The running queen's /v2/status, or None (nothing is started to answer)."""
     keeper = Keeper(args)
-    if not keeper.queen.alive():
-        print("queen:  not running at %s" % keeper.queen.url)
+    return keeper.queen.status() if keeper.queen.alive() else None
+
+
+def cmd_status(args):
+    status = queen_status(args)
+    if args.json:
+        print(json.dumps(status or {"queen": None, "nodes": NodeRegistry().list(), "hives": [], "workers": []}))
+        return 0
+    if status is None:
+        print("queen:  not running at %s" % Keeper(args).queen.url)
         for node in NodeRegistry().list():
             print("node:   %-14s %-24s %s" % (node["node_name"], node["ssh_host"], node["status"]))
         return 0
-    status = keeper.queen.status()
-    print("queen:  %s (version %s, pid %s)" % (keeper.queen.url, status["version"], status["queen"]["pid"]))
+    queen = status["queen"]
+    print("queen:  %s (version %s, pid %s, keep-alive %s, max replicas %s)" % (
+        Keeper(args).queen.url, status["version"], queen["pid"], human_duration(queen["keep_alive_s"]),
+        queen["max_replicas"]))
     for node in status["nodes"]:
-        print("node:   %-14s %-24s %s" % (node["node_name"], node["ssh_host"], node["status"]))
+        print("node:   %-14s %-24s %-11s %-8s rbee may use %s" % (
+            node["node_name"], node["ssh_host"], node["status"], "hive up" if node["hive"] else "no hive",
+            describe_limits(node["limits"])))
     for hive in status["hives"]:
-        print("hive:   %-14s %s" % (hive["node"], hive["url"]))
+        if "error" in hive:
+            print("hive:   %-14s %s  error: %s" % (hive["node"], hive["url"], hive["error"]["message"]))
+            continue
+        devices = ", ".join("%s:%s %s free" % (b, d["index"], human_bytes((d.get("memory_free_mb") or 0) << 20))
+                            for b, found in hive["devices"].items() for d in found if b != "cpu")
+        ram = "RAM %s free of %s" % (human_bytes(hive["ram_free_mb"] << 20), human_bytes(hive["ram_total_mb"] << 20))
+        print("hive:   %-14s %s  %s%s" % (hive["node"], hive["url"], ram, "; " + devices if devices else ""))
         for w in hive.get("workers", []):
-            print("  worker %-16s %-8s %-30s %s" % (w["worker_id"], w["state"], w["url"], w["model_ref"]))
+            print("  worker %-16s %-8s %-30s %s  slots %d/%d busy, %d queued" % (
+                w["worker_id"], w["state"], w["url"], w["model_ref"], w["slots_total"] - w["slots_available"],
+                w["slots_total"], w["queue_length"]))
         for m in hive.get("models", []):
             print("  model  %-40s %s" % (m["id"], human_bytes(m["size_bytes"])))
+    return 0
+
+
+def cmd_ps(args):
+    """Like `ollama ps`: what is loaded where, how busy, and until when."""
+    status = queen_status(args)
+    workers = status["workers"] if status else []
+    if args.json:
+        print(json.dumps({"workers": workers}))
+        return 0
+    if status is None:
+        print("No queen runs at %s: nothing is loaded" % Keeper(args).queen.url, file=sys.stderr)
+    print("%-44s %-14s %-8s %-7s %-5s %-9s %s" % ("MODEL", "NODE", "DEVICE", "SLOTS", "QUEUE", "MEMORY", "UNTIL"))
+    for w in workers:
+        until = ("forever" if w["keep_alive_s"] < 0 else "busy" if w["state"] == "busy" else
+                 w["state"] if w.get("expires_unix") is None else
+                 "in %s" % human_duration(max(0, w["expires_unix"] - time.time())))
+        print("%-44s %-14s %-8s %-7s %-5d %-9s %s" % (
+            w["model_ref"], w["node"], "%s:%s" % (w["backend"], w["device"]),
+            "%d/%d" % (w["slots_total"] - w["slots_available"], w["slots_total"]), w["queue_length"],
+            human_bytes((w["memory_mb"] or 0) << 20), until))
     return 0
 
 
@@ -3574,6 +4038,21 @@ def env_pair(text):
 
 
 
+def keep_alive_arg(text):
+    seconds = duration_s(text)
+    if seconds is None:
+        raise argparse.ArgumentTypeError("%r is no duration (30s, 10m, 1h, seconds; 0: unload at once, negative: "
+                                         "keep loaded)" % text)
+    return -1.0 if seconds < 0 else seconds
+
+
+def size_arg(text):
+    mb = size_mb(text)
+    if mb is None or mb <= 0:
+        raise argparse.ArgumentTypeError("%r is no memory size (8G, 512M)" % text)
+    return mb
+
+
 def _bounded(kind, low, high):
     def convert(text):
         try:
@@ -3592,8 +4071,9 @@ def build_parser():
     p.add_argument("--version", action="version", version="rbee " + __version__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
-    s = sub.add_parser("infer", help="run a prompt on a node (starts what it needs)")
-    s.add_argument("--node", default="localhost")
+    s = sub.add_parser("infer", help="run a prompt (on --node, else where the queen places it; starts what it needs)")
+    s.add_argument("--node", help="the node to run on (default: the queen chooses among localhost and every "
+                   "registered node)")
     s.add_argument("--model", required=True, help="hf:ORG/REPO[:FILE_OR_QUANT] or file:/abs/path.gguf")
     s.add_argument("--prompt", required=True)
     s.add_argument("--max-tokens", type=_bounded(int, 1, 1 << 20), default=20)
@@ -3605,9 +4085,11 @@ def build_parser():
     s.add_argument("--raw", action="store_true", help="send the prompt as is, without the model's chat template")
     s.add_argument("--backend", choices=backends.PREFERENCE, help="default: the node's best of %s" % ", ".join(
         backends.PREFERENCE))
-    s.add_argument("--device", type=_bounded(int, 0, 1024), default=0)
+    s.add_argument("--device", type=_bounded(int, 0, 1024), help="default: the backend's device with most room")
     s.add_argument("--parallel", type=_bounded(int, 1, 256), default=DEFAULT_PARALLEL,
                    help="slots of a worker this command starts (a running one keeps its own)")
+    s.add_argument("--keep-alive", type=keep_alive_arg, help="how long the worker stays loaded when idle: 30s, 10m, "
+                   "1h (0: unload after this request, negative: until the queen stops; default: the queen's)")
     s.add_argument("--queen", help="queen URL (default %s, or $RBEE_QUEEN_URL)" % DEFAULT_QUEEN_URL)
     s.add_argument("--quiet", action="store_true", help="no narration (errors stay)")
     s.add_argument("--json", action="store_true", help="one JSON event per line on stdout")
@@ -3620,6 +4102,10 @@ def build_parser():
     s.add_argument("--lifeline", action="store_true", help="exit when stdin closes (set by the keeper)")
     s.add_argument("--api-key-file", help="the key callers must send (else $RBEE_API_KEY; off loopback, "
                    "else $RBEE_HOME/api-key, created)")
+    s.add_argument("--keep-alive", type=keep_alive_arg, default=DEFAULT_KEEP_ALIVE, help="how long an idle worker "
+                   "stays loaded, and a hive without workers lives (default 5m; negative: until the queen stops)")
+    s.add_argument("--max-replicas", type=_bounded(int, 1, 64), default=DEFAULT_MAX_REPLICAS,
+                   help="workers of one model started when every slot of its workers is taken (default 2)")
     s.set_defaults(func=run_queen)
 
     s = sub.add_parser("hive", help="run a node's pool manager")
@@ -3627,7 +4113,9 @@ def build_parser():
     s.add_argument("--port", type=_bounded(int, 0, 65535), default=HIVE_PORT)
     s.add_argument("--lifeline", action="store_true", help="read the queen's handshake, exit when stdin closes")
     s.add_argument("--node-name")
-    s.add_argument("--idle-timeout", type=_bounded(float, 0.0, 1e9), default=300.0)
+    s.add_argument("--keep-alive", "--idle-timeout", dest="keep_alive", type=keep_alive_arg,
+                   default=DEFAULT_KEEP_ALIVE, help="how long an idle worker stays loaded (30s, 10m, 1h; "
+                   "negative: forever); a queen's hive with no worker ends after its queen's")
     s.add_argument("--token-file", help="the token callers must send (else $RBEE_HIVE_TOKEN; off loopback, "
                    "else $RBEE_HOME/hive-token, created)")
     s.set_defaults(func=run_hive)
@@ -3664,6 +4152,11 @@ def build_parser():
                         "the node's ssh connection (they listen on its 127.0.0.1; the node opens nothing but sshd)")
     a.add_argument("--env", nargs="+", action="append", metavar="KEY=VALUE", type=env_pair,
                    help="environment of the node's hive; repeat it or give several pairs")
+    n = nodes.add_parser("set", help="change what rbee may use of a node (localhost too)")
+    n.add_argument("name")
+    for parser in (a, n):
+        parser.add_argument("--max-ram", type=size_arg, metavar="SIZE", help="RAM rbee's workers may take (8G, 512M)")
+        parser.add_argument("--max-vram", type=size_arg, metavar="SIZE", help="VRAM they may take on each GPU")
     nodes.add_parser("list")
     for verb in ("remove", "check", "install"):
         n = nodes.add_parser(verb)
@@ -3691,9 +4184,15 @@ def build_parser():
         w.add_argument("--queen")
     s.set_defaults(func=cmd_workers)
 
-    s = sub.add_parser("status", help="nodes, hives, workers and models")
+    s = sub.add_parser("status", help="nodes (reachable, free memory), hives, workers, queues and models")
     s.add_argument("--queen")
+    s.add_argument("--json", action="store_true", help="the queen's /v2/status as it is")
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("ps", help="the loaded models: node, device, slots, queue, memory, until when")
+    s.add_argument("--queen")
+    s.add_argument("--json", action="store_true", help="one JSON object: {\"workers\": [...]}")
+    s.set_defaults(func=cmd_ps)
     return p
 
 

@@ -8,6 +8,7 @@ Each module (cpu.py, cuda.py, metal.py) exposes
     memory_used_mb(device) -> int
     describe(device) -> str                   for narration ("CPU device 0 (2 threads)")
     unavailable_reason() -> str or None      why available() is False
+    MEMORY = "ram" or "vram"                  where its models live: the system RAM, or each device's own
 Adding ROCm or Vulkan means adding one file and its name to PREFERENCE.
 Nothing here imports llama_cpp at module level: the hive reports backends without loading it.
 """

@@ -3,6 +3,8 @@ import platform
 
 from . import llama, meminfo_mb, physical_cores, preflight_unified, process_rss_mb
 
+MEMORY = "ram"   # the memory a model takes on its devices: the system RAM
+
 
 def available():
     return True

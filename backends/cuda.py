@@ -5,6 +5,8 @@ import subprocess
 
 from . import BackendError, check_ram, gpu_offload_supported, llama, required_mb
 
+MEMORY = "vram"   # the memory a model takes on its devices: each GPU's own
+
 _QUERY = ["nvidia-smi", "--query-gpu=index,name,memory.total,memory.free", "--format=csv,noheader,nounits"]
 
 

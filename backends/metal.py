@@ -4,6 +4,8 @@ import sys
 
 from . import gpu_offload_supported, llama, meminfo_mb, preflight_unified, process_rss_mb
 
+MEMORY = "ram"   # the memory a model takes on its devices: the system RAM
+
 
 def unavailable_reason():
     if sys.platform != "darwin" or platform.machine() != "arm64":

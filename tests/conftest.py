@@ -263,10 +263,10 @@ def read_until_tokens(proc, count):
     return events
 
 
-def start_queen(roles, env):
-    """A persistent queen on a free port, ready; `.url` is where it answers."""
+def start_queen(roles, env, *args):
+    """A persistent queen on a free port (with more of its options in `args`), ready; `.url` is where it answers."""
     port = free_port()
-    queen = roles("queen", "--port", str(port), env=env)
+    queen = roles("queen", "--port", str(port), *args, env=env)
     queen.wait_event("http_ready", "queen-rbee")
     queen.url = "http://127.0.0.1:%d" % port
     return queen

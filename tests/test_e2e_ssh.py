@@ -18,6 +18,7 @@ Where network namespaces are unavailable (not root) and CI is not set, the tests
 private sshd on 127.0.0.1 (node `mac` only; see test_two_nodes_on_one_persistent_queen). Under
 CI=true they always use namespaces. RBEE_TEST_FORCE_LOOPBACK=1 forces the fallback (to check it).
 """
+import collections
 import contextlib
 import json
 import os
@@ -222,9 +223,9 @@ def node_env(sim, tmp_path, name):
             "HF_ENDPOINT=" + sim.hub.url, "HF_HUB_DISABLE_TELEMETRY=1"]
 
 
-def add_node(sim, env, tmp_path, name):
+def add_node(sim, env, tmp_path, name, *extra):
     result = run_rbee(["nodes", "add", name, "--ssh-host", name, "--rbee-dir", str(REPO), "--python", PY,
-                       "--env"] + node_env(sim, tmp_path, name), env, timeout=60)
+                       "--env"] + node_env(sim, tmp_path, name) + list(extra), env, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -780,4 +781,162 @@ def test_nodes_install_copies_rbee_and_the_queen_checks_the_version(sim, ssh_env
     refused = run_rbee(infer_args("mac"), ssh_env, timeout=120)
     assert refused.returncode == 1 and time.monotonic() - started < 20, refused.stderr
     assert_error(refused.stderr, "VERSION_MISMATCH", "rbee.py on mac is version 0.1.0", "rbee.py nodes install mac")
+    assert_no_rbee_left(str(tmp_path), within=5)
+
+
+# -- the scheduler: the user names a model, the queen finds the node (issue 11) ---------------------
+
+COUNTING = ["--prompt", "1, 2, 3, 4, 5,", "--raw", "--temperature", "0"]   # greedy: it counts on, no end
+
+
+def auto_infer(queen, *extra, model=MODEL, max_tokens=20):
+    """`infer` without --node: the queen places it."""
+    return ["infer", "--model", model, "--max-tokens", str(max_tokens), "--json", "--queen", queen.url] + (
+        list(extra) or ["--prompt", "write a short story", "--temperature", "0"])
+
+
+def narrated(result_or_events, action):
+    events = json_events(result_or_events.stdout) if hasattr(result_or_events, "stdout") else result_or_events
+    return [e["human"] for e in events if e["event"] == "narration" and e.get("action") == action]
+
+
+def cap(env, node, size):
+    result = run_rbee(["nodes", "set", node, "--max-ram", size], env)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def ps_json(queen, env):
+    result = run_rbee(["ps", "--json", "--queen", queen.url], env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["workers"]
+
+
+def workers_by_host(sim, tmp_path):
+    """(host, pid) of this test's live worker processes."""
+    return sorted((sim.host_of(pid), pid) for pid in role_pids(tmp_path).get("worker", []))
+
+
+def test_the_queen_places_by_free_memory_reuses_and_prefers_a_node_with_the_model(sim, ssh_env, tmp_path, roles,
+                                                                                   model_path):
+    assert sim.netns, "two nodes need network namespaces (run as root)"
+    add_node(sim, ssh_env, tmp_path, "mac", "--max-ram", "60M")
+    add_node(sim, ssh_env, tmp_path, "workstation", "--max-ram", "80M")
+    cap(ssh_env, "localhost", "1M")
+    queen = start_queen(roles, ssh_env)
+    local_model = "file:" + model_path   # 94 MB: a worker needs 113 MB, whose size every node can tell
+    # no node fits: each node's free memory in the details, nothing started anywhere
+    none = run_rbee(auto_infer(queen, model=local_model), ssh_env, timeout=300)
+    assert none.returncode == 1, none.stderr
+    error = next(e for e in json_events(none.stdout) if e["event"] == "error")["error"]
+    assert error["code"] == "INSUFFICIENT_RAM"
+    assert error["details"] == {"required_mb": 113, "free_mb": {"localhost": {"cpu:0": 1}, "mac": {"cpu:0": 60},
+                                                                "workstation": {"cpu:0": 80}}}
+    assert_error(none.stderr, "INSUFFICIENT_RAM", "mac: cpu:0 60 MB free", "workstation: cpu:0 80 MB free")
+    assert "worker" not in role_pids(tmp_path)
+    # room on both: a new model goes where most is free
+    cap(ssh_env, "mac", "300M")
+    cap(ssh_env, "workstation", "2G")
+    first = run_rbee(auto_infer(queen), ssh_env, timeout=300)
+    assert first.returncode == 0, first.stderr
+    one = worker_event(first)
+    assert one["node"] == "workstation" and one["worker_url"].startswith("http://%s:" % sim.addresses["workstation"])
+    assert narrated(first, "placement") == ["Placing on workstation cpu:0: 2.0 GB free"]
+    # the same model again: its worker, not a second one
+    second = run_rbee(auto_infer(queen), ssh_env, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert worker_event(second)["worker_id"] == one["worker_id"]
+    # (the first task counts for HANDOUT_GRACE s: its job may not have reached the worker yet)
+    [reused] = narrated(second, "placement")
+    assert re.fullmatch(r"Placing on workstation cpu:0: its worker has a free slot \([01] of 4 busy\)", reused)
+    # a model cataloged on mac alone goes to mac, though workstation has more room
+    download = run_rbee(["models", "download", local_model, "--node", "mac", "--queen", queen.url], ssh_env)
+    assert download.returncode == 0, download.stderr
+    third = run_rbee(auto_infer(queen, model=local_model), ssh_env, timeout=300)
+    assert third.returncode == 0, third.stderr
+    assert worker_event(third)["node"] == "mac"
+    assert narrated(third, "placement") == ["Placing on mac cpu:0: model cached, 300 MB free"]
+    # ps and /v2/status say what runs on each host
+    listed = ps_json(queen, ssh_env)
+    assert sorted((w["node"], w["pid"]) for w in listed) == workers_by_host(sim, tmp_path)
+    assert sorted((w["node"], w["model_ref"]) for w in listed) == [("mac", local_model), ("workstation", MODEL)]
+    assert all(w["slots_total"] == 4 and w["memory_mb"] > 94 and w["keep_alive_s"] == 300 for w in listed), listed
+    status = rbee.QueenClient(queen.url).status()
+    assert sorted(w["worker_id"] for w in status["workers"]) == sorted(w["worker_id"] for w in listed)
+    limits = {n["node_name"]: n["limits"]["max_ram_mb"] for n in status["nodes"]}
+    assert limits == {"localhost": 1, "mac": 300, "workstation": 2048}
+    table = run_rbee(["ps", "--queen", queen.url], ssh_env).stdout
+    assert re.search(r"^%s\s+workstation\s+cpu:0\s+0/4\s+0\s+\d+ MB\s+in \d+m" % re.escape(MODEL), table, re.M), table
+    queen.proc.send_signal(signal.SIGTERM)
+    assert queen.proc.wait(40) == 0
+    assert_no_rbee_left(str(tmp_path), within=5)
+
+
+def test_a_second_model_evicts_the_idle_first_and_waits_while_it_is_busy(sim, ssh_env, tmp_path, roles, model_path):
+    """mac may give rbee 380 MB: one worker (about 350 MB with its 4 slots' KV cache) at a time."""
+    add_node(sim, ssh_env, tmp_path, "mac", "--max-ram", "380M")
+    cap(ssh_env, "localhost", "1M")
+    queen = start_queen(roles, ssh_env)
+    other = "file:" + model_path
+    first = run_rbee(auto_infer(queen), ssh_env, timeout=300)
+    assert first.returncode == 0, first.stderr
+    a = worker_event(first)
+    assert a["node"] == "mac"
+    wait_until(lambda: ps_json(queen, ssh_env)[0]["state"] == "idle", 10, what="the first worker idle")
+    # the second model: the idle first one makes room
+    second = run_rbee(auto_infer(queen, model=other), ssh_env, timeout=300)
+    assert second.returncode == 0, second.stderr
+    b = worker_event(second)
+    assert b["node"] == "mac" and b["worker_id"] != a["worker_id"]
+    assert narrated(second, "evict") == ["Unloading idle %s (worker %s) on mac to make room, least recently used "
+                                         "first" % (MODEL, a["worker_id"])]
+    assert [w["worker_id"] for w in ps_json(queen, ssh_env)] == [b["worker_id"]]
+    assert len(workers_by_host(sim, tmp_path)) == 1
+    # the first model again while the second one streams: it waits, then evicts the then idle one
+    busy = start_keeper(auto_infer(queen, *COUNTING, model=other, max_tokens=300), ssh_env)
+    read_until_tokens(busy, 5)
+    again = run_rbee(auto_infer(queen), ssh_env, timeout=300)
+    out, err = busy.communicate(timeout=120)
+    assert busy.returncode == 0, err.decode()
+    end = json_events(out.decode())[-1]
+    assert end["event"] == "end" and end["tokens_out"] == 300 and end["stop_reason"] == "max_tokens"
+    assert again.returncode == 0, again.stderr
+    assert narrated(again, "placement_wait") and "mac" in narrated(again, "placement_wait")[0]
+    assert narrated(again, "evict") == ["Unloading idle %s (worker %s) on mac to make room, least recently used "
+                                        "first" % (other, b["worker_id"])]
+    assert [w["model_ref"] for w in ps_json(queen, ssh_env)] == [MODEL]
+    queen.proc.send_signal(signal.SIGTERM)
+    assert queen.proc.wait(40) == 0
+    assert_no_rbee_left(str(tmp_path), within=5)
+
+
+def test_busy_workers_get_a_replica_on_another_node_and_idle_ones_leave_after_keep_alive(sim, ssh_env, tmp_path,
+                                                                                       roles):
+    assert sim.netns, "two nodes need network namespaces (run as root)"
+    add_node(sim, ssh_env, tmp_path, "mac", "--max-ram", "2G")
+    add_node(sim, ssh_env, tmp_path, "workstation", "--max-ram", "2G")
+    cap(ssh_env, "localhost", "1M")
+    queen = start_queen(roles, ssh_env, "--max-replicas", "2", "--keep-alive", "2s")
+    keepers = [start_keeper(auto_infer(queen, *COUNTING, max_tokens=48), ssh_env) for _ in range(8)]
+    results = [(k, k.communicate(timeout=300)) for k in keepers]
+    for keeper, (out, err) in results:
+        assert keeper.returncode == 0, err.decode()
+    served = collections.Counter()
+    ids = set()
+    for _, (out, _) in results:
+        events = json_events(out.decode())
+        worker = next(e for e in events if e["event"] == "worker")
+        served[worker["node"]] += 1
+        ids.add(worker["worker_id"])
+        assert events[-1]["event"] == "end" and events[-1]["tokens_out"] == 48
+    assert set(served) == {"mac", "workstation"} and len(ids) == 2, served
+    replica = [h for _, (out, _) in results for h in narrated(json_events(out.decode()), "placement") if "replica" in h]
+    assert replica, "no placement narrated a replica"
+    # 2 s of idleness (the queen's keep-alive): both workers go, and the hives after them
+    wait_until(lambda: not ps_json(queen, ssh_env) and not role_pids(tmp_path).get("worker"), 20,
+               what="both workers stopped after their keep-alive")
+    wait_until(lambda: not role_pids(tmp_path).get("hive"), 20, what="the hives ended without workers")
+    assert queen.proc.poll() is None
+    queen.proc.send_signal(signal.SIGTERM)
+    assert queen.proc.wait(40) == 0
     assert_no_rbee_left(str(tmp_path), within=5)

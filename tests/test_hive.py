@@ -670,3 +670,49 @@ def test_handshake_secrets_reach_the_hub_but_never_argv(repo, start_hive, rbee_h
     with open("/proc/%d/cmdline" % hive.proc.pid, "rb") as f:
         cmdline = f.read()
     assert secret.encode() not in cmdline and TOKEN.encode() not in cmdline
+
+
+def test_resources_say_memory_devices_workers_and_the_models_size(start_hive, repo, model_path):
+    """GET /v1/resources: what the queen places by, read now (PROTOCOL.md §12)."""
+    hive = start_hive(lifeline=True)
+    resp, empty = call(hive.port, "GET", "/v1/resources?model=" + urllib.parse.quote(REF), token=hive.token)
+    assert resp.status == 200, empty
+    assert empty["node"] == "testnode" and 0 < empty["ram_free_mb"] <= empty["ram_total_mb"]
+    assert empty["memory"]["cpu"] == "ram" and empty["devices"]["cpu"][0]["index"] == 0
+    assert empty["workers"] == [] and empty["models"] == []
+    assert empty["model"] == {"model_ref": REF, "cataloged": False, "size_bytes": None}   # not known before a download
+    local = "file:" + model_path
+    _, sized = call(hive.port, "GET", "/v1/resources?model=" + urllib.parse.quote(local), token=hive.token)
+    assert sized["model"] == {"model_ref": local, "cataloged": False, "size_bytes": os.path.getsize(model_path)}
+    worker = spawned(stream(hive, "/v1/workers/spawn", {"model_ref": REF, "backend": "cpu", "keep_alive": "-1"}))
+    _, loaded = call(hive.port, "GET", "/v1/resources?model=" + urllib.parse.quote(REF), token=hive.token)
+    assert loaded["model"] == {"model_ref": REF, "cataloged": True, "size_bytes": os.path.getsize(model_path)}
+    [row] = loaded["workers"]
+    assert row["worker_id"] == worker["worker_id"] and row["state"] == "idle"
+    assert (row["slots_total"], row["slots_available"], row["queue_length"]) == (4, 4, 0)
+    assert row["memory_mb"] > 94 and row["keep_alive_s"] == -1 and row["expires_unix"] is None
+    assert [m["reference"] for m in loaded["models"]] == [REPO_ID]
+    _, bad = call(hive.port, "GET", "/v1/resources?model=nonsense", token=hive.token)
+    assert bad["error"]["code"] == "INVALID_MODEL_REF"
+
+
+def test_a_spawn_over_the_queens_memory_limit_loads_nothing(start_hive, repo, model_path, tmp_path, rbee_home):
+    hive = start_hive(lifeline=True)
+    events = stream(hive, "/v1/workers/spawn", {"model_ref": REF, "backend": "cpu", "memory_limit_mb": 100})
+    kind, data = events[-1]
+    assert kind == "error" and data["error"]["code"] == "INSUFFICIENT_RAM", data
+    assert data["error"]["details"] == {"required_mb": 113, "available_mb": 100, "node": "testnode"}
+    assert "nodes set testnode --max-ram" in data["error"]["suggestion"]
+    assert workers(hive) == [] and not [p for p, cmd in rbee_processes(str(tmp_path)) if " worker " in cmd]
+    resp, bad = call(hive.port, "POST", "/v1/workers/spawn", {"model_ref": REF, "keep_alive": "later"},
+                     token=hive.token)
+    assert resp.status == 400 and bad["error"]["details"] == {"field": "keep_alive"}
+
+
+def test_a_queens_hive_ends_when_it_has_had_no_worker_for_its_keep_alive(start_hive, model_path):
+    hive = start_hive(lifeline=True, hello={"token": TOKEN, "keep_alive": 1})
+    worker = spawned(stream(hive, "/v1/workers/spawn", {"model_ref": "file:" + model_path, "keep_alive": 0}))
+    stopped = hive.wait_event("worker_idle_stop", timeout=15)   # 0 s: at its first idle check after the grace
+    assert stopped["worker_id"] == worker["worker_id"]
+    hive.wait_event("hive_idle_stop", timeout=10)
+    assert hive.proc.wait(15) == 0

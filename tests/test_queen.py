@@ -1,9 +1,11 @@
 """The queen and the keeper on node `localhost` (a local hive, no ssh): the seed flow, persistent
 and ephemeral modes, interruptions and errors -- every role a real process, the real model."""
 import json
-import re
 import os
+import re
 import signal
+import time
+import urllib.request
 
 import pytest
 
@@ -99,7 +101,8 @@ def test_persistent_queen_reuses_the_worker_and_survives_the_keeper(queen, env, 
     listed = run_rbee(["workers", "list", "--queen", queen.url], env)
     assert worker(first)["worker_id"] in listed.stdout and "localhost" in listed.stdout
     status = run_rbee(["status", "--queen", queen.url], env)
-    assert status.returncode == 0 and "hive:   localhost" in status.stdout and worker(first)["worker_id"] in status.stdout
+    assert status.returncode == 0 and "hive:   localhost" in status.stdout
+    assert worker(first)["worker_id"] in status.stdout
     models = run_rbee(["models", "list", "--node", "localhost", "--queen", queen.url], env)
     assert models.returncode == 0 and model_ref[5:] in models.stdout
     # SIGTERM to the queen cascades: nothing left
@@ -262,3 +265,69 @@ def test_eight_keepers_at_once_on_one_persistent_queen_all_finish(queen, env, mo
     assert not any("❌" in err.decode() for (_, err), _ in results)
     listed = run_rbee(["workers", "list", "--queen", queen.url], env)
     assert len(listed.stdout.strip().splitlines()) == 1, listed.stdout   # one worker served all eight
+
+
+def worker_pids(tmp_path):
+    return [pid for pid, cmd in rbee_processes(str(tmp_path)) if " worker " in cmd]
+
+
+def ps_workers(queen, env):
+    result = run_rbee(["ps", "--json", "--queen", queen.url], env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["workers"]
+
+
+def test_keep_alive_zero_unloads_after_the_request_and_negative_keeps_the_worker(roles, env, model_ref, tmp_path):
+    """Ollama's keep_alive: 0 unloads the model once the request is done, a negative value keeps it
+    loaded past the queen's default (here 2 s), until the queen stops."""
+    queen = start_queen(roles, env, "--keep-alive", "2s")
+    once = run_rbee(infer_args(model_ref, "--keep-alive", "0", "--queen", queen.url), env)
+    assert once.returncode == 0 and once.stdout, once.stderr
+    wait_until(lambda: not worker_pids(tmp_path) and not ps_workers(queen, env), 10, what="the worker unloaded")
+    kept = run_rbee(infer_args(model_ref, "--keep-alive", "-1", "--queen", queen.url), env)
+    assert kept.returncode == 0, kept.stderr
+    time.sleep(5)   # past the queen's keep-alive and HANDOUT_GRACE
+    [worker] = ps_workers(queen, env)
+    assert worker["keep_alive_s"] == -1 and worker["expires_unix"] is None and worker["state"] == "idle"
+    assert [worker["pid"]] == worker_pids(tmp_path)
+    table = run_rbee(["ps", "--queen", queen.url], env).stdout
+    row = r"^%s\s+localhost\s+cpu:0\s+0/4\s+0\s+\d+ MB\s+forever$" % re.escape(model_ref)
+    assert re.search(row, table, re.M), table
+    # a later request with its own keep-alive changes it, as with Ollama
+    later = run_rbee(infer_args(model_ref, "--keep-alive", "1s", "--queen", queen.url), env)
+    assert later.returncode == 0, later.stderr
+    wait_until(lambda: not worker_pids(tmp_path), 10, what="the worker gone after its new keep-alive")
+    # with no worker for the queen's keep-alive, the local hive ends too; the queen stays
+    wait_until(lambda: not [p for p, cmd in rbee_processes(str(tmp_path)) if " hive " in cmd], 10,
+               what="the hive ended")
+    assert queen.proc.poll() is None
+    status = run_rbee(["status", "--json", "--queen", queen.url], env)
+    assert json.loads(status.stdout)["hives"] == []
+
+
+def test_a_bad_keep_alive_is_a_usage_error_and_a_400(queen, env, model_ref, tmp_path):
+    usage = run_rbee(infer_args(model_ref, "--keep-alive", "soon", "--queen", queen.url), env)
+    assert usage.returncode == 2 and "is no duration" in usage.stderr
+    body = json.dumps({"model": model_ref, "node": "localhost", "keep_alive": "soon"}).encode()
+    request = urllib.request.Request(queen.url + "/v2/tasks", body, {"Content-Type": "application/json"})
+    with pytest.raises(urllib.request.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 400
+    assert json.loads(caught.value.read())["error"]["details"] == {"field": "keep_alive"}
+    assert not worker_pids(tmp_path)
+
+
+def test_no_node_fits_is_insufficient_ram_before_anything_loads(env, model_ref, tmp_path):
+    """localhost capped at 50 MB, the model needs 113: exit 1 with the node's free memory."""
+    capped = run_rbee(["nodes", "set", "localhost", "--max-ram", "50M"], env)
+    assert capped.returncode == 0, capped.stderr
+    assert capped.stdout == "Node localhost: rbee may use at most 50 MB of RAM\n"
+    result = run_rbee(["infer", "--model", model_ref, "--prompt", PROMPT, "--json"], env)
+    assert result.returncode == 1
+    error = next(e for e in json_events(result.stdout) if e["event"] == "error")["error"]
+    assert error["code"] == "INSUFFICIENT_RAM" and error["component"] == "queen-rbee"
+    assert error["details"] == {"required_mb": 113, "free_mb": {"localhost": {"cpu:0": 50}}}
+    message = "No node has room for %s: it needs 113 MB (localhost: cpu:0 50 MB free)" % model_ref
+    assert "[queen-rbee] ❌ Error: " + message in result.stderr
+    assert not any(e.get("action") == "model_load" for e in json_events(result.stdout))
+    assert_no_rbee_left(str(tmp_path), within=5)
