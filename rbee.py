@@ -118,6 +118,11 @@ class KeyedLocks:
                 if not entry[1]:
                     del self._entries[key]
 
+    def busy(self, key):
+        """Whether someone holds or waits for `key`'s lock now."""
+        with self._lock:
+            return key in self._entries
+
     def __len__(self):
         with self._lock:
             return len(self._entries)
@@ -506,7 +511,11 @@ class ClientGone(Exception):
 
 class SSEStream:
     """The response side of one Server-Sent-Events stream. Thread-safe; ends with exactly one
-    terminal event (`finish`); a global pinger keeps silent streams alive."""
+    terminal event (`finish`); a global pinger keeps silent streams alive. Subclasses speak the
+    apps' dialects (OpenAIStream, NdjsonStream) over the same writer."""
+
+    content_type = "text/event-stream"   # (SSE_CONTENT_TYPE)
+    ping_frame = b": ping\n\n"    # what the pinger writes into a silent stream (None: nothing)
 
     _open = set()                  # the streams the pinger watches (guarded by _open_lock)
     _open_lock = threading.Lock()
@@ -521,7 +530,7 @@ class SSEStream:
         with contextlib.suppress(OSError):   # tokens must leave at once, not wait for Nagle
             handler.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         handler.send_response(200)
-        handler.send_header("Content-Type", SSE_CONTENT_TYPE)
+        handler.send_header("Content-Type", self.content_type)
         handler.send_header("Cache-Control", "no-cache")
         handler.send_header("Connection", "close")
         handler.end_headers()
@@ -555,6 +564,10 @@ class SSEStream:
         finally:
             self.close()
 
+    def fail(self, err):
+        """An error after the stream began, as this stream's dialect says it."""
+        self.finish(EVENT_ERROR, err.envelope())
+
     def close(self):
         with self.lock:
             self.finished = True
@@ -576,10 +589,10 @@ class SSEStream:
             time.sleep(1.0)
             now = time.monotonic()
             with cls._open_lock:
-                silent = [s for s in cls._open if now - s.last_write >= PING_INTERVAL]
+                silent = [s for s in cls._open if s.ping_frame and now - s.last_write >= PING_INTERVAL]
             for stream in silent:
                 with contextlib.suppress(ClientGone):
-                    stream._write(b": ping\n\n")
+                    stream._write(stream.ping_frame)
 
 
 def json_text(obj):
@@ -697,8 +710,9 @@ class Request:
         self.handler.send_header("Content-Length", "0")
         self.handler.end_headers()
 
-    def sse(self):
-        self.stream = SSEStream(self.handler)
+    def sse(self, kind=None):
+        """Open the streamed answer: rbee's SSE, or an app's dialect (OpenAIStream, NdjsonStream)."""
+        self.stream = (kind or SSEStream)(self.handler)
         return self.stream
 
 
@@ -710,8 +724,9 @@ class App:
     component = "rbee"
 
     def __init__(self):
-        self._routes = [(method, re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$"), name)
-                        for (method, path), name in self.routes]   #: compiled once, read by every request
+        #: compiled once, read by every request; `{name}` is one path segment, `{name...}` the rest
+        self._routes = [(method, re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", re.sub(
+            r"\{(\w+)\.\.\.\}", r"(?P<\1>.+)", path)) + "$"), name) for (method, path), name in self.routes]
         self.server = None                  #: the HTTP server, once serve() bound it
         self.port = None                    #: the port it is bound to (written once by start)
         self.stopped = threading.Event()    #: set once the role has cleaned up; run_role then exits
@@ -719,6 +734,14 @@ class App:
 
     def authorize(self, req, name):
         """Raise MISSING_API_KEY/INVALID_API_KEY for a request the role must refuse."""
+
+    def error_body(self, path, err):
+        """The body of an error answer to a request for `path` (the queen speaks three dialects)."""
+        return err.envelope()
+
+    def extra_headers(self, handler):
+        """Headers every answer to this request carries (CORS), as (name, value) pairs."""
+        return ()
 
     def dispatch(self, handler):
         parts = urllib.parse.urlsplit(handler.path)
@@ -751,9 +774,9 @@ class App:
             with contextlib.suppress(ClientGone, OSError):
                 if req is not None and req.stream is not None:
                     if not req.stream.finished:
-                        req.stream.finish(EVENT_ERROR, err.envelope())
+                        req.stream.fail(err)
                 else:
-                    write_json(handler, err.status, err.envelope(), err.response_headers())
+                    write_json(handler, err.status, self.error_body(parts.path, err), err.response_headers())
         finally:
             if req is not None and req.stream is not None:
                 req.stream.close()
@@ -890,6 +913,11 @@ class RoleRequestHandling:
         self.close_connection = True
         with contextlib.suppress(OSError):
             write_json(self, status, envelope, {"Connection": "close"})
+
+    def end_headers(self):
+        for name, value in self.server.app.extra_headers(self):
+            self.send_header(name, value)
+        super().end_headers()
 
     def log_message(self, fmt, *args):   # access logs would drown the narration
         pass
@@ -1055,6 +1083,14 @@ QUEEN_WORKERS, QUEEN_WORKER_SHUTDOWN = ("GET", "/v2/workers"), ("POST", "/v2/wor
 QUEEN_MODELS, QUEEN_DOWNLOAD = ("GET", "/v2/models"), ("POST", "/v2/models/download")
 QUEEN_REMOVE, QUEEN_STATUS = ("POST", "/v2/models/remove"), ("GET", "/v2/status")
 QUEEN_SHUTDOWN = ("POST", "/v2/shutdown")
+# ... and the apps' APIs on the queen (PROTOCOL.md §13): OpenAI's (each also without /v1), Ollama's, metrics
+OPENAI_CHAT, OPENAI_COMPLETIONS = ("POST", "/v1/chat/completions"), ("POST", "/v1/completions")
+OPENAI_MODELS, OPENAI_MODEL = ("GET", "/v1/models"), ("GET", "/v1/models/{model_id...}")
+OLLAMA_ROOT, OLLAMA_ROOT_HEAD, OLLAMA_VERSION = ("GET", "/"), ("HEAD", "/"), ("GET", "/api/version")
+OLLAMA_TAGS, OLLAMA_PS, OLLAMA_SHOW = ("GET", "/api/tags"), ("GET", "/api/ps"), ("POST", "/api/show")
+OLLAMA_CHAT, OLLAMA_GENERATE, OLLAMA_PULL = ("POST", "/api/chat"), ("POST", "/api/generate"), ("POST", "/api/pull")
+QUEEN_METRICS = ("GET", "/metrics")
+NDJSON_CONTENT_TYPE = "application/x-ndjson"
 
 # SSE events. Every stream ends with exactly one of TERMINAL_EVENTS.
 EVENT_NARRATION, EVENT_QUEUED, EVENT_STARTED, EVENT_TOKEN = "narration", "queued", "started", "token"
@@ -1232,13 +1268,13 @@ class WorkerClient(RoleClient):
     def shutdown(self, timeout=5.0):
         self.call(WORKER_SHUTDOWN, {}, timeout=timeout, attempts=1)
 
-    def execute(self, body, on_busy=None):
+    def execute(self, body, on_busy=None, retries=BUSY_RETRIES):
         """Run a job: yields JobStarted, Narration and Token, then JobEnded; raises the job's
-        error. A busy worker (503) is retried after BUSY_RETRIES seconds (`on_busy(delay)` first).
+        error. A busy worker (503) is retried after `retries` seconds (`on_busy(delay)` first).
         No token for TOKEN_TIMEOUT s, an interrupt, or a caller that lets go of the generator
         (close it: `contextlib.closing`) cancels the job on the worker."""
         body = dict(body, job_id=body.get("job_id") or "job-" + random_id(6))
-        for delay in BUSY_RETRIES + (None,):
+        for delay in tuple(retries) + (None,):
             try:
                 resp, events = self.open_stream(WORKER_EXECUTE, body)
                 break
@@ -2065,9 +2101,14 @@ class Job:
         job_id = body.get("job_id") or "job-" + random_id(6)
         if not isinstance(job_id, str) or len(job_id) > 200:
             raise invalid("job_id", "must be a string of at most 200 characters")
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise invalid("prompt", "must be a non-empty string")
+        messages, prompt = body.get("messages"), body.get("prompt")
+        if messages is not None:
+            messages, prompt = chat_messages(messages), ""
+        elif not isinstance(prompt, str) or not prompt.strip():
+            raise invalid("prompt", "must be a non-empty string (or give `messages`)")
+        grammar = body.get("grammar")
+        if grammar not in (None, "json"):
+            raise invalid("grammar", "must be \"json\" (a JSON object) or absent")
         stop = body.get("stop") or []
         if isinstance(stop, str):
             stop = [stop]
@@ -2077,7 +2118,9 @@ class Job:
         if not isinstance(raw, bool):
             raise invalid("raw", "must be true or false")
         self.job_id = job_id              #: the caller's id of the job (for /cancel)
-        self.prompt = prompt              #: the user's text
+        self.prompt = prompt              #: the user's text ("" when `messages` are given)
+        self.messages = messages          #: a conversation for the chat template, or None
+        self.grammar = grammar            #: "json": the answer is one JSON object; None: free text
         self.stop = stop                  #: the caller's stop strings
         self.raw = raw                    #: skip the chat template
         # the generation's length and sampling, validated
@@ -2088,6 +2131,33 @@ class Job:
         self.seed = number_field(body, "seed", None, -1, (1 << 32) - 1, integer=True)
         self.engine_job = None            #: its backends.engine.EngineJob (cancel: /cancel, a gone client, shutdown)
         self.interrupted_by = None        #: why the worker itself stopped mid-job (shutdown's thread)
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def chat_messages(messages):
+    """A conversation as the chat template takes it: [{role, content}] with string content (a list
+    of text parts, as OpenAI's clients send, is joined); 400 for anything else."""
+    if not isinstance(messages, list) or not messages or len(messages) > 1024:
+        raise invalid("messages", "must be a non-empty list of at most 1024 {role, content} objects")
+    out = []
+    for k, message in enumerate(messages):
+        where = "messages[%d]" % k
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+            raise invalid(where, "must be an object whose role is one of %s" % ", ".join(CHAT_ROLES))
+        content = message.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise invalid(where + ".content", "parts must be {type: \"text\", text}: this model reads text only")
+            content = "".join(p["text"] for p in content)
+        if content is None and message["role"] == "assistant":
+            content = ""
+        if not isinstance(content, str):
+            raise invalid(where + ".content", "must be a string or a list of text parts")
+        out.append({"role": message["role"], "content": content})
+    return out
 
 
 def split_at_stop(text, stops):
@@ -2123,9 +2193,11 @@ class ChatPrompt:
     def for_model(cls, llm):
         return cls(llm) if llm.metadata.get("tokenizer.chat_template") else None
 
-    def render(self, text):
-        """(prompt tokens, stop strings, stopping criteria) for `text` as a user message."""
-        result = self.formatter(messages=[{"role": "user", "content": text}])
+    def render(self, messages):
+        """(prompt tokens, stop strings, stopping criteria) for a conversation (a text: one user message)."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        result = self.formatter(messages=messages)
         tokens = self.llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
         return tokens, result.stop, result.stopping_criteria
 
@@ -2233,17 +2305,24 @@ class Worker(App):
 
     def execute(self, req):
         job = Job(req.json, self.args.ctx_size)
-        if job.raw or self.chat is None:
+        if job.messages is not None and self.chat is None:
+            raise invalid("messages", "this model has no chat template", "Send `prompt` instead")
+        if job.messages is None and (job.raw or self.chat is None):
             prompt_tokens = self.llm.tokenize(job.prompt.encode("utf-8"), add_bos=True, special=True)
         else:
-            prompt_tokens, template_stop, _ = self.chat.render(job.prompt)
+            try:
+                prompt_tokens, template_stop, _ = self.chat.render(job.messages or job.prompt)
+            except Exception as exc:   # the template's own raise_exception (roles out of order, ...)
+                raise invalid("messages", "the model's chat template refused them: %s" % exc)
             job.stop = job.stop + [s for s in template_stop or [] if s not in job.stop]
         if len(prompt_tokens) >= self.args.ctx_size:
             too_long = "is %d tokens; a slot's context holds %d" % (len(prompt_tokens), self.args.ctx_size)
             raise invalid("prompt", too_long,
                           "Shorten the prompt, or give workers a larger context (rbee.py worker --ctx-size)")
         from backends.engine import EngineJob
-        job.engine_job = EngineJob(prompt_tokens, job.max_tokens, job.temperature, job.top_p, job.top_k, job.seed)
+        from llama_cpp.llama_grammar import JSON_GBNF
+        job.engine_job = EngineJob(prompt_tokens, job.max_tokens, job.temperature, job.top_p, job.top_k, job.seed,
+                                   JSON_GBNF if job.grammar == "json" else None)
         with self.jobs_lock:   # admission: the slots plus the queue, or 503
             if job.job_id in self.jobs:
                 raise InvalidRequest("job_id: %s is already running here" % job.job_id, {"field": "job_id"},
@@ -2286,8 +2365,9 @@ class Worker(App):
                     started = time.perf_counter()
                     stream.send(EVENT_STARTED, {"job_id": job.job_id, "worker_id": self.worker_id,
                                                 "slot": data["slot"]})
+                    chars = len(job.prompt) or sum(len(m["content"]) for m in job.messages or ())
                     narrate("llama-backend", "inference_start", "Starting inference (prompt: %d chars, max_tokens: %d)"
-                            % (len(job.prompt), job.max_tokens), "🚀", job_id=job.job_id)
+                            % (chars, job.max_tokens), "🚀", job_id=job.job_id)
                     narrate("tokenizer", "tokenize", "Tokenized prompt (%d tokens)" % n_prompt, "🍰",
                             job_id=job.job_id)
                     if data["reused"] > 1:   # a lone BOS in common is no reuse worth the name
@@ -2329,6 +2409,7 @@ class Worker(App):
         # the end event separates the prompt's evaluation from the decoding of the tokens after the first
         decode = ended - first_at if first_at else 0.0
         stream.finish(EVENT_END, {"job_id": job.job_id, "tokens_out": tokens_out, "stop_reason": stop_reason,
+                                  "prompt_tokens": n_prompt,
                                   "prompt_eval_ms": round(((first_at or ended) - started) * 1000, 1),
                                   "decode_time_ms": round(decode * 1000, 1),
                                   "tokens_per_sec": round((tokens_out - 1) / decode, 2) if decode > 0 else 0.0})
@@ -2413,13 +2494,13 @@ class WorkerProcess:
                 "last_activity_unix": int(self.last_activity), "memory_mb": health.get("memory_mb", 0),
                 "slots_total": health.get("slots_total", 0), "slots_available": health.get("slots_available", 0),
                 "queue_length": health.get("queue_length", 0), "keep_alive_s": self.keep_alive,
-                "expires_unix": self.expires()}
+                "expires_unix": None if self.expires() is None else int(self.expires())}
 
     def expires(self):
         """When the reaper will stop it if it stays idle (None: never, or it is busy)."""
         if self.keep_alive < 0 or self.state != "idle":
             return None
-        return int(max(self.last_activity + self.keep_alive, self.handed_out + HANDOUT_GRACE))
+        return max(self.last_activity + self.keep_alive, self.handed_out + HANDOUT_GRACE)
 
     def relay(self, event):
         """Worker narration goes to whoever waits for this worker and to the hive's stdout (its
@@ -2501,7 +2582,9 @@ class Hive(App):
         #: a worker's keep-alive when its spawn names none; a queen's hive also ends after this long
         #: without a worker (the handshake's, else --keep-alive)
         self.keep_alive = args.keep_alive if keep_alive is None else keep_alive
-        self.workerless_since = time.time()   #: when its last worker went (the reaper's)
+        self.workerless_since = time.time()   #: when it last had a worker or work (the reaper's; request threads)
+        self.in_progress = 0              #: spawns and downloads under way: the hive never ends during one
+        self._progress_lock = threading.Lock()   #: guards `in_progress`
         os.makedirs(rbee_home("logs"), mode=0o700, exist_ok=True)
 
     def authorize(self, req, name):
@@ -2535,12 +2618,24 @@ class Hive(App):
     def list_models(self, req):
         req.send_json(200, {"models": self.catalog.list()})
 
+    @contextlib.contextmanager
+    def working(self):
+        """Around a spawn or a download: a hive without workers does not end meanwhile."""
+        with self._progress_lock:
+            self.in_progress += 1
+        try:
+            yield
+        finally:
+            with self._progress_lock:
+                self.in_progress -= 1
+                self.workerless_since = time.time()
+
     def resources(self, req):
         """What the queen places by (PROTOCOL.md §12): memory now, per backend's devices, every
         worker (loading ones too) with its memory and load, the catalog, and the size of `?model`."""
         import backends
         ram_total, ram_free = backends.meminfo_mb()
-        found = backends.detect()
+        found = {name: backends.get(name).devices() for name in self.detected_backends()}   # (free memory now)
         workers = self.registry.all()
         for worker in workers:
             if worker.ready.is_set():
@@ -2561,7 +2656,7 @@ class Hive(App):
         ref = model_ref_of(req.json)
         self.provisioner.check(ref)
         stream = req.sse()
-        with narration_to(stream.narration):
+        with narration_to(stream.narration), self.working():
             row = self.provisioner.provision(ref)
         stream.finish(EVENT_END, {"model": row})
 
@@ -2612,18 +2707,20 @@ class Hive(App):
         backends.require(backend, device)   # what is known before the stream: its own status
         self.provisioner.check(ref)
         parallel = parallel_of(body)
+        max_queue = number_field(body, "max_queue", DEFAULT_MAX_QUEUE, 0, 1 << 16, integer=True)
         keep_alive = keep_alive_of(body, self.keep_alive)
         limit_mb = number_field(body, "memory_limit_mb", None, 0, 1 << 40, integer=True)
         stream = req.sse()
-        with narration_to(stream.narration):
-            worker, timings = self.worker_for(ref, backend, device, parallel, keep_alive, limit_mb)
+        with narration_to(stream.narration), self.working():
+            worker, timings = self.worker_for(ref, backend, device, parallel, keep_alive, limit_mb, max_queue)
         stream.finish(EVENT_WORKER, {"worker_id": worker.worker_id, "url": worker.url, "state": worker.state,
                                  "api_key": worker.api_key, "backend": backend, "device": device,
                                  "model_ref": ref.text, "timings": timings})
 
     # -- the pool -------------------------------------------------------------------------------
 
-    def worker_for(self, ref, backend, device, parallel=DEFAULT_PARALLEL, keep_alive=None, limit_mb=None):
+    def worker_for(self, ref, backend, device, parallel=DEFAULT_PARALLEL, keep_alive=None, limit_mb=None,
+                   max_queue=DEFAULT_MAX_QUEUE):
         """An idle worker for (model, backend, device): reused, or provisioned and spawned. Its
         keep-alive becomes this request's (as with Ollama); `limit_mb`: what the queen lets it take."""
         keep_alive = self.keep_alive if keep_alive is None else keep_alive
@@ -2652,17 +2749,17 @@ class Hive(App):
                             {"required_mb": need, "available_mb": limit_mb, "node": self.node},
                             "Raise the node's limit (rbee.py nodes set %s --max-ram SIZE), unload a worker, or "
                             "choose a smaller model" % self.node)
-            worker = self.launch(ref, row, backend, device, parallel)
+            worker = self.launch(ref, row, backend, device, (parallel, max_queue))
             worker.handed_out, worker.keep_alive = time.time(), keep_alive
             return worker, {"reused": False, "download_ms": download_ms, "load_ms": worker.load_ms}
 
-    def launch(self, ref, row, backend, device, parallel, attempts=3):
+    def launch(self, ref, row, backend, device, slots, attempts=3):
         """Start a worker and wait until it is ready. A worker binds its port only after loading
         its model, so another program (another hive on this machine) can take the port meanwhile:
         such a worker is started again on the next free port."""
         port = WORKER_PORT
         for attempt in range(1, attempts + 1):
-            worker = self.start_worker(ref, row, backend, device, parallel, port)
+            worker = self.start_worker(ref, row, backend, device, slots, port)
             try:
                 self.await_ready(worker)
                 return worker
@@ -2675,15 +2772,16 @@ class Hive(App):
             finally:
                 worker.listeners.clear()
 
-    def start_worker(self, ref, row, backend, device, parallel, port=WORKER_PORT):
+    def start_worker(self, ref, row, backend, device, slots, port=WORKER_PORT):
+        """Start a worker of `slots` (--parallel, --max-queue) on the first free port from `port`."""
         with self._ports_lock:   # choosing a port and registering its worker is one step
-            worker = self._spawn_worker(ref, row, backend, device, parallel, port)
+            worker = self._spawn_worker(ref, row, backend, device, slots, port)
         worker.output = ChildOutput(worker.proc, worker.relay, lambda code: self.worker_exited(worker, code),
                                     worker.worker_id, open_log("%s.log" % worker.worker_id), worker.control)
         worker.output.start()
         return worker
 
-    def _spawn_worker(self, ref, row, backend, device, parallel, port):
+    def _spawn_worker(self, ref, row, backend, device, slots, port):
         port = free_port(self.args.host, port)
         while port in self.registry.ports():
             port = free_port(self.args.host, port + 1)
@@ -2693,10 +2791,12 @@ class Hive(App):
         env[ENV_WORKER_API_KEY], env[ENV_READY_TOKEN] = api_key, ready_token
         argv = [sys.executable, "-u", RBEE_PY, "worker", "--model", row["local_path"], "--backend", backend,
                 "--device", str(device), "--port", str(port), "--host", self.args.host, "--worker-id", worker_id,
-                "--model-ref", ref.text, "--hive-url", self.local_url, "--parallel", str(parallel), "--lifeline"]
+                "--model-ref", ref.text, "--hive-url", self.local_url, "--parallel", str(slots[0]),
+                "--max-queue", str(slots[1]), "--lifeline"]
         proc = spawn_child(argv, env=env)
         worker = WorkerProcess(worker_id, ref.text, backend, device, self.args.host, port, api_key, ready_token,
                                proc)
+        worker.health = {"slots_total": slots[0], "slots_available": slots[0]}   # (until it answers /health)
         worker.listeners.append(_current_sink())
         self.registry.add(worker)
         return worker
@@ -2725,6 +2825,8 @@ class Hive(App):
         try:
             health = worker.client.health()
         except RbeeError:
+            return worker.state
+        if worker.state == "draining":   # its own "idle" until it has read its shutdown
             return worker.state
         worker.state, worker.health = health.get("state", worker.state), health
         if worker.state == "busy":
@@ -2755,12 +2857,14 @@ class Hive(App):
                 if not worker.ready.is_set() or worker.state == "draining":
                     continue
                 expires = worker.expires() if self.poll_worker(worker) == "idle" else None
-                if expires is not None and time.time() >= expires:
+                key = (worker.model_ref, worker.backend, worker.device)
+                if expires is not None and time.time() >= expires and not self.spawn_locks.busy(key):
+                    worker.state = "draining"   # before anyone can hand it out again
                     narrate("rbee-hive", "worker_idle_stop", "Stopping worker %s, idle for %d s (keep-alive %s)" % (
                         worker.worker_id, time.time() - worker.last_activity, human_duration(worker.keep_alive)),
                         "😴", worker_id=worker.worker_id, model_ref=worker.model_ref)
                     threading.Thread(target=self.stop_worker, args=(worker,), daemon=True).start()
-            if workers:
+            if workers or self.in_progress:
                 self.workerless_since = time.time()
             elif self.args.lifeline and 0 <= self.keep_alive < time.time() - self.workerless_since:
                 narrate("rbee-hive", "hive_idle_stop", "No worker for %s: the pool manager ends" % human_duration(
@@ -3188,7 +3292,7 @@ def node_view(resources, limits, pending=(), loads=None):
                 free = min(free, cap - used[pool] - reserved[pool])
             # room_mb may be below 0 (a cap lowered under what runs): stopping workers counts from there
             devices.append({"backend": backend, "device": d["index"], "pool": pool, "free_mb": max(0, int(free)),
-                            "room_mb": int(free)})
+                            "room_mb": int(free), "reserved_mb": reserved[pool]})
     model = resources.get("model") or {}
     return {"node": resources["node"], "devices": devices, "workers": workers,
             "cataloged": bool(model.get("cataloged"))}
@@ -3206,14 +3310,24 @@ def plan_placement(model_ref, need_mb, views, backend=None, device=None, max_rep
     most free memory where it fits, GPUs before the CPU; the same after stopping idle workers,
     least recently used first; else wait for busy ones, or INSUFFICIENT_RAM / VRAM_EXHAUSTED."""
     wanted = lambda b, d: backend in (None, b) and device in (None, d)
+    if not any(wanted(d["backend"], d["device"]) for v in views for d in v["devices"]):
+        nodes = ", ".join(v["node"] for v in views)
+        if not any(backend in (None, d["backend"]) for v in views for d in v["devices"]):
+            raise BackendUnavailable("Backend %s is not available on %s" % (backend, nodes), {"backend": backend},
+                                     "Leave --backend out, or add a node that has it", component="queen-rbee")
+        raise DeviceNotFound("Device %s of %s is not on %s" % (device, backend or "any backend", nodes),
+                             {"device": device}, "Leave --device out: the queen picks one", component="queen-rbee")
     mine = [(v, w) for v in views for w in v["workers"] if w["model_ref"] == model_ref and wanted(w["backend"],
                                                                                                    w["device"])]
     if mine:
         v, w = min(mine, key=lambda vw: (vw[1]["load"] / (vw[1]["slots_total"] or DEFAULT_PARALLEL), vw[1]["load"]))
         slots = w["slots_total"] or DEFAULT_PARALLEL
         where = "%s %s:%s" % (v["node"], w["backend"], w["device"])
+        # (a reused worker that is gone by the time its hive asks is started again within this room)
+        room = next((d["free_mb"] for d in v["devices"] if (d["backend"], d["device"]) == (w["backend"], w["device"])),
+                    None)
         if w["load"] < slots:
-            return Placement("reuse", v["node"], w["backend"], w["device"], (), None, "%s: its worker has a free slot "
+            return Placement("reuse", v["node"], w["backend"], w["device"], (), room, "%s: its worker has a free slot "
                              "(%d of %d busy)" % (where, w["load"], slots), w["worker_id"])
         if len(mine) < max_replicas:
             taken = {(v2["node"], w2["backend"], w2["device"]) for v2, w2 in mine}
@@ -3221,14 +3335,14 @@ def plan_placement(model_ref, need_mb, views, backend=None, device=None, max_rep
             if option:
                 return option._replace(reason="%s, a replica: every worker of the model is busy (%s: %d requests for "
                                        "%d slots)" % (option.reason, where, w["load"], slots))
-        return Placement("reuse", v["node"], w["backend"], w["device"], (), None, "%s: its least loaded worker "
+        return Placement("reuse", v["node"], w["backend"], w["device"], (), room, "%s: its least loaded worker "
                          "(%d requests for %d slots: it queues)" % (where, w["load"], slots), w["worker_id"])
     option = _best_device(need_mb, views, wanted, (), evict=False) or _best_device(need_mb, views, wanted, (), True)
     if option:
         return option
     waitable = [(v["node"], d) for v in views for d in v["devices"] if wanted(d["backend"], d["device"])
-                and d["room_mb"] + sum(w.get("memory_mb") or 0 for w in v["workers"] if w["pool"] == d["pool"])
-                >= max(need_mb, 1)]
+                and d["room_mb"] + d.get("reserved_mb", 0) + sum(w.get("memory_mb") or 0 for w in v["workers"]
+                                                                 if w["pool"] == d["pool"]) >= max(need_mb, 1)]
     if waitable:
         return Placement("wait", waitable[0][0], None, None, (), None, "%d MB frees when busy workers on %s end" % (
             need_mb, ", ".join(sorted({n for n, _ in waitable}))), None)
@@ -3290,15 +3404,17 @@ class Scheduler:
         """The `worker` event of a hive for the task, after placing it on one of `nodes`."""
         deadline, said_wait = time.monotonic() + PLACEMENT_WAIT, False
         while True:
+            answers = self.survey(ref, nodes, sink)   # (hive starts and ssh: outside the lock)
             with self.lock:
-                views, need_mb = self.survey(ref, nodes, sink)
+                views, need_mb = self.views(ref, nodes, answers)
                 plan = plan_placement(ref.text, need_mb, views, backend, device, self.queen.args.max_replicas)
                 if plan.action != "wait":
                     self.evict(plan.evict, sink)
                     spawn, now = None, time.monotonic()
-                    if plan.action == "spawn":
+                    if plan.action == "spawn":   # (a size not known yet reserves what it may take)
                         spawn = {"node": plan.node, "model_ref": ref.text, "backend": plan.backend,
-                                 "device": plan.device, "need_mb": need_mb, "parallel": parallel, "since": now}
+                                 "device": plan.device, "need_mb": need_mb or plan.free_mb or 0, "parallel": parallel,
+                                 "since": now}
                         self.pending.append(spawn)
                     self.handouts[(plan.node, ref.text, plan.backend, plan.device)].append(now)
                     break
@@ -3318,7 +3434,7 @@ class Scheduler:
             session = self.queen.hive(plan.node, sink)
             with session.listening(sink):
                 body = {"model_ref": ref.text, "backend": plan.backend, "device": plan.device, "parallel": parallel,
-                        "keep_alive": keep_alive}
+                        "keep_alive": keep_alive, "max_queue": self.queen.args.max_queue}
                 if plan.free_mb is not None:
                     body["memory_limit_mb"] = plan.free_mb
                 return session, session.client.spawn(body, session.tagged(sink))
@@ -3327,23 +3443,37 @@ class Scheduler:
                 with self.lock:
                     self.pending.remove(spawn)
 
+    def node_for(self, ref, sink):
+        """The node a download of `ref` goes to: where a task for it would run now."""
+        nodes = self.queen.candidates()
+        answers = self.survey(ref, nodes, sink)
+        with self.lock:
+            views, need_mb = self.views(ref, nodes, answers)
+            return plan_placement(ref.text, need_mb, views, max_replicas=self.queen.args.max_replicas).node
+
     def survey(self, ref, nodes, sink):
-        """(node views, MB the model needs: 0 if no node knows its size yet) of the nodes whose
-        hives answer; the first error if none does."""
+        """{node: its hive's /v1/resources for `ref`} of the nodes whose hives answer (started if
+        need be); the first error if none does."""
         results, errors = {}, []
 
         def ask(name):
             try:
                 session = self.queen.hive(name, sink)
                 results[name] = session.client.resources(ref.text)
-            except RbeeError as err:
+            except Exception as exc:   # (an ssh binary missing is no traceback either)
+                err = RbeeError.wrap(exc, "queen-rbee")
                 errors.append(err)
                 if len(nodes) > 1:
                     narrate("queen-rbee", "node_skipped", "Leaving %s out: %s" % (name, err.message), "⚠️",
                             node=name, level="warn")
         in_parallel(ask, nodes)
         if not results:
-            raise errors[0]
+            raise errors[0] if errors else NodeNotFound("No node to run on", {}, component="queen-rbee")
+        return results
+
+    def views(self, ref, nodes, results):
+        """(node views, MB the model needs: 0 if no node knows its size yet), with the spawns and
+        handouts in progress (the caller holds `lock`)."""
         now = time.monotonic()
         starts = {(p["node"], p["model_ref"], p["backend"], p["device"]): p["since"] for p in self.pending}
         for key in list(self.handouts):   # a worker still loading counts every task handed to it
@@ -3368,7 +3498,8 @@ class Scheduler:
         for node, worker_id, model_ref in evict:
             narrate("queen-rbee", "evict", "Unloading idle %s (worker %s) on %s to make room, least recently used "
                     "first" % (model_ref, worker_id, node), "🧹", node=node, worker_id=worker_id)
-            self.queen.hive(node, sink).client.shutdown_worker(worker_id)
+            with contextlib.suppress(InvalidRequest):   # (gone meanwhile: its keep-alive, a crash)
+                self.queen.hive(node, sink).client.shutdown_worker(worker_id)
         deadline = time.monotonic() + GRACEFUL_TIMEOUT
         for node, worker_id, _ in evict:
             client = self.queen.hive(node, sink).client
@@ -3376,14 +3507,458 @@ class Scheduler:
                 time.sleep(0.1)
 
 
-class Queen(App):
-    """The orchestrator (PROTOCOL.md §5.3): starts hives on demand and turns a task into a worker."""
+# -- the apps' APIs: OpenAI's and Ollama's dialects, one job runner, metrics (PROTOCOL.md §13) ------
+
+class OpenAIStream(SSEStream):
+    """OpenAI's dialect of SSE (as llama.cpp's server writes it): `data: {json}` frames, bare `:`
+    keep-alives, `data: [DONE]` last; an error after the start is a `data: {"error": ...}` frame."""
+
+    ping_frame = b":\n\n"
+
+    def data(self, obj):
+        self._write(("data: %s\n\n" % json_text(obj)).encode())
+
+    def done(self):
+        try:
+            self._write(b"data: [DONE]\n\n")
+        finally:
+            self.close()
+
+    def fail(self, err):
+        try:
+            self.data(openai_error(err))
+        finally:
+            self.close()
+
+
+class NdjsonStream(SSEStream):
+    """Ollama's dialect: one JSON object per line, no keep-alives; an error is `{"error": "..."}`."""
+
+    content_type = NDJSON_CONTENT_TYPE
+    ping_frame = None
+
+    def line(self, obj):
+        self._write((json_text(obj) + "\n").encode())
+
+    def fail(self, err):
+        try:
+            self.line({"error": err.message})
+        finally:
+            self.close()
+
+
+def openai_error(err):
+    """An RbeeError in OpenAI's shape: {"error": {message, type, code, param}}."""
+    kind = {401: "authentication_error", 403: "permission_error", 503: "unavailable_error"}.get(
+        err.status, "invalid_request_error" if err.status < 500 else "server_error")
+    code = {"MODEL_NOT_FOUND": "model_not_found", "MISSING_API_KEY": "invalid_api_key",
+            "INVALID_API_KEY": "invalid_api_key"}.get(err.code, err.code.lower())
+    return {"error": {"message": err.message, "type": kind, "code": code, "param": err.details.get("field")}}
+
+
+def iso_time(unix=None):
+    """RFC 3339 in UTC, as Ollama writes its times."""
+    unix = time.time() if unix is None else unix
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(unix)) + ".%06dZ" % int((unix % 1) * 1e6)
+
+
+def quantization_of(filename):
+    match = re.search(r"(I?Q\d+_[A-Z0-9_]+|I?Q\d+|F16|BF16|F32)(?=[.-])", filename or "", re.I)
+    return match.group(1).upper() if match else ""
+
+
+FINISH_REASON = {"eos": "stop", "stop": "stop", "max_tokens": "length"}   # a worker's stop_reason, in the apps' words
+
+
+class AppJob:
+    """One generation an app asked the queen for: placed like a task, run on the worker over its
+    client, its text yielded as it comes, measured for /metrics. Close it (or let go of `texts`)
+    to cancel the job on the worker."""
+
+    def __init__(self, queen, ref, body, keep_alive):
+        self.queen = queen                #: the queen that places it
+        self.ref = ref                    #: the model
+        self.body = body                  #: the worker's /execute body
+        self.keep_alive = keep_alive      #: the worker's keep-alive (seconds; the queen's default if None)
+        self.accepted = time.monotonic()  #: when the request came
+        self.started = None               #: when the worker began it (left the queue)
+        self.first_token = None           #: when its first text came
+        self.stats = {}                   #: the worker's end event (tokens_out, prompt_tokens, stop_reason, ...)
+        self.events = None                #: the worker's events (WorkerClient.execute), once open
+        self.first = None                 #: the first of them, read by open()
+
+    def open(self):
+        """Place the model and start the job: every error the app should get as a status (a prompt
+        over the context, a full queue, an unknown model) raises here, before the answer starts."""
+        queen = self.queen
+        with queen.metrics.placing_scope():
+            session, worker = queen.scheduler.place(self.ref, queen.candidates(), None, None, DEFAULT_PARALLEL,
+                                                    self.keep_alive, _current_sink())
+            client = WorkerClient(session.worker_url(worker["url"]), worker["api_key"], worker["worker_id"],
+                                  session.name)
+            self.events = client.execute(self.body, retries=())   # a full queue is the app's 503 at once
+            try:
+                self.first = next(self.events)
+            except RbeeError as err:
+                queen.metrics.ended(self, "busy" if isinstance(err, SlotsBusy) else "error")
+                raise
+        return self
+
+    def texts(self):
+        """The generated text, piece by piece; then `stats` holds the worker's end event."""
+        event, outcome = self.first, "cancelled"
+        try:
+            while True:
+                if isinstance(event, JobStarted):
+                    self.started = time.monotonic()
+                elif isinstance(event, Token) and event.text:
+                    self.first_token = self.first_token or time.monotonic()
+                    yield event.text
+                elif isinstance(event, JobEnded):
+                    self.stats, outcome = event.stats, "ok"
+                    return
+                event = next(self.events)
+        except RbeeError:
+            outcome = "error"
+            raise
+        finally:
+            self.queen.metrics.ended(self, outcome)
+            self.events.close()
+
+    def finish_reason(self):
+        return FINISH_REASON.get(self.stats.get("stop_reason"), "stop")
+
+    def usage(self):
+        prompt, completion = self.stats.get("prompt_tokens", 0), self.stats.get("tokens_out", 0)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class Metrics:
+    """The queen's Prometheus metrics (text format 0.0.4): its apps' requests, counted here, and
+    the cluster's state, read from the hives at each scrape. Labels: node, model, state, outcome."""
+
+    BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+    OUTCOMES = ("ok", "error", "busy", "cancelled")
+    HISTOGRAMS = {"rbee_time_to_first_token_seconds": "From an app request to its first token",
+                  "rbee_request_duration_seconds": "Whole app requests",
+                  "rbee_queue_wait_seconds": "From an app request to its job leaving the queue"}
+
+    def __init__(self):
+        self.lock = threading.Lock()      #: guards everything below (request threads)
+        self.placing = 0                  #: app requests being placed (a model loading, memory freeing)
+        self.outcomes = collections.Counter()         #: outcome -> requests that ended so
+        self.tokens = collections.Counter()           #: ("prompt"|"generated", model) -> tokens
+        #: histogram -> its bucket counts, then the +Inf count, then the sum
+        self.histograms = {name: [0] * (len(self.BUCKETS) + 1) + [0.0] for name in self.HISTOGRAMS}
+
+    @contextlib.contextmanager
+    def placing_scope(self):
+        with self.lock:
+            self.placing += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.placing -= 1
+
+    def ended(self, job, outcome):
+        now = time.monotonic()
+        with self.lock:
+            self.outcomes[outcome] += 1
+            if job.stats:
+                self.tokens[("prompt", job.ref.text)] += job.stats.get("prompt_tokens", 0)
+                self.tokens[("generated", job.ref.text)] += job.stats.get("tokens_out", 0)
+            self._observe("rbee_request_duration_seconds", now - job.accepted)
+            if job.started:
+                self._observe("rbee_queue_wait_seconds", job.started - job.accepted)
+            if job.first_token:
+                self._observe("rbee_time_to_first_token_seconds", job.first_token - job.accepted)
+
+    def _observe(self, name, value):
+        counts = self.histograms[name]
+        for k, bound in enumerate(self.BUCKETS):
+            if value <= bound:
+                counts[k] += 1
+        counts[len(self.BUCKETS)] += 1
+        counts[-1] += value
+
+    def render(self, workers, hives):
+        """The exposition text: these counters, and `workers`/`hives` as /v2/status gives them."""
+        out = []
+
+        def metric(name, kind, help_text, samples):
+            out.append("# HELP %s %s\n# TYPE %s %s" % (name, help_text, name, kind))
+            for labels, value in samples:
+                label_text = ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"')
+                                                   .replace("\n", "\\n")) for k, v in labels)
+                out.append("%s%s %s" % (name, "{%s}" % label_text if label_text else "", repr(float(value))))
+        busy = sum(w["slots_total"] - w["slots_available"] for w in workers)
+        queued = sum(w["queue_length"] for w in workers)
+        with self.lock:
+            metric("rbee_requests_running", "gauge", "Jobs in a slot of a worker, from every client", [((), busy)])
+            metric("rbee_requests_waiting", "gauge", "Jobs in a worker's queue, and app requests being placed",
+                   [((), queued + self.placing)])
+            metric("rbee_requests_total", "counter", "App requests by outcome",
+                   [((("outcome", o),), self.outcomes[o]) for o in self.OUTCOMES])
+            for kind in ("prompt", "generated"):
+                metric("rbee_%s_tokens_total" % kind, "counter", "%s tokens of app requests" % kind.title(),
+                    [((("model", m),), n) for (k, m), n in sorted(self.tokens.items()) if k == kind])
+            for name, help_text in self.HISTOGRAMS.items():
+                counts, total = self.histograms[name], float(self.histograms[name][len(self.BUCKETS)])
+                out.append("# HELP %s %s\n# TYPE %s histogram" % (name, help_text, name))
+                for bound, count in zip(self.BUCKETS, counts):
+                    out.append('%s_bucket{le="%s"} %s' % (name, repr(bound), float(count)))
+                out.append('%s_bucket{le="+Inf"} %s\n%s_sum %s\n%s_count %s' % (name, total, name, repr(counts[-1]),
+                                                                               name, total))
+        states = collections.Counter((w["node"], w["model_ref"], w["state"]) for w in workers)
+        metric("rbee_workers", "gauge", "Workers by node, model and state",
+               [((("node", n), ("model", m), ("state", s)), c) for (n, m, s), c in sorted(states.items())])
+        metric("rbee_node_free_memory_bytes", "gauge", "Free RAM of each node with a running hive",
+               [((("node", h["node"]),), h["ram_free_mb"] << 20) for h in hives if "ram_free_mb" in h])
+        return "\n".join(out) + "\n"
+
+
+def sampling_of(body, temperature=0.8):
+    """/execute's sampling fields from an app's request (OpenAI's names, or Ollama's `options`)."""
+    job = {"temperature": body.get("temperature", temperature)}
+    for name in ("top_p", "top_k", "seed", "stop"):
+        if body.get(name) is not None:
+            job[name] = body[name]
+    return job
+
+
+class OpenAIApi:
+    """OpenAI's API on the queen (a mixin of Queen): chat and legacy completions, streamed as
+    llama.cpp's server streams them, and the models every reachable node has."""
+
+    def openai_chat(self, req):
+        body = req.json
+        job = dict(sampling_of(body), messages=body.get("messages"))
+        if job["messages"] is None:
+            raise invalid("messages", "is required")
+        if (body.get("response_format") or {}).get("type") == "json_object":
+            job["grammar"] = "json"
+        self._openai_answer(req, body, job, "chat.completion", "chatcmpl-")
+
+    def openai_completions(self, req):
+        body = req.json
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        self._openai_answer(req, body, dict(sampling_of(body), prompt=prompt, raw=True), "text_completion", "cmpl-")
+
+    def _openai_answer(self, req, body, job, kind, id_prefix):
+        if body.get("n", 1) != 1:
+            raise invalid("n", "only 1 is supported")
+        stream_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        job["max_tokens"] = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_N_CTX
+        app = AppJob(self, self.model_named(body.get("model")), job, None).open()
+        answer = {"id": id_prefix + random_id(12), "object": kind, "created": int(time.time()),
+                  "model": body["model"], "system_fingerprint": "rbee-" + __version__}
+        chat = kind == "chat.completion"
+
+        def choice(text, finish=None, first=False):
+            if chat:
+                delta = dict({"role": "assistant"} if first else {}, **({"content": text} if text is not None else {}))
+                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        if not body.get("stream"):
+            text = "".join(app.texts())
+            result = {"index": 0, "logprobs": None, "finish_reason": app.finish_reason()}
+            result.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+            req.send_json(200, dict(answer, choices=[result], usage=app.usage()))
+            return
+        stream = req.sse(OpenAIStream)
+        chunk = dict(answer, object=kind + ".chunk" if chat else kind)
+        if chat:
+            stream.data(dict(chunk, choices=[choice("", first=True)]))
+        for text in app.texts():
+            stream.data(dict(chunk, choices=[choice(text)]))
+        stream.data(dict(chunk, choices=[choice(None if chat else "", app.finish_reason())]))
+        if stream_usage:
+            stream.data(dict(chunk, choices=[], usage=app.usage()))
+        stream.done()
+
+    def openai_models(self, req):
+        req.send_json(200, {"object": "list", "data": [self._openai_model(m) for m in self.model_list()]})
+
+    def openai_model(self, req):
+        name = urllib.parse.unquote(req.params["model_id"])
+        found = [m for m in self.model_list() if name in (m["id"], m["slug"])]
+        if not found:
+            raise ModelNotFound("The model %r does not exist on any reachable node" % name, {"model": name},
+                                "See GET /v1/models")
+        req.send_json(200, self._openai_model(found[0]))
+
+    @staticmethod
+    def _openai_model(m):
+        return {"id": m["id"], "object": "model", "created": m["created"], "owned_by": "rbee",
+                "nodes": m["nodes"], "loaded_on": m["loaded_on"], "size_bytes": m["size_bytes"]}
+
+
+class OllamaApi:
+    """Ollama's API on the queen (a mixin of Queen), for Open WebUI and the `ollama` package."""
+
+    def ollama_root(self, req):
+        data = b"rbee is running"
+        req.handler.send_response(200)
+        req.handler.send_header("Content-Type", "text/plain; charset=utf-8")
+        req.handler.send_header("Content-Length", str(len(data)))
+        req.handler.end_headers()
+        if req.handler.command != "HEAD":
+            req.handler.wfile.write(data)
+
+    def ollama_version(self, req):
+        req.send_json(200, {"version": __version__})
+
+    def ollama_tags(self, req):
+        req.send_json(200, {"models": [{
+            "name": m["id"], "model": m["id"], "modified_at": iso_time(m["created"]), "size": m["size_bytes"],
+            "digest": m["sha256"] or "", "details": self._ollama_details(m)} for m in self.model_list()]})
+
+    def ollama_ps(self, req):
+        workers = self.cluster()[1]
+        req.send_json(200, {"models": [{
+            "name": w["model_ref"], "model": w["model_ref"], "size": w["memory_mb"] << 20, "digest": "",
+            "details": {"format": "gguf", "family": "", "families": None, "parameter_size": "",
+                        "quantization_level": quantization_of(w["model_ref"])},
+            "expires_at": iso_time(w["expires_unix"]) if w.get("expires_unix") else iso_time(
+                time.time() + (10 * 365 * 86400 if w["keep_alive_s"] < 0 else max(0, w["keep_alive_s"]))),
+            "size_vram": (w["memory_mb"] << 20) if w["backend"] != "cpu" else 0,
+            "node": w["node"], "device": "%s:%s" % (w["backend"], w["device"])} for w in workers]})
+
+    def ollama_show(self, req):
+        name = req.json.get("model") or req.json.get("name")
+        found = [m for m in self.model_list() if name in (m["id"], m["slug"])]
+        if not found:
+            raise ModelNotFound("model %r not found" % name, {"model": name}, "See GET /api/tags")
+        m = found[0]
+        req.send_json(200, {"modelfile": "# rbee model %s\nFROM %s\n" % (m["id"], m["id"]), "parameters": "",
+                            "template": "", "details": self._ollama_details(m), "modified_at": iso_time(m["created"]),
+                            "model_info": {"general.file_type": quantization_of(m["filename"]),
+                                           "rbee.nodes": m["nodes"]}, "capabilities": ["completion"]})
+
+    @staticmethod
+    def _ollama_details(m):
+        return {"format": "gguf", "family": "", "families": None, "parameter_size": "",
+                "quantization_level": quantization_of(m["filename"])}
+
+    def ollama_chat(self, req):
+        body = req.json
+        if body.get("messages") is None:
+            raise invalid("messages", "is required")
+        self._ollama_answer(req, body, {"messages": body.get("messages")}, "message")
+
+    def ollama_generate(self, req):
+        body = req.json
+        prompt = body.get("prompt") or ""
+        if not isinstance(prompt, str):
+            raise invalid("prompt", "must be a string")
+        if not prompt.strip():   # Ollama's load (and, with keep_alive 0, unload) of a model
+            return self._ollama_load(req, body)
+        if body.get("raw"):
+            job = {"prompt": prompt, "raw": True}
+        else:
+            system = [{"role": "system", "content": body["system"]}] if body.get("system") else []
+            job = {"messages": system + [{"role": "user", "content": prompt}]}
+        self._ollama_answer(req, body, job, "response")
+
+    def _ollama_answer(self, req, body, job, field):
+        options = body.get("options") or {}
+        if not isinstance(options, dict):
+            raise invalid("options", "must be an object")
+        job.update(sampling_of(options))
+        predict = options.get("num_predict")
+        job["max_tokens"] = predict if isinstance(predict, int) and predict > 0 else DEFAULT_N_CTX
+        if body.get("format") is not None:
+            job["grammar"] = "json"   # "json", or a schema: a JSON object either way
+        keep_alive = keep_alive_of(body, None)
+        app = AppJob(self, self.model_named(body.get("model")), job, keep_alive).open()
+        name = body["model"]
+
+        def piece(text, done=False):
+            out = {"model": name, "created_at": iso_time(), "done": done}
+            out[field] = {"role": "assistant", "content": text} if field == "message" else text
+            if done:
+                ms = lambda a, b: int(max(0.0, (b or a) - a) * 1e9)
+                out.update(done_reason=app.finish_reason(), total_duration=ms(app.accepted, time.monotonic()),
+                           load_duration=ms(app.accepted, app.started), prompt_eval_count=app.usage()["prompt_tokens"],
+                           prompt_eval_duration=ms(app.started or app.accepted, app.first_token),
+                           eval_count=app.usage()["completion_tokens"],
+                           eval_duration=ms(app.first_token or time.monotonic(), time.monotonic()))
+            return out
+        if body.get("stream") is False:
+            text = "".join(app.texts())
+            req.send_json(200, dict(piece(text, True)))
+            return
+        stream = req.sse(NdjsonStream)
+        for text in app.texts():
+            stream.line(piece(text))
+        stream.line(piece("", True))
+        stream.close()
+
+    def _ollama_load(self, req, body):
+        ref, keep_alive = self.model_named(body.get("model")), keep_alive_of(body, None)
+        if keep_alive == 0:
+            for w in self.cluster()[1]:
+                if w["model_ref"] == ref.text:
+                    self.hive(w["node"]).client.shutdown_worker(w["worker_id"])
+            reason = "unload"
+        else:
+            self.scheduler.place(ref, self.candidates(), None, None, DEFAULT_PARALLEL, keep_alive, _current_sink())
+            reason = "load"
+        req.send_json(200, {"model": body["model"], "created_at": iso_time(), "response": "", "done": True,
+                            "done_reason": reason})
+
+    def ollama_pull(self, req):
+        body = req.json
+        ref = model_ref_of(dict(body, model=body.get("model") or body.get("name")))
+        node = text_field(body, "node", AUTO_NODE, limit=200)   # (rbee's own field: the node to pull to)
+        node = self.scheduler.node_for(ref, _current_sink()) if node == AUTO_NODE else self.nodes.resolve(node)[
+            "node_name"]
+        stream = req.sse(NdjsonStream) if body.get("stream", True) is not False else None
+        shown = {}
+
+        def progress(event):   # the hive's download narration, as Ollama's pull statuses
+            if stream is None:
+                return
+            action, details = event.get("action"), event.get("progress") or {}
+            if action == "download_start":
+                shown["file"] = event.get("human", "").replace("Downloading ", "").split(" from ")[0]
+                stream.line({"status": "pulling %s" % shown["file"]})
+            elif action == "download_progress":
+                stream.line({"status": "pulling %s" % shown.get("file", ref.text), "digest": "",
+                             "total": details.get("total"), "completed": details.get("done")})
+            elif action == "download_done":
+                stream.line({"status": "verifying sha256 digest"})
+        if stream:
+            stream.line({"status": "pulling manifest"})
+        session = self.hive(node)
+        with session.listening(progress):
+            session.client.download(ref.text, progress)
+        if stream:
+            stream.line({"status": "success"})
+            stream.close()
+        else:
+            req.send_json(200, {"status": "success"})
+
+
+class Queen(OpenAIApi, OllamaApi, App):
+    """The orchestrator (PROTOCOL.md §5.3): starts hives on demand and turns a task into a worker;
+    serves the apps' APIs (§13) on the same port."""
 
     component = "queen-rbee"
+    OPENAI = ((OPENAI_CHAT, "openai_chat"), (OPENAI_COMPLETIONS, "openai_completions"),
+              (OPENAI_MODELS, "openai_models"), (OPENAI_MODEL, "openai_model"))
     routes = ((QUEEN_HEALTH, "health"), (QUEEN_TASKS, "task"), (QUEEN_WORKERS, "list_workers"),
               (QUEEN_WORKER_SHUTDOWN, "shutdown_worker"), (QUEEN_MODELS, "list_models"),
               (QUEEN_DOWNLOAD, "download_model"), (QUEEN_REMOVE, "remove_model"), (QUEEN_STATUS, "status"),
-              (QUEEN_SHUTDOWN, "shutdown_request"))
+              (QUEEN_SHUTDOWN, "shutdown_request"), (QUEEN_METRICS, "serve_metrics")) + OPENAI + tuple(
+        ((method, path[len("/v1"):]), name) for (method, path), name in OPENAI) + (
+        (OLLAMA_ROOT, "ollama_root"), (OLLAMA_ROOT_HEAD, "ollama_root"), (OLLAMA_VERSION, "ollama_version"),
+        (OLLAMA_TAGS, "ollama_tags"), (OLLAMA_PS, "ollama_ps"), (OLLAMA_SHOW, "ollama_show"),
+        (OLLAMA_CHAT, "ollama_chat"), (OLLAMA_GENERATE, "ollama_generate"), (OLLAMA_PULL, "ollama_pull"))
+    OPEN_ROUTES = ("health", "ollama_root", "ollama_version")   # what answers without the key
 
     def __init__(self, args):
         super().__init__()
@@ -3396,10 +3971,41 @@ class Queen(App):
         self.hives_lock = threading.Lock()    #: guards `hives` and `_start_locks`
         self._start_locks = {}            #: node name -> Lock held while its hive starts (one start per node)
         self.scheduler = Scheduler(self)  #: where tasks run: placement, replicas, eviction
+        self.metrics = Metrics()          #: /metrics: the apps' requests (its own lock)
 
     def authorize(self, req, name):
-        if self.api_key is not None and name != "health":
+        if self.api_key is not None and name not in self.OPEN_ROUTES:
             req.require_bearer(self.api_key)
+
+    def error_body(self, path, err):
+        """Each API's errors in its own shape: OpenAI's, Ollama's `{"error": "..."}`, rbee's envelope."""
+        if path.startswith(("/v1/", "/chat/", "/completions", "/models")):
+            return openai_error(err)
+        if path == "/" or path.startswith("/api/"):
+            return {"error": err.message}
+        return err.envelope()
+
+    def cors_origin(self, handler):
+        """The request's Origin when `--cors-origin` allows it (else None)."""
+        origin = handler.headers.get("Origin") if getattr(handler, "headers", None) else None
+        allowed = self.args.cors_origin or ()
+        return origin if origin and (origin in allowed or "*" in allowed) else None
+
+    def extra_headers(self, handler):
+        origin = self.cors_origin(handler)
+        return (("Access-Control-Allow-Origin", origin), ("Vary", "Origin")) if origin else ()
+
+    def dispatch(self, handler):
+        if handler.command == "OPTIONS" and self.cors_origin(handler):   # a browser's preflight
+            handler.send_response(204)
+            handler.send_header("Access-Control-Allow-Methods", "GET, POST, HEAD, OPTIONS")
+            handler.send_header("Access-Control-Allow-Headers", handler.headers.get(
+                "Access-Control-Request-Headers") or "Authorization, Content-Type")
+            handler.send_header("Access-Control-Max-Age", "600")
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
+        super().dispatch(handler)
 
     # -- hives ------------------------------------------------------------------------------------
 
@@ -3456,6 +4062,9 @@ class Queen(App):
         node = text_field(body, "node", AUTO_NODE, limit=200)
         ref = ModelRef.parse(body.get("model"))
         backend, device = backend_and_device(body)
+        if backend is not None:
+            import backends
+            backends.get(backend)   # an unknown name: BACKEND_UNAVAILABLE before the stream starts
         if "device" not in body:
             device = None   # (any device of the chosen backend)
         parallel = parallel_of(body)
@@ -3518,9 +4127,8 @@ class Queen(App):
         ref, node = model_ref_of(body), self.node_of(body)
         req.send_json(200, self.hive(node).client.remove(ref.text))
 
-    def status(self, req):
-        """Nodes (with their caps), each running hive's memory, devices, workers and models, and
-        every worker in one list (`rbee.py ps`). Nothing is started to answer."""
+    def cluster(self):
+        """(each running hive's memory, devices, workers and models; every worker in one list)."""
         hives, workers = [], []
 
         def ask(session):
@@ -3538,6 +4146,12 @@ class Queen(App):
         hives.sort(key=lambda h: h["node"])
         for entry in hives:
             workers += entry.get("workers", [])
+        return hives, workers
+
+    def status(self, req):
+        """Nodes (with their caps), each running hive's memory, devices, workers and models, and
+        every worker in one list (`rbee.py ps`). Nothing is started to answer."""
+        hives, workers = self.cluster()
         nodes = [dict(n, env=masked_env(n["env"]), limits=self.nodes.limits(n["node_name"])) for n in self.nodes.list()]
         running = {h["node"] for h in hives}
         for node in nodes:
@@ -3549,6 +4163,62 @@ class Queen(App):
                                                               "max_replicas": self.args.max_replicas},
                             "nodes": [local] + [n for n in nodes if n["node_name"] != "localhost"],
                             "hives": hives, "workers": workers})
+
+    def serve_metrics(self, req):
+        hives, workers = self.cluster()
+        data = self.metrics.render(workers, hives).encode()
+        req.handler.send_response(200)
+        req.handler.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        req.handler.send_header("Content-Length", str(len(data)))
+        req.handler.end_headers()
+        req.handler.wfile.write(data)
+
+    # -- the models the apps name ---------------------------------------------------------------
+
+    def model_named(self, name):
+        """The model an app's `model` names: a reference rbee accepts, or an id (or catalog id) from
+        model_list; else 404 MODEL_NOT_FOUND (400 when it is no string at all)."""
+        if not isinstance(name, str) or not name.strip():
+            raise invalid("model", "is required: a model reference (hf:ORG/REPO, file:/path.gguf) or an id from "
+                          "GET /v1/models")
+        with contextlib.suppress(InvalidModelRef):
+            return ModelRef.parse(name)
+        for model in self.model_list():
+            if name in (model["id"], model["slug"]):
+                return ModelRef.parse(model["id"])
+        raise ModelNotFound("The model %r does not exist on any reachable node" % name, {"model": name},
+                            "See GET /v1/models, or name a reference: hf:ORG/REPO[:QUANT] or file:/path.gguf")
+
+    def model_list(self):
+        """Every model cataloged on a node whose hive answers, and every loaded one, by id:
+        {id, slug, filename, size_bytes, sha256, created, nodes, loaded_on}. An hf model's id is
+        hf:ORG/REPO (with :FILE when a node holds several files of the repo); a file's, file:PATH."""
+        found, lock = {}, threading.Lock()
+
+        def ask(name):
+            try:
+                res = self.hive(name).client.resources()
+            except RbeeError:
+                return
+            files = collections.Counter(row["reference"] for row in res["models"] if row["provider"] == "hf")
+            with lock:
+                for row in res["models"]:
+                    if row["provider"] == "hf":
+                        model_id = "hf:" + row["reference"] + (":" + row["filename"] if files[row["reference"]] > 1
+                                                               else "")
+                    else:
+                        model_id = "file:" + row["local_path"]
+                    entry = found.setdefault(model_id, {
+                        "id": model_id, "slug": row["id"], "filename": row["filename"], "size_bytes": row["size_bytes"],
+                        "sha256": row["sha256"], "created": row["downloaded_at_unix"], "nodes": [], "loaded_on": []})
+                    entry["nodes"].append(name)
+                for w in res["workers"]:
+                    entry = found.setdefault(w["model_ref"], {
+                        "id": w["model_ref"], "slug": w["model_ref"], "filename": w["model_ref"], "size_bytes": 0,
+                        "sha256": None, "created": int(time.time()), "nodes": [], "loaded_on": []})
+                    entry["loaded_on"].append(name)
+        in_parallel(ask, self.candidates())
+        return [found[k] for k in sorted(found)]
 
     def shutdown_request(self, req):
         req.send_json(202, {"status": "shutting down"})
@@ -3957,7 +4627,8 @@ def queen_status(args):
 def cmd_status(args):
     status = queen_status(args)
     if args.json:
-        print(json.dumps(status or {"queen": None, "nodes": NodeRegistry().list(), "hives": [], "workers": []}))
+        nodes = [dict(n, env=masked_env(n["env"])) for n in NodeRegistry().list()]
+        print(json.dumps(status or {"queen": None, "nodes": nodes, "hives": [], "workers": []}))
         return 0
     if status is None:
         print("queen:  not running at %s" % Keeper(args).queen.url)
@@ -4047,9 +4718,10 @@ def keep_alive_arg(text):
 
 
 def size_arg(text):
+    """A cap in MB; 0 (written as such) removes the cap."""
     mb = size_mb(text)
-    if mb is None or mb <= 0:
-        raise argparse.ArgumentTypeError("%r is no memory size (8G, 512M)" % text)
+    if mb is None or (mb <= 0 and not re.match(r"^\s*0+(\.0*)?\s*[KMGT]?(I?B)?\s*$", text, re.I)):
+        raise argparse.ArgumentTypeError("%r is no memory size (8G, 512M; 0 removes the cap)" % text)
     return mb
 
 
@@ -4104,6 +4776,10 @@ def build_parser():
                    "else $RBEE_HOME/api-key, created)")
     s.add_argument("--keep-alive", type=keep_alive_arg, default=DEFAULT_KEEP_ALIVE, help="how long an idle worker "
                    "stays loaded, and a hive without workers lives (default 5m; negative: until the queen stops)")
+    s.add_argument("--max-queue", type=_bounded(int, 0, 1 << 16), default=DEFAULT_MAX_QUEUE,
+                   help="requests a worker it starts lets wait for a slot; beyond them, 503 with Retry-After")
+    s.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="a browser origin allowed to call the "
+                   "APIs (https://chat.lan; repeat it; * for any): preflight OPTIONS and Access-Control headers")
     s.add_argument("--max-replicas", type=_bounded(int, 1, 64), default=DEFAULT_MAX_REPLICAS,
                    help="workers of one model started when every slot of its workers is taken (default 2)")
     s.set_defaults(func=run_queen)

@@ -31,10 +31,11 @@ class EngineJob:
         ("error", message)                 llama.cpp failed; the last event
     """
 
-    def __init__(self, prompt_tokens, max_tokens, temperature=0.7, top_p=0.95, top_k=40, seed=None):
+    def __init__(self, prompt_tokens, max_tokens, temperature=0.7, top_p=0.95, top_k=40, seed=None, grammar=None):
         self.prompt_tokens = list(prompt_tokens)   #: the whole prompt, BOS and template included
         self.max_tokens = max_tokens
         self.temperature, self.top_p, self.top_k, self.seed = temperature, top_p, top_k, seed
+        self.grammar = grammar                     #: a GBNF grammar (root rule `root`) the text must follow, or None
         self.cancel = threading.Event()            #: set by anyone: the engine ends the job at its next step
         self.events = queue.Queue()                #: written by the engine's thread, read by the job's owner
         self.admitted = threading.Event()          #: it got a slot (the engine's thread)
@@ -212,6 +213,12 @@ class Engine:
     def _sampler(self, job):
         lc = self.llama_cpp
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if job.grammar:   # first: every later sampler sees only the tokens the grammar allows
+            grammar = lc.llama_sampler_init_grammar(self.vocab, job.grammar.encode(), b"root")
+            if not grammar:
+                lc.llama_sampler_free(chain)
+                raise ValueError("llama.cpp refused the grammar")
+            lc.llama_sampler_chain_add(chain, grammar)
         if job.temperature <= 0:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
             return chain

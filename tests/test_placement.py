@@ -81,7 +81,8 @@ def view(res, max_ram=None, max_vram=None, pending=(), loads=None):
 
 def test_a_cap_limits_what_rbee_may_take_beside_its_own_workers():
     v = view(resources("mac", ram_free=16000, workers=[worker("w1", memory=700)]), max_ram=1000)
-    assert v["devices"] == [{"backend": "cpu", "device": 0, "pool": ("ram",), "free_mb": 300, "room_mb": 300}]
+    assert v["devices"] == [{"backend": "cpu", "device": 0, "pool": ("ram",), "free_mb": 300, "room_mb": 300,
+                             "reserved_mb": 0}]
     v = view(resources("mac", ram_free=200), max_ram=1000)   # the machine itself has less than the cap
     assert v["devices"][0]["free_mb"] == 200
 
@@ -197,3 +198,17 @@ def test_an_unknown_size_places_by_free_memory_and_leaves_the_check_to_the_hive(
     assert plan(0, view(resources("mac", workers=[busy]), max_ram=300)).action == "wait"
     with pytest.raises(rbee.InsufficientRam):
         plan(0, view(resources("mac", ram_free=0)))
+
+
+def test_a_backend_or_device_no_node_has_is_said_so():
+    with pytest.raises(rbee.BackendUnavailable):
+        plan(100, view(resources("mac")), backend="cuda")
+    with pytest.raises(rbee.DeviceNotFound):
+        plan(100, view(resources("ws", cuda=(6000,))), backend="cuda", device=3)
+
+
+def test_a_reused_worker_carries_its_devices_room_and_memory_being_loaded_can_be_waited_for():
+    p = plan(100, view(resources("mac", workers=[worker("w1", busy=1)]), max_ram=1000))
+    assert (p.action, p.free_mb) == ("reuse", 500)
+    pending = [{"node": "mac", "model_ref": OTHER, "backend": "cpu", "device": 0, "need_mb": 900, "parallel": 4}]
+    assert plan(800, view(resources("mac"), max_ram=1000, pending=pending)).action == "wait"
