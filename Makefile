@@ -8,6 +8,8 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 MODEL  := $(CURDIR)/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 PROMPT ?= write a short story
+# llama.cpp's RPC backend (a model split across machines) on top of the GPU flags of this machine
+LLAMA_CMAKE_ARGS := -DGGML_RPC=on $(shell command -v nvidia-smi >/dev/null 2>&1 && echo -DGGML_CUDA=on)
 
 .PHONY: setup model sysdeps run test bench clean
 
@@ -16,7 +18,12 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VPY) -m pip install -q -r requirements.txt
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VPY) -m pip install -q -r requirements.txt
+	@# a llama-cpp-python built before without the RPC backend (a split's parts, issue 13): build it again,
+	@# from its sdist, so that pip's wheel cache then holds the build with RPC
+	$(VPY) -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_rpc() else 1)" || \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VPY) -m pip install -q \
+	    --force-reinstall --no-deps --no-binary llama-cpp-python --no-cache-dir llama-cpp-python==0.3.36
 	touch $@
 
 model: setup $(MODEL)

@@ -43,7 +43,7 @@ __version__ = "0.2.0"
 API_VERSION = "v1"
 HERE = os.path.dirname(os.path.abspath(__file__))
 RBEE_PY = os.path.join(HERE, "rbee.py")
-QUEEN_PORT, HIVE_PORT, WORKER_PORT = 8080, 9200, 8001
+QUEEN_PORT, HIVE_PORT, WORKER_PORT, RPC_PORT = 8080, 9200, 8001, 50052
 DEFAULT_QUEEN_URL = "http://127.0.0.1:%d" % QUEEN_PORT
 MAX_BODY = 1 << 20                 # request bodies over 1 MiB get 413
 MAX_JSON_DEPTH = 32                # deeper request bodies get 400
@@ -325,6 +325,24 @@ def size_mb(text):
     if not match:
         return None
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()] / (1 << 20))
+
+
+_ENDPOINT = re.compile(r"^[A-Za-z0-9.:-]{1,255}:\d{1,5}$")
+
+
+def split_of(body):
+    """A spawn's split: {rpc: ["host:port", ...], offload_layers, tensor_split "a,b"} or None."""
+    rpc = body.get("rpc")
+    if rpc is None:
+        return None
+    if not isinstance(rpc, list) or not 1 <= len(rpc) <= 16 or not all(
+            isinstance(e, str) and _ENDPOINT.match(e) for e in rpc):
+        raise invalid("rpc", "must be a list of 1 to 16 host:port endpoints")
+    shares = body.get("tensor_split")
+    if shares is not None and not (isinstance(shares, str) and re.match(r"^\d+(\.\d+)?(,\d+(\.\d+)?)*$", shares)):
+        raise invalid("tensor_split", "must be shares as a,b,...")
+    return {"rpc": rpc, "offload_layers": number_field(body, "offload_layers", 1, 0, 1 << 16, integer=True),
+            "tensor_split": shares}
 
 
 def backend_and_device(body):
@@ -1077,6 +1095,7 @@ HIVE_WORKER_SHUTDOWN = ("POST", "/v1/workers/{worker_id}/shutdown")
 HIVE_MODELS, HIVE_DOWNLOAD = ("GET", "/v1/models"), ("POST", "/v1/models/download")
 HIVE_REMOVE, HIVE_SHUTDOWN = ("POST", "/v1/models/remove"), ("POST", "/v1/shutdown")
 HIVE_RESOURCES = ("GET", "/v1/resources")
+HIVE_RPC_START, HIVE_RPC_STOP = ("POST", "/v1/rpc/start"), ("POST", "/v1/rpc/stop")
 
 QUEEN_HEALTH, QUEEN_TASKS = ("GET", "/health"), ("POST", "/v2/tasks")
 QUEEN_WORKERS, QUEEN_WORKER_SHUTDOWN = ("GET", "/v2/workers"), ("POST", "/v2/workers/shutdown")
@@ -1265,8 +1284,8 @@ class WorkerClient(RoleClient):
         with contextlib.suppress(RbeeError, OSError):
             self.call(WORKER_CANCEL, {"job_id": job_id}, timeout=timeout, attempts=1)
 
-    def shutdown(self, timeout=5.0):
-        self.call(WORKER_SHUTDOWN, {}, timeout=timeout, attempts=1)
+    def shutdown(self, timeout=5.0, lost=None):
+        self.call(WORKER_SHUTDOWN, {"lost": lost} if lost else {}, timeout=timeout, attempts=1)
 
     def execute(self, body, on_busy=None, retries=BUSY_RETRIES):
         """Run a job: yields JobStarted, Narration and Token, then JobEnded; raises the job's
@@ -1341,14 +1360,22 @@ class HiveClient(RoleClient):
     def ready(self, body):
         return self.call(HIVE_READY, body, timeout=10)
 
-    def shutdown_worker(self, worker_id):
-        return self.call(HIVE_WORKER_SHUTDOWN, worker_id=worker_id)
+    def shutdown_worker(self, worker_id, lost=None):
+        """Stop a worker; `lost` ({node, endpoint}): a split's part died, its jobs end WORKER_CRASHED."""
+        return self.call(HIVE_WORKER_SHUTDOWN, {"lost": lost} if lost else None, worker_id=worker_id)
 
     def models(self):
         return self.call(HIVE_MODELS, timeout=10)["models"]
 
-    def resources(self, model_ref=None):
-        return self.call(HIVE_RESOURCES, query={"model": model_ref} if model_ref else None, timeout=15, attempts=1)
+    def resources(self, model_ref=None, build=False):
+        query = dict({"model": model_ref} if model_ref else {}, **({"build": "1"} if build else {}))
+        return self.call(HIVE_RESOURCES, query=query or None, timeout=60 if build else 15, attempts=1)
+
+    def rpc_start(self, body):
+        return self.call(HIVE_RPC_START, body, timeout=90, attempts=1)
+
+    def rpc_stop(self, rpc_id):
+        return self.call(HIVE_RPC_STOP, {"rpc_id": rpc_id}, timeout=15)
 
     def download(self, model_ref, sink):
         return self.relay(HIVE_DOWNLOAD, {"model_ref": model_ref}, sink, timeout=LOADING_TIMEOUT + 60)
@@ -1723,6 +1750,49 @@ class ModelRef(collections.namedtuple("ModelRef", "provider reference selector t
 def model_ref_of(body):
     """The model reference of a request body (`model_ref`, or `model` as in the queen's tasks)."""
     return ModelRef.parse(body.get("model_ref") or body.get("model"))
+
+
+def gguf_layers(path):
+    """The number of transformer blocks of a GGUF model (`<arch>.block_count`), read from its
+    header with the standard library (the queen splits a model by them); None if not found."""
+    import struct
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}   # GGUF value types
+
+    def read(f, fmt):
+        data = f.read(struct.calcsize(fmt))
+        if len(data) != struct.calcsize(fmt):
+            raise ValueError("truncated")
+        return struct.unpack(fmt, data)[0]
+
+    def text(f):
+        return f.read(read(f, "<Q")).decode("utf-8", "replace")
+
+    def skip(f, kind):
+        if kind == 8:
+            f.seek(read(f, "<Q"), 1)
+        elif kind == 9:
+            item, count = read(f, "<I"), read(f, "<Q")
+            if item in sizes:
+                f.seek(sizes[item] * count, 1)
+            else:
+                for _ in range(count):
+                    skip(f, item)
+        else:
+            f.seek(sizes[kind], 1)
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                return None
+            read(f, "<I")
+            read(f, "<Q")
+            for _ in range(read(f, "<Q")):
+                key, kind = text(f), read(f, "<I")
+                if key.endswith(".block_count") and kind in (4, 5, 10, 11):
+                    return read(f, {4: "<I", 5: "<i", 10: "<Q", 11: "<q"}[kind])
+                skip(f, kind)
+    except (OSError, ValueError, KeyError):
+        return None
+    return None
 
 
 def choose_gguf(filenames, selector=None):
@@ -2228,6 +2298,7 @@ class Worker(App):
         self.load_ms = None               #: how long the load took (start)
         self.url = None                   #: where the worker answers, for its hive (start)
         self.last_activity = time.time()  #: when the last job ended (request threads)
+        self.lost_part = None             #: a split's part that died ({node, endpoint}; the shutdown request's)
 
     def authorize(self, req, name):
         if name != "health":
@@ -2248,7 +2319,7 @@ class Worker(App):
         narrate("model-loader", "model_load", "Loading model from %s" % args.model, "📦")
         started = time.monotonic()
         # the Llama's own context is never used for generation (the engine's is): keep it small
-        self.llm = self.backend.load(args.model, args.device, 64)
+        self.llm = self.backend.load(args.model, args.device, 64, **self.split_options())
         self.engine = Engine(self.llm, args.parallel, args.ctx_size)
         self.load_ms = int((time.monotonic() - started) * 1000)
         self.chat = ChatPrompt.for_model(self.llm)
@@ -2277,6 +2348,23 @@ class Worker(App):
                 {"worker_id": self.worker_id, "url": self.url, "model_ref": self.model_ref, "backend": args.backend,
                  "device": args.device, "port": port, "load_ms": self.load_ms})
 
+    def split_options(self):
+        """A split worker (--rpc): the remote devices registered, and the load's options that put
+        --offload-layers of the model's layers on them (shared by --tensor-split), the rest here."""
+        if not self.args.rpc:
+            return {}
+        from backends import rpc
+        rpc.add_servers(self.args.rpc)
+        narrate("model-loader", "rpc_devices", "Splitting: %d layers on %d remote device(s) at %s" % (
+            self.args.offload_layers, len(self.args.rpc), ", ".join(self.args.rpc)), "🧩", rpc=self.args.rpc)
+        options = {"n_gpu_layers": self.args.offload_layers}
+        if len(self.args.rpc) > 1:
+            options["tensor_split"] = [float(x) for x in self.args.tensor_split.split(",")]
+        if self.args.backend != "cpu":   # this node's GPU keeps its share: every layer is offloaded somewhere
+            import llama_cpp
+            options.update(split_mode=llama_cpp.LLAMA_SPLIT_MODE_LAYER, n_gpu_layers=-1)
+        return options
+
     # -- endpoints ------------------------------------------------------------------------------
 
     def health(self, req):
@@ -2300,6 +2388,9 @@ class Worker(App):
         req.send_empty(204)
 
     def shutdown_request(self, req):
+        lost = req.json.get("lost")
+        if isinstance(lost, dict):   # a split's part died: the jobs end as a crash that names it
+            self.lost_part = {k: str(lost.get(k, ""))[:300] for k in ("node", "endpoint")}
         req.send_empty(202)
         threading.Thread(target=self.shutdown, args=("POST /shutdown",), daemon=True).start()
 
@@ -2396,6 +2487,12 @@ class Worker(App):
                                         {"job_id": job.job_id}, component=self.component)
             if held and stop_reason != "cancelled":
                 stream.send(EVENT_TOKEN, {"t": held, "i": index})
+            if stop_reason == "cancelled" and job.interrupted_by and self.lost_part:
+                raise WorkerCrashed("Worker %s lost its part on %s (%s) during job %s after %d tokens" % (
+                    self.worker_id, self.lost_part["node"], self.lost_part["endpoint"], job.job_id, tokens_out),
+                    dict(self.lost_part, tokens_generated=tokens_out, worker_id=self.worker_id),
+                    "See the RPC server's log on %s under $RBEE_HOME/logs; run the command again" %
+                    self.lost_part["node"], "llm-worker-rbee")
             if stop_reason == "cancelled" and job.interrupted_by:
                 raise RequestCancelled("Worker %s stopped during job %s after %d tokens (%s)" % (
                     self.worker_id, job.job_id, tokens_out, job.interrupted_by),
@@ -2456,6 +2553,43 @@ def run_worker(args):
 
 
 # ============================================================================================
+# RPC server (rbee.py rpc): one device of a node, lent to a split worker on another node
+# ============================================================================================
+
+def run_rpc(args):
+    """Serve one device over ggml's RPC protocol (backends/rpc.py) until the hive closes our
+    lifeline or kills us. ggml's server blocks in C and takes no signal of Python's: SIGTERM keeps
+    its default action, and the lifeline thread ends the process."""
+    import backends
+    from backends import rpc
+    narrate("rpc-server", "startup", "RPC server starting on %s:%d for %s device %d" % (
+        args.host, args.port, args.backend, args.device), "🌅")
+    backends.require(args.backend, args.device)
+    if not rpc.supported():
+        raise BackendUnavailable("llama-cpp-python on this node has no RPC backend", {"node": socket.gethostname()},
+                                 "Rebuild it with CMAKE_ARGS=-DGGML_RPC=on: rbee.py nodes install NODE")
+    device = rpc.device(args.backend, args.device)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if args.lifeline:
+        watch_lifeline(lambda reason: os._exit(0))
+    build, free = rpc.build(), rpc.free_mb(device)
+
+    def announce():   # ready once it accepts connections
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection((args.host, args.port), timeout=1):
+                narrate("rpc-server", "rpc_ready", "RPC server ready on %s:%d (%s, %d MB free)" % (
+                    args.host, args.port, build, free), "🚀", port=args.port)
+                emit_line({CONTROL: CONTROL_READY, "role": "rpc-server", "port": args.port, "version": __version__,
+                           "build": build, "free_mb": free})
+                return
+            time.sleep(0.05)
+    threading.Thread(target=announce, daemon=True).start()
+    rpc.serve("%s:%d" % (args.host, args.port), device, backends.physical_cores())
+
+
+# ============================================================================================
 # Hive (rbee.py hive): the pool manager of one node -- catalog, provisioning, preflight, workers
 # ============================================================================================
 
@@ -2478,6 +2612,7 @@ class WorkerProcess:
         self.last_activity = time.time()  #: when it last worked or was handed out (same writers)
         self.load_ms = None               #: how long its model took to load (its ready callback)
         self.keep_alive = DEFAULT_KEEP_ALIVE   #: seconds it stays loaded when idle, -1 forever (the last spawn's)
+        self.split = None                 #: a split's remote devices and layers (split_of), or None
         self.handed_out = time.time()     #: when a spawn last gave it out (the reaper leaves it alone a moment)
         #: its last /health (memory_mb, slots_total, slots_available, queue_length): the poller's
         self.health = {}
@@ -2493,7 +2628,7 @@ class WorkerProcess:
                 "device": self.device, "state": self.state, "pid": self.proc.pid, "port": self.port,
                 "last_activity_unix": int(self.last_activity), "memory_mb": health.get("memory_mb", 0),
                 "slots_total": health.get("slots_total", 0), "slots_available": health.get("slots_available", 0),
-                "queue_length": health.get("queue_length", 0), "keep_alive_s": self.keep_alive,
+                "queue_length": health.get("queue_length", 0), "keep_alive_s": self.keep_alive, "split": self.split,
                 "expires_unix": None if self.expires() is None else int(self.expires())}
 
     def expires(self):
@@ -2528,6 +2663,39 @@ class WorkerProcess:
             except OSError:
                 return True
 
+class RpcProcess:
+    """An RPC server this hive started for a split (rbee.py rpc): one device lent to a primary."""
+
+    def __init__(self, rpc_id, backend, device, host, port, proc):
+        self.rpc_id = rpc_id              #: the id the hive gave it
+        self.backend, self.device = backend, device   #: the device it serves
+        self.host, self.port = host, port   #: where it listens: the interface facing its primary
+        self.proc = proc                  #: its process (stdin: its lifeline)
+        self.ready = threading.Event()    #: its ready control line came (its output thread)
+        self.exited = threading.Event()   #: its process ended (its output thread)
+        self.info = {}                    #: its ready line: build, free_mb (its output thread)
+        self.output = None                #: the thread reading its stdout
+
+    def control(self, line):
+        if line.get(CONTROL) == CONTROL_READY:
+            self.info = line
+            self.ready.set()
+
+    def public(self):
+        return {"rpc_id": self.rpc_id, "endpoint": "%s:%d" % (self.host, self.port), "backend": self.backend,
+                "device": self.device, "pid": self.proc.pid, "build": self.info.get("build"),
+                "free_mb": self.info.get("free_mb")}
+
+
+def facing(peer):
+    """This machine's address on the interface that routes to `peer` (no packet is sent)."""
+    if not peer or is_loopback(peer):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((peer, 9))
+        return s.getsockname()[0]
+
+
 class WorkerRegistry:
     """The hive's in-memory list of workers (PROTOCOL.md §3: never on disk)."""
 
@@ -2551,8 +2719,9 @@ class WorkerRegistry:
         with self.lock:
             return list(self.workers.values())
 
-    def matching(self, model_ref, backend, device):
+    def matching(self, model_ref, backend, device, split=None):
         return [w for w in self.all() if (w.model_ref, w.backend, w.device) == (model_ref, backend, device)
+                and w.split == split
                 and w.ready.is_set() and not w.exited.is_set() and w.state != "draining"]
 
     def ports(self):
@@ -2566,7 +2735,7 @@ class Hive(App):
     routes = ((HIVE_HEALTH, "health"), (HIVE_WORKERS, "list_workers"), (HIVE_SPAWN, "spawn"),
               (HIVE_READY, "worker_ready"), (HIVE_WORKER_SHUTDOWN, "shutdown_worker"), (HIVE_MODELS, "list_models"),
               (HIVE_DOWNLOAD, "download_model"), (HIVE_REMOVE, "remove_model"), (HIVE_SHUTDOWN, "shutdown_request"),
-              (HIVE_RESOURCES, "resources"))
+              (HIVE_RESOURCES, "resources"), (HIVE_RPC_START, "rpc_start"), (HIVE_RPC_STOP, "rpc_stop"))
 
     def __init__(self, args, token=None, keep_alive=None):
         super().__init__()
@@ -2584,6 +2753,9 @@ class Hive(App):
         self.keep_alive = args.keep_alive if keep_alive is None else keep_alive
         self.workerless_since = time.time()   #: when it last had a worker or work (the reaper's; request threads)
         self.in_progress = 0              #: spawns and downloads under way: the hive never ends during one
+        self.rpcs = {}                    #: rpc_id -> RpcProcess lent to splits (under `_progress_lock`)
+        self._build = None                #: this node's ggml build (asked once, in a child: ggml_build)
+        self._devices = (float("-inf"), {})   #: (when, devices_now's answer): request threads, last writer wins
         self._progress_lock = threading.Lock()   #: guards `in_progress`
         os.makedirs(rbee_home("logs"), mode=0o700, exist_ok=True)
 
@@ -2630,26 +2802,109 @@ class Hive(App):
                 self.in_progress -= 1
                 self.workerless_since = time.time()
 
+    def devices_now(self):
+        """{backend: devices} with their free memory, read at most once a second (nvidia-smi takes
+        tens of ms, and the queen asks before every placement)."""
+        import backends
+        at, found = self._devices
+        if time.monotonic() - at > 1.0:
+            found = {name: backends.get(name).devices() for name in self.detected_backends()}
+            self._devices = (time.monotonic(), found)
+        return found
+
+    def ggml_build(self):
+        """This node's ggml version and commit, asked of a child interpreter once (the hive never
+        loads llama.cpp itself); what every part of a split must share."""
+        if self._build is None:
+            probe = "import sys; sys.path.insert(0, %r); from backends import rpc; print(rpc.build() if " \
+                    "rpc.supported() else 'none')" % HERE
+            try:
+                out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+                self._build = out.stdout.strip() or "unknown"
+            except (OSError, subprocess.TimeoutExpired):
+                self._build = "unknown"
+        return self._build
+
+    def rpc_start(self, req):
+        """Lend a device to a split: an RPC server on the interface facing the primary (`peer`;
+        none: the queen's machine, where this hive's ssh session comes from), on a free port."""
+        body = req.json
+        backend, device = backend_and_device(body)
+        import backends
+        backends.require(backend or "cpu", device)
+        peer = text_field(body, "peer", "", limit=255) or (os.environ.get("SSH_CLIENT") or "").split(" ")[0]
+        try:
+            host = facing(peer)
+        except OSError as exc:
+            raise invalid("peer", "no route to %s: %s" % (peer, exc))
+        with self._ports_lock:
+            port = free_port(host, RPC_PORT)
+            rpc_id = "rpc-" + random_id(4)
+            proc = spawn_child([sys.executable, "-u", RBEE_PY, "rpc", "--host", host, "--port", str(port),
+                                "--backend", backend or "cpu", "--device", str(device), "--lifeline"])
+            server = RpcProcess(rpc_id, backend or "cpu", device, host, port, proc)
+            with self._progress_lock:
+                self.rpcs[rpc_id] = server
+        server.output = ChildOutput(proc, emit_line, lambda code: self.rpc_exited(server, code), rpc_id,
+                                    open_log("%s.log" % rpc_id), server.control)
+        server.output.start()
+        deadline = time.monotonic() + 60
+        while not server.ready.wait(0.05):
+            if server.exited.is_set() or time.monotonic() > deadline:
+                self.stop_rpc(server)
+                raise WorkerCrashed("The RPC server on %s did not start (exit %s)" % (self.node, proc.poll()),
+                                    {"node": self.node, "last_output": list(server.output.tail)[-8:]},
+                                    "See %s" % rbee_home("logs", rpc_id + ".log"), self.component)
+        narrate("rbee-hive", "rpc_start", "Lending %s:%d to a split at %s:%d" % (backend or "cpu", device, host, port),
+                "🧩", node=self.node, rpc_id=rpc_id)
+        req.send_json(200, server.public())
+
+    def rpc_stop(self, req):
+        with self._progress_lock:
+            server = self.rpcs.get(text_field(req.json, "rpc_id", limit=200))
+        if server is not None:
+            self.stop_rpc(server)
+        req.send_json(200, {"stopped": server is not None})
+
+    def rpc_exited(self, server, code):
+        server.exited.set()
+        with self._progress_lock:
+            self.rpcs.pop(server.rpc_id, None)
+        if not self.stopping.claimed:
+            narrate("rbee-hive", "rpc_exit", "RPC server %s exited (code %s)" % (server.rpc_id, code), "🪦",
+                    rpc_id=server.rpc_id, level="warn" if code not in (0, -signal.SIGTERM) else None)
+
+    @staticmethod
+    def stop_rpc(server):
+        """ggml's server takes no graceful stop: SIGTERM (its default action), SIGKILL after 5 s."""
+        stop_child(server.proc, lambda: server.proc.send_signal(signal.SIGTERM), timeout=5)
+
     def resources(self, req):
         """What the queen places by (PROTOCOL.md §12): memory now, per backend's devices, every
         worker (loading ones too) with its memory and load, the catalog, and the size of `?model`."""
         import backends
         ram_total, ram_free = backends.meminfo_mb()
-        found = {name: backends.get(name).devices() for name in self.detected_backends()}   # (free memory now)
+        found = self.devices_now()
         workers = self.registry.all()
         for worker in workers:
             if worker.ready.is_set():
                 self.poll_worker(worker)
+        with self._progress_lock:
+            rpcs = [s.public() for s in self.rpcs.values()]
         answer = {"node": self.node, "ram_total_mb": ram_total, "ram_free_mb": ram_free, "devices": found,
                   "memory": {name: backends.get(name).MEMORY for name in found},
                   "workers": [w.public() for w in workers], "models": self.catalog.list(),
-                  "keep_alive_s": self.keep_alive}
+                  "keep_alive_s": self.keep_alive, "rpc": rpcs}
+        if req.query.get("build"):
+            answer["ggml_build"] = self.ggml_build()
         if req.query.get("model"):
             ref = ModelRef.parse(req.query["model"])
             row = self.catalog.find(ref)
             size = row["size_bytes"] if row else (
                 os.path.getsize(ref.reference) if ref.provider == "file" and os.path.isfile(ref.reference) else None)
-            answer["model"] = {"model_ref": ref.text, "cataloged": row is not None, "size_bytes": size}
+            path = row["local_path"] if row else (ref.reference if ref.provider == "file" else None)
+            answer["model"] = {"model_ref": ref.text, "cataloged": row is not None, "size_bytes": size,
+                               "layers": gguf_layers(path) if path else None}
         req.send_json(200, answer)
 
     def download_model(self, req):
@@ -2691,7 +2946,9 @@ class Hive(App):
         if worker is None:
             raise InvalidRequest("No worker %s on %s" % (req.params["worker_id"], self.node),
                                  {"worker_id": req.params["worker_id"]}, "See the workers: rbee.py workers list")
-        threading.Thread(target=self.stop_worker, args=(worker,), daemon=True).start()
+        lost = req.json.get("lost")
+        lost = {k: str(lost.get(k, ""))[:300] for k in ("node", "endpoint")} if isinstance(lost, dict) else None
+        threading.Thread(target=self.stop_worker, args=(worker, lost), daemon=True).start()
         req.send_json(202, {"worker_id": worker.worker_id, "state": "draining"})
 
     def shutdown_request(self, req):
@@ -2710,9 +2967,10 @@ class Hive(App):
         max_queue = number_field(body, "max_queue", DEFAULT_MAX_QUEUE, 0, 1 << 16, integer=True)
         keep_alive = keep_alive_of(body, self.keep_alive)
         limit_mb = number_field(body, "memory_limit_mb", None, 0, 1 << 40, integer=True)
+        split = split_of(body)
         stream = req.sse()
         with narration_to(stream.narration), self.working():
-            worker, timings = self.worker_for(ref, backend, device, parallel, keep_alive, limit_mb, max_queue)
+            worker, timings = self.worker_for(ref, backend, device, parallel, keep_alive, limit_mb, max_queue, split)
         stream.finish(EVENT_WORKER, {"worker_id": worker.worker_id, "url": worker.url, "state": worker.state,
                                  "api_key": worker.api_key, "backend": backend, "device": device,
                                  "model_ref": ref.text, "timings": timings})
@@ -2720,7 +2978,7 @@ class Hive(App):
     # -- the pool -------------------------------------------------------------------------------
 
     def worker_for(self, ref, backend, device, parallel=DEFAULT_PARALLEL, keep_alive=None, limit_mb=None,
-                   max_queue=DEFAULT_MAX_QUEUE):
+                   max_queue=DEFAULT_MAX_QUEUE, split=None):
         """An idle worker for (model, backend, device): reused, or provisioned and spawned. Its
         keep-alive becomes this request's (as with Ollama); `limit_mb`: what the queen lets it take."""
         keep_alive = self.keep_alive if keep_alive is None else keep_alive
@@ -2728,7 +2986,8 @@ class Hive(App):
         with self.spawn_locks.holding(key):   # concurrent spawns of one model make one worker
             # one copy of a model per device: an idle worker first, else a busy one (its 503 is
             # retried by the keeper) rather than a second copy in the same memory
-            live = [w for w in self.registry.matching(*key) if self.poll_worker(w) in ("idle", "busy")]
+            # (a split's worker serves that split only: its remote devices were lent for it)
+            live = [w for w in self.registry.matching(*key, split=split) if self.poll_worker(w) in ("idle", "busy")]
             if live:
                 worker = min(live, key=lambda w: w.state != "idle")
                 worker.handed_out, worker.keep_alive = time.time(), keep_alive   # not the reaper's for a moment
@@ -2749,17 +3008,17 @@ class Hive(App):
                             {"required_mb": need, "available_mb": limit_mb, "node": self.node},
                             "Raise the node's limit (rbee.py nodes set %s --max-ram SIZE), unload a worker, or "
                             "choose a smaller model" % self.node)
-            worker = self.launch(ref, row, backend, device, (parallel, max_queue))
+            worker = self.launch(ref, row, backend, device, (parallel, max_queue), split)
             worker.handed_out, worker.keep_alive = time.time(), keep_alive
             return worker, {"reused": False, "download_ms": download_ms, "load_ms": worker.load_ms}
 
-    def launch(self, ref, row, backend, device, slots, attempts=3):
+    def launch(self, ref, row, backend, device, slots, split=None, attempts=3):
         """Start a worker and wait until it is ready. A worker binds its port only after loading
         its model, so another program (another hive on this machine) can take the port meanwhile:
         such a worker is started again on the next free port."""
         port = WORKER_PORT
         for attempt in range(1, attempts + 1):
-            worker = self.start_worker(ref, row, backend, device, slots, port)
+            worker = self.start_worker(ref, row, backend, device, slots, port, split)
             try:
                 self.await_ready(worker)
                 return worker
@@ -2772,16 +3031,17 @@ class Hive(App):
             finally:
                 worker.listeners.clear()
 
-    def start_worker(self, ref, row, backend, device, slots, port=WORKER_PORT):
-        """Start a worker of `slots` (--parallel, --max-queue) on the first free port from `port`."""
+    def start_worker(self, ref, row, backend, device, slots, port=WORKER_PORT, split=None):
+        """Start a worker of `slots` (--parallel, --max-queue) on the first free port from `port`;
+        `split`: the remote devices that take part of its layers (split_of)."""
         with self._ports_lock:   # choosing a port and registering its worker is one step
-            worker = self._spawn_worker(ref, row, backend, device, slots, port)
+            worker = self._spawn_worker(ref, row, backend, device, slots, port, split)
         worker.output = ChildOutput(worker.proc, worker.relay, lambda code: self.worker_exited(worker, code),
                                     worker.worker_id, open_log("%s.log" % worker.worker_id), worker.control)
         worker.output.start()
         return worker
 
-    def _spawn_worker(self, ref, row, backend, device, slots, port):
+    def _spawn_worker(self, ref, row, backend, device, slots, port, split=None):
         port = free_port(self.args.host, port)
         while port in self.registry.ports():
             port = free_port(self.args.host, port + 1)
@@ -2793,10 +3053,14 @@ class Hive(App):
                 "--device", str(device), "--port", str(port), "--host", self.args.host, "--worker-id", worker_id,
                 "--model-ref", ref.text, "--hive-url", self.local_url, "--parallel", str(slots[0]),
                 "--max-queue", str(slots[1]), "--lifeline"]
+        if split:
+            argv += sum((["--rpc", e] for e in split["rpc"]), []) + ["--offload-layers", str(split["offload_layers"])]
+            argv += ["--tensor-split", split["tensor_split"]] if split.get("tensor_split") else []
         proc = spawn_child(argv, env=env)
         worker = WorkerProcess(worker_id, ref.text, backend, device, self.args.host, port, api_key, ready_token,
                                proc)
         worker.health = {"slots_total": slots[0], "slots_available": slots[0]}   # (until it answers /health)
+        worker.split = split
         worker.listeners.append(_current_sink())
         self.registry.add(worker)
         return worker
@@ -2843,9 +3107,9 @@ class Hive(App):
             narrate("rbee-hive", "worker_exit", "Worker %s exited (code %s)" % (worker.worker_id, code), "🪦",
                     worker_id=worker.worker_id, level="warn" if code else None)
 
-    def stop_worker(self, worker):
+    def stop_worker(self, worker, lost=None):
         worker.state = "draining"   # inside the queen's 30 s for this hive, a worker gets 20 s
-        stop_child(worker.proc, worker.client.shutdown, timeout=GRACEFUL_TIMEOUT - 10)
+        stop_child(worker.proc, lambda: worker.client.shutdown(lost=lost), timeout=GRACEFUL_TIMEOUT - 10)
 
     def idle_reaper(self):
         """Every second: refresh worker states; stop workers idle for longer than their keep-alive
@@ -2864,7 +3128,7 @@ class Hive(App):
                         worker.worker_id, time.time() - worker.last_activity, human_duration(worker.keep_alive)),
                         "😴", worker_id=worker.worker_id, model_ref=worker.model_ref)
                     threading.Thread(target=self.stop_worker, args=(worker,), daemon=True).start()
-            if workers or self.in_progress:
+            if workers or self.in_progress or self.rpcs:
                 self.workerless_since = time.time()
             elif self.args.lifeline and 0 <= self.keep_alive < time.time() - self.workerless_since:
                 narrate("rbee-hive", "hive_idle_stop", "No worker for %s: the pool manager ends" % human_duration(
@@ -2888,7 +3152,10 @@ class Hive(App):
         workers = self.registry.all()
         narrate("rbee-hive", "shutdown", "Shutting down pool manager (%s), stopping %d worker(s)" % (
             reason, len(workers)), "👋", node=self.node)
+        with self._progress_lock:
+            rpcs = list(self.rpcs.values())
         in_parallel(self.stop_worker, workers)
+        in_parallel(self.stop_rpc, rpcs)
         self.stop_serving()
         narrate("rbee-hive", "exit", "Pool manager stopped", "💤", node=self.node)
         self.stopped.set()
@@ -3357,6 +3624,21 @@ def plan_placement(model_ref, need_mb, views, backend=None, device=None, max_rep
         "(a lower quantisation)", component="queen-rbee")
 
 
+def split_nodes(views, need_mb):
+    """The fewest nodes (two at least) whose room together holds `need_mb`, most room first; None."""
+    rooms = sorted(((max(d["free_mb"] for d in v["devices"]), v["node"]) for v in views if v["devices"]),
+                   reverse=True)
+    total, chosen = 0, []
+    for room, node in rooms:
+        if room <= 0:
+            break
+        chosen.append(node)
+        total += room
+        if total >= need_mb and len(chosen) >= 2:
+            return chosen
+    return None
+
+
 def _best_device(need_mb, views, wanted, taken, evict):
     """The best device with room for `need_mb`: without `evict`, by cataloged model, GPU before
     CPU, most free memory; with it, the fewest MB of idle workers to stop (least recently used)."""
@@ -3399,16 +3681,29 @@ class Scheduler:
         self.pending = []
         #: (node, model_ref, backend, device) -> times the queen handed that worker out (under `lock`)
         self.handouts = collections.defaultdict(list)
+        #: worker_id -> a running split: model_ref, names, primary, its spawn body, parts (under `lock`)
+        self.splits = {}
+        #: model_ref -> (session, worker event, handout key, slots) of the apps' last placement (under `lock`)
+        self.recent = {}
 
-    def place(self, ref, nodes, backend, device, parallel, keep_alive, sink):
-        """The `worker` event of a hive for the task, after placing it on one of `nodes`."""
+    def place(self, ref, nodes, backend, device, parallel, keep_alive, sink, split=None):
+        """(the hive session, its `worker` event) for the task, placed on one of `nodes`, or
+        split over the `split` nodes; over several nodes when it fits on no single one."""
+        if split:
+            return self.place_split(ref, split, parallel, keep_alive, sink)
         deadline, said_wait = time.monotonic() + PLACEMENT_WAIT, False
         while True:
             answers = self.survey(ref, nodes, sink)   # (hive starts and ssh: outside the lock)
             with self.lock:
                 views, need_mb = self.views(ref, nodes, answers)
-                plan = plan_placement(ref.text, need_mb, views, backend, device, self.queen.args.max_replicas)
-                if plan.action != "wait":
+                try:
+                    plan = plan_placement(ref.text, need_mb, views, backend, device, self.queen.args.max_replicas)
+                except (InsufficientRam, VramExhausted):
+                    parts = split_nodes(views, need_mb) if len(nodes) > 1 and backend is None else None
+                    if not parts:
+                        raise
+                    plan = None
+                if plan is not None and plan.action != "wait":
                     self.evict(plan.evict, sink)
                     spawn, now = None, time.monotonic()
                     if plan.action == "spawn":   # (a size not known yet reserves what it may take)
@@ -3418,6 +3713,10 @@ class Scheduler:
                         self.pending.append(spawn)
                     self.handouts[(plan.node, ref.text, plan.backend, plan.device)].append(now)
                     break
+            if plan is None:
+                narrate("queen-rbee", "split_auto", "%s fits on no single node; together %s can hold it" % (
+                    ref.text, " and ".join(parts)), "🧩")
+                return self.place_split(ref, parts, parallel, keep_alive, sink)
             if time.monotonic() > deadline:
                 raise InsufficientRam("No room for %s after waiting %d s: %s" % (ref.text, PLACEMENT_WAIT, plan.reason),
                                       {"required_mb": need_mb, "waited_s": PLACEMENT_WAIT},
@@ -3442,6 +3741,145 @@ class Scheduler:
             if spawn:
                 with self.lock:
                     self.pending.remove(spawn)
+
+    def place_split(self, ref, names, parallel, keep_alive, sink):
+        """One worker whose layers spread over `names` (PROTOCOL.md §14): the primary (the most
+        room) loads the model, each other node lends its device through an RPC server; shares
+        follow their room. Every part stops when one of them ends (supervise)."""
+        with self.lock:
+            running = next((s for s in self.splits.values() if (s["model_ref"], s["names"]) == (ref.text, names)), None)
+        if running:   # the same split again: its worker (the hive hands it out for the same parts)
+            psession = self.queen.hive(running["primary"], sink)
+            narrate("queen-rbee", "placement", "Placing on the split %s" % ", ".join(
+                "%s %d" % (p["node"], p["layers"]) for p in running["parts"]), "📍", node=running["primary"],
+                decision="reuse")
+            with psession.listening(sink):
+                worker = psession.client.spawn(running["body"], psession.tagged(sink))
+            return psession, dict(worker, split=running["parts"])
+        answers = self.survey(ref, names, sink)
+        missing = [n for n in names if n not in answers]
+        if missing:
+            raise SshFailed("A split needs every node it names; %s did not answer" % ", ".join(missing),
+                            {"nodes": missing}, "Check them: rbee.py nodes check NODE", "queen-rbee")
+        with self.lock:
+            views, need_mb = self.views(ref, names, answers)
+        rooms = sorted(((max(v["devices"], key=lambda d: d["free_mb"]), v["node"]) for v in views),
+                       key=lambda dn: -dn[0]["free_mb"])
+        sessions = {n: self.queen.hive(n, sink) for n in names}
+        if any(s.tunnelled for s in sessions.values()):
+            raise invalid("split", "every node of a split needs the LAN transport (RPC does not go through ssh yet)")
+        (primary_dev, primary), parts = rooms[0], rooms[1:]
+        psession = sessions[primary]
+        model = psession.client.resources(ref.text)["model"]
+        if not model["cataloged"] and ref.provider == "hf":   # only the primary needs the file
+            with psession.listening(sink):
+                psession.client.download(ref.text, psession.tagged(sink))
+            model = psession.client.resources(ref.text)["model"]
+        layers = model.get("layers") or 0
+        total = sum(d["free_mb"] for d, _ in rooms)
+        if layers < len(rooms) or total < need_mb:
+            raise InsufficientRam("%s cannot be split over %s: %d MB free together, %d needed, %d layers" % (
+                ref.text, ", ".join(names), total, need_mb, layers), {"required_mb": need_mb, "free_mb": total},
+                "Add a node to the split, or free memory", component="queen-rbee")
+        shares = [max(1, int(layers * d["free_mb"] / max(1, total))) for d, _ in rooms]
+        shares[0] = layers - sum(shares[1:])
+        narrate("queen-rbee", "split_plan", "Splitting %d layers: %s" % (layers, ", ".join(
+            "%s %s:%s %d" % (n, d["backend"], d["device"], k) for (d, n), k in zip(rooms, shares))), "🧩",
+            node=primary, shares={n: k for (_, n), k in zip(rooms, shares)})
+        builds = {n: sessions[n].client.resources(build=True)["ggml_build"] for n in names}
+        if len(set(builds.values())) > 1:
+            raise VersionMismatch("The nodes of a split run different ggml builds: %s" % ", ".join(
+                "%s %s" % kv for kv in sorted(builds.items())), {"builds": builds},
+                "Install the same llama-cpp-python on each: rbee.py nodes install NODE", component="queen-rbee")
+        lent = []
+        try:
+            for (device, name), layer_count in zip(parts, shares[1:]):
+                peer = "" if psession.local else psession.host   # (empty: the queen's machine, the hive's ssh peer)
+                with sessions[name].listening(sink):   # (its narration: the part's start-up)
+                    out = sessions[name].client.rpc_start({"backend": device["backend"], "device": device["device"],
+                                                           "peer": peer})
+                lent.append((sessions[name], out, layer_count))
+            body = {"model_ref": ref.text, "backend": primary_dev["backend"], "device": primary_dev["device"],
+                    "parallel": parallel, "keep_alive": keep_alive, "max_queue": self.queen.args.max_queue,
+                    "rpc": [out["endpoint"] for _, out, _ in lent], "offload_layers": sum(shares[1:]),
+                    "tensor_split": ",".join(str(k) for k in shares[1:])}
+            with psession.listening(sink):
+                worker = psession.client.spawn(body, psession.tagged(sink))
+        except BaseException:
+            for session, out, _ in lent:
+                with contextlib.suppress(RbeeError):
+                    session.client.rpc_stop(out["rpc_id"])
+            raise
+        worker["split"] = [{"node": primary, "layers": shares[0], "endpoint": None}] + [
+            {"node": s.name, "layers": k, "endpoint": out["endpoint"]} for s, out, k in lent]
+        with self.lock:
+            self.splits[worker["worker_id"]] = {"model_ref": ref.text, "names": names, "primary": primary,
+                                                "body": body, "parts": worker["split"]}
+        self.supervise(psession, worker["worker_id"], lent)
+        return psession, worker
+
+    def supervise(self, psession, worker_id, lent):
+        """Until the split ends: when its worker goes (keep-alive, a crash) or a part dies, stop
+        every other part, so that nothing of it is left on any node."""
+        def alive():
+            try:
+                primary = any(w["worker_id"] == worker_id for w in psession.client.workers())
+            except RbeeError:
+                primary = False
+            parts = []
+            for session, out, _ in lent:
+                try:
+                    parts.append(any(s["rpc_id"] == out["rpc_id"] for s in session.client.resources()["rpc"]))
+                except RbeeError:
+                    parts.append(False)
+            return primary, parts
+
+        def watch():
+            primary, parts = alive()
+            while primary and all(parts) and not self.queen.stopping.claimed:
+                time.sleep(0.5)
+                primary, parts = alive()
+            with self.lock:
+                self.splits.pop(worker_id, None)
+            if self.queen.stopping.claimed:
+                return
+            gone = [s.name for (s, _, _), up in zip(lent, parts) if not up] or [psession.name]
+            narrate("queen-rbee", "split_end", "The split of worker %s ended (%s gone): stopping its other parts" % (
+                worker_id, ", ".join(gone)), "🧩", worker_id=worker_id)
+            if primary:
+                dead = next(((s, out) for (s, out, _), up in zip(lent, parts) if not up), None)
+                with contextlib.suppress(RbeeError):
+                    psession.client.shutdown_worker(worker_id, {"node": dead[0].name, "endpoint": dead[1]["endpoint"]}
+                                                     if dead else None)
+            for (session, out, _), up in zip(lent, parts):
+                if up:
+                    with contextlib.suppress(RbeeError):
+                        session.client.rpc_stop(out["rpc_id"])
+        threading.Thread(target=watch, daemon=True, name="split-" + worker_id).start()
+
+    def warm(self, ref):
+        """(session, worker event) of the worker the last app request for `ref` went to, while the
+        tasks handed to it lately leave it a free slot and its hive still runs; else None."""
+        with self.lock:
+            known = self.recent.get(ref.text)
+            if not known:
+                return None
+            session, worker, key, slots = known
+            recent = [t for t in self.handouts.get(key, ()) if time.monotonic() - t < HANDOUT_GRACE]
+            if len(recent) >= slots or session.exited.is_set():
+                return None
+            self.handouts[key] = recent + [time.monotonic()]
+            return session, worker
+
+    def remember(self, ref, session, worker):
+        if not worker.get("split"):
+            key = (session.name, ref.text, worker.get("backend"), worker.get("device"))
+            with self.lock:
+                self.recent[ref.text] = (session, worker, key, DEFAULT_PARALLEL)
+
+    def forget(self, ref):
+        with self.lock:
+            self.recent.pop(ref.text, None)
 
     def node_for(self, ref, sink):
         """The node a download of `ref` goes to: where a task for it would run now."""
@@ -3590,18 +4028,27 @@ class AppJob:
     def open(self):
         """Place the model and start the job: every error the app should get as a status (a prompt
         over the context, a full queue, an unknown model) raises here, before the answer starts."""
-        queen = self.queen
+        queen, scheduler = self.queen, self.queen.scheduler
         with queen.metrics.placing_scope():
-            session, worker = queen.scheduler.place(self.ref, queen.candidates(), None, None, DEFAULT_PARALLEL,
-                                                    self.keep_alive, _current_sink())
-            client = WorkerClient(session.worker_url(worker["url"]), worker["api_key"], worker["worker_id"],
-                                  session.name)
-            self.events = client.execute(self.body, retries=())   # a full queue is the app's 503 at once
+            warm = scheduler.warm(self.ref) if self.keep_alive is None else None
+            if warm:   # its worker took the last one and has slots to spare: no survey, no hive
+                with contextlib.suppress(RbeeError):
+                    return self._start(*warm)
+                scheduler.forget(self.ref)
+            session, worker = scheduler.place(self.ref, queen.candidates(), None, None, DEFAULT_PARALLEL,
+                                              self.keep_alive, _current_sink())
+            scheduler.remember(self.ref, session, worker)
             try:
-                self.first = next(self.events)
+                return self._start(session, worker)
             except RbeeError as err:
                 queen.metrics.ended(self, "busy" if isinstance(err, SlotsBusy) else "error")
                 raise
+
+    def _start(self, session, worker):
+        client = WorkerClient(session.worker_url(worker["url"]), worker["api_key"], worker["worker_id"],
+                              session.name)
+        self.events = client.execute(self.body, retries=())   # a full queue is the app's 503 at once
+        self.first = next(self.events)
         return self
 
     def texts(self):
@@ -4070,14 +4517,21 @@ class Queen(OpenAIApi, OllamaApi, App):
         parallel = parallel_of(body)
         keep_alive = keep_alive_of(body, self.args.keep_alive)
         nodes = self.candidates() if node == AUTO_NODE else [self.nodes.resolve(node)["node_name"]]
+        split = body.get("split")
+        if split is not None:
+            if not isinstance(split, list) or not 2 <= len(split) <= 16 or len(set(map(str, split))) != len(split):
+                raise invalid("split", "must name 2 to 16 different nodes")
+            split = [self.nodes.resolve(text_field({"node": n}, "node", limit=200))["node_name"] for n in split]
         stream = req.sse()   # (NODE_NOT_FOUND and every 400 before the stream starts)
         with narration_to(stream.narration):
-            session, worker = self.scheduler.place(ref, nodes, backend, device, parallel, keep_alive, stream.narration)
+            session, worker = self.scheduler.place(ref, nodes, backend, device, parallel, keep_alive, stream.narration,
+                                                   split)
         timings = dict(session.timings, **(worker.get("timings") or {}))
         session.timings = {}   # the hive start is paid once
         stream.finish(EVENT_WORKER, {"worker_id": worker["worker_id"], "worker_url": session.worker_url(worker["url"]),
                                  "api_key": worker["api_key"], "node": session.name, "backend": worker.get("backend"),
-                                 "device": worker.get("device"), "model_ref": ref.text, "timings": timings})
+                                 "device": worker.get("device"), "model_ref": ref.text, "timings": timings,
+                                 "split": worker.get("split")})
 
     def candidates(self):
         """The nodes a task without one may go to: localhost and every registered node."""
@@ -4269,6 +4723,26 @@ print(json.dumps(info))
 '''
 
 
+@contextlib.contextmanager
+def split_crash(worker):
+    """A split's worker that died: name the part that went first (its RPC port no longer takes
+    connections), for a WORKER_CRASHED that says which node to look at."""
+    try:
+        yield
+    except WorkerCrashed as err:
+        for part in (worker.get("split") or [])[1:]:
+            host, _, port = part["endpoint"].rpartition(":")
+            try:
+                socket.create_connection((host, int(port)), timeout=2).close()
+            except OSError:
+                raise WorkerCrashed("%s: its part on %s (%s, %d layers) is gone" % (
+                    err.message.rstrip("."), part["node"], part["endpoint"], part["layers"]),
+                    dict(err.details, node=part["node"], endpoint=part["endpoint"]),
+                    "See the RPC server's log on %s under $RBEE_HOME/logs; run the command again" % part["node"],
+                    err.component)
+        raise
+
+
 class StdoutClosed(Exception):
     """Whoever reads the keeper's stdout has gone (`rbee.py infer ... | head`)."""
 
@@ -4359,6 +4833,8 @@ class Keeper:
                 "temperature": args.temperature, "parallel": args.parallel}
         task.update((k, getattr(args, k)) for k in ("node", "backend", "device", "keep_alive")
                     if getattr(args, k) is not None)
+        if args.split:
+            task["split"] = [n for n in args.split.split(",") if n]
         worker = self.queen.task(task, self.show)
         self.timings["worker ready (queen + hive)"] = (time.monotonic() - started) * 1000
         local = worker.get("node") == "localhost"
@@ -4388,7 +4864,7 @@ class Keeper:
         def busy(delay):
             self.say("busy_retry", "Worker %s is busy; retrying in %d s" % (worker["worker_id"], delay), "⏳")
         tty, posted = not self.json and sys.stdout.isatty(), time.monotonic()
-        with contextlib.closing(client.execute(body, busy)) as events:
+        with contextlib.closing(client.execute(body, busy)) as events, split_crash(worker):
             try:
                 for event in events:
                     if isinstance(event, JobStarted):   # (after any busy retries)
@@ -4547,8 +5023,10 @@ def install_node(node, target, args):
     if args.no_venv:
         return 0
     script = ("set -e; cd %s; %s -m venv .venv; "
-              "if command -v nvidia-smi >/dev/null; then export CMAKE_ARGS=-DGGML_CUDA=on; "
-              "elif [ \"$(uname -s)-$(uname -m)\" = Darwin-arm64 ]; then export CMAKE_ARGS=-DGGML_METAL=on; fi; "
+              "export CMAKE_ARGS=-DGGML_RPC=on; "   # (a split's parts: issue 13)
+              "if command -v nvidia-smi >/dev/null; then export CMAKE_ARGS=\"$CMAKE_ARGS -DGGML_CUDA=on\"; "
+              "elif [ \"$(uname -s)-$(uname -m)\" = Darwin-arm64 ]; then "
+              "export CMAKE_ARGS=\"$CMAKE_ARGS -DGGML_METAL=on\"; fi; "
               ".venv/bin/pip install -q llama-cpp-python==0.3.36 huggingface_hub==2.4.0"
               % (quoted, shell_path(node["python"])))
     print("Installing llama-cpp-python on %s (a first build takes minutes)..." % node["node_name"])
@@ -4760,6 +5238,8 @@ def build_parser():
     s.add_argument("--device", type=_bounded(int, 0, 1024), help="default: the backend's device with most room")
     s.add_argument("--parallel", type=_bounded(int, 1, 256), default=DEFAULT_PARALLEL,
                    help="slots of a worker this command starts (a running one keeps its own)")
+    s.add_argument("--split", metavar="NODE,NODE", help="one model over several nodes: the one with most room loads "
+                   "it, the others lend their device over llama.cpp's RPC backend (LAN transport)")
     s.add_argument("--keep-alive", type=keep_alive_arg, help="how long the worker stays loaded when idle: 30s, 10m, "
                    "1h (0: unload after this request, negative: until the queen stops; default: the queen's)")
     s.add_argument("--queen", help="queen URL (default %s, or $RBEE_QUEEN_URL)" % DEFAULT_QUEEN_URL)
@@ -4810,8 +5290,21 @@ def build_parser():
                    help="slots: requests served at once, batched together")
     s.add_argument("--max-queue", type=_bounded(int, 0, 1 << 16), default=DEFAULT_MAX_QUEUE,
                    help="requests that may wait for a slot; beyond them, 503")
+    s.add_argument("--rpc", action="append", metavar="HOST:PORT", help="a split: a remote device (rbee.py rpc) that "
+                   "takes part of the layers; repeat it")
+    s.add_argument("--offload-layers", type=_bounded(int, 0, 1 << 16), default=0, help="a split: layers on the "
+                   "remote devices")
+    s.add_argument("--tensor-split", help="a split over several remote devices: their shares, as a,b,...")
     s.add_argument("--lifeline", action="store_true", help="exit when stdin closes")
     s.set_defaults(func=run_worker)
+
+    s = sub.add_parser("rpc", help="serve a device of this node to a split worker (started by a hive)")
+    s.add_argument("--host", required=True, help="the address facing the split's primary (never 0.0.0.0)")
+    s.add_argument("--port", type=_bounded(int, 1, 65535), required=True)
+    s.add_argument("--backend", required=True, choices=backends.PREFERENCE)
+    s.add_argument("--device", type=_bounded(int, 0, 1024), default=0)
+    s.add_argument("--lifeline", action="store_true", help="exit when stdin closes")
+    s.set_defaults(func=run_rpc)
 
     s = sub.add_parser("nodes", help="the machines rbee may use")
     nodes = s.add_subparsers(dest="nodes_cmd", required=True, parser_class=ArgumentParser)

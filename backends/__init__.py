@@ -4,7 +4,7 @@ Each module (cpu.py, cuda.py, metal.py) exposes
     available() -> bool
     devices() -> [{index, name, memory_total_mb, memory_free_mb}]
     preflight(model_size_bytes, device)      raises BackendError with a PROTOCOL.md §7 code
-    load(model_path, device, n_ctx, **opts)  -> llama_cpp.Llama
+    load(model_path, device, n_ctx, **opts)  -> llama_cpp.Llama (opts override its own: a split's layers)
     memory_used_mb(device) -> int
     describe(device) -> str                   for narration ("CPU device 0 (2 threads)")
     unavailable_reason() -> str or None      why available() is False

@@ -26,7 +26,8 @@ def preflight(model_size_bytes, device):
 
 def load(model_path, device, n_ctx, **opts):
     threads = opts.pop("n_threads", None) or physical_cores()
-    return llama(model_path, n_ctx, n_gpu_layers=0, n_threads=threads, n_threads_batch=threads, **opts)
+    return llama(model_path, n_ctx, **dict({"n_gpu_layers": 0, "n_threads": threads, "n_threads_batch": threads},
+                                           **opts))
 
 
 def memory_used_mb(device):

@@ -60,8 +60,8 @@ def preflight(model_size_bytes, device):
 
 def load(model_path, device, n_ctx, **opts):
     import llama_cpp
-    return llama(model_path, n_ctx, n_gpu_layers=-1, main_gpu=device,
-                 split_mode=llama_cpp.LLAMA_SPLIT_MODE_NONE, **opts)
+    return llama(model_path, n_ctx, **dict({"n_gpu_layers": -1, "main_gpu": device,
+                                           "split_mode": llama_cpp.LLAMA_SPLIT_MODE_NONE}, **opts))
 
 
 def memory_used_mb(device):

@@ -31,7 +31,7 @@ def preflight(model_size_bytes, device):
 
 
 def load(model_path, device, n_ctx, **opts):
-    return llama(model_path, n_ctx, n_gpu_layers=-1, main_gpu=device, **opts)
+    return llama(model_path, n_ctx, **dict({"n_gpu_layers": -1, "main_gpu": device}, **opts))
 
 
 def memory_used_mb(device):

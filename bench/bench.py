@@ -261,6 +261,10 @@ def main():
 
         print("cold_ssh, and the lan and ssh transports ...", file=sys.stderr)
         results.update(over_ssh(tmp, env, infer, baseline))
+        print("split ...", file=sys.stderr)
+        results["split"] = split_scenario(tmp, env, model, baseline)
+        print("api ...", file=sys.stderr)
+        results["api"] = api_scenario(model, env, baseline)
         results["concurrency"] = concurrency(model, env)
         results["raw"] = summarize(baseline.runs[1:])
         results["raw"]["load_s"] = round(baseline.load_s, 3)
@@ -333,6 +337,47 @@ def over_ssh(tmp, env, infer, baseline):
         host.stop()
 
 
+def split_scenario(tmp, env, model, baseline):
+    """One model over two simulated hosts (llama.cpp's RPC backend) against the same model on one
+    of them: warm `infer` commands through one persistent queen, paired; and the network's own
+    round trip between the two hosts (the per-hop cost every layer boundary pays)."""
+    from hosts import NetnsHosts, SshKeys, netns_available, write_ssh_config
+    if not netns_available() or not shutil.which("ssh"):
+        return {"skipped": "needs network namespaces (root) and OpenSSH"}
+    keys = SshKeys(tmp / "split-keys")
+    net = NetnsHosts(tmp / "split-net", keys, names=("mac", "workstation"), subnet="10.211.0", bridge="rbeebrsplit",
+                     ns_prefix="bench2-").start()
+    try:
+        config = write_ssh_config(tmp / "split_ssh_config", [(h.name, h.address, 22, "root")
+                                                             for h in net.hosts.values()], keys)
+        ssh_env = dict(env, RBEE_SSH_CONFIG=config)
+        for name, cap in (("mac", "2G"), ("workstation", "1G")):
+            add = subprocess.run([PY, RBEE, "nodes", "add", name, "--ssh-host", name, "--rbee-dir", str(REPO),
+                                  "--python", PY, "--max-ram", cap, "--env", "RBEE_HOME=%s" % (tmp / (name + "-home"))],
+                                 env=ssh_env, capture_output=True, text=True)
+            if add.returncode:
+                raise RuntimeError("nodes add failed: %s" % add.stderr)
+        ping = subprocess.run(["ip", "netns", "exec", net.hosts["mac"].netns, "ping", "-c", "5", "-i", "0.2", "-q",
+                               net.hosts["workstation"].address], capture_output=True, text=True)
+        rtt = re.search(r"= [\d.]+/([\d.]+)/", ping.stdout)
+        qport = free_port()
+        queen = role(["queen", "--port", str(qport)], ssh_env)
+        try:
+            warm = ["infer", "--model", "file:" + model, "--prompt", PROMPT, "--max-tokens", str(TOKENS),
+                    "--temperature", "0", "--seed", str(SEED), "--quiet", "--raw", "--queen",
+                    "http://127.0.0.1:%d" % qport]
+            raws, (one, split) = baseline.paired(lambda: whole_command(warm + ["--node", "mac"], ssh_env),
+                                                 lambda: whole_command(warm + ["--split", "mac,workstation"], ssh_env))
+        finally:
+            stop(queen)
+        one, split = summarize(one, raws), summarize(split, raws)
+        return {"one_node": one, "split_two_nodes": split, "rtt_ms": float(rtt.group(1)) if rtt else None,
+                "tok_s_ratio": round(split["tok_s"]["median"] / one["tok_s"]["median"], 3),
+                "ttft_diff_ms": round(split["ttft_ms"]["median"] - one["ttft_ms"]["median"], 1)}
+    finally:
+        net.stop()
+
+
 # -- many clients at once: rbee's slots against llama.cpp's own server and llama-cpp-python's -----
 
 CLIENTS = (1, 4, 8)
@@ -341,6 +386,37 @@ DISTINCT = ["Once upon a time, in a small village by the sea, there lived", "The
             "In the year 2300, the first colony on Mars", "My grandmother's secret recipe for apple pie",
             "The history of the printing press begins", "Dear diary, today something strange happened",
             "The best way to learn a new language is", "Deep in the forest, an old wizard kept"]
+
+
+def openai_stream(base_url, model):
+    """The `openai` package streaming one chat completion (the same client and settings for rbee's
+    queen and the peer): time to the first content, token rate from the chunks' arrival."""
+    import openai
+    client = openai.OpenAI(base_url=base_url, api_key="bench", max_retries=0)
+    t0, times = time.perf_counter(), []
+    for chunk in client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}],
+                                                max_tokens=TOKENS, temperature=0, seed=SEED, stream=True):
+        if chunk.choices and chunk.choices[0].delta.content:
+            times.append(time.perf_counter())
+    return {"ttft_ms": (times[0] - t0) * 1000, "tok_s": rate(times), "wall_s": times[-1] - t0, "tokens": len(times)}
+
+
+def api_scenario(model, env, baseline):
+    """The queen in the token path: the `openai` package against rbee's queen (its worker warm)
+    and against llama_cpp.server's OpenAI endpoint, runs alternated and paired with raw runs."""
+    qport = free_port()
+    queen = role(["queen", "--port", str(qport)], env)
+    try:
+        with peer_server(model, env) as (peer_port, _):
+            raws, (rbee_runs, peer_runs) = baseline.paired(
+                lambda: openai_stream("http://127.0.0.1:%d/v1" % qport, "file:" + model),
+                lambda: openai_stream("http://127.0.0.1:%d/v1" % peer_port, model))
+    finally:
+        stop(queen)
+    rbee, peer = summarize(rbee_runs, raws), summarize(peer_runs, raws)
+    return {"rbee_queen": rbee, "llama_cpp_server": peer,
+            "tok_s_ratio": round(rbee["tok_s"]["median"] / peer["tok_s"]["median"], 3),
+            "ttft_diff_ms": round(rbee["ttft_ms"]["median"] - peer["ttft_ms"]["median"], 1)}
 
 
 def percentile(values, q):
@@ -470,6 +546,14 @@ def peer_server(model, env):
         yield port, None
 
 
+def print_pair(scenario, names):
+    for name in names:
+        s = scenario[name]
+        print("%-18s ttft %.1f ms [%.1f-%.1f]  tok/s %.1f [%.1f-%.1f]" % (
+            name, s["ttft_ms"]["median"], s["ttft_ms"]["min"], s["ttft_ms"]["max"], s["tok_s"]["median"],
+            s["tok_s"]["min"], s["tok_s"]["max"]))
+
+
 def print_table(r):
     print("\nrbee bench: %s, %d tokens, n_ctx %d, %d threads, temperature 0, %d runs (median [min-max])" % (
         r["config"]["model"], TOKENS, N_CTX, THREADS, RUNS))
@@ -504,6 +588,19 @@ def print_table(r):
                 "%.0f / %.0f" % (row["ttft_p50_ms"], row["ttft_p95_ms"]), "%.0f / %.0f" % (row["e2e_p50_ms"],
                                                                                          row["e2e_p95_ms"]),
                 "x%s, x%s" % (vs.get("agg_tok_s"), vs.get("ttft_p95_ms")) if vs else ""))
+    api = r.get("api")
+    if api:
+        print("\napi: the openai package streaming a chat completion, %d runs (median [min-max])" % RUNS)
+        print_pair(api, ("rbee_queen", "llama_cpp_server"))
+        print("rbee vs llama_cpp.server: tok/s x%.3f, ttft %+.1f ms" % (api["tok_s_ratio"], api["ttft_diff_ms"]))
+    split = r.get("split") or {}
+    if "one_node" in split:
+        print("\nsplit: warm infer, the model on mac alone vs split mac (20 layers) + workstation (10), %d runs" % RUNS)
+        print_pair(split, ("one_node", "split_two_nodes"))
+        print("split vs one node: tok/s x%.3f, ttft %+.1f ms; network round trip between the hosts %s ms" % (
+            split["tok_s_ratio"], split["ttft_diff_ms"], split["rtt_ms"]))
+    elif split:
+        print("\nsplit: %s" % split.get("skipped"))
     f = r.get("footprint", {})
     print("footprint: queen %.1f MB, hive %.1f MB, worker overhead %.1f MB over the raw model process; "
           "python -c pass %.1f ms" % (f.get("queen_rss_mb", 0), f.get("hive_rss_mb", 0), f.get("worker_overhead_mb", 0),

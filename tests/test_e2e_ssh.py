@@ -33,6 +33,7 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace as Namespace
 
 import pytest
 
@@ -263,7 +264,7 @@ def role_pids(tmp_path):
     for pid, cmd in rbee_processes(str(tmp_path)):
         argv = cmd.split()
         role = "ssh" if argv[0].endswith("ssh") else next(
-            (r for r in ("queen", "hive", "worker", "infer") if r in argv), "other")
+            (r for r in ("queen", "hive", "worker", "infer", "rpc") if r in argv), "other")
         found.setdefault(role, []).append(pid)
     return found
 
@@ -939,4 +940,77 @@ def test_busy_workers_get_a_replica_on_another_node_and_idle_ones_leave_after_ke
     assert queen.proc.poll() is None
     queen.proc.send_signal(signal.SIGTERM)
     assert queen.proc.wait(40) == 0
+    assert_no_rbee_left(str(tmp_path), within=5)
+
+
+# -- one model over several nodes: llama.cpp's RPC backend (issue 13) -------------------------------
+
+def token_text(stdout):
+    return "".join(e["t"] for e in json_events(stdout) if e["event"] == "token")
+
+
+def test_a_split_over_two_nodes_streams_the_same_text_as_one_node(sim, ssh_env, tmp_path, roles):
+    assert sim.netns, "two nodes need network namespaces (run as root)"
+    add_node(sim, ssh_env, tmp_path, "mac", "--max-ram", "2G")
+    add_node(sim, ssh_env, tmp_path, "workstation", "--max-ram", "1G")
+    queen = start_queen(roles, ssh_env)
+    split = run_rbee(auto_infer(queen, *COUNTING, max_tokens=24) + ["--split", "mac,workstation"], ssh_env,
+                     timeout=300)
+    assert split.returncode == 0, split.stderr
+    alone = run_rbee(auto_infer(queen, *COUNTING, max_tokens=24) + ["--node", "mac"], ssh_env, timeout=300)
+    assert alone.returncode == 0, alone.stderr
+    assert token_text(split.stdout) == token_text(alone.stdout) and token_text(alone.stdout)
+    # the plan: shares by room (2 GB and 1 GB), the primary where most is free, each part narrated
+    assert narrated(split, "split_plan") == ["Splitting 30 layers: mac cpu:0 20, workstation cpu:0 10"]
+    worker = worker_event(split)
+    assert worker["node"] == "mac" and worker["worker_id"] != worker_event(alone)["worker_id"]
+    assert [(p["node"], p["layers"]) for p in worker["split"]] == [("mac", 20), ("workstation", 10)]
+    host, port = worker["split"][1]["endpoint"].rsplit(":", 1)
+    assert host == sim.addresses["workstation"]   # the interface that faces mac, not 0.0.0.0
+    assert int(port) in sim.listening("workstation")
+    assert any("Lending cpu:0 to a split" in h for h in narrated(split, "rpc_start"))
+    assert narrated(split, "rpc_devices") == ["Splitting: 10 layers on 1 remote device(s) at %s" %
+                                              worker["split"][1]["endpoint"]]
+    running = roles_on(sim, tmp_path)
+    assert running.get("rpc") == ["workstation"], running
+    # it is a worker like any other: the same one serves the split again
+    again = run_rbee(auto_infer(queen, *COUNTING, max_tokens=8) + ["--split", "mac,workstation"], ssh_env,
+                     timeout=300)
+    assert again.returncode == 0 and token_text(again.stdout) == token_text(alone.stdout)[:len(token_text(
+        again.stdout))], again.stderr
+    queen.proc.send_signal(signal.SIGTERM)
+    assert queen.proc.wait(40) == 0
+    assert_no_rbee_left(str(tmp_path), within=5)
+
+
+def test_a_model_no_single_node_holds_is_split_automatically(sim, ssh_env, tmp_path, roles, model_path):
+    assert sim.netns, "two nodes need network namespaces (run as root)"
+    add_node(sim, ssh_env, tmp_path, "mac", "--max-ram", "100M")
+    add_node(sim, ssh_env, tmp_path, "workstation", "--max-ram", "90M")
+    cap(ssh_env, "localhost", "1M")
+    result = run_rbee(auto_infer(Namespace(url=ssh_env["RBEE_QUEEN_URL"]), *COUNTING, model="file:" + model_path,
+                                 max_tokens=12), ssh_env, timeout=300)   # (an ephemeral queen)
+    assert result.returncode == 0, result.stderr
+    assert narrated(result, "split_auto") == ["file:%s fits on no single node; together mac and workstation can "
+                                              "hold it" % model_path]
+    assert narrated(result, "split_plan") == ["Splitting 30 layers: mac cpu:0 16, workstation cpu:0 14"]
+    assert token_text(result.stdout)
+    assert_no_rbee_left(str(tmp_path), within=5)
+
+
+def test_sigkill_of_a_split_part_mid_generation_names_its_node_and_leaves_nothing(sim, ssh_env, tmp_path):
+    assert sim.netns, "two nodes need network namespaces (run as root)"
+    add_node(sim, ssh_env, tmp_path, "mac", "--max-ram", "2G")
+    add_node(sim, ssh_env, tmp_path, "workstation", "--max-ram", "1G")
+    keeper = start_keeper(auto_infer(Namespace(url=ssh_env["RBEE_QUEEN_URL"]), *COUNTING, max_tokens=LONG)
+                          + ["--split", "mac,workstation"], ssh_env)
+    read_until_tokens(keeper, 5)
+    [rpc] = role_pids(tmp_path)["rpc"]
+    assert sim.host_of(rpc) == "workstation"
+    os.kill(rpc, signal.SIGKILL)
+    out, err = keeper.communicate(timeout=120)
+    assert keeper.returncode == 1, err.decode()
+    error = next(e for e in json_events(out.decode()) if e["event"] == "error")["error"]
+    assert error["code"] == "WORKER_CRASHED" and error["details"]["node"] == "workstation", error
+    assert "its part on workstation" in error["message"]
     assert_no_rbee_left(str(tmp_path), within=5)

@@ -129,6 +129,21 @@ def is_envelope(data):
             and isinstance(data["error"].get("message"), str) and data["error"]["message"])
 
 
+def is_error_of(kind, request, data):
+    """An error answer in the shape its route speaks (PROTOCOL.md §13): on the queen, OpenAI's
+    under /v1/ (and its routes without the prefix), Ollama's under /api/ and at /; rbee's envelope
+    everywhere else."""
+    parts = request.split(b"\r\n", 1)[0].split(b" ")
+    path = parts[1].decode("latin-1").split("?")[0] if len(parts) > 1 else ""
+    if kind == "queen" and (path == "/" or path.startswith("/api/")):
+        return isinstance(data, dict) and isinstance(data.get("error"), str) and bool(data["error"])
+    if kind == "queen" and path.startswith(("/v1/", "/chat/", "/completions", "/models")):
+        error = data.get("error") if isinstance(data, dict) else None
+        return isinstance(error, dict) and isinstance(error.get("message"), str) and isinstance(
+            error.get("type"), str) and isinstance(error.get("code"), str)
+    return is_envelope(data)
+
+
 def http_bytes(method, path, body=b"", version="HTTP/1.1", headers=None, content_length="auto"):
     """One request as bytes; `content_length`: "auto" (the body's), None (no header) or a raw value."""
     lines = ["%s %s %s" % (method, path, version) if version else "%s %s" % (method, path)]
@@ -375,7 +390,7 @@ def run_fuzz(role, seed, count=300):
             problems.append("%s: %s (%s)" % (desc, outcome, note))
         elif status >= 500:
             problems.append("%s: %d %s" % (desc, status, body))
-        elif status >= 300 and not is_envelope(body):
+        elif status >= 300 and not is_error_of(role.kind, data, body):
             problems.append("%s: %d without the envelope: %r" % (desc, status, answer[:300]))
     for t in threads:
         t.join(30)
