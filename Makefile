@@ -37,10 +37,11 @@ run: model
 
 # the tests run a real sshd and simulated hosts in network namespaces
 sysdeps:
-	@if ! test -x /usr/sbin/sshd || ! command -v ip >/dev/null || ! command -v ssh >/dev/null; then \
-	  echo "installing openssh-server, openssh-client, iproute2"; \
+	@if ! test -x /usr/sbin/sshd || ! command -v ip >/dev/null || ! command -v ssh >/dev/null \
+	    || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  echo "installing openssh-server, openssh-client, iproute2, chromium, chromium-driver (the page's test)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    openssh-server openssh-client iproute2 >/dev/null; fi
+	    openssh-server openssh-client iproute2 chromium chromium-driver >/dev/null; fi
 	@mkdir -p /run/sshd
 
 test: model sysdeps

@@ -374,12 +374,23 @@ def emit_line(obj):
             pass
 
 
+_taps = []   # observers of every narration event this process makes or relays (the queen's /v2/events)
+
+
+def observed(event):
+    """Show `event` to the taps (a narration this process made, or one it relays from a child)."""
+    for tap in _taps:
+        tap(event)
+    return event
+
+
 def narrate(actor, action, human, cute=None, **fields):
     """Tell the user what is happening. Goes wherever this thread's narration is bound."""
     event = {"actor": actor, "action": action, "human": human}
     if cute:
         event["cute"] = cute
     event.update((k, v) for k, v in fields.items() if v is not None)
+    observed(event)
     sink = getattr(_narration, "sink", None)
     if sink is None:
         emit_line(event)
@@ -1109,6 +1120,7 @@ OLLAMA_ROOT, OLLAMA_ROOT_HEAD, OLLAMA_VERSION = ("GET", "/"), ("HEAD", "/"), ("G
 OLLAMA_TAGS, OLLAMA_PS, OLLAMA_SHOW = ("GET", "/api/tags"), ("GET", "/api/ps"), ("POST", "/api/show")
 OLLAMA_CHAT, OLLAMA_GENERATE, OLLAMA_PULL = ("POST", "/api/chat"), ("POST", "/api/generate"), ("POST", "/api/pull")
 QUEEN_METRICS = ("GET", "/metrics")
+QUEEN_UI, QUEEN_EVENTS = ("GET", "/ui"), ("GET", "/v2/events")   # the page (PROTOCOL.md §15) and its live feed
 NDJSON_CONTENT_TYPE = "application/x-ndjson"
 
 # SSE events. Every stream ends with exactly one of TERMINAL_EVENTS.
@@ -3335,6 +3347,7 @@ class HiveSession:
             self.hive_version = event["version"]   # another rbee.py: the start ends in VERSION_MISMATCH
             self.answered.set()
         event.setdefault("node", self.name)
+        observed(event)
         with self.listeners_lock:
             listeners = list(self.listeners) or [emit_line]
         for listener in listeners:
@@ -3374,7 +3387,7 @@ class HiveSession:
         """`sink` for narration relayed from this hive's streams, each event marked with the node."""
         def tag(event):
             event.setdefault("node", self.name)
-            sink(event)
+            sink(observed(event))
         return tag
 
     @contextlib.contextmanager
@@ -4024,6 +4037,7 @@ class AppJob:
         self.stats = {}                   #: the worker's end event (tokens_out, prompt_tokens, stop_reason, ...)
         self.events = None                #: the worker's events (WorkerClient.execute), once open
         self.first = None                 #: the first of them, read by open()
+        self.node = None                  #: the node whose worker runs it (open)
 
     def open(self):
         """Place the model and start the job: every error the app should get as a status (a prompt
@@ -4045,6 +4059,7 @@ class AppJob:
                 raise
 
     def _start(self, session, worker):
+        self.node = session.name
         client = WorkerClient(session.worker_url(worker["url"]), worker["api_key"], worker["worker_id"],
                               session.name)
         self.events = client.execute(self.body, retries=())   # a full queue is the app's 503 at once
@@ -4061,6 +4076,8 @@ class AppJob:
                 elif isinstance(event, Token) and event.text:
                     self.first_token = self.first_token or time.monotonic()
                     yield event.text
+                elif isinstance(event, Narration):   # (the page's live feed shows the apps' jobs too)
+                    observed(dict(event.event, node=self.node))
                 elif isinstance(event, JobEnded):
                     self.stats, outcome = event.stats, "ok"
                     return
@@ -4172,6 +4189,38 @@ def sampling_of(body, temperature=0.8):
         if body.get(name) is not None:
             job[name] = body[name]
     return job
+
+
+class EventFeed:
+    """Every narration event the queen sees (its own, its hives', their workers'), for /v2/events:
+    the last HISTORY for a page that opens, then each one live. A slow reader loses events, never
+    slows anyone down."""
+
+    HISTORY = 200
+
+    def __init__(self):
+        self.lock = threading.Lock()      #: guards both below
+        self.history = collections.deque(maxlen=self.HISTORY)   #: the last events (under `lock`)
+        self.inboxes = []                 #: one bounded queue per open feed (under `lock`)
+
+    def publish(self, event):
+        event = dict(event, at=round(time.time(), 3))
+        with self.lock:
+            self.history.append(event)
+            inboxes = list(self.inboxes)
+        for inbox in inboxes:
+            with contextlib.suppress(queue.Full):
+                inbox.put_nowait(event)
+
+    def subscribe(self):
+        inbox = queue.Queue(maxsize=1000)
+        with self.lock:
+            self.inboxes.append(inbox)
+            return inbox, list(self.history)
+
+    def unsubscribe(self, inbox):
+        with self.lock:
+            self.inboxes.remove(inbox)
 
 
 class OpenAIApi:
@@ -4400,12 +4449,13 @@ class Queen(OpenAIApi, OllamaApi, App):
     routes = ((QUEEN_HEALTH, "health"), (QUEEN_TASKS, "task"), (QUEEN_WORKERS, "list_workers"),
               (QUEEN_WORKER_SHUTDOWN, "shutdown_worker"), (QUEEN_MODELS, "list_models"),
               (QUEEN_DOWNLOAD, "download_model"), (QUEEN_REMOVE, "remove_model"), (QUEEN_STATUS, "status"),
-              (QUEEN_SHUTDOWN, "shutdown_request"), (QUEEN_METRICS, "serve_metrics")) + OPENAI + tuple(
+              (QUEEN_SHUTDOWN, "shutdown_request"), (QUEEN_METRICS, "serve_metrics"),
+              (QUEEN_UI, "serve_ui"), (QUEEN_EVENTS, "events")) + OPENAI + tuple(
         ((method, path[len("/v1"):]), name) for (method, path), name in OPENAI) + (
         (OLLAMA_ROOT, "ollama_root"), (OLLAMA_ROOT_HEAD, "ollama_root"), (OLLAMA_VERSION, "ollama_version"),
         (OLLAMA_TAGS, "ollama_tags"), (OLLAMA_PS, "ollama_ps"), (OLLAMA_SHOW, "ollama_show"),
         (OLLAMA_CHAT, "ollama_chat"), (OLLAMA_GENERATE, "ollama_generate"), (OLLAMA_PULL, "ollama_pull"))
-    OPEN_ROUTES = ("health", "ollama_root", "ollama_version")   # what answers without the key
+    OPEN_ROUTES = ("health", "ollama_root", "ollama_version", "serve_ui")   # what answers without the key
 
     def __init__(self, args):
         super().__init__()
@@ -4419,6 +4469,8 @@ class Queen(OpenAIApi, OllamaApi, App):
         self._start_locks = {}            #: node name -> Lock held while its hive starts (one start per node)
         self.scheduler = Scheduler(self)  #: where tasks run: placement, replicas, eviction
         self.metrics = Metrics()          #: /metrics: the apps' requests (its own lock)
+        self.feed = EventFeed()           #: /v2/events: every narration the queen sees (its own lock)
+        _taps.append(self.feed.publish)
 
     def authorize(self, req, name):
         if self.api_key is not None and name not in self.OPEN_ROUTES:
@@ -4494,7 +4546,7 @@ class Queen(OpenAIApi, OllamaApi, App):
     # -- endpoints --------------------------------------------------------------------------------
 
     def health(self, req):
-        req.send_json(200, {"status": "ok", "version": __version__})
+        req.send_json(200, {"status": "ok", "version": __version__, "key_required": self.api_key is not None})
 
     def node_of(self, body_or_query):
         """The registered node a request names (`node`, default localhost): 400 for a wrong type,
@@ -4617,6 +4669,36 @@ class Queen(OpenAIApi, OllamaApi, App):
                                                               "max_replicas": self.args.max_replicas},
                             "nodes": [local] + [n for n in nodes if n["node_name"] != "localhost"],
                             "hives": hives, "workers": workers})
+
+    def serve_ui(self, req):
+        """The page (ui.html beside rbee.py): static, no key; everything it shows needs the key."""
+        with open(os.path.join(HERE, "ui.html"), "rb") as f:
+            data = f.read()
+        req.handler.send_response(200)
+        req.handler.send_header("Content-Type", "text/html; charset=utf-8")
+        req.handler.send_header("Content-Length", str(len(data)))
+        req.handler.send_header("Cache-Control", "no-cache")
+        req.handler.send_header("Content-Security-Policy", "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+                                "script-src 'self' 'unsafe-inline'; img-src 'self' data:")
+        req.handler.end_headers()
+        req.handler.wfile.write(data)
+
+    def events(self, req):
+        """The live feed: the last narration events, then each one as it happens, until the client goes."""
+        stream = req.sse()
+        inbox, history = self.feed.subscribe()
+        try:
+            for event in history:
+                stream.narration(event)
+            while not self.stopping.claimed:
+                try:
+                    stream.narration(inbox.get(timeout=1.0))
+                except queue.Empty:
+                    if stream.client_gone():
+                        break
+        finally:
+            self.feed.unsubscribe(inbox)
+            stream.close()
 
     def serve_metrics(self, req):
         hives, workers = self.cluster()
