@@ -2915,8 +2915,8 @@ class Hive(App):
             size = row["size_bytes"] if row else (
                 os.path.getsize(ref.reference) if ref.provider == "file" and os.path.isfile(ref.reference) else None)
             path = row["local_path"] if row else (ref.reference if ref.provider == "file" else None)
-            answer["model"] = {"model_ref": ref.text, "cataloged": row is not None, "size_bytes": size,
-                               "layers": gguf_layers(path) if path else None}
+            layers = gguf_layers(path) if path and os.path.isfile(path) else None   # (a FIFO would block the read)
+            answer["model"] = {"model_ref": ref.text, "cataloged": row is not None, "size_bytes": size, "layers": layers}
         req.send_json(200, answer)
 
     def download_model(self, req):
@@ -3811,6 +3811,8 @@ class Scheduler:
                 with sessions[name].listening(sink):   # (its narration: the part's start-up)
                     out = sessions[name].client.rpc_start({"backend": device["backend"], "device": device["device"],
                                                            "peer": peer})
+                narrate("queen-rbee", "rpc_lent", "%s lends %s:%s to the split at %s (%s)" % (
+                    name, device["backend"], device["device"], out["endpoint"], out["build"]), "🧩", node=name)
                 lent.append((sessions[name], out, layer_count))
             body = {"model_ref": ref.text, "backend": primary_dev["backend"], "device": primary_dev["device"],
                     "parallel": parallel, "keep_alive": keep_alive, "max_queue": self.queen.args.max_queue,

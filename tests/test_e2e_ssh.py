@@ -968,7 +968,8 @@ def test_a_split_over_two_nodes_streams_the_same_text_as_one_node(sim, ssh_env, 
     host, port = worker["split"][1]["endpoint"].rsplit(":", 1)
     assert host == sim.addresses["workstation"]   # the interface that faces mac, not 0.0.0.0
     assert int(port) in sim.listening("workstation")
-    assert any("Lending cpu:0 to a split" in h for h in narrated(split, "rpc_start"))
+    [lent] = narrated(split, "rpc_lent")
+    assert lent.startswith("workstation lends cpu:0 to the split at %s (ggml " % worker["split"][1]["endpoint"])
     assert narrated(split, "rpc_devices") == ["Splitting: 10 layers on 1 remote device(s) at %s" %
                                               worker["split"][1]["endpoint"]]
     running = roles_on(sim, tmp_path)

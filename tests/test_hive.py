@@ -680,13 +680,16 @@ def test_resources_say_memory_devices_workers_and_the_models_size(start_hive, re
     assert empty["node"] == "testnode" and 0 < empty["ram_free_mb"] <= empty["ram_total_mb"]
     assert empty["memory"]["cpu"] == "ram" and empty["devices"]["cpu"][0]["index"] == 0
     assert empty["workers"] == [] and empty["models"] == []
-    assert empty["model"] == {"model_ref": REF, "cataloged": False, "size_bytes": None}   # not known before a download
+    # not known before a download
+    assert empty["model"] == {"model_ref": REF, "cataloged": False, "size_bytes": None, "layers": None}
     local = "file:" + model_path
     _, sized = call(hive.port, "GET", "/v1/resources?model=" + urllib.parse.quote(local), token=hive.token)
-    assert sized["model"] == {"model_ref": local, "cataloged": False, "size_bytes": os.path.getsize(model_path)}
+    assert sized["model"] == {"model_ref": local, "cataloged": False, "size_bytes": os.path.getsize(model_path),
+                              "layers": 30}
     worker = spawned(stream(hive, "/v1/workers/spawn", {"model_ref": REF, "backend": "cpu", "keep_alive": "-1"}))
     _, loaded = call(hive.port, "GET", "/v1/resources?model=" + urllib.parse.quote(REF), token=hive.token)
-    assert loaded["model"] == {"model_ref": REF, "cataloged": True, "size_bytes": os.path.getsize(model_path)}
+    assert loaded["model"] == {"model_ref": REF, "cataloged": True, "size_bytes": os.path.getsize(model_path),
+                               "layers": 30}
     [row] = loaded["workers"]
     assert row["worker_id"] == worker["worker_id"] and row["state"] == "idle"
     assert (row["slots_total"], row["slots_available"], row["queue_length"]) == (4, 4, 0)
