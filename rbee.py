@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
 """rbee: the machines of a home network or small lab as one LLM inference service.
 
-Architecture (one file, four roles, each a subcommand; the contract is docs/PROTOCOL.md):
+Architecture (one file, five roles, each a subcommand; the contract is docs/PROTOCOL.md):
 
     keeper  (rbee.py infer, the CLI) -- HTTP+SSE --> queen  (rbee.py queen, 127.0.0.1:8080)
+    apps (OpenAI/Ollama clients, /ui) -- HTTP -----> queen  (the queen relays their tokens)
     queen   -- ssh, stdin kept open as lifeline --> hive   (rbee.py hive, one per node, :9200)
     hive    -- child process, stdin lifeline ---> worker (rbee.py worker, one model, :8001+)
+    hive    -- child process, stdin lifeline ---> rpc    (rbee.py rpc: a device lent to a split)
     keeper  -- HTTP+SSE /execute, directly -----> worker  (tokens to stdout, narration to stderr)
+
+The queen places each task (a scheduler: free memory, caps, replicas, eviction, keep-alive), and
+splits a model that fits on no single node over several, on llama.cpp's RPC backend.
 
 Every process narrates: JSON lines on stdout before it serves HTTP and after it stops, SSE events
 while it serves; every parent relays what its children say, so all of it reaches the user's shell.
@@ -16,7 +21,8 @@ child down, in cascade, so nothing is left behind. No start-up path asks DNS for
 
 Sections below follow the data: errors, narration, HTTP/SSE plumbing, the Protocol (routes,
 events, control lines, and one client class per role, which every caller uses), processes, ssh,
-the model catalog, worker, hive, queen, keeper, CLI. "PROTOCOL.md §N" cites docs/PROTOCOL.md.
+the model catalog, worker, rpc server, hive, queen (its scheduler, the apps' APIs and metrics),
+keeper, CLI. "PROTOCOL.md §N" cites docs/PROTOCOL.md; the page is ui.html beside this file.
 Only the standard library is imported at top level; `backends/` (llama-cpp-python) and
 huggingface_hub are imported where they are needed.
 """
@@ -39,7 +45,7 @@ import threading
 import time
 import urllib.parse
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 API_VERSION = "v1"
 HERE = os.path.dirname(os.path.abspath(__file__))
 RBEE_PY = os.path.join(HERE, "rbee.py")
@@ -2916,7 +2922,8 @@ class Hive(App):
                 os.path.getsize(ref.reference) if ref.provider == "file" and os.path.isfile(ref.reference) else None)
             path = row["local_path"] if row else (ref.reference if ref.provider == "file" else None)
             layers = gguf_layers(path) if path and os.path.isfile(path) else None   # (a FIFO would block the read)
-            answer["model"] = {"model_ref": ref.text, "cataloged": row is not None, "size_bytes": size, "layers": layers}
+            answer["model"] = {"model_ref": ref.text, "cataloged": row is not None, "size_bytes": size,
+                               "layers": layers}
         req.send_json(200, answer)
 
     def download_model(self, req):
@@ -3527,7 +3534,9 @@ class HiveSession:
         self.exited.wait(5)
 
 
-# -- placement: which node, backend and device serve a task (PROTOCOL.md §12) --------------------
+# ============================================================================================
+# Scheduler (PROTOCOL.md §12, §14): where a task runs -- placement, replicas, eviction, splits
+# ============================================================================================
 
 Placement = collections.namedtuple("Placement", "action node backend device evict free_mb reason worker_id")
 Placement.__doc__ = """What the scheduler decided: `reuse` a worker of the model (the hive hands it out),
@@ -3603,9 +3612,10 @@ def plan_placement(model_ref, need_mb, views, backend=None, device=None, max_rep
         v, w = min(mine, key=lambda vw: (vw[1]["load"] / (vw[1]["slots_total"] or DEFAULT_PARALLEL), vw[1]["load"]))
         slots = w["slots_total"] or DEFAULT_PARALLEL
         where = "%s %s:%s" % (v["node"], w["backend"], w["device"])
-        # (a reused worker that is gone by the time its hive asks is started again within this room)
-        room = next((d["free_mb"] for d in v["devices"] if (d["backend"], d["device"]) == (w["backend"], w["device"])),
-                    None)
+        # (a reused worker that is gone by the time its hive asks is started again within this room; one
+        # still on its way to its hive may be started by this task first: with the room reserved for it)
+        room = next((d["free_mb"] + (0 if w["worker_id"] else d.get("reserved_mb", 0)) for d in v["devices"]
+                     if (d["backend"], d["device"]) == (w["backend"], w["device"])), None)
         if w["load"] < slots:
             return Placement("reuse", v["node"], w["backend"], w["device"], (), room, "%s: its worker has a free slot "
                              "(%d of %d busy)" % (where, w["load"], slots), w["worker_id"])
@@ -3872,25 +3882,39 @@ class Scheduler:
                         session.client.rpc_stop(out["rpc_id"])
         threading.Thread(target=watch, daemon=True, name="split-" + worker_id).start()
 
-    def warm(self, ref):
-        """(session, worker event) of the worker the last app request for `ref` went to, while the
-        tasks handed to it lately leave it a free slot and its hive still runs; else None."""
+    def warm(self, ref, nodes=None, backend=None, device=None, check=False):
+        """(session, worker event) of the worker the last task for `ref` went to, with no survey
+        and no spawn: while the tasks handed to it lately leave it a free slot, its hive runs, it
+        fits `nodes`/`backend`/`device`, and it was kept alive long enough not to be going (with
+        `check`, its /health says so too); else None."""
         with self.lock:
             known = self.recent.get(ref.text)
             if not known:
                 return None
-            session, worker, key, slots = known
+            session, worker, key, keep_alive = known
             recent = [t for t in self.handouts.get(key, ()) if time.monotonic() - t < HANDOUT_GRACE]
-            if len(recent) >= slots or session.exited.is_set():
+            fits = (not nodes or session.name in nodes) and backend in (None, key[2]) and device in (None, key[3])
+            if not fits or len(recent) >= DEFAULT_PARALLEL or session.exited.is_set() or 0 <= keep_alive < 60:
                 return None
             self.handouts[key] = recent + [time.monotonic()]
-            return session, worker
+        if check:
+            try:
+                health = WorkerClient(session.worker_url(worker["url"]), worker["api_key"]).health(timeout=1.0)
+            except RbeeError:
+                health = {}
+            # (its port may serve another worker by now: the id must be its own)
+            if health.get("worker_id") != worker["worker_id"] or health.get("state") not in ("idle", "busy") or \
+                    health.get("queue_length", 0) >= health.get("max_queue", 0) + health.get("slots_available", 0):
+                self.forget(ref)
+                return None
+        return session, worker
 
-    def remember(self, ref, session, worker):
+    def remember(self, ref, session, worker, keep_alive):
+        """The worker a task for `ref` got (keep_alive: its seconds; -1 forever), for `warm`."""
         if not worker.get("split"):
             key = (session.name, ref.text, worker.get("backend"), worker.get("device"))
             with self.lock:
-                self.recent[ref.text] = (session, worker, key, DEFAULT_PARALLEL)
+                self.recent[ref.text] = (session, worker, key, keep_alive)
 
     def forget(self, ref):
         with self.lock:
@@ -3960,7 +3984,9 @@ class Scheduler:
                 time.sleep(0.1)
 
 
-# -- the apps' APIs: OpenAI's and Ollama's dialects, one job runner, metrics (PROTOCOL.md §13) ------
+# ============================================================================================
+# The apps' APIs on the queen (PROTOCOL.md §13, §15): OpenAI's, Ollama's, metrics, the live feed
+# ============================================================================================
 
 class OpenAIStream(SSEStream):
     """OpenAI's dialect of SSE (as llama.cpp's server writes it): `data: {json}` frames, bare `:`
@@ -4053,7 +4079,8 @@ class AppJob:
                 scheduler.forget(self.ref)
             session, worker = scheduler.place(self.ref, queen.candidates(), None, None, DEFAULT_PARALLEL,
                                               self.keep_alive, _current_sink())
-            scheduler.remember(self.ref, session, worker)
+            scheduler.remember(self.ref, session, worker, queen.args.keep_alive if self.keep_alive is None
+                               else self.keep_alive)
             try:
                 return self._start(session, worker)
             except RbeeError as err:
@@ -4441,6 +4468,10 @@ class OllamaApi:
             req.send_json(200, {"status": "success"})
 
 
+# ============================================================================================
+# The queen itself: its routes, hives, tasks, and the keeper's /v2 API
+# ============================================================================================
+
 class Queen(OpenAIApi, OllamaApi, App):
     """The orchestrator (PROTOCOL.md §5.3): starts hives on demand and turns a task into a worker;
     serves the apps' APIs (§13) on the same port."""
@@ -4569,7 +4600,7 @@ class Queen(OpenAIApi, OllamaApi, App):
         if "device" not in body:
             device = None   # (any device of the chosen backend)
         parallel = parallel_of(body)
-        keep_alive = keep_alive_of(body, self.args.keep_alive)
+        keep_alive = keep_alive_of(body, None)   # (None: the hive's, which is this queen's --keep-alive)
         nodes = self.candidates() if node == AUTO_NODE else [self.nodes.resolve(node)["node_name"]]
         split = body.get("split")
         if split is not None:
@@ -4578,8 +4609,17 @@ class Queen(OpenAIApi, OllamaApi, App):
             split = [self.nodes.resolve(text_field({"node": n}, "node", limit=200))["node_name"] for n in split]
         stream = req.sse()   # (NODE_NOT_FOUND and every 400 before the stream starts)
         with narration_to(stream.narration):
-            session, worker = self.scheduler.place(ref, nodes, backend, device, parallel, keep_alive, stream.narration,
-                                                   split)
+            warm = None if split or keep_alive is not None else self.scheduler.warm(ref, nodes, backend, device, True)
+            if warm:   # its worker took the last task and has room: no survey, no spawn
+                session, worker = warm[0], dict(warm[1], timings={"reused": True})
+                narrate("queen-rbee", "placement", "Placing on %s %s:%s: its worker is warm" % (
+                    session.name, worker.get("backend"), worker.get("device")), "📍", node=session.name,
+                    backend=worker.get("backend"), device=worker.get("device"), decision="reuse")
+            else:
+                session, worker = self.scheduler.place(ref, nodes, backend, device, parallel, keep_alive,
+                                                       stream.narration, split)
+                self.scheduler.remember(ref, session, worker, self.args.keep_alive if keep_alive is None
+                                        else keep_alive)
         timings = dict(session.timings, **(worker.get("timings") or {}))
         session.timings = {}   # the hive start is paid once
         stream.finish(EVENT_WORKER, {"worker_id": worker["worker_id"], "worker_url": session.worker_url(worker["url"]),

@@ -357,9 +357,11 @@ def split_scenario(tmp, env, model, baseline):
                                  env=ssh_env, capture_output=True, text=True)
             if add.returncode:
                 raise RuntimeError("nodes add failed: %s" % add.stderr)
-        ping = subprocess.run(["ip", "netns", "exec", net.hosts["mac"].netns, "ping", "-c", "5", "-i", "0.2", "-q",
-                               net.hosts["workstation"].address], capture_output=True, text=True)
-        rtt = re.search(r"= [\d.]+/([\d.]+)/", ping.stdout)
+        probe = ("import socket, statistics, time\nt = []\nfor _ in range(20):\n    s = time.perf_counter()\n"
+                 "    socket.create_connection((%r, 22), timeout=2).close()\n    t.append(time.perf_counter() - s)\n"
+                 "print(statistics.median(t) * 1000)" % net.hosts["workstation"].address)
+        rtt = subprocess.run(["ip", "netns", "exec", net.hosts["mac"].netns, PY, "-c", probe], capture_output=True,
+                             text=True)   # a TCP connect: one round trip from mac to workstation
         qport = free_port()
         queen = role(["queen", "--port", str(qport)], ssh_env)
         try:
@@ -371,7 +373,8 @@ def split_scenario(tmp, env, model, baseline):
         finally:
             stop(queen)
         one, split = summarize(one, raws), summarize(split, raws)
-        return {"one_node": one, "split_two_nodes": split, "rtt_ms": float(rtt.group(1)) if rtt else None,
+        return {"one_node": one, "split_two_nodes": split,
+                "rtt_ms": round(float(rtt.stdout), 3) if rtt.returncode == 0 else None,
                 "tok_s_ratio": round(split["tok_s"]["median"] / one["tok_s"]["median"], 3),
                 "ttft_diff_ms": round(split["ttft_ms"]["median"] - one["ttft_ms"]["median"], 1)}
     finally:
