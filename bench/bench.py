@@ -384,7 +384,7 @@ def split_scenario(tmp, env, model, baseline):
 # -- many clients at once: rbee's slots against llama.cpp's own server and llama-cpp-python's -----
 
 CLIENTS = (1, 4, 8)
-CONC_RUNS = int(os.environ.get("BENCH_CONC_RUNS", "3"))
+CONC_RUNS = int(os.environ.get("BENCH_CONC_RUNS", "5"))
 DISTINCT = ["Once upon a time, in a small village by the sea, there lived", "The three laws of robotics are",
             "In the year 2300, the first colony on Mars", "My grandmother's secret recipe for apple pie",
             "The history of the printing press begins", "Dear diary, today something strange happened",
@@ -453,30 +453,40 @@ def clients_at_once(n, one):
 
 def concurrency(model, env):
     """The concurrency table: 1, 4 and 8 streaming clients with distinct prompts, 128 tokens each,
-    the same model, threads and context per slot, CONC_RUNS runs each (median)."""
+    the same model, threads and context per slot, CONC_RUNS runs each (median). Every server is up
+    at once (an idle one takes no CPU) and each round runs them one after the other, in a rotated
+    order: these machines slow down and speed up for tens of seconds at a time, and runs of one
+    server after the other would measure that instead of the servers."""
     servers = [("rbee worker (4 slots, its defaults)", rbee_worker_server, RBEE_TOKEN, "/execute"),
                ("llama-server -np 4", lambda m, e: llama_server(m, e, ["-np", "4", "-c", str(4 * N_CTX)]),
                 PEER_TOKEN, "/v1/completions"),
                ("llama-server (its defaults)", lambda m, e: llama_server(m, e, []), PEER_TOKEN, "/v1/completions"),
                ("llama_cpp.server", peer_server, PEER_TOKEN, "/v1/completions")]
-    table = {}
-    for name, server, marker, path in servers:
-        print("concurrency: %s ..." % name, file=sys.stderr)
-        with server(model, env) as (port, headers):
+    table, clients = {}, {}
+    with contextlib.ExitStack() as up:
+        for name, server, marker, path in servers:
+            print("concurrency: starting %s ..." % name, file=sys.stderr)
+            port, headers = up.enter_context(server(model, env))
             if port is None:
                 table[name] = {"skipped": headers}
                 continue
-            rbee = path == "/execute"
 
-            def one(k):
+            def one(k, port=port, headers=headers, marker=marker, path=path):
                 body = {"prompt": DISTINCT[k % len(DISTINCT)], "max_tokens": TOKENS, "temperature": 0}
-                body.update({"raw": True} if rbee else {"stream": True})
+                body.update({"raw": True} if path == "/execute" else {"stream": True})
                 return sse_tokens(port, path, body, headers, marker)
             one(0)   # warm-up
-            table[name] = {}
-            for n in CLIENTS:
-                runs = [clients_at_once(n, one) for _ in range(CONC_RUNS)]
-                table[name][str(n)] = {k: round(statistics.median(r[k] for r in runs), 1) for k in runs[0]}
+            clients[name] = one
+        for n in CLIENTS:
+            print("concurrency: %d clients ..." % n, file=sys.stderr)
+            runs = {name: [] for name in clients}
+            order = list(clients)
+            for i in range(CONC_RUNS):
+                for name in order[i % len(order):] + order[:i % len(order)]:
+                    runs[name].append(clients_at_once(n, clients[name]))
+            for name, done in runs.items():
+                table.setdefault(name, {})[str(n)] = {k: round(statistics.median(r[k] for r in done), 1)
+                                                      for k in done[0]}
     base = table.get("llama-server -np 4", {})
     for name, rows in table.items():
         for n, row in rows.items():
