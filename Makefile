@@ -44,7 +44,15 @@ sysdeps:
 	    openssh-server openssh-client iproute2 chromium chromium-driver >/dev/null; fi
 	@mkdir -p /run/sshd
 
-test: model sysdeps
+# a second llama-cpp-python, another ggml build, for the test of a split over nodes whose builds differ
+OTHER_VENV := .cache/other-venv
+$(OTHER_VENV)/.installed:
+	test -x $(OTHER_VENV)/bin/python || $(PYTHON) -m venv $(OTHER_VENV)
+	CMAKE_ARGS="-DGGML_RPC=on" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(OTHER_VENV)/bin/python -m pip install -q \
+	  llama-cpp-python==0.3.35
+	touch $@
+
+test: model sysdeps $(OTHER_VENV)/.installed
 	$(VPY) -m pytest -v tests
 
 # llama.cpp's own llama-server, built once from the llama.cpp that the llama-cpp-python sdist vendors

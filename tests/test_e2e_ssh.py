@@ -1014,3 +1014,32 @@ def test_sigkill_of_a_split_part_mid_generation_names_its_node_and_leaves_nothin
     assert error["code"] == "WORKER_CRASHED" and error["details"]["node"] == "workstation", error
     assert "its part on workstation" in error["message"]
     assert_no_rbee_left(str(tmp_path), within=5)
+
+
+OTHER_PYTHON = REPO / ".cache" / "other-venv" / "bin" / "python"   # llama-cpp-python 0.3.35: another ggml
+
+
+def test_a_split_over_nodes_on_different_ggml_builds_is_version_mismatch_before_anything_loads(sim, ssh_env,
+                                                                                                tmp_path, roles):
+    """workstation's Python has another llama-cpp-python (`make test` builds it into
+    .cache/other-venv): its ggml differs, and ggml's RPC needs the same build on every part."""
+    assert sim.netns, "two nodes need network namespaces (run as root)"
+    assert OTHER_PYTHON.exists(), "%s is missing: make test builds it" % OTHER_PYTHON
+    add_node(sim, ssh_env, tmp_path, "mac", "--max-ram", "2G")
+    add_node(sim, ssh_env, tmp_path, "workstation", "--max-ram", "1G", "--python", str(OTHER_PYTHON))
+    queen = start_queen(roles, ssh_env)
+    result = run_rbee(auto_infer(queen, *COUNTING, max_tokens=8) + ["--split", "mac,workstation"], ssh_env,
+                      timeout=300)
+    assert result.returncode == 1, result.stderr
+    error = next(e for e in json_events(result.stdout) if e["event"] == "error")["error"]
+    assert error["code"] == "VERSION_MISMATCH", error
+    builds = error["details"]["builds"]
+    assert sorted(builds) == ["mac", "workstation"] and builds["mac"] != builds["workstation"]
+    assert all(b.startswith("ggml ") for b in builds.values()), builds
+    assert "rbee.py nodes install" in error["suggestion"]
+    # before anything loads: no worker, no RPC server, on any host, ever
+    assert not narrated(result, "model_load") and not narrated(result, "rpc_lent")
+    assert not list(tmp_path.glob("*-home/logs/worker-*.log")) and not list(tmp_path.glob("*-home/logs/rpc-*.log"))
+    queen.proc.send_signal(signal.SIGTERM)
+    assert queen.proc.wait(40) == 0
+    assert_no_rbee_left(str(tmp_path), within=5)
