@@ -134,6 +134,23 @@ class KeyedLocks:
             return len(self._entries)
 
 
+class InFlight:
+    """How many of something are under way: each `with` block counts one while it runs."""
+
+    def __init__(self):
+        self._lock = threading.Lock()     #: guards `count`
+        self.count = 0                    #: the blocks running now (under `_lock`)
+
+    def __enter__(self):
+        with self._lock:
+            self.count += 1
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self.count -= 1
+
+
 def rbee_home(*parts):
     """A path under $RBEE_HOME (default ~/.rbee), which holds everything a role writes."""
     home = os.environ.get("RBEE_HOME") or os.path.join(os.path.expanduser("~"), ".rbee")
@@ -694,15 +711,20 @@ def text_field(body, name, default=None, limit=1024):
     return value
 
 
-def write_json(handler, status, obj, headers=None):
-    body = json_text(obj).encode()
+def write_body(handler, status, content_type, body, headers=None, with_body=True):
+    """A whole answer: status, headers, and `body` (bytes) unless `with_body` is false (HEAD)."""
     handler.send_response(status)
-    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Type", content_type)
     handler.send_header("Content-Length", str(len(body)))
     for key, value in (headers or {}).items():
         handler.send_header(key, value)
     handler.end_headers()
-    handler.wfile.write(body)
+    if with_body:
+        handler.wfile.write(body)
+
+
+def write_json(handler, status, obj, headers=None):
+    write_body(handler, status, "application/json", json_text(obj).encode(), headers)
 
 
 class Request:
@@ -2770,11 +2792,11 @@ class Hive(App):
         #: without a worker (the handshake's, else --keep-alive)
         self.keep_alive = args.keep_alive if keep_alive is None else keep_alive
         self.workerless_since = time.time()   #: when it last had a worker or work (the reaper's; request threads)
-        self.in_progress = 0              #: spawns and downloads under way: the hive never ends during one
+        self.in_progress = InFlight()     #: spawns and downloads under way: the hive never ends during one
         self.rpcs = {}                    #: rpc_id -> RpcProcess lent to splits (under `_progress_lock`)
         self._build = None                #: this node's ggml build (asked once, in a child: ggml_build)
         self._devices = (float("-inf"), {})   #: (when, devices_now's answer): request threads, last writer wins
-        self._progress_lock = threading.Lock()   #: guards `in_progress`
+        self._progress_lock = threading.Lock()   #: guards `rpcs`
         os.makedirs(rbee_home("logs"), mode=0o700, exist_ok=True)
 
     def authorize(self, req, name):
@@ -2811,13 +2833,10 @@ class Hive(App):
     @contextlib.contextmanager
     def working(self):
         """Around a spawn or a download: a hive without workers does not end meanwhile."""
-        with self._progress_lock:
-            self.in_progress += 1
-        try:
-            yield
-        finally:
-            with self._progress_lock:
-                self.in_progress -= 1
+        with self.in_progress:
+            try:
+                yield
+            finally:
                 self.workerless_since = time.time()
 
     def devices_now(self):
@@ -3147,7 +3166,7 @@ class Hive(App):
                         worker.worker_id, time.time() - worker.last_activity, human_duration(worker.keep_alive)),
                         "😴", worker_id=worker.worker_id, model_ref=worker.model_ref)
                     threading.Thread(target=self.stop_worker, args=(worker,), daemon=True).start()
-            if workers or self.in_progress or self.rpcs:
+            if workers or self.in_progress.count or self.rpcs:
                 self.workerless_since = time.time()
             elif self.args.lifeline and 0 <= self.keep_alive < time.time() - self.workerless_since:
                 narrate("rbee-hive", "hive_idle_stop", "No worker for %s: the pool manager ends" % human_duration(
@@ -3929,14 +3948,14 @@ class Scheduler:
             return plan_placement(ref.text, need_mb, views, max_replicas=self.queen.args.max_replicas).node
 
     def survey(self, ref, nodes, sink):
-        """{node: its hive's /v1/resources for `ref`} of the nodes whose hives answer (started if
-        need be); the first error if none does."""
+        """{node: its hive's /v1/resources for `ref` (None: no model)} of the nodes whose hives
+        answer (started if need be); the first error if none does."""
         results, errors = {}, []
 
         def ask(name):
             try:
                 session = self.queen.hive(name, sink)
-                results[name] = session.client.resources(ref.text)
+                results[name] = session.client.resources(ref.text if ref else None)
             except Exception as exc:   # (an ssh binary missing is no traceback either)
                 err = RbeeError.wrap(exc, "queen-rbee")
                 errors.append(err)
@@ -4071,7 +4090,7 @@ class AppJob:
         """Place the model and start the job: every error the app should get as a status (a prompt
         over the context, a full queue, an unknown model) raises here, before the answer starts."""
         queen, scheduler = self.queen, self.queen.scheduler
-        with queen.metrics.placing_scope():
+        with queen.metrics.placing:
             warm = scheduler.warm(self.ref) if self.keep_alive is None else None
             if warm:   # its worker took the last one and has slots to spare: no survey, no hive
                 with contextlib.suppress(RbeeError):
@@ -4138,21 +4157,11 @@ class Metrics:
 
     def __init__(self):
         self.lock = threading.Lock()      #: guards everything below (request threads)
-        self.placing = 0                  #: app requests being placed (a model loading, memory freeing)
+        self.placing = InFlight()         #: app requests being placed (a model loading, memory freeing)
         self.outcomes = collections.Counter()         #: outcome -> requests that ended so
         self.tokens = collections.Counter()           #: ("prompt"|"generated", model) -> tokens
         #: histogram -> its bucket counts, then the +Inf count, then the sum
         self.histograms = {name: [0] * (len(self.BUCKETS) + 1) + [0.0] for name in self.HISTOGRAMS}
-
-    @contextlib.contextmanager
-    def placing_scope(self):
-        with self.lock:
-            self.placing += 1
-        try:
-            yield
-        finally:
-            with self.lock:
-                self.placing -= 1
 
     def ended(self, job, outcome):
         now = time.monotonic()
@@ -4190,7 +4199,7 @@ class Metrics:
         with self.lock:
             metric("rbee_requests_running", "gauge", "Jobs in a slot of a worker, from every client", [((), busy)])
             metric("rbee_requests_waiting", "gauge", "Jobs in a worker's queue, and app requests being placed",
-                   [((), queued + self.placing)])
+                   [((), queued + self.placing.count)])
             metric("rbee_requests_total", "counter", "App requests by outcome",
                    [((("outcome", o),), self.outcomes[o]) for o in self.OUTCOMES])
             for kind in ("prompt", "generated"):
@@ -4325,13 +4334,8 @@ class OllamaApi:
     """Ollama's API on the queen (a mixin of Queen), for Open WebUI and the `ollama` package."""
 
     def ollama_root(self, req):
-        data = b"rbee is running"
-        req.handler.send_response(200)
-        req.handler.send_header("Content-Type", "text/plain; charset=utf-8")
-        req.handler.send_header("Content-Length", str(len(data)))
-        req.handler.end_headers()
-        if req.handler.command != "HEAD":
-            req.handler.wfile.write(data)
+        write_body(req.handler, 200, "text/plain; charset=utf-8", b"rbee is running",
+                   with_body=req.handler.command != "HEAD")
 
     def ollama_version(self, req):
         req.send_json(200, {"version": __version__})
@@ -4716,14 +4720,9 @@ class Queen(OpenAIApi, OllamaApi, App):
         """The page (ui.html beside rbee.py): static, no key; everything it shows needs the key."""
         with open(os.path.join(HERE, "ui.html"), "rb") as f:
             data = f.read()
-        req.handler.send_response(200)
-        req.handler.send_header("Content-Type", "text/html; charset=utf-8")
-        req.handler.send_header("Content-Length", str(len(data)))
-        req.handler.send_header("Cache-Control", "no-cache")
-        req.handler.send_header("Content-Security-Policy", "default-src 'self'; style-src 'self' 'unsafe-inline'; "
-                                "script-src 'self' 'unsafe-inline'; img-src 'self' data:")
-        req.handler.end_headers()
-        req.handler.wfile.write(data)
+        write_body(req.handler, 200, "text/html; charset=utf-8", data, {
+            "Cache-Control": "no-cache", "Content-Security-Policy": "default-src 'self'; style-src 'self' "
+            "'unsafe-inline'; script-src 'self' 'unsafe-inline'; img-src 'self' data:"})
 
     def events(self, req):
         """The live feed: the last narration events, then each one as it happens, until the client goes."""
@@ -4744,12 +4743,8 @@ class Queen(OpenAIApi, OllamaApi, App):
 
     def serve_metrics(self, req):
         hives, workers = self.cluster()
-        data = self.metrics.render(workers, hives).encode()
-        req.handler.send_response(200)
-        req.handler.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        req.handler.send_header("Content-Length", str(len(data)))
-        req.handler.end_headers()
-        req.handler.wfile.write(data)
+        write_body(req.handler, 200, "text/plain; version=0.0.4; charset=utf-8",
+                   self.metrics.render(workers, hives).encode())
 
     # -- the models the apps name ---------------------------------------------------------------
 
@@ -4771,31 +4766,27 @@ class Queen(OpenAIApi, OllamaApi, App):
         """Every model cataloged on a node whose hive answers, and every loaded one, by id:
         {id, slug, filename, size_bytes, sha256, created, nodes, loaded_on}. An hf model's id is
         hf:ORG/REPO (with :FILE when a node holds several files of the repo); a file's, file:PATH."""
-        found, lock = {}, threading.Lock()
-
-        def ask(name):
-            try:
-                res = self.hive(name).client.resources()
-            except RbeeError:
-                return
+        try:
+            answers = self.scheduler.survey(None, self.candidates(), _current_sink())
+        except RbeeError:   # (no hive answers: no model)
+            answers = {}
+        found = {}
+        for name, res in answers.items():
             files = collections.Counter(row["reference"] for row in res["models"] if row["provider"] == "hf")
-            with lock:
-                for row in res["models"]:
-                    if row["provider"] == "hf":
-                        model_id = "hf:" + row["reference"] + (":" + row["filename"] if files[row["reference"]] > 1
-                                                               else "")
-                    else:
-                        model_id = "file:" + row["local_path"]
-                    entry = found.setdefault(model_id, {
-                        "id": model_id, "slug": row["id"], "filename": row["filename"], "size_bytes": row["size_bytes"],
-                        "sha256": row["sha256"], "created": row["downloaded_at_unix"], "nodes": [], "loaded_on": []})
-                    entry["nodes"].append(name)
-                for w in res["workers"]:
-                    entry = found.setdefault(w["model_ref"], {
-                        "id": w["model_ref"], "slug": w["model_ref"], "filename": w["model_ref"], "size_bytes": 0,
-                        "sha256": None, "created": int(time.time()), "nodes": [], "loaded_on": []})
-                    entry["loaded_on"].append(name)
-        in_parallel(ask, self.candidates())
+            for row in res["models"]:
+                if row["provider"] == "hf":
+                    model_id = "hf:" + row["reference"] + (":" + row["filename"] if files[row["reference"]] > 1 else "")
+                else:
+                    model_id = "file:" + row["local_path"]
+                entry = found.setdefault(model_id, {
+                    "id": model_id, "slug": row["id"], "filename": row["filename"], "size_bytes": row["size_bytes"],
+                    "sha256": row["sha256"], "created": row["downloaded_at_unix"], "nodes": [], "loaded_on": []})
+                entry["nodes"].append(name)
+            for w in res["workers"]:
+                entry = found.setdefault(w["model_ref"], {
+                    "id": w["model_ref"], "slug": w["model_ref"], "filename": w["model_ref"], "size_bytes": 0,
+                    "sha256": None, "created": int(time.time()), "nodes": [], "loaded_on": []})
+                entry["loaded_on"].append(name)
         return [found[k] for k in sorted(found)]
 
     def shutdown_request(self, req):
