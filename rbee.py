@@ -10,21 +10,45 @@ Architecture (one file, five roles, each a subcommand; the contract is docs/PROT
     hive    -- child process, stdin lifeline ---> rpc    (rbee.py rpc: a device lent to a split)
     keeper  -- HTTP+SSE /execute, directly -----> worker  (tokens to stdout, narration to stderr)
 
-The queen places each task (a scheduler: free memory, caps, replicas, eviction, keep-alive), and
-splits a model that fits on no single node over several, on llama.cpp's RPC backend.
+The queen is a front (Queen: routes, keys, CORS, status, its life) over parts that each own one
+thing: Hives (a hive session per node), the Scheduler (which worker serves each request: the
+warm one, else a placement by free memory and caps, a replica, an eviction, a Split over
+nodes), the apps' APIs (OpenAIApi, OllamaApi), Metrics and the EventFeed of the page.
 
 Every process narrates: JSON lines on stdout before it serves HTTP and after it stops, SSE events
 while it serves; every parent relays what its children say, so all of it reaches the user's shell.
 Beside the narration a child writes control lines (`{"control": "ready", "port": ...}`) that its
-parent acts on. Every parent owns its children: closing a child's stdin (or dying) shuts the
-child down, in cascade, so nothing is left behind. No start-up path asks DNS for anything.
+parent acts on. Every parent owns its children (a Child each): closing a child's stdin (or dying)
+shuts the child down, in cascade, so nothing is left behind. No start-up path asks DNS for
+anything; a role rbee starts runs from rbee.py's cached bytecode (role_argv).
 
-Sections below follow the data: errors, narration, HTTP/SSE plumbing, the Protocol (routes,
-events, control lines, and one client class per role, which every caller uses), processes, ssh,
-the model catalog, worker, rpc server, hive, queen (its scheduler, the apps' APIs and metrics),
-keeper, CLI. "PROTOCOL.md §N" cites docs/PROTOCOL.md; the page is ui.html beside this file.
-Only the standard library is imported at top level; `backends/` (llama-cpp-python) and
-huggingface_hub are imported where they are needed.
+Threads, and what each owns:
+
+    every role   `http`: accepts; a thread per request (its SSE stream is its own); `sse-ping`:
+                 pings silent streams; `lifeline`: stdin's EOF stops the role; signals stop it too
+    every parent `out-NAME` per Child: reads its stdout, relays narration, sets ready and exited
+    worker       the engine's loop (backends/engine.py): the llama.cpp context, slots and KV cache;
+                 request threads: admission under Worker.jobs_lock, then their job's events
+    hive         request threads: spawns (one per model and device: spawn_locks), downloads;
+                 `idle-reaper`: polls workers, stops expired ones; WorkerPool: every worker state
+    queen        request threads: decisions one at a time under Scheduler.lock, from surveys made
+                 outside it (a thread per node); `split-ID`: a split's supervisor; Hives: sessions
+    keeper       the main thread writes the text; `out-queen` relays an ephemeral queen
+
+The way of a request (an OpenAI chat): App.dispatch -> Queen.authorize -> OpenAIApi.chat ->
+OpenAIApi._answer -> AppModels.named -> AppJob.open -> Scheduler.assign -> Scheduler.warm, or
+Scheduler.place (survey -> Hives.get -> HiveClient.resources; views -> plan_placement; evict;
+HiveClient.spawn -> Hive.spawn -> Hive.worker_for -> WorkerPool.hand_out, or Hive.launch ->
+Child) -> AppJob._start -> WorkerClient.execute -> Worker.execute -> Engine.submit ->
+Worker._stream -> AppJob.texts -> OpenAIStream.data -> AppJob.close -> Scheduler.release.
+
+Sections below follow the data: the Protocol (every route, event, control line, state and actor
+name, and the readers of requests), errors, small tools, narration, HTTP/SSE plumbing, the role
+clients (one per role, which every caller uses), processes, ssh, the model catalog, worker, rpc
+server, hive, queen (nodes and hives, the scheduler, the apps' APIs, the front), keeper, CLI.
+"PROTOCOL.md §N" cites docs/PROTOCOL.md; the page is ui.html beside this file. Only the standard
+library is imported at top level; `backends/` (llama-cpp-python) and huggingface_hub are
+imported where they are needed.
 """
 import argparse
 import collections
@@ -45,7 +69,21 @@ import threading
 import time
 import urllib.parse
 
-__version__ = "0.3.0"
+# What the tests and the bench may import; the rest may change without notice.
+__all__ = [
+    "__version__", "main", "role_argv", "remote_command", "shell_path",
+    # the Protocol: readers of requests, references, the engine's event kinds
+    "duration_s", "keep_alive_of", "size_mb", "ModelRef", "choose_gguf", "split_at_stop",
+    "ENGINE_ADMITTED", "ENGINE_TOKEN", "ENGINE_END", "ENGINE_ERROR", "Token", "Narration", "JobEnded",
+    # errors (every class of PROTOCOL.md §7 is RbeeError.by_code's)
+    "RbeeError", "InvalidRequest", "InvalidModelRef", "InvalidApiKey", "InternalError", "ConnectionTimeout",
+    "SlotsBusy", "WorkerCrashed", "InsufficientRam", "VramExhausted", "BackendUnavailable", "DeviceNotFound",
+    "PortInUse", "StartFailed", "WorkerNotFound", "ModelNotFound",
+    # the role clients, nodes, ssh, placement, small tools
+    "WorkerClient", "HiveClient", "QueenClient", "NodeRegistry", "SshTarget", "ssh_failure", "ssh_auth_failed",
+    "node_view", "plan_placement", "KeyedLocks", "human_bytes", "human_duration", "masked_env", "env_pair",
+]
+__version__ = "0.4.0"
 API_VERSION = "v1"
 HERE = os.path.dirname(os.path.abspath(__file__))
 RBEE_PY = os.path.join(HERE, "rbee.py")
@@ -55,9 +93,6 @@ MAX_BODY = 1 << 20                 # request bodies over 1 MiB get 413
 MAX_JSON_DEPTH = 32                # deeper request bodies get 400
 BODY_TIMEOUT = 10.0                # a request's body must arrive within this (a too large Content-Length)
 PING_INTERVAL = 10.0               # a silent SSE stream sends ": ping" this often
-# no token for this long ends a request (pings or not); also socket reads. RBEE_TOKEN_TIMEOUT sets
-# it for every role started with that environment (a slow CPU node; the tests use a few seconds)
-TOKEN_TIMEOUT = float(os.environ.get("RBEE_TOKEN_TIMEOUT") or 60.0)
 LOADING_TIMEOUT = 300.0            # a worker must report ready within 5 min
 GRACEFUL_TIMEOUT = 30.0            # graceful shutdown, then SIGKILL
 SSH_ATTEMPTS, SSH_BACKOFF = 3, (0.0, 0.2, 0.4)
@@ -74,87 +109,315 @@ HANDOUT_GRACE = 3.0                # a worker handed out counts as loaded this l
 AUTO_NODE = "auto"                 # a task's node when the queen chooses it
 
 
-def random_id(nbytes):
-    """A random hex string: job and worker ids, API keys, the queen's token."""
-    return os.urandom(nbytes).hex()
+# ============================================================================================
+# Protocol (docs/PROTOCOL.md): every name the roles say to each other, and the readers of requests
+# ============================================================================================
+
+# Routes, as (method, path). Each role's server builds its route table from these; the client
+# class of that role (section "Role clients") is the one caller of the roles' own routes.
+WORKER_HEALTH, WORKER_EXECUTE = ("GET", "/health"), ("POST", "/execute")
+WORKER_CANCEL, WORKER_SHUTDOWN = ("POST", "/cancel"), ("POST", "/shutdown")
+
+HIVE_HEALTH, HIVE_WORKERS = ("GET", "/v1/health"), ("GET", "/v1/workers/list")
+HIVE_SPAWN, HIVE_READY = ("POST", "/v1/workers/spawn"), ("POST", "/v1/workers/ready")
+HIVE_WORKER_SHUTDOWN = ("POST", "/v1/workers/{worker_id}/shutdown")
+HIVE_MODELS, HIVE_DOWNLOAD = ("GET", "/v1/models"), ("POST", "/v1/models/download")
+HIVE_REMOVE, HIVE_SHUTDOWN = ("POST", "/v1/models/remove"), ("POST", "/v1/shutdown")
+HIVE_RESOURCES = ("GET", "/v1/resources")
+HIVE_RPC_START, HIVE_RPC_STOP = ("POST", "/v1/rpc/start"), ("POST", "/v1/rpc/stop")
+
+QUEEN_HEALTH, QUEEN_TASKS = ("GET", "/health"), ("POST", "/v2/tasks")
+QUEEN_WORKERS, QUEEN_WORKER_SHUTDOWN = ("GET", "/v2/workers"), ("POST", "/v2/workers/shutdown")
+QUEEN_MODELS, QUEEN_DOWNLOAD = ("GET", "/v2/models"), ("POST", "/v2/models/download")
+QUEEN_REMOVE, QUEEN_STATUS = ("POST", "/v2/models/remove"), ("GET", "/v2/status")
+QUEEN_SHUTDOWN, QUEEN_METRICS = ("POST", "/v2/shutdown"), ("GET", "/metrics")
+QUEEN_UI, QUEEN_EVENTS = ("GET", "/ui"), ("GET", "/v2/events")   # the page (PROTOCOL.md §15) and its live feed
+
+# The apps' APIs on the queen (PROTOCOL.md §13). OpenAI's, each also without /v1, as llama.cpp's
+# server answers them:
+OPENAI_CHAT, OPENAI_CHAT_BARE = ("POST", "/v1/chat/completions"), ("POST", "/chat/completions")
+OPENAI_COMPLETIONS, OPENAI_COMPLETIONS_BARE = ("POST", "/v1/completions"), ("POST", "/completions")
+OPENAI_MODELS, OPENAI_MODELS_BARE = ("GET", "/v1/models"), ("GET", "/models")
+OPENAI_MODEL, OPENAI_MODEL_BARE = ("GET", "/v1/models/{model_id...}"), ("GET", "/models/{model_id...}")
+# ... Ollama's:
+OLLAMA_ROOT, OLLAMA_ROOT_HEAD, OLLAMA_VERSION = ("GET", "/"), ("HEAD", "/"), ("GET", "/api/version")
+OLLAMA_TAGS, OLLAMA_PS, OLLAMA_SHOW = ("GET", "/api/tags"), ("GET", "/api/ps"), ("POST", "/api/show")
+OLLAMA_CHAT, OLLAMA_GENERATE, OLLAMA_PULL = ("POST", "/api/chat"), ("POST", "/api/generate"), ("POST", "/api/pull")
+# ... and the paths whose errors each API shapes its own way (Queen.error_body)
+OPENAI_PATHS = ("/v1/", "/chat/", "/completions", "/models")
+OLLAMA_PATHS = ("/api/",)
+
+# SSE events. Every stream ends with exactly one of TERMINAL_EVENTS. The keeper's `--json` lines
+# carry the same names in their `event` field (narration, worker, token, end, error).
+EVENT_NARRATION, EVENT_QUEUED, EVENT_STARTED, EVENT_TOKEN = "narration", "queued", "started", "token"
+EVENT_END, EVENT_WORKER, EVENT_ERROR = "end", "worker", "error"
+TERMINAL_EVENTS = (EVENT_END, EVENT_WORKER, EVENT_ERROR)
+EVENT_PING = "ping"                  # how iter_sse reports a `: ping` comment (no event of its own)
+SSE_CONTENT_TYPE, NDJSON_CONTENT_TYPE = "text/event-stream", "application/x-ndjson"
+
+# Control lines: JSON lines on a child's stdout beside its narration (which has an `actor`), read
+# by the parent. {"control": "ready", "role", "port", "version"}: the child serves on `port`.
+CONTROL, CONTROL_READY = "control", "ready"
+# The hive handshake: the first line on the stdin of a `hive --lifeline`, then the lifeline.
+HELLO_TOKEN, HELLO_ENV = "token", "env"
+HELLO_KEEP_ALIVE = "keep_alive"      # seconds a hive lives with no worker (and its workers' default)
+HELLO_ENV_KEYS = ("HF_TOKEN",)       # secrets a hive gets from the queen's environment, never on argv
+
+# How the queen's machine reaches a node's hive and workers: straight over the network (lan), or
+# only through the node's ssh connection (ssh: they listen on the node's 127.0.0.1, forwarded).
+TRANSPORT_LAN, TRANSPORT_SSH = "lan", "ssh"
+TRANSPORTS = (TRANSPORT_LAN, TRANSPORT_SSH)
+LOCAL_NODE = "localhost"             # the queen's own machine: its hive is a local child, no ssh
+
+# Headers and environment variables that more than one role reads.
+AUTHORIZATION, RETRY_AFTER = "Authorization", "Retry-After"
+ENV_WORKER_API_KEY = "RBEE_WORKER_API_KEY"   # the worker's key, set by its hive
+ENV_HIVE_TOKEN = "RBEE_HIVE_TOKEN"           # a standalone hive's token (or --token-file)
+ENV_READY_TOKEN = "RBEE_READY_TOKEN"         # a worker's own secret for its ready callback, from its hive
+ENV_API_KEY = "RBEE_API_KEY"                 # the queen's key (or --api-key-file); the keeper sends it
+ENV_QUEEN_URL = "RBEE_QUEEN_URL"             # where the keeper looks for a queen
+ENV_HOME = "RBEE_HOME"                       # where every role keeps its files (default ~/.rbee)
+ENV_TOKEN_TIMEOUT = "RBEE_TOKEN_TIMEOUT"     # seconds without a token that end a request
+ENV_SSH_CONFIG = "RBEE_SSH_CONFIG"           # an ssh_config file for every ssh the queen runs
+# no token for this long ends a request (pings or not); also socket reads. RBEE_TOKEN_TIMEOUT sets
+# it for every role started with that environment (a slow CPU node; the tests use a few seconds)
+TOKEN_TIMEOUT = float(os.environ.get(ENV_TOKEN_TIMEOUT) or 60.0)
+
+# A worker's state as its hive's pool keeps it and lists it (PROTOCOL.md §5.2): loading -> idle
+# <-> busy -> draining -> exited. The worker's own state is loading -> ready -> draining; its
+# /health says idle or busy while it is ready.
+WORKER_LOADING, WORKER_READY, WORKER_IDLE, WORKER_BUSY = "loading", "ready", "idle", "busy"
+WORKER_DRAINING, WORKER_EXITED = "draining", "exited"
+WORKER_SERVING = (WORKER_IDLE, WORKER_BUSY)
+
+# The engine's events to the worker (backends/engine.py, EngineJob.events): (kind, data)
+ENGINE_ADMITTED, ENGINE_TOKEN, ENGINE_END, ENGINE_ERROR = "admitted", "token", "end", "error"
+
+# Who narrates (the `actor` of every event, and the `component` of an error)
+ACTOR_KEEPER, ACTOR_QUEEN, ACTOR_HIVE, ACTOR_WORKER = "rbee-keeper", "queen-rbee", "rbee-hive", "llm-worker-rbee"
+ACTOR_RPC, ACTOR_HTTP, ACTOR_DEVICES = "rpc-server", "http-server", "device-manager"
+ACTOR_PROVISIONER, ACTOR_LOADER = "model-provisioner", "model-loader"
+ACTOR_BACKEND, ACTOR_TOKENIZER = "llama-backend", "tokenizer"
+
+# What a job's stream yields to a WorkerClient's caller.
+Queued = collections.namedtuple("Queued", "position")          # the job waits for a slot
+JobStarted = collections.namedtuple("JobStarted", "job_id worker_id")
+Token = collections.namedtuple("Token", "text index")       # a piece of generated text, in order
+Narration = collections.namedtuple("Narration", "event")    # what a hop says while it works
+JobEnded = collections.namedtuple("JobEnded", "stats")      # tokens_out, stop_reason, timings
+# ... and a download's progress: the `download` field of a hive's download_start and
+# download_progress narration (Ollama's pull reads it)
+DownloadState = collections.namedtuple("DownloadState", "file done total")
 
 
-class Once:
-    """A claim that succeeds once: the first `claim()` is True, every later one False (a role's
-    shutdown runs once, whichever signal, request or lifeline asks first)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()         #: guards `claimed`
-        self.claimed = False    #: whether someone has claimed it (set once, under _lock)
-
-    def claim(self):
-        with self._lock:
-            if self.claimed:
-                return False
-            self.claimed = True
-            return True
+def download_state(event):
+    """The DownloadState a narration event carries, or None."""
+    state = event.get("download") if isinstance(event, dict) else None
+    if isinstance(state, dict) and isinstance(state.get("file"), str):
+        return DownloadState(state["file"], int(state.get("done") or 0), int(state.get("total") or 0))
+    return None
 
 
-class KeyedLocks:
-    """One lock per key (a model, a node), held by whoever works on that key; a key's lock is
-    forgotten once nobody holds or waits for it, so many distinct keys cost nothing lasting."""
+# -- reading requests: every field of a body, typed and bounded, or a 400 that names it ----------
 
-    def __init__(self):
-        self._lock = threading.Lock()   #: guards `_entries`
-        self._entries = {}              #: key -> [Lock, how many hold or wait for it]
+def invalid(field, message, suggestion=None):
+    return InvalidRequest("%s: %s" % (field, message), {"field": field}, suggestion)
 
-    @contextlib.contextmanager
-    def holding(self, key, on_wait=None):
-        """Hold `key`'s lock for the block; `on_wait()` first when someone else holds it."""
-        with self._lock:
-            entry = self._entries.setdefault(key, [threading.Lock(), 0])
-            entry[1] += 1
+
+def number_field(body, name, default, low, high, integer=False):
+    """The number `name` of a request body (`default` when absent or null): 400 for another type,
+    NaN, or a value outside low..high."""
+    value = body.get(name, default)
+    if value is None:
+        return default
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise invalid(name, "must be %s" % ("an integer" if integer else "a number"))
+    if value != value or not low <= value <= high:   # NaN fails the first test
+        raise invalid(name, "must be between %s and %s" % (low, high),
+                      "Use --%s between %s and %s" % (name.replace("_", "-"), low, high))
+    return value
+
+
+def text_field(body, name, default=None, limit=1024):
+    """The string `name` of a request body (`default` when absent or null; required when the
+    default is None): 400 for another type, an empty string or one over `limit` characters."""
+    value = body.get(name)
+    if value is None:
+        if default is None:
+            raise invalid(name, "is required")
+        return default
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise invalid(name, "must be a non-empty string of at most %d characters" % limit)
+    return value
+
+
+def parallel_of(body):
+    """A request's `parallel`: the slots of a worker it starts (default DEFAULT_PARALLEL)."""
+    return number_field(body, "parallel", DEFAULT_PARALLEL, 1, 256, integer=True)
+
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def duration_s(value):
+    """A keep-alive as Ollama reads it: seconds (a number, or a string of one), or a duration
+    such as "30s", "10m", "1h30m"; 0 unloads at once, a negative value never. None if it is neither."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if value == value and abs(value) < 1e12 else None
+    if not isinstance(value, str) or not value.strip():
+        return None
+    text = value.strip()
+    with contextlib.suppress(ValueError):
+        return duration_s(float(text))
+    sign = -1.0 if text.startswith("-") else 1.0
+    match = _DURATION.match(text.lstrip("-"))
+    if not match or not any(match.groups()):
+        return None
+    h, m, sec = (float(g or 0) for g in match.groups())
+    return sign * (h * 3600 + m * 60 + sec)
+
+
+def keep_alive_of(body, default):
+    """A request's `keep_alive` in seconds (absent or null: `default`); 400 for anything else."""
+    value = body.get("keep_alive")
+    if value is None:
+        return default
+    seconds = duration_s(value)
+    if seconds is None:
+        raise invalid("keep_alive", "must be seconds or a duration such as 30s, 10m, 1h (0: unload at once, "
+                      "negative: keep loaded)")
+    return -1.0 if seconds < 0 else seconds
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def size_mb(text):
+    """A memory size as users write it ("8G", "512M", "1.5G", "2GB", bytes if bare) in MB, or None."""
+    match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", str(text), re.I)
+    if not match:
+        return None
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()] / (1 << 20))
+
+
+_ENDPOINT = re.compile(r"^[A-Za-z0-9.:-]{1,255}:\d{1,5}$")
+
+
+def split_of(body):
+    """A spawn's split: {rpc: ["host:port", ...], offload_layers, tensor_split "a,b"} or None."""
+    rpc = body.get("rpc")
+    if rpc is None:
+        return None
+    if not isinstance(rpc, list) or not 1 <= len(rpc) <= 16 or not all(
+            isinstance(e, str) and _ENDPOINT.match(e) for e in rpc):
+        raise invalid("rpc", "must be a list of 1 to 16 host:port endpoints")
+    shares = body.get("tensor_split")
+    if shares is not None and not (isinstance(shares, str) and re.match(r"^\d+(\.\d+)?(,\d+(\.\d+)?)*$", shares)):
+        raise invalid("tensor_split", "must be shares as a,b,...")
+    return {"rpc": rpc, "offload_layers": number_field(body, "offload_layers", 1, 0, 1 << 16, integer=True),
+            "tensor_split": shares}
+
+
+def backend_and_device(body):
+    """A request's optional `backend` (None: the node's best) and its `device` (default 0)."""
+    backend, device = body.get("backend"), body.get("device", 0)
+    if backend is not None and not isinstance(backend, str):
+        raise invalid("backend", "must be a string")
+    if isinstance(device, bool) or not isinstance(device, int):
+        raise invalid("device", "must be an integer")
+    return backend, device
+
+
+def _check_unicode(value, where):
+    if isinstance(value, str):
         try:
-            if not entry[0].acquire(blocking=False):
-                if on_wait:
-                    on_wait()
-                entry[0].acquire()
-            try:
-                yield
-            finally:
-                entry[0].release()
-        finally:
-            with self._lock:
-                entry[1] -= 1
-                if not entry[1]:
-                    del self._entries[key]
-
-    def busy(self, key):
-        """Whether someone holds or waits for `key`'s lock now."""
-        with self._lock:
-            return key in self._entries
-
-    def __len__(self):
-        with self._lock:
-            return len(self._entries)
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise invalid(where, "is not valid Unicode (a lone surrogate)")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, where)
+            _check_unicode(item, key if isinstance(key, str) and where == "body" else where)
+    elif isinstance(value, list):
+        for item in value:
+            _check_unicode(item, where)
 
 
-class InFlight:
-    """How many of something are under way: each `with` block counts one while it runs."""
+def parse_json_body(raw):
+    """A request body as a dict: 400 for what is not a JSON object, nests deeper than
+    MAX_JSON_DEPTH, or holds a string that is no valid Unicode (a lone surrogate)."""
+    if not raw:
+        return {}
+    depth = deepest = 0
+    in_string = escaped = False
+    brackets = raw.count(b"[") + raw.count(b"{")
+    for byte in raw if brackets > MAX_JSON_DEPTH else b"":   # nesting, counted before the parser recurses
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (byte == 0x5C, byte != 0x22)
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    if deepest > MAX_JSON_DEPTH:
+        raise InvalidRequest("JSON body nested %d deep; at most %d" % (deepest, MAX_JSON_DEPTH), {"field": "body"})
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidRequest("Malformed JSON body: %s" % exc, {"field": "body"})
+    if not isinstance(data, dict):
+        raise invalid("body", "must be a JSON object")
+    _check_unicode(data, "body")
+    return data
 
-    def __init__(self):
-        self._lock = threading.Lock()     #: guards `count`
-        self.count = 0                    #: the blocks running now (under `_lock`)
 
-    def __enter__(self):
-        with self._lock:
-            self.count += 1
-        return self
+# -- model references (PROTOCOL.md §4) ---------------------------------------------------------
 
-    def __exit__(self, *exc):
-        with self._lock:
-            self.count -= 1
+MAX_REF = 4096          # characters of a model reference
 
 
-def rbee_home(*parts):
-    """A path under $RBEE_HOME (default ~/.rbee), which holds everything a role writes."""
-    home = os.environ.get("RBEE_HOME") or os.path.join(os.path.expanduser("~"), ".rbee")
-    return os.path.join(home, *parts)
+_HF_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+
+
+_HF_REF = re.compile(r"^hf:(%s)/(%s)(?::([^\s/:][^\s:]*))?$" % (_HF_NAME, _HF_NAME))
+
+
+_SPLIT_PART = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.I)
+
+
+class ModelRef(collections.namedtuple("ModelRef", "provider reference selector text")):
+    """A parsed model reference: hf:ORG/REPO[:SELECTOR] or file:/abs/path.gguf."""
+
+    @classmethod
+    def parse(cls, text):
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidModelRef("Empty model reference", {"model": text},
+                                  "Use hf:ORG/REPO (a GGUF repo on Hugging Face) or file:/absolute/path.gguf")
+        text = text.strip()
+        match = _HF_REF.match(text) if len(text) <= MAX_REF else None
+        if match:
+            org, repo, selector = match.groups()
+            if ".." in org + repo:
+                match = None
+            else:
+                return cls("hf", "%s/%s" % (org, repo), selector, text)
+        if text.startswith("file:") and len(text) <= MAX_REF:
+            path = text[len("file://"):] if text.startswith("file://") else text[len("file:"):]
+            if path.startswith("/") and not path.endswith("/") and "\0" not in path:
+                return cls("file", os.path.normpath(path), None, "file:" + os.path.normpath(path))
+        raise InvalidModelRef("Invalid model reference %r" % text[:200], {"model": text[:200]},
+                              "Use hf:ORG/REPO[:FILE_OR_QUANT] (e.g. hf:TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF) "
+                              "or file:/absolute/path/model.gguf")
+
+
+def model_ref_of(body):
+    """The model reference of a request body (`model_ref`, or `model` as in the queen's tasks)."""
+    return ModelRef.parse(body.get("model_ref") or body.get("model"))
 
 
 # ============================================================================================
@@ -275,107 +538,113 @@ class InternalError(RbeeError):
     default_suggestion = "This is a bug in rbee: the logs under $RBEE_HOME/logs (on each machine) have the details"
 
 
-class HiveFailed(InternalError):
+class PortInUse(RbeeError):
+    """A role cannot listen where it was told to: another program holds the port (or none is free)."""
+    code, status = "PORT_IN_USE", 409
+    default_suggestion = "Another program uses the port: stop it or pick another --port"
+
+
+class StartFailed(RbeeError):
+    """A child of rbee's (a queen, a hive, an RPC part) exited or never said it was ready."""
+    code, status = "START_FAILED", 502
+    default_suggestion = "See the child's log under $RBEE_HOME/logs"
+
+
+class HiveFailed(StartFailed):
     """A hive that did not come up (its process exited, or never said it was ready)."""
-    default_suggestion = None
 
 
-def invalid(field, message, suggestion=None):
-    return InvalidRequest("%s: %s" % (field, message), {"field": field}, suggestion)
+class WorkerNotFound(RbeeError):
+    """No worker of that id on that node (gone meanwhile: its keep-alive, a crash, an eviction)."""
+    code, status = "WORKER_NOT_FOUND", 404
+    default_suggestion = "See the workers: rbee.py workers list"
 
 
-def number_field(body, name, default, low, high, integer=False):
-    """The number `name` of a request body (`default` when absent or null): 400 for another type,
-    NaN, or a value outside low..high."""
-    value = body.get(name, default)
-    if value is None:
-        return default
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise invalid(name, "must be %s" % ("an integer" if integer else "a number"))
-    if value != value or not low <= value <= high:   # NaN fails the first test
-        raise invalid(name, "must be between %s and %s" % (low, high),
-                      "Use --%s between %s and %s" % (name.replace("_", "-"), low, high))
-    return value
+# ============================================================================================
+# Small tools: ids, locks by key, counters of work under way, rbee's home
+# ============================================================================================
+
+def random_id(nbytes):
+    """A random hex string: job and worker ids, API keys, the queen's token."""
+    return os.urandom(nbytes).hex()
 
 
-def parallel_of(body):
-    """A request's `parallel`: the slots of a worker it starts (default DEFAULT_PARALLEL)."""
-    return number_field(body, "parallel", DEFAULT_PARALLEL, 1, 256, integer=True)
+class Once:
+    """A claim that succeeds once: the first `claim()` is True, every later one False (a role's
+    shutdown runs once, whichever signal, request or lifeline asks first)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()         #: guards `claimed`
+        self.claimed = False    #: whether someone has claimed it (set once, under _lock)
+
+    def claim(self):
+        with self._lock:
+            if self.claimed:
+                return False
+            self.claimed = True
+            return True
 
 
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+class KeyedLocks:
+    """One lock per key (a model, a node), held by whoever works on that key; a key's lock is
+    forgotten once nobody holds or waits for it, so many distinct keys cost nothing lasting."""
+
+    def __init__(self):
+        self._lock = threading.Lock()   #: guards `_entries`
+        self._entries = {}              #: key -> [Lock, how many hold or wait for it]
+
+    @contextlib.contextmanager
+    def holding(self, key, on_wait=None):
+        """Hold `key`'s lock for the block; `on_wait()` first when someone else holds it."""
+        with self._lock:
+            entry = self._entries.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            if not entry[0].acquire(blocking=False):
+                if on_wait:
+                    on_wait()
+                entry[0].acquire()
+            try:
+                yield
+            finally:
+                entry[0].release()
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._entries[key]
+
+    def busy(self, key):
+        """Whether someone holds or waits for `key`'s lock now."""
+        with self._lock:
+            return key in self._entries
+
+    def __len__(self):
+        with self._lock:
+            return len(self._entries)
 
 
-def duration_s(value):
-    """A keep-alive as Ollama reads it: seconds (a number, or a string of one), or a duration
-    such as "30s", "10m", "1h30m"; 0 unloads at once, a negative value never. None if it is neither."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value) if value == value and abs(value) < 1e12 else None
-    if not isinstance(value, str) or not value.strip():
-        return None
-    text = value.strip()
-    with contextlib.suppress(ValueError):
-        return duration_s(float(text))
-    sign = -1.0 if text.startswith("-") else 1.0
-    match = _DURATION.match(text.lstrip("-"))
-    if not match or not any(match.groups()):
-        return None
-    h, m, sec = (float(g or 0) for g in match.groups())
-    return sign * (h * 3600 + m * 60 + sec)
+class InFlight:
+    """How many of something are under way: each `with` block counts one while it runs."""
+
+    def __init__(self):
+        self._lock = threading.Lock()     #: guards `count`
+        self.count = 0                    #: the blocks running now (under `_lock`)
+
+    def __enter__(self):
+        with self._lock:
+            self.count += 1
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self.count -= 1
 
 
-def keep_alive_of(body, default):
-    """A request's `keep_alive` in seconds (absent or null: `default`); 400 for anything else."""
-    value = body.get("keep_alive")
-    if value is None:
-        return default
-    seconds = duration_s(value)
-    if seconds is None:
-        raise invalid("keep_alive", "must be seconds or a duration such as 30s, 10m, 1h (0: unload at once, "
-                      "negative: keep loaded)")
-    return -1.0 if seconds < 0 else seconds
-
-
-_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def size_mb(text):
-    """A memory size as users write it ("8G", "512M", "1.5G", "2GB", bytes if bare) in MB, or None."""
-    match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", str(text), re.I)
-    if not match:
-        return None
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()] / (1 << 20))
-
-
-_ENDPOINT = re.compile(r"^[A-Za-z0-9.:-]{1,255}:\d{1,5}$")
-
-
-def split_of(body):
-    """A spawn's split: {rpc: ["host:port", ...], offload_layers, tensor_split "a,b"} or None."""
-    rpc = body.get("rpc")
-    if rpc is None:
-        return None
-    if not isinstance(rpc, list) or not 1 <= len(rpc) <= 16 or not all(
-            isinstance(e, str) and _ENDPOINT.match(e) for e in rpc):
-        raise invalid("rpc", "must be a list of 1 to 16 host:port endpoints")
-    shares = body.get("tensor_split")
-    if shares is not None and not (isinstance(shares, str) and re.match(r"^\d+(\.\d+)?(,\d+(\.\d+)?)*$", shares)):
-        raise invalid("tensor_split", "must be shares as a,b,...")
-    return {"rpc": rpc, "offload_layers": number_field(body, "offload_layers", 1, 0, 1 << 16, integer=True),
-            "tensor_split": shares}
-
-
-def backend_and_device(body):
-    """A request's optional `backend` (None: the node's best) and its `device` (default 0)."""
-    backend, device = body.get("backend"), body.get("device", 0)
-    if backend is not None and not isinstance(backend, str):
-        raise invalid("backend", "must be a string")
-    if isinstance(device, bool) or not isinstance(device, int):
-        raise invalid("device", "must be an integer")
-    return backend, device
+def rbee_home(*parts):
+    """A path under $RBEE_HOME (default ~/.rbee), which holds everything a role writes."""
+    home = os.environ.get("RBEE_HOME") or os.path.join(os.path.expanduser("~"), ".rbee")
+    return os.path.join(home, *parts)
 
 
 # ============================================================================================
@@ -383,7 +652,19 @@ def backend_and_device(body):
 # ============================================================================================
 
 _stdout_lock = threading.Lock()
+
+
 _narration = threading.local()
+
+
+class ClientGone(Exception):
+    """The peer of an SSE stream went away."""
+
+
+def json_text(obj):
+    """JSON for the wire and for stdout: UTF-8 where it can be, and a string that holds a lone
+    surrogate (valid in a JSON string, not in UTF-8) keeps it as its `\\udXXX` escape."""
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def emit_line(obj):
@@ -436,11 +717,16 @@ def narration_to(sink):
         _narration.sink = previous
 
 
+def _current_sink():
+    return getattr(_narration, "sink", None) or emit_line
+
+
 def human_bytes(n):
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
-            return ("%d %s" if unit == "B" else "%.0f %s") % (n, unit) if n >= 10 or unit == "B" \
-                else "%.1f %s" % (n, unit)
+            if unit == "B":
+                return "%d B" % n
+            return ("%.0f %s" if n >= 10 else "%.1f %s") % (n, unit)
         n /= 1024.0
 
 
@@ -534,7 +820,7 @@ class NarrationRenderer:
     def error(self, err):
         """`[component] ❌ Error: message`, the details indented, then a suggestion."""
         self._end_bar()
-        lines = ["[%s] ❌ Error: %s" % (err.component or "rbee-keeper", err.message), "    code: %s" % err.code]
+        lines = ["[%s] ❌ Error: %s" % (err.component or ACTOR_KEEPER, err.message), "    code: %s" % err.code]
         lines += ["    %s: %s" % (k, json.dumps(v) if isinstance(v, (dict, list)) else v)
                   for k, v in sorted(err.details.items())]
         if err.suggestion:
@@ -557,8 +843,6 @@ def stderr_renderer():
 # HTTP and SSE: a threaded server whose roles declare routes, and a small client
 # ============================================================================================
 
-class ClientGone(Exception):
-    """The peer of an SSE stream went away."""
 
 
 class SSEStream:
@@ -647,70 +931,6 @@ class SSEStream:
                     stream._write(stream.ping_frame)
 
 
-def json_text(obj):
-    """JSON for the wire and for stdout: UTF-8 where it can be, and a string that holds a lone
-    surrogate (valid in a JSON string, not in UTF-8) keeps it as its `\\udXXX` escape."""
-    return json.dumps(obj, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def parse_json_body(raw):
-    """A request body as a dict: 400 for what is not a JSON object, nests deeper than
-    MAX_JSON_DEPTH, or holds a string that is no valid Unicode (a lone surrogate)."""
-    if not raw:
-        return {}
-    depth = deepest = 0
-    in_string = escaped = False
-    brackets = raw.count(b"[") + raw.count(b"{")
-    for byte in raw if brackets > MAX_JSON_DEPTH else b"":   # nesting, counted before the parser recurses
-        if in_string:
-            escaped, in_string = (False, True) if escaped else (byte == 0x5C, byte != 0x22)
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):
-            depth += 1
-            deepest = max(deepest, depth)
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
-    if deepest > MAX_JSON_DEPTH:
-        raise InvalidRequest("JSON body nested %d deep; at most %d" % (deepest, MAX_JSON_DEPTH), {"field": "body"})
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise InvalidRequest("Malformed JSON body: %s" % exc, {"field": "body"})
-    if not isinstance(data, dict):
-        raise invalid("body", "must be a JSON object")
-    _check_unicode(data, "body")
-    return data
-
-
-def _check_unicode(value, where):
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise invalid(where, "is not valid Unicode (a lone surrogate)")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_unicode(key, where)
-            _check_unicode(item, key if isinstance(key, str) and where == "body" else where)
-    elif isinstance(value, list):
-        for item in value:
-            _check_unicode(item, where)
-
-
-def text_field(body, name, default=None, limit=1024):
-    """The string `name` of a request body (`default` when absent or null; required when the
-    default is None): 400 for another type, an empty string or one over `limit` characters."""
-    value = body.get(name)
-    if value is None:
-        if default is None:
-            raise invalid(name, "is required")
-        return default
-    if not isinstance(value, str) or not value or len(value) > limit:
-        raise invalid(name, "must be a non-empty string of at most %d characters" % limit)
-    return value
-
-
 def write_body(handler, status, content_type, body, headers=None, with_body=True):
     """A whole answer: status, headers, and `body` (bytes) unless `with_body` is false (HEAD)."""
     handler.send_response(status)
@@ -771,117 +991,6 @@ class Request:
         """Open the streamed answer: rbee's SSE, or an app's dialect (OpenAIStream, NdjsonStream)."""
         self.stream = (kind or SSEStream)(self.handler)
         return self.stream
-
-
-class App:
-    """A role's HTTP API: `routes` maps a route of the Protocol section, (METHOD, "/path/{param}"),
-    to the name of its handler method."""
-
-    routes = ()
-    component = "rbee"
-
-    def __init__(self):
-        #: compiled once, read by every request; `{name}` is one path segment, `{name...}` the rest
-        self._routes = [(method, re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", re.sub(
-            r"\{(\w+)\.\.\.\}", r"(?P<\1>.+)", path)) + "$"), name) for (method, path), name in self.routes]
-        self.server = None                  #: the HTTP server, once serve() bound it
-        self.port = None                    #: the port it is bound to (written once by start)
-        self.stopped = threading.Event()    #: set once the role has cleaned up; run_role then exits
-        self.stopping = Once()              #: claimed by the first shutdown; later ones return at once
-
-    def authorize(self, req, name):
-        """Raise MISSING_API_KEY/INVALID_API_KEY for a request the role must refuse."""
-
-    def error_body(self, path, err):
-        """The body of an error answer to a request for `path` (the queen speaks three dialects)."""
-        return err.envelope()
-
-    def extra_headers(self, handler):
-        """Headers every answer to this request carries (CORS), as (name, value) pairs."""
-        return ()
-
-    def dispatch(self, handler):
-        parts = urllib.parse.urlsplit(handler.path)
-        matched = [(m, rx.match(parts.path), name) for m, rx, name in self._routes]
-        matched = [(m, mo, name) for m, mo, name in matched if mo]
-        req = None
-        try:
-            if not matched:
-                handler.read_body()
-                raise InvalidRequest("No such endpoint: %s" % parts.path, {"path": parts.path},
-                                     status=404)
-            route = next(((mo, name) for m, mo, name in matched if m == handler.command), None)
-            if route is None:
-                handler.read_body()
-                allowed = sorted({m for m, _, _ in matched})
-                raise InvalidRequest("%s not allowed on %s (allowed: %s)" % (
-                    handler.command, parts.path, ", ".join(allowed)), {"allowed": allowed}, status=405)
-            req = Request(handler, route[0].groupdict(), dict(urllib.parse.parse_qsl(parts.query)))
-            self.authorize(req, route[1])
-            getattr(self, route[1])(req)
-        except ClientGone:
-            pass
-        except Exception as exc:  # every failure leaves as an envelope, never as a traceback
-            if not isinstance(exc, RbeeError) and getattr(exc, "code", None) not in RbeeError.by_code:
-                if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
-                    return
-                import traceback
-                traceback.print_exc(file=sys.stderr)
-            err = RbeeError.wrap(exc, self.component)
-            with contextlib.suppress(ClientGone, OSError):
-                if req is not None and req.stream is not None:
-                    if not req.stream.finished:
-                        req.stream.fail(err)
-                else:
-                    write_json(handler, err.status, self.error_body(parts.path, err), err.response_headers())
-        finally:
-            if req is not None and req.stream is not None:
-                req.stream.close()
-
-    def serve(self, host, port):
-        """Bind (port 0: any free port) and serve in a background thread; returns the bound port."""
-        try:
-            self.server = role_server((host, port), self)
-        except OSError as exc:
-            raise InternalError("%s cannot listen on %s:%d: %s" % (self.component, host, port, exc.strerror),
-                                {"host": host, "port": port}, "Another program uses the port: stop it or pick another "
-                                "--port", self.component)
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
-                         daemon=True, name="http").start()
-        self.port = self.server.server_address[1]
-        return self.port
-
-    def announce_ready(self, **fields):
-        """The control line that tells the parent process this role serves (PROTOCOL.md §1)."""
-        emit_line(dict({CONTROL: CONTROL_READY, "role": self.component, "port": self.port,
-                        "version": __version__}, **fields))
-
-    def stop_serving(self):
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-
-
-def role_server(address, app):
-    """A threaded HTTP server for `app`. http.server is imported here, on first use: it brings
-    http.client and the email package (about 15 ms), which a keeper command never needs."""
-    import socketserver
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class RoleHTTPServer(ThreadingHTTPServer):
-        daemon_threads = True
-        allow_reuse_address = True
-        request_queue_size = 128
-
-        def server_bind(self):
-            # not HTTPServer.server_bind: it asks DNS for our own name (socket.getfqdn), which
-            # blocks for 10 s on a host whose name does not resolve and whose DNS is unreachable
-            socketserver.TCPServer.server_bind(self)
-            self.server_name, self.server_port = self.server_address[:2]
-
-    server = RoleHTTPServer(address, type("RoleRequestHandler", (RoleRequestHandling, BaseHTTPRequestHandler), {}))
-    server.app = app
-    return server
 
 
 class RoleRequestHandling:
@@ -978,6 +1087,118 @@ class RoleRequestHandling:
 
     def log_message(self, fmt, *args):   # access logs would drown the narration
         pass
+
+
+def role_server(address, app):
+    """A threaded HTTP server for `app`. http.server is imported here, on first use: it brings
+    http.client and the email package (about 15 ms), which a keeper command never needs."""
+    import socketserver
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class RoleHTTPServer(ThreadingHTTPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+        request_queue_size = 128
+
+        def server_bind(self):
+            # not HTTPServer.server_bind: it asks DNS for our own name (socket.getfqdn), which
+            # blocks for 10 s on a host whose name does not resolve and whose DNS is unreachable
+            socketserver.TCPServer.server_bind(self)
+            self.server_name, self.server_port = self.server_address[:2]
+
+    server = RoleHTTPServer(address, type("RoleRequestHandler", (RoleRequestHandling, BaseHTTPRequestHandler), {}))
+    server.app = app
+    return server
+
+
+def announce_ready(role, port, **fields):
+    """The control line that tells the parent process this role serves on `port` (PROTOCOL.md §1)."""
+    emit_line(dict({CONTROL: CONTROL_READY, "role": role, "port": port, "version": __version__}, **fields))
+
+
+class App:
+    """A role's HTTP API: its route table maps each route of the Protocol section, (METHOD,
+    "/path/{param}"), to the function that handles it; a role gives its table to __init__."""
+
+    component = "rbee"
+
+    def __init__(self, routes):
+        #: compiled once, read by every request; `{name}` is one path segment, `{name...}` the rest
+        self._routes = [(method, re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", re.sub(
+            r"\{(\w+)\.\.\.\}", r"(?P<\1>.+)", path)) + "$"), handler) for (method, path), handler in routes]
+        self.server = None                  #: the HTTP server, once serve() bound it
+        self.port = None                    #: the port it is bound to (written once by start)
+        self.stopped = threading.Event()    #: set once the role has cleaned up; run_role then exits
+        self.stopping = Once()              #: claimed by the first shutdown; later ones return at once
+
+    def authorize(self, req, handler):
+        """Raise MISSING_API_KEY/INVALID_API_KEY for a request the role must refuse (`handler`: its route's)."""
+
+    def error_body(self, path, err):
+        """The body of an error answer to a request for `path` (the queen speaks three dialects)."""
+        return err.envelope()
+
+    def extra_headers(self, handler):
+        """Headers every answer to this request carries (CORS), as (name, value) pairs."""
+        return ()
+
+    def dispatch(self, handler):
+        parts = urllib.parse.urlsplit(handler.path)
+        matched = [(m, rx.match(parts.path), name) for m, rx, name in self._routes]
+        matched = [(m, mo, name) for m, mo, name in matched if mo]
+        req = None
+        try:
+            if not matched:
+                handler.read_body()
+                raise InvalidRequest("No such endpoint: %s" % parts.path, {"path": parts.path},
+                                     status=404)
+            route = next(((mo, name) for m, mo, name in matched if m == handler.command), None)
+            if route is None:
+                handler.read_body()
+                allowed = sorted({m for m, _, _ in matched})
+                raise InvalidRequest("%s not allowed on %s (allowed: %s)" % (
+                    handler.command, parts.path, ", ".join(allowed)), {"allowed": allowed}, status=405)
+            req = Request(handler, route[0].groupdict(), dict(urllib.parse.parse_qsl(parts.query)))
+            self.authorize(req, route[1])
+            route[1](req)
+        except ClientGone:
+            pass
+        except Exception as exc:  # every failure leaves as an envelope, never as a traceback
+            if not isinstance(exc, RbeeError) and getattr(exc, "code", None) not in RbeeError.by_code:
+                if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                    return
+                import traceback
+                traceback.print_exc(file=sys.stderr)
+            err = RbeeError.wrap(exc, self.component)
+            with contextlib.suppress(ClientGone, OSError):
+                if req is not None and req.stream is not None:
+                    if not req.stream.finished:
+                        req.stream.fail(err)
+                else:
+                    write_json(handler, err.status, self.error_body(parts.path, err), err.response_headers())
+        finally:
+            if req is not None and req.stream is not None:
+                req.stream.close()
+
+    def serve(self, host, port):
+        """Bind (port 0: any free port) and serve in a background thread; returns the bound port."""
+        try:
+            self.server = role_server((host, port), self)
+        except OSError as exc:
+            raise PortInUse("%s cannot listen on %s:%d: %s" % (self.component, host, port, exc.strerror),
+                            {"host": host, "port": port}, component=self.component)
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
+                         daemon=True, name="http").start()
+        self.port = self.server.server_address[1]
+        return self.port
+
+    def announce_ready(self, **fields):
+        announce_ready(self.component, self.port, **fields)
+
+    def stop_serving(self):
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
 
 
 def _split_url(url):
@@ -1120,73 +1341,8 @@ def bearer(token):
 
 
 # ============================================================================================
-# Protocol (docs/PROTOCOL.md): what the roles say to each other, and one client per role
+# Role clients: one per role, the one caller of that role's routes; the secrets they carry
 # ============================================================================================
-
-# Routes, as (method, path). Each role's server builds its route table from these, and the
-# client class of that role below is the one caller of them.
-WORKER_HEALTH, WORKER_EXECUTE = ("GET", "/health"), ("POST", "/execute")
-WORKER_CANCEL, WORKER_SHUTDOWN = ("POST", "/cancel"), ("POST", "/shutdown")
-
-HIVE_HEALTH, HIVE_WORKERS = ("GET", "/v1/health"), ("GET", "/v1/workers/list")
-HIVE_SPAWN, HIVE_READY = ("POST", "/v1/workers/spawn"), ("POST", "/v1/workers/ready")
-HIVE_WORKER_SHUTDOWN = ("POST", "/v1/workers/{worker_id}/shutdown")
-HIVE_MODELS, HIVE_DOWNLOAD = ("GET", "/v1/models"), ("POST", "/v1/models/download")
-HIVE_REMOVE, HIVE_SHUTDOWN = ("POST", "/v1/models/remove"), ("POST", "/v1/shutdown")
-HIVE_RESOURCES = ("GET", "/v1/resources")
-HIVE_RPC_START, HIVE_RPC_STOP = ("POST", "/v1/rpc/start"), ("POST", "/v1/rpc/stop")
-
-QUEEN_HEALTH, QUEEN_TASKS = ("GET", "/health"), ("POST", "/v2/tasks")
-QUEEN_WORKERS, QUEEN_WORKER_SHUTDOWN = ("GET", "/v2/workers"), ("POST", "/v2/workers/shutdown")
-QUEEN_MODELS, QUEEN_DOWNLOAD = ("GET", "/v2/models"), ("POST", "/v2/models/download")
-QUEEN_REMOVE, QUEEN_STATUS = ("POST", "/v2/models/remove"), ("GET", "/v2/status")
-QUEEN_SHUTDOWN = ("POST", "/v2/shutdown")
-# ... and the apps' APIs on the queen (PROTOCOL.md §13): OpenAI's (each also without /v1), Ollama's, metrics
-OPENAI_CHAT, OPENAI_COMPLETIONS = ("POST", "/v1/chat/completions"), ("POST", "/v1/completions")
-OPENAI_MODELS, OPENAI_MODEL = ("GET", "/v1/models"), ("GET", "/v1/models/{model_id...}")
-OLLAMA_ROOT, OLLAMA_ROOT_HEAD, OLLAMA_VERSION = ("GET", "/"), ("HEAD", "/"), ("GET", "/api/version")
-OLLAMA_TAGS, OLLAMA_PS, OLLAMA_SHOW = ("GET", "/api/tags"), ("GET", "/api/ps"), ("POST", "/api/show")
-OLLAMA_CHAT, OLLAMA_GENERATE, OLLAMA_PULL = ("POST", "/api/chat"), ("POST", "/api/generate"), ("POST", "/api/pull")
-QUEEN_METRICS = ("GET", "/metrics")
-QUEEN_UI, QUEEN_EVENTS = ("GET", "/ui"), ("GET", "/v2/events")   # the page (PROTOCOL.md §15) and its live feed
-NDJSON_CONTENT_TYPE = "application/x-ndjson"
-
-# SSE events. Every stream ends with exactly one of TERMINAL_EVENTS.
-EVENT_NARRATION, EVENT_QUEUED, EVENT_STARTED, EVENT_TOKEN = "narration", "queued", "started", "token"
-EVENT_END, EVENT_WORKER, EVENT_ERROR = "end", "worker", "error"
-TERMINAL_EVENTS = (EVENT_END, EVENT_WORKER, EVENT_ERROR)
-EVENT_PING = "ping"                  # how iter_sse reports a `: ping` comment (no event of its own)
-SSE_CONTENT_TYPE = "text/event-stream"
-
-# Control lines: JSON lines on a child's stdout beside its narration (which has an `actor`), read
-# by the parent. {"control": "ready", "role", "port", "version"}: the child serves HTTP on `port`.
-CONTROL, CONTROL_READY = "control", "ready"
-# The hive handshake: the first line on the stdin of a `hive --lifeline`, then the lifeline.
-HELLO_TOKEN, HELLO_ENV = "token", "env"
-HELLO_KEEP_ALIVE = "keep_alive"      # seconds a hive lives with no worker (and its workers' default)
-HELLO_ENV_KEYS = ("HF_TOKEN",)       # secrets a hive gets from the queen's environment, never on argv
-
-
-# How the queen's machine reaches a node's hive and workers: straight over the network (lan), or
-# only through the node's ssh connection (ssh: they listen on the node's 127.0.0.1, forwarded).
-TRANSPORT_LAN, TRANSPORT_SSH = "lan", "ssh"
-TRANSPORTS = (TRANSPORT_LAN, TRANSPORT_SSH)
-
-# Headers and environment variables that more than one role reads.
-AUTHORIZATION, RETRY_AFTER = "Authorization", "Retry-After"
-ENV_WORKER_API_KEY = "RBEE_WORKER_API_KEY"   # the worker's key, set by its hive
-ENV_HIVE_TOKEN = "RBEE_HIVE_TOKEN"           # a standalone hive's token (or --token-file)
-ENV_READY_TOKEN = "RBEE_READY_TOKEN"         # a worker's own secret for its ready callback, from its hive
-ENV_API_KEY = "RBEE_API_KEY"                 # the queen's key (or --api-key-file); the keeper sends it
-ENV_QUEEN_URL = "RBEE_QUEEN_URL"             # where the keeper looks for a queen
-
-# What a job's stream yields to a WorkerClient's caller.
-Queued = collections.namedtuple("Queued", "position")          # the job waits for a slot
-JobStarted = collections.namedtuple("JobStarted", "job_id worker_id")
-Token = collections.namedtuple("Token", "text index")       # a piece of generated text, in order
-Narration = collections.namedtuple("Narration", "event")    # what a hop says while it works
-JobEnded = collections.namedtuple("JobEnded", "stats")      # tokens_out, stop_reason, timings
-
 
 SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")   # a variable whose name has one holds a secret
 
@@ -1202,6 +1358,25 @@ def masked_env(env):
 
 def is_loopback(host):
     return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def checked_secret(secret, source):
+    """A key as an HTTP header can carry it: printable ASCII, not empty (an empty key would
+    switch the check off)."""
+    if not secret or not all(33 <= ord(c) < 127 for c in secret):
+        raise InvalidRequest("The key in %s is empty or not printable ASCII" % source, {"source": source},
+                             "Use a key of letters, digits and punctuation, e.g. from `openssl rand -hex 24`")
+    return secret
+
+
+def read_secret(path, source):
+    try:
+        with open(path) as f:
+            secret = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequest("Cannot read the key file %s: %s" % (path, getattr(exc, "strerror", None) or exc),
+                             {"file": path}, "Give a file that holds the key on its first line")
+    return checked_secret(secret, source)
 
 
 def role_secret(component, key_file, env_name, created_name, host):
@@ -1225,25 +1400,6 @@ def role_secret(component, key_file, env_name, created_name, host):
         f.write(secret + "\n")
     narrate(component, "key_created", "Created a key for %s in %s (readable by you alone); clients send it as "
             "%s: Bearer KEY" % (component, path, AUTHORIZATION), "🔑", path=path)
-    return secret
-
-
-def read_secret(path, source):
-    try:
-        with open(path) as f:
-            secret = f.read().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidRequest("Cannot read the key file %s: %s" % (path, getattr(exc, "strerror", None) or exc),
-                             {"file": path}, "Give a file that holds the key on its first line")
-    return checked_secret(secret, source)
-
-
-def checked_secret(secret, source):
-    """A key as an HTTP header can carry it: printable ASCII, not empty (an empty key would
-    switch the check off)."""
-    if not secret or not all(33 <= ord(c) < 127 for c in secret):
-        raise InvalidRequest("The key in %s is empty or not printable ASCII" % source, {"source": source},
-                             "Use a key of letters, digits and punctuation, e.g. from `openssl rand -hex 24`")
     return secret
 
 
@@ -1310,7 +1466,7 @@ class WorkerClient(RoleClient):
     """A worker (PROTOCOL.md §5.1): jobs for the keeper and the tests, health and shutdown for
     its hive."""
 
-    component = "llm-worker-rbee"
+    component = ACTOR_WORKER
 
     def __init__(self, url, api_key=None, worker_id=None, node=None):
         super().__init__(url, api_key, node)
@@ -1385,7 +1541,7 @@ class WorkerClient(RoleClient):
 class HiveClient(RoleClient):
     """A hive (PROTOCOL.md §5.2): the queen's calls, and the worker's ready callback."""
 
-    component = "rbee-hive"
+    component = ACTOR_HIVE
 
     def health(self, timeout=2.0):
         return self.call(HIVE_HEALTH, timeout=timeout, attempts=1)
@@ -1430,7 +1586,7 @@ class HiveClient(RoleClient):
 class QueenClient(RoleClient):
     """A queen (PROTOCOL.md §5.3): every command of the keeper goes through it."""
 
-    component = "queen-rbee"
+    component = ACTOR_QUEEN
 
     def alive(self):
         try:
@@ -1528,6 +1684,22 @@ def spawn_child(argv, env=None, cwd=None):
                             env=env, cwd=cwd, start_new_session=True, bufsize=0)
 
 
+# A role that rbee starts runs from the cached bytecode of rbee.py (its __pycache__, written by
+# the first such start) instead of compiling the source again, as `python rbee.py` must: tens of
+# ms of every start. Its argv still reads `rbee.py ROLE ...` (sys.argv too); where the cache
+# cannot be written, Python compiles in memory and the role starts all the same. The cache is
+# written even under PYTHONDONTWRITEBYTECODE (for rbee.py alone: a role's start is what it is for).
+ROLE_BOOT = ("import os, sys; sys.argv = sys.argv[1:]; "
+             "sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0]))); "
+             "keep, sys.dont_write_bytecode = sys.dont_write_bytecode, False; import rbee; "
+             "sys.dont_write_bytecode = keep; sys.exit(rbee.main(sys.argv[1:]))")
+
+
+def role_argv(args, python=None, rbee_py=RBEE_PY):
+    """The command line that runs `rbee.py ARGS` (a role) from rbee.py's cached bytecode."""
+    return [python or sys.executable, "-u", "-c", ROLE_BOOT, rbee_py] + list(args)
+
+
 def kill_group(proc, sig=signal.SIGKILL):
     with contextlib.suppress(OSError):
         os.killpg(proc.pid, sig)
@@ -1552,6 +1724,63 @@ def stop_child(proc, graceful=None, timeout=GRACEFUL_TIMEOUT):
     except subprocess.TimeoutExpired:
         kill_group(proc)
         proc.wait()
+
+
+class Child:
+    """A process of rbee's that narrates and reports ready: a hive's worker and RPC part, the
+    queen's hive (a local child, or an ssh session), the keeper's queen. A thread reads its
+    stdout (narration to `on_event`, its ready control line kept); it is waited for with a
+    deadline, and stopped gracefully, then killed."""
+
+    def __init__(self, name, argv, on_event, on_exit=None, env=None, cwd=None, hello=None, on_ready=None):
+        self.name = name                  #: what it is, for its log's name and for messages
+        self.on_exit = on_exit            #: called (in the output thread) with its exit code, once it ended
+        self.on_ready = on_ready          #: called (in the output thread) with its ready line, once it came
+        self.ready = threading.Event()    #: its ready control line came (output thread)
+        self.exited = threading.Event()   #: its process ended (output thread, before on_exit)
+        self.ready_line = {}              #: that line: port, version, ... (output thread, before `ready`)
+        self.proc = spawn_child(argv, env, cwd)   #: its process (stdin: its lifeline)
+        if hello is not None:   # the first line on its stdin (a hive's handshake), then the lifeline
+            with contextlib.suppress(OSError):
+                self.proc.stdin.write((json.dumps(hello) + "\n").encode())
+                self.proc.stdin.flush()
+        #: the thread that reads its stdout; its `tail`: the last lines that were not JSON
+        self.output = ChildOutput(self.proc, on_event, self._exited, name, open_log(name + ".log"), self._control)
+        self.output.start()
+
+    def _control(self, line):
+        if line.get(CONTROL) == CONTROL_READY and isinstance(line.get("port"), int):
+            self.ready_line = line
+            self.ready.set()
+            if self.on_ready:
+                self.on_ready(line)
+
+    def _exited(self, code):
+        self.exited.set()
+        if self.on_exit:
+            self.on_exit(code)
+
+    def wait(self, timeout, event=None):
+        """Whether `event` (default: its ready line) came within `timeout` s; False as soon as it exits."""
+        event, deadline = event or self.ready, time.monotonic() + timeout
+        while not event.wait(0.02):
+            if self.exited.is_set() or time.monotonic() > deadline:
+                return event.is_set()
+        return True
+
+    def last_words(self, lines=8):
+        """What it printed last that was no JSON (a traceback), once its output has ended."""
+        self.output.join(2)
+        return list(self.output.tail)[-lines:]
+
+    def stop(self, graceful=None, timeout=GRACEFUL_TIMEOUT):
+        """Ask nicely (`graceful()`, else SIGTERM), close its lifeline, SIGKILL after `timeout`."""
+        stop_child(self.proc, graceful, timeout)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            kill_group(self.proc)
+            self.proc.wait()
 
 
 def in_parallel(function, items):
@@ -1613,7 +1842,7 @@ def free_port(host, start):
                 return s.getsockname()[1]   # (`start` 0: any free port)
             except OSError:
                 continue
-    raise InternalError("No free port from %d on %s" % (start, host))
+    raise PortInUse("No free port from %d on %s" % (start, host), {"host": host, "port": start})
 
 
 # ============================================================================================
@@ -1685,7 +1914,7 @@ def ssh_auth_failed(stderr):
     return "permission denied" in lowered or "authentication" in lowered
 
 
-def ssh_failure(target, stderr, node=None, attempts=SSH_ATTEMPTS, component="queen-rbee"):
+def ssh_failure(target, stderr, node=None, attempts=SSH_ATTEMPTS, component=ACTOR_QUEEN):
     """SSH_FAILED with a reason a user can act on, from ssh's own words."""
     text = (stderr or "").strip()
     lowered = text.lower()
@@ -1706,7 +1935,7 @@ def ssh_failure(target, stderr, node=None, attempts=SSH_ATTEMPTS, component="que
                      hint + (" (then `rbee.py nodes check %s`)" % node if node else ""), component=component)
 
 
-def with_ssh_retries(target, node, attempt, actor="queen-rbee"):
+def with_ssh_retries(target, node, attempt, actor=ACTOR_QUEEN):
     """Call `attempt()` until ssh gets through, PROTOCOL.md §9: 3 attempts, 0/200/400 ms apart, the
     backoff narrated. `attempt` returns (result, None), or (None, ssh's words) when ssh itself
     failed. A refused key is final at once: retrying cannot help."""
@@ -1723,7 +1952,7 @@ def with_ssh_retries(target, node, attempt, actor="queen-rbee"):
     raise ssh_failure(target, said, node, number, actor)
 
 
-def ssh_run(target, command, timeout=60, node=None, stdin_data=None, actor="queen-rbee"):
+def ssh_run(target, command, timeout=60, node=None, stdin_data=None, actor=ACTOR_QUEEN):
     """Run `command` on the node; ssh's own failures (exit 255) are retried per PROTOCOL.md §9."""
     def attempt():
         try:
@@ -1742,54 +1971,23 @@ def shell_path(path):
 
 
 def remote_command(rbee_dir, python, args, env=None):
-    """A shell command line for the node: cd to rbee's dir and exec Python on rbee.py."""
+    """A shell command line for the node: cd to rbee's dir and exec Python on rbee.py (a role,
+    from its cached bytecode: role_argv)."""
     quoted_dir = shell_path(rbee_dir or "~/.rbee/app")
     env_part = " ".join(shlex.quote("%s=%s" % kv) for kv in sorted((env or {}).items()))
-    return "cd %s && exec %s%s -u rbee.py %s" % (quoted_dir, "env " + env_part + " " if env_part else "",
-                                                  shell_path(python or "python3"),
-                                                  " ".join(shlex.quote(a) for a in args))
+    argv = role_argv(args, "python", "rbee.py")[1:]
+    return "cd %s && exec %s%s %s" % (quoted_dir, "env " + env_part + " " if env_part else "",
+                                      shell_path(python or "python3"), " ".join(shlex.quote(a) for a in argv))
 
 
 # ============================================================================================
-# Models: references (PROTOCOL.md §4), the SQLite catalog (PROTOCOL.md §3), provisioning from Hugging Face
+# Models: the SQLite catalog (PROTOCOL.md §3), provisioning from Hugging Face
 # ============================================================================================
 
 GGUF_MAGIC = b"GGUF"    # the first 4 bytes of every GGUF file
-MAX_REF = 4096          # characters of a model reference
+
+
 QUANT_PREFERENCE = ("Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q5_K_M", "Q5_0", "Q8_0", "F16")
-_HF_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
-_HF_REF = re.compile(r"^hf:(%s)/(%s)(?::([^\s/:][^\s:]*))?$" % (_HF_NAME, _HF_NAME))
-_SPLIT_PART = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.I)
-
-
-class ModelRef(collections.namedtuple("ModelRef", "provider reference selector text")):
-    """A parsed model reference: hf:ORG/REPO[:SELECTOR] or file:/abs/path.gguf."""
-
-    @classmethod
-    def parse(cls, text):
-        if not isinstance(text, str) or not text.strip():
-            raise InvalidModelRef("Empty model reference", {"model": text},
-                                  "Use hf:ORG/REPO (a GGUF repo on Hugging Face) or file:/absolute/path.gguf")
-        text = text.strip()
-        match = _HF_REF.match(text) if len(text) <= MAX_REF else None
-        if match:
-            org, repo, selector = match.groups()
-            if ".." in org + repo:
-                match = None
-            else:
-                return cls("hf", "%s/%s" % (org, repo), selector, text)
-        if text.startswith("file:") and len(text) <= MAX_REF:
-            path = text[len("file://"):] if text.startswith("file://") else text[len("file:"):]
-            if path.startswith("/") and not path.endswith("/") and "\0" not in path:
-                return cls("file", os.path.normpath(path), None, "file:" + os.path.normpath(path))
-        raise InvalidModelRef("Invalid model reference %r" % text[:200], {"model": text[:200]},
-                              "Use hf:ORG/REPO[:FILE_OR_QUANT] (e.g. hf:TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF) "
-                              "or file:/absolute/path/model.gguf")
-
-
-def model_ref_of(body):
-    """The model reference of a request body (`model_ref`, or `model` as in the queen's tasks)."""
-    return ModelRef.parse(body.get("model_ref") or body.get("model"))
 
 
 def gguf_layers(path):
@@ -1937,6 +2135,28 @@ class ModelCatalog:
         return rows
 
 
+class DownloadProgress:
+    """Narrates download progress at least every 5 % or every second, whichever is rarer."""
+
+    def __init__(self, filename, total):
+        self.filename = filename          #: the file, as the repo names it
+        self.total = total                #: bytes of the whole file
+        self.last_done = -1               #: bytes at the last narration (-1: none yet; the download's thread)
+        self.last_time = 0.0              #: when the last narration went out
+
+    def update(self, done, force=False):
+        now = time.monotonic()
+        step = self.total * 0.05
+        if force or self.last_done < 0 or (done - self.last_done >= step and now - self.last_time >= 1.0):
+            if force and done == self.last_done:
+                return
+            self.last_done, self.last_time = done, now
+            pct = int(done * 100 / self.total) if self.total else 100
+            narrate(ACTOR_PROVISIONER, "download_progress", "Downloaded %s / %s (%d%%)" % (
+                human_bytes(done), human_bytes(self.total), pct), None, progress={"done": done, "total": self.total},
+                download=DownloadState(self.filename, done, self.total)._asdict())
+
+
 def require_hub():
     """huggingface_hub, which only downloads need, or a clear error saying how to get it."""
     import importlib.util
@@ -1965,7 +2185,7 @@ class ModelProvisioner:
             return row
 
         def wait():
-            narrate("model-provisioner", "download_wait", "Waiting for the download of %s in progress" % ref.text,
+            narrate(ACTOR_PROVISIONER, "download_wait", "Waiting for the download of %s in progress" % ref.text,
                     "⏳")
         with self.locks.holding((ref.provider, ref.reference, ref.selector), wait):
             row = self.catalog.find(ref)
@@ -1977,7 +2197,8 @@ class ModelProvisioner:
     def check(ref):
         """What can be known of a reference before any work starts: a `file:` model must be a
         regular, readable file that starts with the GGUF magic. One answer for every way it is
-        not, so that the error tells nobody whether some other file exists."""
+        not (MODEL_NOT_FOUND, 404: no model there), so that the error tells nobody whether some
+        other file exists."""
         if ref.provider != "file":
             return
         try:
@@ -1990,8 +2211,8 @@ class ModelProvisioner:
         except OSError:
             regular, magic = False, b""
         if not regular or magic != GGUF_MAGIC:
-            raise InvalidModelRef("%s is not a readable GGUF model file" % ref.text, {"model": ref.text},
-                                  "Give the absolute path of a .gguf file on the node that runs the worker")
+            raise ModelNotFound("%s is not a readable GGUF model file" % ref.text, {"model": ref.text},
+                                "Give the absolute path of a .gguf file on the node that runs the worker")
 
     def _catalog_file(self, ref):
         self.check(ref)
@@ -2072,7 +2293,7 @@ class ModelProvisioner:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                narrate("model-provisioner", "download_wait", "Waiting for the download in progress in %s" % dest_dir,
+                narrate(ACTOR_PROVISIONER, "download_wait", "Waiting for the download in progress in %s" % dest_dir,
                         "⏳", model_ref=ref.text)
                 fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -2089,13 +2310,13 @@ class ModelProvisioner:
                 filename, human_bytes(size - have), human_bytes(free)),
                 {"required_bytes": size - have, "free_bytes": free, "path": dest_dir},
                 "Free disk space on the node or remove models with `rbee.py models rm REF`")
-        narrate("model-provisioner", "download_start", "Downloading %s from Hugging Face" % filename, "📦",
-                model_ref=ref.text)
+        narrate(ACTOR_PROVISIONER, "download_start", "Downloading %s from Hugging Face" % filename, "📦",
+                model_ref=ref.text, download=DownloadState(filename, have, size)._asdict())
         started = time.monotonic()
         digest = self._fetch(ref, filename, size, sha256, partial)
         os.replace(partial, dest)
         row = self.catalog.add("hf", ref.reference, filename, dest, size, digest)
-        narrate("model-provisioner", "download_done", "Model downloaded to %s (%s in %.1f s)" % (
+        narrate(ACTOR_PROVISIONER, "download_done", "Model downloaded to %s (%s in %.1f s)" % (
             dest, human_bytes(size), time.monotonic() - started), "✅", model_ref=ref.text)
         return row
 
@@ -2115,12 +2336,12 @@ class ModelProvisioner:
         import hashlib
         from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
         url = hf_hub_url(ref.reference, filename, endpoint=os.environ.get("HF_ENDPOINT") or None)
-        progress = DownloadProgress(size)
+        progress = DownloadProgress(filename, size)
         last, corrupt = None, False   # why the last attempt failed; whether its bytes failed the sha256
         for attempt in range(DOWNLOAD_ATTEMPTS):
             if attempt:
                 delay = 0.1 * 2 ** (attempt - 1)
-                narrate("model-provisioner", "download_retry", "Download attempt %d/%d failed (%s); retrying in %d ms"
+                narrate(ACTOR_PROVISIONER, "download_retry", "Download attempt %d/%d failed (%s); retrying in %d ms"
                         % (attempt, DOWNLOAD_ATTEMPTS, last, delay * 1000), "🔁")
                 time.sleep(delay)
             have = os.path.getsize(partial) if os.path.exists(partial) else 0
@@ -2136,7 +2357,7 @@ class ModelProvisioner:
             if have < size:
                 if have:
                     headers["Range"] = "bytes=%d-" % have
-                    narrate("model-provisioner", "download_resume", "Resuming download at %s" % human_bytes(have),
+                    narrate(ACTOR_PROVISIONER, "download_resume", "Resuming download at %s" % human_bytes(have),
                             "⏯️")
                 try:
                     with get_session().stream("GET", url, headers=headers, follow_redirects=True,
@@ -2166,7 +2387,7 @@ class ModelProvisioner:
             if sha256 and digest.hexdigest() != sha256:
                 os.remove(partial)
                 last, corrupt = "CHECKSUM_MISMATCH", True
-                narrate("model-provisioner", "checksum_mismatch", "Checksum mismatch for %s (CHECKSUM_MISMATCH); "
+                narrate(ACTOR_PROVISIONER, "checksum_mismatch", "Checksum mismatch for %s (CHECKSUM_MISMATCH); "
                         "deleted it" % filename, "⚠️", level="warn")
                 continue
             return digest.hexdigest()
@@ -2180,29 +2401,36 @@ class ModelProvisioner:
             "Run the same command again: the download resumes where it stopped")
 
 
-class DownloadProgress:
-    """Narrates download progress at least every 5 % or every second, whichever is rarer."""
-
-    def __init__(self, total):
-        self.total = total                #: bytes of the whole file
-        self.last_done = -1               #: bytes at the last narration (-1: none yet; the download's thread)
-        self.last_time = 0.0              #: when the last narration went out
-
-    def update(self, done, force=False):
-        now = time.monotonic()
-        step = self.total * 0.05
-        if force or self.last_done < 0 or (done - self.last_done >= step and now - self.last_time >= 1.0):
-            if force and done == self.last_done:
-                return
-            self.last_done, self.last_time = done, now
-            pct = int(done * 100 / self.total) if self.total else 100
-            narrate("model-provisioner", "download_progress", "Downloaded %s / %s (%d%%)" % (
-                human_bytes(done), human_bytes(self.total), pct), None, progress={"done": done, "total": self.total})
-
-
 # ============================================================================================
 # Worker (rbee.py worker): one model loaded by a backend, tokens streamed over SSE
 # ============================================================================================
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def chat_messages(messages):
+    """A conversation as the chat template takes it: [{role, content}] with string content (a list
+    of text parts, as OpenAI's clients send, is joined); 400 for anything else."""
+    if not isinstance(messages, list) or not messages or len(messages) > 1024:
+        raise invalid("messages", "must be a non-empty list of at most 1024 {role, content} objects")
+    out = []
+    for k, message in enumerate(messages):
+        where = "messages[%d]" % k
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+            raise invalid(where, "must be an object whose role is one of %s" % ", ".join(CHAT_ROLES))
+        content = message.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise invalid(where + ".content", "parts must be {type: \"text\", text}: this model reads text only")
+            content = "".join(p["text"] for p in content)
+        if content is None and message["role"] == "assistant":
+            content = ""
+        if not isinstance(content, str):
+            raise invalid(where + ".content", "must be a string or a list of text parts")
+        out.append({"role": message["role"], "content": content})
+    return out
+
 
 class Job:
     """One /execute request: validated parameters and its cancel flag."""
@@ -2241,33 +2469,6 @@ class Job:
         self.seed = number_field(body, "seed", None, -1, (1 << 32) - 1, integer=True)
         self.engine_job = None            #: its backends.engine.EngineJob (cancel: /cancel, a gone client, shutdown)
         self.interrupted_by = None        #: why the worker itself stopped mid-job (shutdown's thread)
-
-
-CHAT_ROLES = ("system", "user", "assistant", "tool")
-
-
-def chat_messages(messages):
-    """A conversation as the chat template takes it: [{role, content}] with string content (a list
-    of text parts, as OpenAI's clients send, is joined); 400 for anything else."""
-    if not isinstance(messages, list) or not messages or len(messages) > 1024:
-        raise invalid("messages", "must be a non-empty list of at most 1024 {role, content} objects")
-    out = []
-    for k, message in enumerate(messages):
-        where = "messages[%d]" % k
-        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
-            raise invalid(where, "must be an object whose role is one of %s" % ", ".join(CHAT_ROLES))
-        content = message.get("content")
-        if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise invalid(where + ".content", "parts must be {type: \"text\", text}: this model reads text only")
-            content = "".join(p["text"] for p in content)
-        if content is None and message["role"] == "assistant":
-            content = ""
-        if not isinstance(content, str):
-            raise invalid(where + ".content", "must be a string or a list of text parts")
-        out.append({"role": message["role"], "content": content})
-    return out
 
 
 def split_at_stop(text, stops):
@@ -2316,20 +2517,23 @@ class Worker(App):
     """Loads one model, then serves /execute from --parallel slots with continuous batching
     (backends/engine.py); requests beyond the free slots wait in a FIFO queue of --max-queue."""
 
-    component = "llm-worker-rbee"
-    routes = ((WORKER_HEALTH, "health"), (WORKER_EXECUTE, "execute"), (WORKER_CANCEL, "cancel"),
-              (WORKER_SHUTDOWN, "shutdown_request"))
+    component = ACTOR_WORKER
 
     def __init__(self, args, api_key):
-        super().__init__()
+        super().__init__(((WORKER_HEALTH, self.health), (WORKER_EXECUTE, self.execute), (WORKER_CANCEL, self.cancel),
+                          (WORKER_SHUTDOWN, self.shutdown_request)))
         self.args = args                  #: the command line
         self.api_key = api_key            #: the bearer key of /execute, /cancel, /shutdown
         self.worker_id = args.worker_id or "worker-" + random_id(4)  #: the id its hive gave it (or a random one)
         #: the reference it serves, as the caller named it
         self.model_ref = args.model_ref or "file:" + os.path.abspath(args.model)
-        self.state = "loading"            #: loading -> ready -> draining (start; shutdown)
+        self.state = WORKER_LOADING            #: loading -> ready -> draining (start; shutdown)
         self.jobs = {}                    #: job_id -> Job, queued or running (under `jobs_lock`)
-        self.jobs_lock = threading.Lock()   #: guards `jobs`: admission against --parallel + --max-queue
+        #: jobs admitted since the start (under `jobs_lock`): the queen counts the ones it handed out
+        #: that have not reached the worker yet by it
+        self.jobs_total = 0
+        #: guards `jobs` and `jobs_total`: admission against --parallel + --max-queue
+        self.jobs_lock = threading.Lock()
         self.backend = None               #: the backend module (written once by start)
         self.llm = None                   #: the loaded llama_cpp.Llama: tokenizer, template (start)
         self.engine = None                #: the slots and their decode loop (start; shutdown closes it)
@@ -2340,23 +2544,23 @@ class Worker(App):
         self.last_activity = time.time()  #: when the last job ended (request threads)
         self.lost_part = None             #: a split's part that died ({node, endpoint}; the shutdown request's)
 
-    def authorize(self, req, name):
-        if name != "health":
+    def authorize(self, req, handler):
+        if handler != self.health:
             req.require_bearer(self.api_key)
 
     # -- start: narrate, init the device, load, serve, report ready (the seed's order) --------
 
     def start(self):
         args = self.args
-        narrate("llm-worker-rbee", "startup", "Worker starting on port %d" % args.port, "🌅",
+        narrate(ACTOR_WORKER, "startup", "Worker starting on port %d" % args.port, "🌅",
                 worker_id=self.worker_id)
         import backends
         from backends.engine import Engine
         self.backend = backends.require(args.backend, args.device)
-        narrate("device-manager", "device_init", "Initialized %s" % self.backend.describe(args.device), "🖥️")
+        narrate(ACTOR_DEVICES, "device_init", "Initialized %s" % self.backend.describe(args.device), "🖥️")
         if not os.path.isfile(args.model):
             raise ModelNotFound("No model file at %s" % args.model, {"model": args.model})
-        narrate("model-loader", "model_load", "Loading model from %s" % args.model, "📦")
+        narrate(ACTOR_LOADER, "model_load", "Loading model from %s" % args.model, "📦")
         started = time.monotonic()
         # the Llama's own context is never used for generation (the engine's is): keep it small
         self.llm = self.backend.load(args.model, args.device, 64, **self.split_options())
@@ -2371,16 +2575,16 @@ class Worker(App):
         self.memory_mb = max(self.backend.memory_used_mb(args.device),   # (KV pages count once touched)
                              (os.path.getsize(args.model) >> 20) + self.engine.kv_mb)
         where = "RAM" if args.backend == "cpu" else "VRAM"
-        narrate("model-loader", "model_loaded", "Model loaded! %d MB cozy in %s! (%d slots x %d tokens of context, "
+        narrate(ACTOR_LOADER, "model_loaded", "Model loaded! %d MB cozy in %s! (%d slots x %d tokens of context, "
                 "a KV cache of %d MB)" % (self.memory_mb, where, args.parallel, args.ctx_size, self.engine.kv_mb),
                 "🛏️", memory_mb=self.memory_mb, kv_cache_mb=self.engine.kv_mb, load_ms=self.load_ms,
                 slots=args.parallel, ctx_per_slot=args.ctx_size)
         port = self.serve(args.host, args.port)
         self.url = "http://%s:%d" % (local_address(args.host), port)
-        self.state = "ready"
-        narrate("http-server", "http_ready", "HTTP server ready on port %d" % port, "🚀", port=port)
+        self.state = WORKER_READY
+        narrate(ACTOR_HTTP, "http_ready", "HTTP server ready on port %d" % port, "🚀", port=port)
         if args.hive_url:
-            narrate("llm-worker-rbee", "ready_callback", "Reporting ready to rbee-hive", "👋")
+            narrate(ACTOR_WORKER, "ready_callback", "Reporting ready to rbee-hive", "👋")
         # after the narration above on the same stdout: a parent that reads this line has relayed it all
         self.announce_ready(worker_id=self.worker_id)
         if args.hive_url:
@@ -2395,7 +2599,7 @@ class Worker(App):
             return {}
         from backends import rpc
         rpc.add_servers(self.args.rpc)
-        narrate("model-loader", "rpc_devices", "Splitting: %d layers on %d remote device(s) at %s" % (
+        narrate(ACTOR_LOADER, "rpc_devices", "Splitting: %d layers on %d remote device(s) at %s" % (
             self.args.offload_layers, len(self.args.rpc), ", ".join(self.args.rpc)), "🧩", rpc=self.args.rpc)
         options = {"n_gpu_layers": self.args.offload_layers}
         if len(self.args.rpc) > 1:
@@ -2409,12 +2613,13 @@ class Worker(App):
 
     def health(self, req):
         running, waiting = self.engine.load() if self.engine else (0, 0)
-        state = self.state if self.state != "ready" else ("busy" if running else "idle")
+        state = self.state if self.state != WORKER_READY else (WORKER_BUSY if running else WORKER_IDLE)
         req.send_json(200, {"status": "ok", "state": state, "worker_id": self.worker_id,
                             "model_ref": self.model_ref, "backend": self.args.backend, "device": self.args.device,
                             "memory_mb": self.memory_mb, "slots_total": self.args.parallel,
-                            "slots_available": max(0, self.args.parallel - running) if self.state == "ready" else 0,
-                            "queue_length": waiting, "max_queue": self.args.max_queue,
+                            "slots_available": max(0, self.args.parallel - running) if self.state == WORKER_READY
+                            else 0,
+                            "queue_length": waiting, "max_queue": self.args.max_queue, "jobs_total": self.jobs_total,
                             "ctx_per_slot": self.args.ctx_size, "ctx_total": self.args.ctx_size * self.args.parallel,
                             "kv_cache_mb": self.engine.kv_mb if self.engine else 0,
                             "last_activity_unix": int(self.last_activity), "version": __version__})
@@ -2458,9 +2663,10 @@ class Worker(App):
             if job.job_id in self.jobs:
                 raise InvalidRequest("job_id: %s is already running here" % job.job_id, {"field": "job_id"},
                                      "Give each job its own id (or none: the worker makes one)", status=409)
-            if self.state != "ready" or len(self.jobs) >= self.args.parallel + self.args.max_queue:
+            if self.state != WORKER_READY or len(self.jobs) >= self.args.parallel + self.args.max_queue:
                 raise self.busy()
             self.jobs[job.job_id] = job
+            self.jobs_total += 1
         try:
             position = self.engine.submit(job.engine_job)
             self._stream(req.sse(), job, len(prompt_tokens), position)
@@ -2471,7 +2677,7 @@ class Worker(App):
             self.last_activity = time.time()
 
     def busy(self):
-        why = "is shutting down" if self.state != "ready" else "has %d slots busy and %d requests waiting" % (
+        why = "is shutting down" if self.state != WORKER_READY else "has %d slots busy and %d requests waiting" % (
             self.args.parallel, self.args.max_queue)
         return SlotsBusy("Worker %s %s" % (self.worker_id, why), {"retry_after_s": 1},
                          "Retry in a moment, or run another worker for this model")
@@ -2481,7 +2687,7 @@ class Worker(App):
         with narration_to(stream.narration):
             if position:
                 stream.send(EVENT_QUEUED, {"job_id": job.job_id, "position": position})
-                narrate("llm-worker-rbee", "queued", "Waiting for a free slot (position %d)" % position, "⏳",
+                narrate(ACTOR_WORKER, "queued", "Waiting for a free slot (position %d)" % position, "⏳",
                         job_id=job.job_id)
             events, tokens_out, index, held, stop_reason = job.engine_job.events, 0, 0, "", None
             started = first_at = None
@@ -2492,22 +2698,22 @@ class Worker(App):
                     if stream.client_gone():   # a client that left: its job ends (or never starts)
                         self.engine.cancel(job.engine_job)
                     continue
-                if kind == "admitted":
+                if kind == ENGINE_ADMITTED:
                     started = time.perf_counter()
                     stream.send(EVENT_STARTED, {"job_id": job.job_id, "worker_id": self.worker_id,
                                                 "slot": data["slot"]})
                     chars = len(job.prompt) or sum(len(m["content"]) for m in job.messages or ())
-                    narrate("llama-backend", "inference_start", "Starting inference (prompt: %d chars, max_tokens: %d)"
+                    narrate(ACTOR_BACKEND, "inference_start", "Starting inference (prompt: %d chars, max_tokens: %d)"
                             % (chars, job.max_tokens), "🚀", job_id=job.job_id)
-                    narrate("tokenizer", "tokenize", "Tokenized prompt (%d tokens)" % n_prompt, "🍰",
+                    narrate(ACTOR_TOKENIZER, "tokenize", "Tokenized prompt (%d tokens)" % n_prompt, "🍰",
                             job_id=job.job_id)
                     if data["reused"] > 1:   # a lone BOS in common is no reuse worth the name
-                        narrate("llama-backend", "cache_reuse", "Reusing KV cache for %d of %d prompt tokens" % (
+                        narrate(ACTOR_BACKEND, "cache_reuse", "Reusing KV cache for %d of %d prompt tokens" % (
                             data["reused"], n_prompt), "♻️", job_id=job.job_id)
                     else:
-                        narrate("llama-backend", "cache_reset", "Reset KV cache for fresh start", "🧹",
+                        narrate(ACTOR_BACKEND, "cache_reset", "Reset KV cache for fresh start", "🧹",
                                 job_id=job.job_id)
-                elif kind == "token":
+                elif kind == ENGINE_TOKEN:
                     tokens_out += 1
                     first_at = first_at or time.perf_counter()
                     text, held, stopped = split_at_stop(held + data, job.stop) if job.stop else (data, "", False)
@@ -2518,9 +2724,9 @@ class Worker(App):
                         stop_reason = "stop"
                         self.engine.cancel(job.engine_job)
                     elif tokens_out % 10 == 0:
-                        narrate("llama-backend", "token_generate", "Generated %d tokens" % tokens_out, "🎯",
+                        narrate(ACTOR_BACKEND, "token_generate", "Generated %d tokens" % tokens_out, "🎯",
                                 job_id=job.job_id)
-                elif kind == "end":
+                elif kind == ENGINE_END:
                     stop_reason = data
                 else:
                     raise InternalError("llama.cpp failed during job %s: %s" % (job.job_id, data),
@@ -2532,16 +2738,16 @@ class Worker(App):
                     self.worker_id, self.lost_part["node"], self.lost_part["endpoint"], job.job_id, tokens_out),
                     dict(self.lost_part, tokens_generated=tokens_out, worker_id=self.worker_id),
                     "See the RPC server's log on %s under $RBEE_HOME/logs; run the command again" %
-                    self.lost_part["node"], "llm-worker-rbee")
+                    self.lost_part["node"], ACTOR_WORKER)
             if stop_reason == "cancelled" and job.interrupted_by:
                 raise RequestCancelled("Worker %s stopped during job %s after %d tokens (%s)" % (
                     self.worker_id, job.job_id, tokens_out, job.interrupted_by),
                     {"tokens_generated": tokens_out, "worker_id": self.worker_id},
-                    "Its hive or queen stopped; run the command again", "llm-worker-rbee")
+                    "Its hive or queen stopped; run the command again", ACTOR_WORKER)
             ended = time.perf_counter()
             started = started or ended
             elapsed = max(ended - started, 1e-9)
-            narrate("llama-backend", "inference_complete", "Inference complete! %d tokens in %d ms (%.0f tok/s)" % (
+            narrate(ACTOR_BACKEND, "inference_complete", "Inference complete! %d tokens in %d ms (%.0f tok/s)" % (
                 tokens_out, elapsed * 1000, tokens_out / elapsed), "🎉", job_id=job.job_id)
         # the end event separates the prompt's evaluation from the decoding of the tokens after the first
         decode = ended - first_at if first_at else 0.0
@@ -2556,31 +2762,31 @@ class Worker(App):
     def shutdown(self, reason="shutdown"):
         if not self.stopping.claim():
             return
-        if self.state == "loading":   # nothing to unload yet
-            narrate("llm-worker-rbee", "exit", "Worker exiting (%s during start-up)" % reason, "💤")
+        if self.state == WORKER_LOADING:   # nothing to unload yet
+            narrate(ACTOR_WORKER, "exit", "Worker exiting (%s during start-up)" % reason, "💤")
             os._exit(0)
-        self.state = "draining"
+        self.state = WORKER_DRAINING
         with self.jobs_lock:
             jobs = list(self.jobs.values())
         for job in jobs:
             job.interrupted_by = reason
             self.engine.cancel(job.engine_job)
-        narrate("llm-worker-rbee", "shutdown", "Shutting down gracefully (%s)" % reason, "👋")
+        narrate(ACTOR_WORKER, "shutdown", "Shutting down gracefully (%s)" % reason, "👋")
         deadline = time.monotonic() + GRACEFUL_TIMEOUT / 2
         while self.jobs and time.monotonic() < deadline:   # their streams say how they ended
             time.sleep(0.02)
         if not self.engine.close(timeout=max(0.1, deadline - time.monotonic())):
             # a step did not end (a long prompt still in llama.cpp): freeing the model under it
             # would crash, so leave and let the system take the memory back
-            narrate("llm-worker-rbee", "exit", "Worker exiting (a job did not stop in time)", "💤", level="warn")
+            narrate(ACTOR_WORKER, "exit", "Worker exiting (a job did not stop in time)", "💤", level="warn")
             os._exit(0)
         self.stop_serving()
-        narrate("device-manager", "memory_free", "Freeing %d MB %s" % (
+        narrate(ACTOR_DEVICES, "memory_free", "Freeing %d MB %s" % (
             self.memory_mb, "RAM" if self.args.backend == "cpu" else "VRAM"), "🧹")
         llm, self.llm = self.llm, None
         with contextlib.suppress(Exception):
             llm.close()
-        narrate("llm-worker-rbee", "exit", "Worker exiting", "💤")
+        narrate(ACTOR_WORKER, "exit", "Worker exiting", "💤")
         self.stopped.set()
 
 
@@ -2602,7 +2808,7 @@ def run_rpc(args):
     its default action, and the lifeline thread ends the process."""
     import backends
     from backends import rpc
-    narrate("rpc-server", "startup", "RPC server starting on %s:%d for %s device %d" % (
+    narrate(ACTOR_RPC, "startup", "RPC server starting on %s:%d for %s device %d" % (
         args.host, args.port, args.backend, args.device), "🌅")
     backends.require(args.backend, args.device)
     if not rpc.supported():
@@ -2619,10 +2825,9 @@ def run_rpc(args):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError), socket.create_connection((args.host, args.port), timeout=1):
-                narrate("rpc-server", "rpc_ready", "RPC server ready on %s:%d (%s, %d MB free)" % (
+                narrate(ACTOR_RPC, "rpc_ready", "RPC server ready on %s:%d (%s, %d MB free)" % (
                     args.host, args.port, build, free), "🚀", port=args.port)
-                emit_line({CONTROL: CONTROL_READY, "role": "rpc-server", "port": args.port, "version": __version__,
-                           "build": build, "free_mb": free})
+                announce_ready(ACTOR_RPC, args.port, build=build, free_mb=free)
                 return
             time.sleep(0.05)
     threading.Thread(target=announce, daemon=True).start()
@@ -2634,46 +2839,46 @@ def run_rpc(args):
 # ============================================================================================
 
 class WorkerProcess:
-    """A worker this hive started: its process, its narration listeners, its readiness."""
+    """A worker this hive started: its process (a Child), its narration listeners, its readiness.
+    Its state is written by the hive's WorkerPool alone (the fields it guards say so)."""
 
-    def __init__(self, worker_id, model_ref, backend, device, host, port, api_key, ready_token, proc):
+    def __init__(self, worker_id, model_ref, backend, device, host, port, api_key, ready_token):
         self.worker_id = worker_id        #: the id the hive gave it
         self.model_ref = model_ref        #: the reference it was asked for
         self.backend, self.device = backend, device  #: where it runs the model
         self.port = port                  #: the port it was told to bind
         self.api_key = api_key            #: its bearer key, handed to whoever gets this worker
         self.ready_token = ready_token    #: the secret its ready callback must carry
-        self.proc = proc                  #: its process (stdin: its lifeline)
+        self.child = None                 #: its process (set once, by the spawning thread, before it is listed)
         self.client = WorkerClient("http://%s:%d" % (local_address(host), port), api_key, worker_id)
-        self.url = None                   #: where it says it answers (its ready callback)
-        #: loading -> idle/busy -> draining -> exited; written by request threads, the reaper and
-        #: the output thread; each write is one assignment, a last writer wins until the next poll
-        self.state = "loading"
-        self.last_activity = time.time()  #: when it last worked or was handed out (same writers)
-        self.load_ms = None               #: how long its model took to load (its ready callback)
-        self.keep_alive = DEFAULT_KEEP_ALIVE   #: seconds it stays loaded when idle, -1 forever (the last spawn's)
-        self.split = None                 #: a split's remote devices and layers (split_of), or None
-        self.handed_out = time.time()     #: when a spawn last gave it out (the reaper leaves it alone a moment)
-        #: its last /health (memory_mb, slots_total, slots_available, queue_length): the poller's
+        self.url = None                   #: where it answers (set with its ready callback, by the pool)
+        #: loading -> idle <-> busy -> draining -> exited (WorkerPool, under its lock)
+        self.state = WORKER_LOADING
+        self.last_activity = time.time()  #: when it last worked or was handed out (WorkerPool, under its lock)
+        self.load_ms = None               #: how long its model took to load (its ready callback, by the pool)
+        #: seconds it stays loaded when idle, -1 forever: the last spawn's (WorkerPool, under its lock)
+        self.keep_alive = DEFAULT_KEEP_ALIVE
+        self.split = None                 #: a split's remote devices and layers (split_of), or None (set once)
+        #: when a spawn last gave it out: the reaper leaves it alone a moment (WorkerPool, under its lock)
+        self.handed_out = time.time()
+        #: its last /health (memory_mb, slots_total, slots_available, queue_length, jobs_total) (WorkerPool)
         self.health = {}
-        self.ready = threading.Event()    #: its ready callback came (the /v1/workers/ready thread)
-        self.exited = threading.Event()   #: its process ended (its output thread)
-        self.announced = threading.Event()   #: its ready control line was read: its start-up narration is relayed
+        self.called_back = threading.Event()   #: its ready callback came (the /v1/workers/ready thread)
         self.listeners = []               #: narration sinks of the spawns waiting for it (their threads)
-        self.output = None                #: the thread reading its stdout (set once by start_worker)
 
     def public(self):
         health = self.health
         return {"worker_id": self.worker_id, "url": self.url, "model_ref": self.model_ref, "backend": self.backend,
-                "device": self.device, "state": self.state, "pid": self.proc.pid, "port": self.port,
+                "device": self.device, "state": self.state, "pid": self.child.proc.pid, "port": self.port,
                 "last_activity_unix": int(self.last_activity), "memory_mb": health.get("memory_mb", 0),
                 "slots_total": health.get("slots_total", 0), "slots_available": health.get("slots_available", 0),
-                "queue_length": health.get("queue_length", 0), "keep_alive_s": self.keep_alive, "split": self.split,
+                "queue_length": health.get("queue_length", 0), "jobs_total": health.get("jobs_total", 0),
+                "keep_alive_s": self.keep_alive, "split": self.split,
                 "expires_unix": None if self.expires() is None else int(self.expires())}
 
     def expires(self):
         """When the reaper will stop it if it stays idle (None: never, or it is busy)."""
-        if self.keep_alive < 0 or self.state != "idle":
+        if self.keep_alive < 0 or self.state != WORKER_IDLE:
             return None
         return max(self.last_activity + self.keep_alive, self.handed_out + HANDOUT_GRACE)
 
@@ -2688,10 +2893,6 @@ class WorkerProcess:
                 listener(event)
         emit_line(dict(event, relayed=True) if listeners else event)
 
-    def control(self, line):
-        if line.get(CONTROL) == CONTROL_READY:
-            self.announced.set()
-
     def lost_port(self, host):
         """Whether another program now holds the port this worker was given (a port in
         TIME_WAIT, left by this worker itself, is no other program's: we bind as our servers do)."""
@@ -2703,28 +2904,21 @@ class WorkerProcess:
             except OSError:
                 return True
 
+
 class RpcProcess:
     """An RPC server this hive started for a split (rbee.py rpc): one device lent to a primary."""
 
-    def __init__(self, rpc_id, backend, device, host, port, proc):
+    def __init__(self, rpc_id, backend, device, host, port):
         self.rpc_id = rpc_id              #: the id the hive gave it
         self.backend, self.device = backend, device   #: the device it serves
         self.host, self.port = host, port   #: where it listens: the interface facing its primary
-        self.proc = proc                  #: its process (stdin: its lifeline)
-        self.ready = threading.Event()    #: its ready control line came (its output thread)
-        self.exited = threading.Event()   #: its process ended (its output thread)
-        self.info = {}                    #: its ready line: build, free_mb (its output thread)
-        self.output = None                #: the thread reading its stdout
-
-    def control(self, line):
-        if line.get(CONTROL) == CONTROL_READY:
-            self.info = line
-            self.ready.set()
+        self.child = None                 #: its process (set once, by the starting thread)
 
     def public(self):
+        info = self.child.ready_line
         return {"rpc_id": self.rpc_id, "endpoint": "%s:%d" % (self.host, self.port), "backend": self.backend,
-                "device": self.device, "pid": self.proc.pid, "build": self.info.get("build"),
-                "free_mb": self.info.get("free_mb")}
+                "device": self.device, "pid": self.child.proc.pid, "build": info.get("build"),
+                "free_mb": info.get("free_mb")}
 
 
 def facing(peer):
@@ -2736,12 +2930,14 @@ def facing(peer):
         return s.getsockname()[0]
 
 
-class WorkerRegistry:
-    """The hive's in-memory list of workers (PROTOCOL.md §3: never on disk)."""
+class WorkerPool:
+    """The hive's workers (PROTOCOL.md §3: in memory only), and the one writer of their state:
+    every change below is made under `lock`, so that a health poll's answer cannot undo a drain,
+    and the reaper's "idle for too long" and its drain are one step that no handout can split."""
 
     def __init__(self):
-        self.lock = threading.Lock()          #: guards `workers`
-        self.workers = {}    #: worker_id -> WorkerProcess (guarded by `lock`)
+        self.lock = threading.Lock()      #: guards `workers` and each worker's state fields
+        self.workers = {}                 #: worker_id -> WorkerProcess (under `lock`)
 
     def add(self, worker):
         with self.lock:
@@ -2751,40 +2947,90 @@ class WorkerRegistry:
         with self.lock:
             return self.workers.get(worker_id)
 
-    def remove(self, worker_id):
-        with self.lock:
-            return self.workers.pop(worker_id, None)
-
     def all(self):
         with self.lock:
             return list(self.workers.values())
 
+    def ready(self):
+        """The workers whose ready callback came."""
+        return [w for w in self.all() if w.called_back.is_set()]
+
     def matching(self, model_ref, backend, device, split=None):
-        return [w for w in self.all() if (w.model_ref, w.backend, w.device) == (model_ref, backend, device)
-                and w.split == split
-                and w.ready.is_set() and not w.exited.is_set() and w.state != "draining"]
+        return [w for w in self.ready() if (w.model_ref, w.backend, w.device) == (model_ref, backend, device)
+                and w.split == split and w.state in WORKER_SERVING]
 
     def ports(self):
         return {w.port for w in self.all()}
+
+    def called_back(self, worker, url, load_ms):
+        """Its ready callback: loading -> idle."""
+        with self.lock:
+            if worker.state == WORKER_LOADING:
+                worker.url, worker.load_ms = url, load_ms
+                worker.state, worker.last_activity = WORKER_IDLE, time.time()
+        worker.called_back.set()
+
+    def observed(self, worker, health):
+        """Its /health answered: idle or busy as it says, unless it is draining or gone by now."""
+        with self.lock:
+            if worker.state in WORKER_SERVING:
+                worker.state, worker.health = health.get("state", worker.state), health
+                if worker.state == WORKER_BUSY:
+                    worker.last_activity = time.time()
+                else:
+                    worker.last_activity = max(worker.last_activity, health.get("last_activity_unix") or 0)
+            return worker.state
+
+    def hand_out(self, worker, keep_alive):
+        """Give a serving worker to a spawn, whose keep-alive becomes its own; False if it is
+        draining or gone by now."""
+        with self.lock:
+            if worker.state not in WORKER_SERVING:
+                return False
+            worker.handed_out, worker.keep_alive = time.time(), keep_alive
+            return True
+
+    def drain(self, worker):
+        """Mark it draining (a stop was asked); False if it was draining or gone already."""
+        with self.lock:
+            if worker.state in (WORKER_DRAINING, WORKER_EXITED):
+                return False
+            worker.state = WORKER_DRAINING
+            return True
+
+    def drain_if_expired(self, worker):
+        """Mark it draining if it is idle past its keep-alive: the reaper's decision, in one step."""
+        with self.lock:
+            expires = worker.expires()
+            if expires is None or time.time() < expires:
+                return False
+            worker.state = WORKER_DRAINING
+            return True
+
+    def exited(self, worker):
+        with self.lock:
+            worker.state = WORKER_EXITED
+            self.workers.pop(worker.worker_id, None)
 
 
 class Hive(App):
     """The pool manager: serves PROTOCOL.md §5.2 and owns every worker it starts."""
 
-    component = "rbee-hive"
-    routes = ((HIVE_HEALTH, "health"), (HIVE_WORKERS, "list_workers"), (HIVE_SPAWN, "spawn"),
-              (HIVE_READY, "worker_ready"), (HIVE_WORKER_SHUTDOWN, "shutdown_worker"), (HIVE_MODELS, "list_models"),
-              (HIVE_DOWNLOAD, "download_model"), (HIVE_REMOVE, "remove_model"), (HIVE_SHUTDOWN, "shutdown_request"),
-              (HIVE_RESOURCES, "resources"), (HIVE_RPC_START, "rpc_start"), (HIVE_RPC_STOP, "rpc_stop"))
+    component = ACTOR_HIVE
 
     def __init__(self, args, token=None, keep_alive=None):
-        super().__init__()
+        super().__init__((
+            (HIVE_HEALTH, self.health), (HIVE_WORKERS, self.list_workers), (HIVE_SPAWN, self.spawn),
+            (HIVE_READY, self.worker_ready), (HIVE_WORKER_SHUTDOWN, self.shutdown_worker),
+            (HIVE_MODELS, self.list_models), (HIVE_DOWNLOAD, self.download_model), (HIVE_REMOVE, self.remove_model),
+            (HIVE_SHUTDOWN, self.shutdown_request), (HIVE_RESOURCES, self.resources), (HIVE_RPC_START, self.rpc_start),
+            (HIVE_RPC_STOP, self.rpc_stop)))
         self.args = args                  #: the command line
         self.token = token                #: the bearer token every request but health must carry (or None)
         self.node = args.node_name or socket.gethostname()   #: its node's name (no DNS: gethostname is local)
         self.catalog = ModelCatalog()     #: this node's models.db (each call opens its own connection)
         self.provisioner = ModelProvisioner(self.catalog)  #: downloads into the catalog (one per model at a time)
-        self.registry = WorkerRegistry()  #: the workers it started
+        self.pool = WorkerPool()          #: the workers it started, and the one writer of their state
         self.spawn_locks = KeyedLocks()   #: one spawn of a (model, backend, device) at a time
         self._ports_lock = threading.Lock()         #: choosing a worker's port and registering it is one step
         self._backends = None             #: backends.detect(), asked once (the first health or spawn)
@@ -2799,9 +3045,9 @@ class Hive(App):
         self._progress_lock = threading.Lock()   #: guards `rpcs`
         os.makedirs(rbee_home("logs"), mode=0o700, exist_ok=True)
 
-    def authorize(self, req, name):
+    def authorize(self, req, handler):
         # a ready callback carries its worker's own secret instead, checked by worker_ready
-        if self.token is not None and name not in ("health", "worker_ready"):
+        if self.token is not None and handler not in (self.health, self.worker_ready):
             req.require_bearer(self.token)
 
     @property
@@ -2819,10 +3065,10 @@ class Hive(App):
     def health(self, req):
         found = self.detected_backends()
         req.send_json(200, {"status": "alive", "version": __version__, "api_version": API_VERSION, "node": self.node,
-                            "backends": list(found), "devices": found, "workers": len(self.registry.all())})
+                            "backends": list(found), "devices": found, "workers": len(self.pool.all())})
 
     def list_workers(self, req):
-        ready = [w for w in self.registry.all() if w.ready.is_set()]
+        ready = self.pool.ready()
         for worker in ready:
             self.poll_worker(worker)
         req.send_json(200, {"workers": [w.public() for w in ready]})
@@ -2853,8 +3099,8 @@ class Hive(App):
         """This node's ggml version and commit, asked of a child interpreter once (the hive never
         loads llama.cpp itself); what every part of a split must share."""
         if self._build is None:
-            probe = "import sys; sys.path.insert(0, %r); from backends import rpc; print(rpc.build() if " \
-                    "rpc.supported() else 'none')" % HERE
+            probe = ("import sys; sys.path.insert(0, %r); from backends import rpc; print(rpc.build() if "
+                     "rpc.supported() else 'none')" % HERE)
             try:
                 out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
                 self._build = out.stdout.strip() or "unknown"
@@ -2877,22 +3123,18 @@ class Hive(App):
         with self._ports_lock:
             port = free_port(host, RPC_PORT)
             rpc_id = "rpc-" + random_id(4)
-            proc = spawn_child([sys.executable, "-u", RBEE_PY, "rpc", "--host", host, "--port", str(port),
-                                "--backend", backend or "cpu", "--device", str(device), "--lifeline"])
-            server = RpcProcess(rpc_id, backend or "cpu", device, host, port, proc)
+            server = RpcProcess(rpc_id, backend or "cpu", device, host, port)
+            server.child = Child(rpc_id, role_argv(["rpc", "--host", host, "--port", str(port), "--backend",
+                                                    backend or "cpu", "--device", str(device), "--lifeline"]),
+                                 emit_line, lambda code: self.rpc_exited(server, code))
             with self._progress_lock:
                 self.rpcs[rpc_id] = server
-        server.output = ChildOutput(proc, emit_line, lambda code: self.rpc_exited(server, code), rpc_id,
-                                    open_log("%s.log" % rpc_id), server.control)
-        server.output.start()
-        deadline = time.monotonic() + 60
-        while not server.ready.wait(0.05):
-            if server.exited.is_set() or time.monotonic() > deadline:
-                self.stop_rpc(server)
-                raise WorkerCrashed("The RPC server on %s did not start (exit %s)" % (self.node, proc.poll()),
-                                    {"node": self.node, "last_output": list(server.output.tail)[-8:]},
-                                    "See %s" % rbee_home("logs", rpc_id + ".log"), self.component)
-        narrate("rbee-hive", "rpc_start", "Lending %s:%d to a split at %s:%d" % (backend or "cpu", device, host, port),
+        if not server.child.wait(60):
+            self.stop_rpc(server)
+            raise StartFailed("The RPC server on %s did not start (exit %s)" % (self.node, server.child.proc.poll()),
+                              {"node": self.node, "last_output": server.child.last_words()},
+                              "See %s" % rbee_home("logs", rpc_id + ".log"), self.component)
+        narrate(ACTOR_HIVE, "rpc_start", "Lending %s:%d to a split at %s:%d" % (backend or "cpu", device, host, port),
                 "🧩", node=self.node, rpc_id=rpc_id)
         req.send_json(200, server.public())
 
@@ -2904,17 +3146,16 @@ class Hive(App):
         req.send_json(200, {"stopped": server is not None})
 
     def rpc_exited(self, server, code):
-        server.exited.set()
         with self._progress_lock:
             self.rpcs.pop(server.rpc_id, None)
         if not self.stopping.claimed:
-            narrate("rbee-hive", "rpc_exit", "RPC server %s exited (code %s)" % (server.rpc_id, code), "🪦",
+            narrate(ACTOR_HIVE, "rpc_exit", "RPC server %s exited (code %s)" % (server.rpc_id, code), "🪦",
                     rpc_id=server.rpc_id, level="warn" if code not in (0, -signal.SIGTERM) else None)
 
     @staticmethod
     def stop_rpc(server):
         """ggml's server takes no graceful stop: SIGTERM (its default action), SIGKILL after 5 s."""
-        stop_child(server.proc, lambda: server.proc.send_signal(signal.SIGTERM), timeout=5)
+        server.child.stop(lambda: server.child.proc.send_signal(signal.SIGTERM), timeout=5)
 
     def resources(self, req):
         """What the queen places by (PROTOCOL.md §12): memory now, per backend's devices, every
@@ -2922,10 +3163,9 @@ class Hive(App):
         import backends
         ram_total, ram_free = backends.meminfo_mb()
         found = self.devices_now()
-        workers = self.registry.all()
-        for worker in workers:
-            if worker.ready.is_set():
-                self.poll_worker(worker)
+        for worker in self.pool.ready():
+            self.poll_worker(worker)
+        workers = self.pool.all()
         with self._progress_lock:
             rpcs = [s.public() for s in self.rpcs.values()]
         answer = {"node": self.node, "ram_total_mb": ram_total, "ram_free_mb": ram_free, "devices": found,
@@ -2955,7 +3195,7 @@ class Hive(App):
 
     def remove_model(self, req):
         ref = model_ref_of(req.json)
-        in_use = [w.worker_id for w in self.registry.all() if ModelRef.parse(w.model_ref)[:2] == ref[:2]]
+        in_use = [w.worker_id for w in self.pool.all() if ModelRef.parse(w.model_ref)[:2] == ref[:2]]
         if in_use:
             raise InvalidRequest("Model %s is loaded by %s" % (ref.text, ", ".join(in_use)),
                                  {"workers": in_use}, "Stop those workers first: rbee.py workers shutdown ID")
@@ -2969,25 +3209,22 @@ class Hive(App):
         """A worker this hive spawned says it serves. Only that worker knows its secret; its URL
         is where the hive told it to listen, whatever the body says."""
         body = req.json
-        worker = self.registry.get(text_field(body, "worker_id", limit=200))
+        worker = self.pool.get(text_field(body, "worker_id", limit=200))
         req.require_bearer(worker.ready_token if worker else None)
-        if not worker.ready.is_set():
-            load_ms = body.get("load_ms")
-            worker.url = worker.client.url   # where the hive told it to listen
-            worker.load_ms = load_ms if isinstance(load_ms, int) and not isinstance(load_ms, bool) else None
-            worker.state, worker.last_activity = "idle", time.time()
-            worker.ready.set()
+        load_ms = body.get("load_ms")
+        self.pool.called_back(worker, worker.client.url,   # (where the hive told it to listen)
+                              load_ms if isinstance(load_ms, int) and not isinstance(load_ms, bool) else None)
         req.send_json(200, {"ok": True})
 
     def shutdown_worker(self, req):
-        worker = self.registry.get(req.params["worker_id"])
+        worker = self.pool.get(req.params["worker_id"])
         if worker is None:
-            raise InvalidRequest("No worker %s on %s" % (req.params["worker_id"], self.node),
-                                 {"worker_id": req.params["worker_id"]}, "See the workers: rbee.py workers list")
+            raise WorkerNotFound("No worker %s on %s" % (req.params["worker_id"], self.node),
+                                 {"worker_id": req.params["worker_id"], "node": self.node})
         lost = req.json.get("lost")
         lost = {k: str(lost.get(k, ""))[:300] for k in ("node", "endpoint")} if isinstance(lost, dict) else None
         threading.Thread(target=self.stop_worker, args=(worker, lost), daemon=True).start()
-        req.send_json(202, {"worker_id": worker.worker_id, "state": "draining"})
+        req.send_json(202, {"worker_id": worker.worker_id, "state": WORKER_DRAINING})
 
     def shutdown_request(self, req):
         req.send_json(202, {"status": "shutting down"})
@@ -3010,8 +3247,9 @@ class Hive(App):
         with narration_to(stream.narration), self.working():
             worker, timings = self.worker_for(ref, backend, device, parallel, keep_alive, limit_mb, max_queue, split)
         stream.finish(EVENT_WORKER, {"worker_id": worker.worker_id, "url": worker.url, "state": worker.state,
-                                 "api_key": worker.api_key, "backend": backend, "device": device,
-                                 "model_ref": ref.text, "timings": timings})
+                                     "api_key": worker.api_key, "backend": backend, "device": device,
+                                     "model_ref": ref.text, "timings": timings,
+                                     "slots_total": worker.health.get("slots_total")})
 
     # -- the pool -------------------------------------------------------------------------------
 
@@ -3025,11 +3263,11 @@ class Hive(App):
             # one copy of a model per device: an idle worker first, else a busy one (its 503 is
             # retried by the keeper) rather than a second copy in the same memory
             # (a split's worker serves that split only: its remote devices were lent for it)
-            live = [w for w in self.registry.matching(*key, split=split) if self.poll_worker(w) in ("idle", "busy")]
-            if live:
-                worker = min(live, key=lambda w: w.state != "idle")
-                worker.handed_out, worker.keep_alive = time.time(), keep_alive   # not the reaper's for a moment
-                narrate("rbee-hive", "worker_reuse", "Reusing %s worker %s on port %d" % (
+            live = [w for w in self.pool.matching(*key, split=split) if self.poll_worker(w) in WORKER_SERVING]
+            worker = next((w for w in sorted(live, key=lambda w: w.state != WORKER_IDLE)
+                           if self.pool.hand_out(w, keep_alive)), None)   # (not the reaper's for a moment)
+            if worker:
+                narrate(ACTOR_HIVE, "worker_reuse", "Reusing %s worker %s on port %d" % (
                     worker.state, worker.worker_id, worker.port), "♻️", worker_id=worker.worker_id)
                 return worker, {"reused": True}
             import backends
@@ -3047,7 +3285,7 @@ class Hive(App):
                             "Raise the node's limit (rbee.py nodes set %s --max-ram SIZE), unload a worker, or "
                             "choose a smaller model" % self.node)
             worker = self.launch(ref, row, backend, device, (parallel, max_queue), split)
-            worker.handed_out, worker.keep_alive = time.time(), keep_alive
+            self.pool.hand_out(worker, keep_alive)
             return worker, {"reused": False, "download_ms": download_ms, "load_ms": worker.load_ms}
 
     def launch(self, ref, row, backend, device, slots, split=None, attempts=3):
@@ -3063,7 +3301,7 @@ class Hive(App):
             except WorkerCrashed:
                 if attempt == attempts or not worker.lost_port(self.args.host):
                     raise
-                narrate("rbee-hive", "worker_port_taken", "Port %d was taken while worker %s loaded; starting it "
+                narrate(ACTOR_HIVE, "worker_port_taken", "Port %d was taken while worker %s loaded; starting it "
                         "again on another port" % (worker.port, worker.worker_id), "🔁", worker_id=worker.worker_id)
                 port = worker.port + 1
             finally:
@@ -3073,103 +3311,86 @@ class Hive(App):
         """Start a worker of `slots` (--parallel, --max-queue) on the first free port from `port`;
         `split`: the remote devices that take part of its layers (split_of)."""
         with self._ports_lock:   # choosing a port and registering its worker is one step
-            worker = self._spawn_worker(ref, row, backend, device, slots, port, split)
-        worker.output = ChildOutput(worker.proc, worker.relay, lambda code: self.worker_exited(worker, code),
-                                    worker.worker_id, open_log("%s.log" % worker.worker_id), worker.control)
-        worker.output.start()
-        return worker
-
-    def _spawn_worker(self, ref, row, backend, device, slots, port, split=None):
-        port = free_port(self.args.host, port)
-        while port in self.registry.ports():
-            port = free_port(self.args.host, port + 1)
-        worker_id, api_key, ready_token = "worker-" + random_id(4), random_id(24), random_id(24)
-        env = {k: v for k, v in os.environ.items() if k not in (ENV_HIVE_TOKEN, ENV_API_KEY)}
-        env.update(PYTHONUNBUFFERED="1")
-        env[ENV_WORKER_API_KEY], env[ENV_READY_TOKEN] = api_key, ready_token
-        argv = [sys.executable, "-u", RBEE_PY, "worker", "--model", row["local_path"], "--backend", backend,
-                "--device", str(device), "--port", str(port), "--host", self.args.host, "--worker-id", worker_id,
-                "--model-ref", ref.text, "--hive-url", self.local_url, "--parallel", str(slots[0]),
-                "--max-queue", str(slots[1]), "--lifeline"]
-        if split:
-            argv += sum((["--rpc", e] for e in split["rpc"]), []) + ["--offload-layers", str(split["offload_layers"])]
-            argv += ["--tensor-split", split["tensor_split"]] if split.get("tensor_split") else []
-        proc = spawn_child(argv, env=env)
-        worker = WorkerProcess(worker_id, ref.text, backend, device, self.args.host, port, api_key, ready_token,
-                               proc)
-        worker.health = {"slots_total": slots[0], "slots_available": slots[0]}   # (until it answers /health)
-        worker.split = split
-        worker.listeners.append(_current_sink())
-        self.registry.add(worker)
+            port = free_port(self.args.host, port)
+            while port in self.pool.ports():
+                port = free_port(self.args.host, port + 1)
+            worker = WorkerProcess("worker-" + random_id(4), ref.text, backend, device, self.args.host, port,
+                                   random_id(24), random_id(24))
+            worker.health = {"slots_total": slots[0], "slots_available": slots[0]}   # (until it answers /health)
+            worker.split = split
+            worker.listeners.append(_current_sink())
+            env = {k: v for k, v in os.environ.items() if k not in (ENV_HIVE_TOKEN, ENV_API_KEY)}
+            env.update({"PYTHONUNBUFFERED": "1", ENV_WORKER_API_KEY: worker.api_key,
+                        ENV_READY_TOKEN: worker.ready_token})
+            args = ["worker", "--model", row["local_path"], "--backend", backend, "--device", str(device), "--port",
+                    str(port), "--host", self.args.host, "--worker-id", worker.worker_id, "--model-ref", ref.text,
+                    "--hive-url", self.local_url, "--parallel", str(slots[0]), "--max-queue", str(slots[1]),
+                    "--lifeline"]
+            if split:
+                args += sum((["--rpc", e] for e in split["rpc"]), []) + ["--offload-layers",
+                                                                         str(split["offload_layers"])]
+                args += ["--tensor-split", split["tensor_split"]] if split.get("tensor_split") else []
+            worker.child = Child(worker.worker_id, role_argv(args), worker.relay,
+                                 lambda code: self.worker_exited(worker, code), env=env)
+            self.pool.add(worker)
         return worker
 
     def await_ready(self, worker):
-        deadline = time.monotonic() + LOADING_TIMEOUT
-        while not worker.ready.wait(0.05):
-            if worker.exited.is_set():
-                last = list(worker.output.tail)[-8:]
-                raise WorkerCrashed("Worker %s exited with code %s before it was ready" % (
-                    worker.worker_id, worker.proc.returncode), {"exit_code": worker.proc.returncode,
-                                                                "last_output": last},
-                    "See %s for its full output" % rbee_home("logs", worker.worker_id + ".log"))
-            if time.monotonic() > deadline:
+        if not worker.child.wait(LOADING_TIMEOUT, worker.called_back):
+            if not worker.child.exited.is_set():
                 self.stop_worker(worker)
                 raise LoadingTimeout("Worker %s did not load its model within %d s" % (
                     worker.worker_id, LOADING_TIMEOUT), {"worker_id": worker.worker_id},
                     "Check the node's disk and memory; a smaller model loads faster")
+            code = worker.child.proc.returncode
+            raise WorkerCrashed("Worker %s exited with code %s before it was ready" % (worker.worker_id, code),
+                                {"exit_code": code, "last_output": worker.child.last_words()},
+                                "See %s for its full output" % rbee_home("logs", worker.worker_id + ".log"))
         # the worker narrated "HTTP ready" and "ready callback" on stdout before it called us; the
         # reader thread may not have relayed them yet, and they belong in this spawn's stream: they
         # have been once it read the ready control line that followed them
-        worker.announced.wait(1.0)
+        worker.child.ready.wait(1.0)
 
     def poll_worker(self, worker):
-        """The worker's own view of its state (idle/busy), refreshing the registry."""
+        """The worker's own view of its state (idle/busy), kept by the pool; its state as it was
+        when the worker does not answer."""
         try:
             health = worker.client.health()
         except RbeeError:
             return worker.state
-        if worker.state == "draining":   # its own "idle" until it has read its shutdown
-            return worker.state
-        worker.state, worker.health = health.get("state", worker.state), health
-        if worker.state == "busy":
-            worker.last_activity = time.time()
-        else:
-            worker.last_activity = max(worker.last_activity, health.get("last_activity_unix") or 0)
-        return worker.state
+        return self.pool.observed(worker, health)
 
     def worker_exited(self, worker, code):
-        worker.exited.set()
-        worker.state = "exited"
-        self.registry.remove(worker.worker_id)
+        self.pool.exited(worker)
         if not self.stopping.claimed:
-            narrate("rbee-hive", "worker_exit", "Worker %s exited (code %s)" % (worker.worker_id, code), "🪦",
+            narrate(ACTOR_HIVE, "worker_exit", "Worker %s exited (code %s)" % (worker.worker_id, code), "🪦",
                     worker_id=worker.worker_id, level="warn" if code else None)
 
     def stop_worker(self, worker, lost=None):
-        worker.state = "draining"   # inside the queen's 30 s for this hive, a worker gets 20 s
-        stop_child(worker.proc, lambda: worker.client.shutdown(lost=lost), timeout=GRACEFUL_TIMEOUT - 10)
+        """Graceful within 20 s (inside the queen's 30 s for this hive), then SIGKILL."""
+        self.pool.drain(worker)
+        worker.child.stop(lambda: worker.client.shutdown(lost=lost), timeout=GRACEFUL_TIMEOUT - 10)
 
     def idle_reaper(self):
         """Every second: refresh worker states; stop workers idle for longer than their keep-alive
         (never one handed out in the last HANDOUT_GRACE s: its job may not have reached it yet).
         A queen's hive with no worker for its keep-alive ends (its queen starts it again)."""
         while not self.stopped.wait(1.0):
-            workers = self.registry.all()
+            workers = self.pool.all()
             for worker in workers:
-                if not worker.ready.is_set() or worker.state == "draining":
+                if not worker.called_back.is_set() or self.poll_worker(worker) != WORKER_IDLE:
                     continue
-                expires = worker.expires() if self.poll_worker(worker) == "idle" else None
                 key = (worker.model_ref, worker.backend, worker.device)
-                if expires is not None and time.time() >= expires and not self.spawn_locks.busy(key):
-                    worker.state = "draining"   # before anyone can hand it out again
-                    narrate("rbee-hive", "worker_idle_stop", "Stopping worker %s, idle for %d s (keep-alive %s)" % (
+                # (draining before anyone can hand it out again; a spawn of its model may be about to)
+                if not self.spawn_locks.busy(key) and self.pool.drain_if_expired(worker):
+                    narrate(ACTOR_HIVE, "worker_idle_stop", "Stopping worker %s, idle for %d s (keep-alive %s)" % (
                         worker.worker_id, time.time() - worker.last_activity, human_duration(worker.keep_alive)),
                         "😴", worker_id=worker.worker_id, model_ref=worker.model_ref)
                     threading.Thread(target=self.stop_worker, args=(worker,), daemon=True).start()
             if workers or self.in_progress.count or self.rpcs:
                 self.workerless_since = time.time()
             elif self.args.lifeline and 0 <= self.keep_alive < time.time() - self.workerless_since:
-                narrate("rbee-hive", "hive_idle_stop", "No worker for %s: the pool manager ends" % human_duration(
+                narrate(ACTOR_HIVE, "hive_idle_stop", "No worker for %s: the pool manager ends" % human_duration(
                     self.keep_alive), "😴", node=self.node)
                 self.shutdown("no worker for %s" % human_duration(self.keep_alive))
 
@@ -3177,9 +3398,9 @@ class Hive(App):
 
     def start(self):
         self.serve(self.args.host, self.args.port)   # first: --port 0 (a local hive) binds a free port
-        narrate("rbee-hive", "startup", "Starting pool manager on port %d" % self.port, "🌅", node=self.node)
+        narrate(ACTOR_HIVE, "startup", "Starting pool manager on port %d" % self.port, "🌅", node=self.node)
         threading.Thread(target=self.idle_reaper, daemon=True, name="idle-reaper").start()
-        narrate("http-server", "http_ready", "HTTP server ready on port %d" % self.port, "🚀", node=self.node,
+        narrate(ACTOR_HTTP, "http_ready", "HTTP server ready on port %d" % self.port, "🚀", node=self.node,
                 port=self.port, version=__version__)
         self.announce_ready(node=self.node)
 
@@ -3187,20 +3408,16 @@ class Hive(App):
         """Stop every worker in parallel, then exit 0 (the catalog is closed after each use)."""
         if not self.stopping.claim():
             return
-        workers = self.registry.all()
-        narrate("rbee-hive", "shutdown", "Shutting down pool manager (%s), stopping %d worker(s)" % (
+        workers = self.pool.all()
+        narrate(ACTOR_HIVE, "shutdown", "Shutting down pool manager (%s), stopping %d worker(s)" % (
             reason, len(workers)), "👋", node=self.node)
         with self._progress_lock:
             rpcs = list(self.rpcs.values())
         in_parallel(self.stop_worker, workers)
         in_parallel(self.stop_rpc, rpcs)
         self.stop_serving()
-        narrate("rbee-hive", "exit", "Pool manager stopped", "💤", node=self.node)
+        narrate(ACTOR_HIVE, "exit", "Pool manager stopped", "💤", node=self.node)
         self.stopped.set()
-
-
-def _current_sink():
-    return getattr(_narration, "sink", None) or emit_line
 
 
 def run_hive(args):
@@ -3221,7 +3438,7 @@ def run_hive(args):
         token, keep_alive = hello.get(HELLO_TOKEN), duration_s(hello.get(HELLO_KEEP_ALIVE))
         os.environ.update({k: str(v) for k, v in (hello.get(HELLO_ENV) or {}).items()})
     else:   # standalone: its own token, required wherever the network reaches it
-        token, keep_alive = role_secret("rbee-hive", args.token_file, ENV_HIVE_TOKEN, "hive-token", args.host), None
+        token, keep_alive = role_secret(ACTOR_HIVE, args.token_file, ENV_HIVE_TOKEN, "hive-token", args.host), None
     run_role(Hive(args, token, keep_alive), args.lifeline)
 
 
@@ -3311,12 +3528,12 @@ class NodeRegistry:
         node = self.get(name)
         if node:
             return node
-        if name == "localhost":
-            return {"node_name": "localhost", "ssh_host": "127.0.0.1", "local": True}
+        if name == LOCAL_NODE:
+            return {"node_name": LOCAL_NODE, "ssh_host": "127.0.0.1", "local": True}
         known = [n["node_name"] for n in self.list()]
         raise NodeNotFound("Node %r is not registered" % name, {"node": name, "known_nodes": known},
                            "Register it: rbee.py nodes add %s --ssh-host HOST [--ssh-user USER --ssh-key KEY]" % name,
-                           component="queen-rbee")
+                           component=ACTOR_QUEEN)
 
 
 class HiveSession:
@@ -3336,18 +3553,14 @@ class HiveSession:
         self.host = "127.0.0.1" if self.local or self.tunnelled else SshTarget.for_node(node).address()
         self.forwards = {}                #: the node's port -> this machine's forwarded port (ssh transport)
         self.forwards_lock = threading.Lock()   #: guards `forwards`; one forward set up at a time
-        self.hive_port = None             #: the port the hive reported in its ready line (output thread)
-        self.client = None                #: a HiveClient once the hive said where it serves (output thread)
-        self.hive_version = None          #: the version its ready line reported (output thread)
+        self.client = None                #: a HiveClient once the hive said where it serves (the starting thread)
+        self.hive_version = None          #: the version it reported: its ready line, or an older hive's narration
         self.listeners = []               #: narration sinks of the tasks waiting on this node
         self.listeners_lock = threading.Lock()   #: guards `listeners`
-        self.proc = None                  #: the ssh client or the local child (the starting thread)
-        self.output = None                #: the thread that reads its stdout
-        self.ready = threading.Event()    #: its ready control line came (output thread)
+        self.child = None                 #: the ssh client or the local child: a Child (the starting thread)
         #: it answered: ready, or it showed another version of rbee.py, one that may write no
         #: ready line at all (0.1.0 did not); the start waits for this (output thread)
         self.answered = threading.Event()
-        self.exited = threading.Event()   #: its process ended (output thread)
         self.on_exit = on_exit            #: the queen's callback when it ends (output thread)
         #: ssh connect and start-up times of the last start, reported with the next task
         #: (written by the output thread and the starting thread; the task takes them once)
@@ -3380,12 +3593,20 @@ class HiveSession:
             with contextlib.suppress(ClientGone):
                 listener(event)
 
-    def control(self, line):
+    @property
+    def ready(self):
+        """Its ready control line came (an Event)."""
+        return self.child.ready if self.child else threading.Event()
+
+    @property
+    def exited(self):
+        """Its process ended (an Event: the child's of the last start attempt)."""
+        return self.child.exited
+
+    def _ready_line(self, line):
         self._heard()
-        if line.get(CONTROL) == CONTROL_READY and isinstance(line.get("port"), int):
-            self.hive_version, self.hive_port = line.get("version"), line["port"]
-            self.ready.set()
-            self.answered.set()
+        self.hive_version = line.get("version")
+        self.answered.set()
 
     def reach(self, port):
         """The URL at which this machine reaches the node's `port`: the node's address, or, with
@@ -3405,7 +3626,7 @@ class HiveSession:
                     raise SshFailed("Cannot forward port %d of %s through its ssh connection: %s" % (
                         port, self.name, out.stderr.strip() if out else "ssh -O forward took over 10 s"),
                         {"node": self.name, "port": port}, "Check the node: rbee.py nodes check %s" % self.name,
-                        "queen-rbee")
+                        ACTOR_QUEEN)
                 self.forwards[port] = local
             return "http://127.0.0.1:%d" % self.forwards[port]
 
@@ -3429,7 +3650,7 @@ class HiveSession:
     def argv(self):
         args = ["hive", "--lifeline", "--node-name", self.name]
         if self.local:   # any free port on loopback: several queens (users, tests) share a machine
-            return [sys.executable, "-u", RBEE_PY] + args + ["--host", "127.0.0.1", "--port", "0"]
+            return role_argv(args + ["--host", "127.0.0.1", "--port", "0"])
         if self.tunnelled:   # the node's loopback only: nothing of rbee faces its network
             args += ["--host", "127.0.0.1", "--port", "0"]
         else:
@@ -3459,7 +3680,7 @@ class HiveSession:
             leftover.shutdown()
         except RbeeError:
             return False   # nothing there, or another queen's hive: the first error stands
-        narrate("queen-rbee", "hive_leftover", "Stopping a leftover rbee-hive of this queen on %s (its ssh session "
+        narrate(ACTOR_QUEEN, "hive_leftover", "Stopping a leftover rbee-hive of this queen on %s (its ssh session "
                 "was lost)" % self.name, "🧹", node=self.name)
         deadline = time.monotonic() + GRACEFUL_TIMEOUT + 5
         while time.monotonic() < deadline:
@@ -3472,7 +3693,7 @@ class HiveSession:
 
     def _start(self):
         how = "as a local process" if self.local else "over ssh (%s)" % SshTarget.for_node(self.node)
-        narrate("queen-rbee", "hive_start", "Starting rbee-hive on %s %s" % (self.name, how), "🐝", node=self.name)
+        narrate(ACTOR_QUEEN, "hive_start", "Starting rbee-hive on %s %s" % (self.name, how), "🐝", node=self.name)
         started = time.monotonic()
         if self.local:
             self._attempt()
@@ -3485,45 +3706,34 @@ class HiveSession:
             raise VersionMismatch("rbee.py on %s is version %s, the queen is %s" % (
                 self.name, version, __version__), {"node": self.name, "hive_version": version,
                                                    "queen_version": __version__},
-                "Copy this rbee.py to the node: rbee.py nodes install %s" % self.name, component="queen-rbee")
+                "Copy this rbee.py to the node: rbee.py nodes install %s" % self.name, component=ACTOR_QUEEN)
 
     def _attempt(self):
         """One start: (True, None) once the hive serves, (None, ssh's words) when ssh failed."""
-        self.ready.clear()
         self.answered.clear()
-        self.exited.clear()
         self.client = None
         with self.forwards_lock:
             self.forwards.clear()   # (they lived on the connection of the last attempt)
         self.heard, self.attempt_started = False, time.monotonic()
         self.timings.pop("ssh_connect_ms", None)
-        self.proc = spawn_child(self.argv(), cwd=HERE)
         hello = {HELLO_TOKEN: self.token, HELLO_ENV: self.secrets(), HELLO_KEEP_ALIVE: self.keep_alive}
-        with contextlib.suppress(OSError):
-            self.proc.stdin.write((json.dumps(hello) + "\n").encode())
-            self.proc.stdin.flush()
-        self.output = ChildOutput(self.proc, self.relay, self._exited, "hive-" + self.name,
-                                  open_log("hive-%s.log" % self.name), self.control)
-        self.output.start()
-        deadline = time.monotonic() + 60
-        while not self.answered.wait(0.02):
-            if self.exited.is_set() or time.monotonic() > deadline:
-                break
-        if self.ready.is_set():
-            self.client = HiveClient(self.reach(self.hive_port), self.token, self.name)
-        if self.answered.is_set():
+        self.child = Child("hive-" + self.name, self.argv(), self.relay, lambda code: self.on_exit(self, code),
+                           cwd=HERE, hello=hello, on_ready=self._ready_line)
+        if self.child.wait(60, self.answered):
+            if self.ready.is_set():
+                self.client = HiveClient(self.reach(self.child.ready_line["port"]), self.token, self.name)
             return True, None
-        self.kill()
-        self.output.join(2)   # its last words
+        self.child.kill()
+        said = self.child.last_words()
         # ssh exits 255 for its own failures, but also when the remote process died of a
         # signal: a hive that narrated was reached, so that is no ssh failure to retry
-        if self.local or self.proc.returncode != 255 or self.heard:
-            raise HiveFailed("rbee-hive failed to start on %s (exit %s)" % (self.name, self.proc.returncode),
-                             {"node": self.name, "last_output": list(self.output.tail)[-8:]},
+        if self.local or self.child.proc.returncode != 255 or self.heard:
+            raise HiveFailed("rbee-hive failed to start on %s (exit %s)" % (self.name, self.child.proc.returncode),
+                             {"node": self.name, "last_output": said},
                              "Check the node: rbee.py nodes check %s%s" % (self.name, "" if self.local else (
                                  " (is rbee.py installed there, is port %d free?)" % HIVE_PORT)),
-                             component="rbee-hive")
-        return None, "\n".join(self.output.tail)
+                             component=ACTOR_HIVE)
+        return None, "\n".join(said)
 
     def secrets(self):
         """What the hive gets in its handshake, never on argv: the queen's HF_TOKEN and the
@@ -3532,25 +3742,112 @@ class HiveSession:
         env.update((k, v) for k, v in (self.node.get("env") or {}).items() if is_secret(k))
         return env
 
-    def _exited(self, code):
-        self.exited.set()
-        self.on_exit(self, code)
-
     def worker_url(self, url):
         """The worker's URL as the keeper can reach it: the hive's host (or a forward), its port."""
         return self.reach(urllib.parse.urlsplit(url).port)
 
-    def kill(self):
-        if self.proc and self.proc.poll() is None:
-            kill_group(self.proc)
-            self.proc.wait()
-
     def stop(self):
         """Graceful: POST /v1/shutdown, then close the lifeline; SIGKILL after 30 s."""
-        if self.proc is None:
+        if self.child is None:
             return
-        stop_child(self.proc, self.client.shutdown if self.client else None)
+        self.child.stop(self.client.shutdown if self.client else None)
         self.exited.wait(5)
+
+
+class Hives:
+    """The queen's hive sessions, one per node: started on demand (one start of a node's hive at
+    a time), listed, asked for what runs where, and stopped together when the queen stops."""
+
+    def __init__(self, nodes, token, keep_alive):
+        self.nodes = nodes                #: the node registry (beehives.db; the CLI writes it)
+        self.token = token                #: the bearer token of every hive the queen starts
+        self.keep_alive = keep_alive      #: each hive's workers' default keep-alive, and its own with no worker
+        self.lock = threading.Lock()      #: guards `sessions`
+        self.sessions = {}                #: node name -> its running HiveSession (under `lock`)
+        self.start_locks = KeyedLocks()   #: one start of a node's hive at a time (held across the start)
+        self.closing = Once()             #: claimed when the queen stops: hives that end then are no news
+
+    def get(self, name, sink=None):
+        """The running hive of node `name`, started (narrated to `sink`) if there is none."""
+        node = self.nodes.resolve(name)
+        with self.start_locks.holding(name):
+            with self.lock:
+                session = self.sessions.get(name)
+            if session and not session.exited.is_set():
+                return session
+            session = HiveSession(node, self.token, self._exited, self.keep_alive)
+            with narration_to(sink or _current_sink()), session.listening(sink or emit_line):
+                try:
+                    session.start()
+                except RbeeError as err:
+                    self.nodes.update(name, status="unreachable" if isinstance(err, SshFailed) else "reachable",
+                                      last_error=err.message)
+                    raise
+            self.nodes.update(name, status="reachable", last_connected_unix=int(time.time()), last_error=None)
+            with self.lock:
+                self.sessions[name] = session
+            return session
+
+    def _exited(self, session, code):
+        with self.lock:
+            if self.sessions.get(session.name) is session:
+                del self.sessions[session.name]
+        if session.ready.is_set() and not self.closing.claimed:
+            narrate(ACTOR_QUEEN, "hive_exit", "rbee-hive on %s exited (code %s)" % (session.name, code), "🪦",
+                    node=session.name)
+
+    def running(self):
+        with self.lock:
+            return [s for s in self.sessions.values() if s.ready.is_set() and not s.exited.is_set()]
+
+    def running_on(self, name):
+        """The running hive of node `name`, or None (nothing is started)."""
+        return next((s for s in self.running() if s.name == name), None)
+
+    def candidates(self):
+        """The nodes a task without one may go to: localhost and every registered node."""
+        return [LOCAL_NODE] + [n["node_name"] for n in self.nodes.list() if n["node_name"] != LOCAL_NODE]
+
+    @staticmethod
+    def workers_of(session):
+        """A hive's workers, each with its node and the URL at which this machine reaches it."""
+        workers = session.client.workers()
+        for w in workers:
+            w.update(node=session.name, url=session.worker_url(w["url"]))
+        return workers
+
+    def cluster(self):
+        """(each running hive's memory, devices, workers and models; every worker in one list).
+        Nothing is started to answer."""
+        hives, workers = [], []
+
+        def ask(session):
+            entry = {"node": session.name, "url": session.url, "limits": self.nodes.limits(session.name)}
+            try:
+                found = session.client.resources()
+                for w in found["workers"]:
+                    w.update(node=session.name, url=session.worker_url(w["url"]) if w.get("url") else None)
+                entry.update((k, found[k]) for k in ("ram_total_mb", "ram_free_mb", "devices", "workers", "models",
+                                                     "keep_alive_s"))
+            except RbeeError as err:
+                entry["error"] = err.envelope()["error"]
+            hives.append(entry)
+        in_parallel(ask, self.running())
+        hives.sort(key=lambda h: h["node"])
+        for entry in hives:
+            workers += entry.get("workers", [])
+        return hives, workers
+
+    def count(self):
+        with self.lock:
+            return len(self.sessions)
+
+    def stop_all(self):
+        """The queen's cascade: every hive stops in parallel (each stops its workers)."""
+        self.closing.claim()
+        with self.lock:
+            sessions = list(self.sessions.values())
+        in_parallel(HiveSession.stop, sessions)
 
 
 # ============================================================================================
@@ -3558,19 +3855,27 @@ class HiveSession:
 # ============================================================================================
 
 Placement = collections.namedtuple("Placement", "action node backend device evict free_mb reason worker_id")
+
+
 Placement.__doc__ = """What the scheduler decided: `reuse` a worker of the model (the hive hands it out),
 `spawn` one (after stopping the idle workers in `evict`), or `wait` for busy workers to end."""
 
 
-def node_view(resources, limits, pending=(), loads=None):
+def _pool(memory, backend, device):
+    """The memory a worker of `backend` takes: the node's RAM, or one device's VRAM."""
+    return ("vram", device) if memory.get(backend) == "vram" else ("ram",)
+
+
+def node_view(resources, limits, pending=(), loads=None, leaving=()):
     """A node as placement sees it, from its hive's /v1/resources, its caps (nodes set) and the
     queen's own spawns in progress (`pending`: dicts of node, model_ref, backend, device, need_mb,
     parallel): every device with the memory rbee may still take there, and every worker with its
-    load. `loads(key)` adds what the queen handed out that a worker's health may not show yet."""
+    load. `loads(key)` adds the requests the queen handed out that a worker's health may not show
+    yet; the workers in `leaving` (being evicted) are as good as gone."""
     memory = resources.get("memory") or {}
     workers = []
     for w in resources.get("workers") or []:
-        if w.get("state") in ("draining", "exited"):
+        if w.get("state") in (WORKER_DRAINING, WORKER_EXITED) or w.get("worker_id") in leaving:
             continue
         slots = w.get("slots_total") or 0
         load = (slots - (w.get("slots_available") or 0) if slots else 0) + (w.get("queue_length") or 0)
@@ -3579,7 +3884,8 @@ def node_view(resources, limits, pending=(), loads=None):
     for p in pending:   # a spawn the hive has not registered yet (it may still download)
         if (p["model_ref"], p["backend"], p["device"]) not in seen:
             workers.append({"worker_id": None, "model_ref": p["model_ref"], "backend": p["backend"],
-                            "device": p["device"], "state": "loading", "memory_mb": 0, "slots_total": p["parallel"],
+                            "device": p["device"], "state": WORKER_LOADING, "memory_mb": 0,
+                            "slots_total": p["parallel"],
                             "load": 0, "last_activity_unix": 0, "pool": _pool(memory, p["backend"], p["device"])})
     for w in workers:
         if loads:
@@ -3606,9 +3912,49 @@ def node_view(resources, limits, pending=(), loads=None):
             "cataloged": bool(model.get("cataloged"))}
 
 
-def _pool(memory, backend, device):
-    """The memory a worker of `backend` takes: the node's RAM, or one device's VRAM."""
-    return ("vram", device) if memory.get(backend) == "vram" else ("ram",)
+def split_nodes(views, need_mb):
+    """The fewest nodes (two at least) whose room together holds `need_mb`, most room first; None."""
+    rooms = sorted(((max(d["free_mb"] for d in v["devices"]), v["node"]) for v in views if v["devices"]),
+                   reverse=True)
+    total, chosen = 0, []
+    for room, node in rooms:
+        if room <= 0:
+            break
+        chosen.append(node)
+        total += room
+        if total >= need_mb and len(chosen) >= 2:
+            return chosen
+    return None
+
+
+def _best_device(need_mb, views, wanted, taken, evict):
+    """The best device with room for `need_mb`: without `evict`, by cataloged model, GPU before
+    CPU, most free memory; with it, the fewest MB of idle workers to stop (least recently used)."""
+    options = []
+    for v in views:
+        for d in v["devices"]:
+            if not wanted(d["backend"], d["device"]) or (v["node"], d["backend"], d["device"]) in taken:
+                continue
+            free, stop = d["room_mb"], []
+            if evict:
+                idle = sorted((w for w in v["workers"] if w["pool"] == d["pool"] and w["state"] == WORKER_IDLE
+                               and not w["load"] and w["worker_id"]), key=lambda w: w.get("last_activity_unix") or 0)
+                for w in idle:
+                    if free >= max(need_mb, 1):
+                        break
+                    stop.append(w)
+                    free += w.get("memory_mb") or 0
+            if free < max(need_mb, 1) or (evict and not stop):
+                continue
+            gpu = d["pool"][0] == "vram"
+            key = (sum(w.get("memory_mb") or 0 for w in stop), not v["cataloged"], not gpu, -free)
+            why = ("model cached, " if v["cataloged"] else "") + "%s free" % human_bytes(free << 20)
+            if stop:
+                why += " once %d idle worker(s) unload" % len(stop)
+            options.append((key, Placement("spawn", v["node"], d["backend"], d["device"],
+                                           tuple((v["node"], w["worker_id"], w["model_ref"]) for w in stop), free,
+                                           "%s %s:%s: %s" % (v["node"], d["backend"], d["device"], why), None)))
+    return min(options, key=lambda o: o[0])[1] if options else None
 
 
 def plan_placement(model_ref, need_mb, views, backend=None, device=None, max_replicas=DEFAULT_MAX_REPLICAS):
@@ -3622,9 +3968,9 @@ def plan_placement(model_ref, need_mb, views, backend=None, device=None, max_rep
         nodes = ", ".join(v["node"] for v in views)
         if not any(backend in (None, d["backend"]) for v in views for d in v["devices"]):
             raise BackendUnavailable("Backend %s is not available on %s" % (backend, nodes), {"backend": backend},
-                                     "Leave --backend out, or add a node that has it", component="queen-rbee")
+                                     "Leave --backend out, or add a node that has it", component=ACTOR_QUEEN)
         raise DeviceNotFound("Device %s of %s is not on %s" % (device, backend or "any backend", nodes),
-                             {"device": device}, "Leave --device out: the queen picks one", component="queen-rbee")
+                             {"device": device}, "Leave --device out: the queen picks one", component=ACTOR_QUEEN)
     mine = [(v, w) for v in views for w in v["workers"] if w["model_ref"] == model_ref and wanted(w["backend"],
                                                                                                    w["device"])]
     if mine:
@@ -3663,151 +4009,51 @@ def plan_placement(model_ref, need_mb, views, backend=None, device=None, max_rep
         "%s: %s" % (node, ", ".join("%s %d MB free" % kv for kv in sorted(f.items())) or "no such device")
         for node, f in sorted(free.items()))), {"required_mb": need_mb, "free_mb": free},
         "Raise a node's limit (rbee.py nodes set NODE --max-ram SIZE), add a node, or choose a smaller model "
-        "(a lower quantisation)", component="queen-rbee")
+        "(a lower quantisation)", component=ACTOR_QUEEN)
 
 
-def split_nodes(views, need_mb):
-    """The fewest nodes (two at least) whose room together holds `need_mb`, most room first; None."""
-    rooms = sorted(((max(d["free_mb"] for d in v["devices"]), v["node"]) for v in views if v["devices"]),
-                   reverse=True)
-    total, chosen = 0, []
-    for room, node in rooms:
-        if room <= 0:
-            break
-        chosen.append(node)
-        total += room
-        if total >= need_mb and len(chosen) >= 2:
-            return chosen
-    return None
+SchedulerSettings = collections.namedtuple("SchedulerSettings", "keep_alive max_queue max_replicas")
+SchedulerSettings.__doc__ = """The queen's settings that placement follows (queen --keep-alive,
+--max-queue, --max-replicas)."""
+
+Assignment = collections.namedtuple("Assignment", "session worker handout warm")
+Assignment.__doc__ = """Which worker serves a request: the hive session that runs it, its `worker`
+event (worker_id, url, api_key, backend, device, split, timings), the Handout that counts the
+request as load on it (Scheduler.release), and whether it was the warm worker (no survey, no spawn)."""
 
 
-def _best_device(need_mb, views, wanted, taken, evict):
-    """The best device with room for `need_mb`: without `evict`, by cataloged model, GPU before
-    CPU, most free memory; with it, the fewest MB of idle workers to stop (least recently used)."""
-    options = []
-    for v in views:
-        for d in v["devices"]:
-            if not wanted(d["backend"], d["device"]) or (v["node"], d["backend"], d["device"]) in taken:
-                continue
-            free, stop = d["room_mb"], []
-            if evict:
-                idle = sorted((w for w in v["workers"] if w["pool"] == d["pool"] and w["state"] == "idle"
-                               and not w["load"] and w["worker_id"]), key=lambda w: w.get("last_activity_unix") or 0)
-                for w in idle:
-                    if free >= max(need_mb, 1):
-                        break
-                    stop.append(w)
-                    free += w.get("memory_mb") or 0
-            if free < max(need_mb, 1) or (evict and not stop):
-                continue
-            gpu = d["pool"][0] == "vram"
-            key = (sum(w.get("memory_mb") or 0 for w in stop), not v["cataloged"], not gpu, -free)
-            why = ("model cached, " if v["cataloged"] else "") + "%s free" % human_bytes(free << 20)
-            if stop:
-                why += " once %d idle worker(s) unload" % len(stop)
-            options.append((key, Placement("spawn", v["node"], d["backend"], d["device"],
-                                           tuple((v["node"], w["worker_id"], w["model_ref"]) for w in stop), free,
-                                           "%s %s:%s: %s" % (v["node"], d["backend"], d["device"], why), None)))
-    return min(options, key=lambda o: o[0])[1] if options else None
+class Handout:
+    """A request the scheduler gave a worker: load on it until the job ends (an app's request,
+    released by its AppJob), or, for a keeper's task that goes to the worker directly, until the
+    worker's count of jobs shows that it arrived (HANDOUT_GRACE at most after the keeper got it)."""
+
+    def __init__(self, key, task):
+        self.key = key                    #: the worker: (node, model_ref, backend, device)
+        self.task = task                  #: a keeper's task (released by the worker's count), else an app's
+        self.since = time.monotonic()     #: when its caller got the worker (set again once a spawn returned)
 
 
-class Scheduler:
-    """The queen's placement of tasks (PROTOCOL.md §12): surveys the nodes' hives, decides with
-    plan_placement, stops idle workers that must make room, and hands the task to a hive's
-    spawn. One decision at a time; spawns run beside each other, their memory reserved."""
+class Split:
+    """One model over several nodes (PROTOCOL.md §14): the primary (the node with the most room)
+    loads it, each other node lends a device through an RPC server, their shares of the layers
+    follow their room; a supervisor stops every part when one of them ends."""
 
-    def __init__(self, queen):
-        self.queen = queen                #: the queen whose hives and node registry it uses
-        self.lock = threading.Lock()      #: one survey-and-decision at a time; guards the two below
-        #: spawns in progress: dicts of node, model_ref, backend, device, need_mb, parallel (under `lock`)
-        self.pending = []
-        #: (node, model_ref, backend, device) -> times the queen handed that worker out (under `lock`)
-        self.handouts = collections.defaultdict(list)
-        #: worker_id -> a running split: model_ref, names, primary, its spawn body, parts (under `lock`)
-        self.splits = {}
-        #: model_ref -> (session, worker event, handout key, slots) of the apps' last placement (under `lock`)
-        self.recent = {}
+    def __init__(self, ref, names, primary, body, parts, lent, worker_id):
+        self.model_ref = ref.text         #: the model it serves
+        self.worker_id = worker_id        #: its worker, on the primary
+        self.names = names                #: the nodes it spans, as the request named them
+        self.primary = primary            #: the HiveSession of the node that runs its worker
+        self.body = body                  #: the primary's spawn body (rpc endpoints, layers): a reuse asks the same
+        self.parts = parts                #: [{node, layers, endpoint}], the primary first
+        self.lent = lent                  #: [(HiveSession, its rpc_start answer, layers)] of the lending nodes
 
-    def place(self, ref, nodes, backend, device, parallel, keep_alive, sink, split=None):
-        """(the hive session, its `worker` event) for the task, placed on one of `nodes`, or
-        split over the `split` nodes; over several nodes when it fits on no single one."""
-        if split:
-            return self.place_split(ref, split, parallel, keep_alive, sink)
-        deadline, said_wait = time.monotonic() + PLACEMENT_WAIT, False
-        while True:
-            answers = self.survey(ref, nodes, sink)   # (hive starts and ssh: outside the lock)
-            with self.lock:
-                views, need_mb = self.views(ref, nodes, answers)
-                try:
-                    plan = plan_placement(ref.text, need_mb, views, backend, device, self.queen.args.max_replicas)
-                except (InsufficientRam, VramExhausted):
-                    parts = split_nodes(views, need_mb) if len(nodes) > 1 and backend is None else None
-                    if not parts:
-                        raise
-                    plan = None
-                if plan is not None and plan.action != "wait":
-                    self.evict(plan.evict, sink)
-                    spawn, now = None, time.monotonic()
-                    if plan.action == "spawn":   # (a size not known yet reserves what it may take)
-                        spawn = {"node": plan.node, "model_ref": ref.text, "backend": plan.backend,
-                                 "device": plan.device, "need_mb": need_mb or plan.free_mb or 0, "parallel": parallel,
-                                 "since": now}
-                        self.pending.append(spawn)
-                    self.handouts[(plan.node, ref.text, plan.backend, plan.device)].append(now)
-                    break
-            if plan is None:
-                narrate("queen-rbee", "split_auto", "%s fits on no single node; together %s can hold it" % (
-                    ref.text, " and ".join(parts)), "🧩")
-                return self.place_split(ref, parts, parallel, keep_alive, sink)
-            if time.monotonic() > deadline:
-                raise InsufficientRam("No room for %s after waiting %d s: %s" % (ref.text, PLACEMENT_WAIT, plan.reason),
-                                      {"required_mb": need_mb, "waited_s": PLACEMENT_WAIT},
-                                      "Unload a worker (rbee.py workers shutdown ID) or raise a node's limit",
-                                      component="queen-rbee")
-            if not said_wait:
-                narrate("queen-rbee", "placement_wait", "Waiting for memory for %s: %s" % (ref.text, plan.reason),
-                        "⏳")
-                said_wait = True
-            time.sleep(0.5)
-        narrate("queen-rbee", "placement", "Placing on %s" % plan.reason, "📍", node=plan.node,
-                backend=plan.backend, device=plan.device, decision=plan.action)
-        try:
-            session = self.queen.hive(plan.node, sink)
-            with session.listening(sink):
-                body = {"model_ref": ref.text, "backend": plan.backend, "device": plan.device, "parallel": parallel,
-                        "keep_alive": keep_alive, "max_queue": self.queen.args.max_queue}
-                if plan.free_mb is not None:
-                    body["memory_limit_mb"] = plan.free_mb
-                return session, session.client.spawn(body, session.tagged(sink))
-        finally:
-            if spawn:
-                with self.lock:
-                    self.pending.remove(spawn)
-
-    def place_split(self, ref, names, parallel, keep_alive, sink):
-        """One worker whose layers spread over `names` (PROTOCOL.md §14): the primary (the most
-        room) loads the model, each other node lends its device through an RPC server; shares
-        follow their room. Every part stops when one of them ends (supervise)."""
-        with self.lock:
-            running = next((s for s in self.splits.values() if (s["model_ref"], s["names"]) == (ref.text, names)), None)
-        if running:   # the same split again: its worker (the hive hands it out for the same parts)
-            psession = self.queen.hive(running["primary"], sink)
-            narrate("queen-rbee", "placement", "Placing on the split %s" % ", ".join(
-                "%s %d" % (p["node"], p["layers"]) for p in running["parts"]), "📍", node=running["primary"],
-                decision="reuse")
-            with psession.listening(sink):
-                worker = psession.client.spawn(running["body"], psession.tagged(sink))
-            return psession, dict(worker, split=running["parts"])
-        answers = self.survey(ref, names, sink)
-        missing = [n for n in names if n not in answers]
-        if missing:
-            raise SshFailed("A split needs every node it names; %s did not answer" % ", ".join(missing),
-                            {"nodes": missing}, "Check them: rbee.py nodes check NODE", "queen-rbee")
-        with self.lock:
-            views, need_mb = self.views(ref, names, answers)
+    @classmethod
+    def start(cls, hives, ref, names, views, need_mb, parallel, keep_alive, max_queue, sink):
+        """Plan the split by the nodes' room, lend every part's device, start the primary's
+        worker: (the Split, the worker event); every part lent is stopped again if that fails."""
         rooms = sorted(((max(v["devices"], key=lambda d: d["free_mb"]), v["node"]) for v in views),
                        key=lambda dn: -dn[0]["free_mb"])
-        sessions = {n: self.queen.hive(n, sink) for n in names}
+        sessions = {n: hives.get(n, sink) for n in names}
         if any(s.tunnelled for s in sessions.values()):
             raise invalid("split", "every node of a split needs the LAN transport (RPC does not go through ssh yet)")
         (primary_dev, primary), parts = rooms[0], rooms[1:]
@@ -3822,17 +4068,17 @@ class Scheduler:
         if layers < len(rooms) or total < need_mb:
             raise InsufficientRam("%s cannot be split over %s: %d MB free together, %d needed, %d layers" % (
                 ref.text, ", ".join(names), total, need_mb, layers), {"required_mb": need_mb, "free_mb": total},
-                "Add a node to the split, or free memory", component="queen-rbee")
+                "Add a node to the split, or free memory", component=ACTOR_QUEEN)
         shares = [max(1, int(layers * d["free_mb"] / max(1, total))) for d, _ in rooms]
         shares[0] = layers - sum(shares[1:])
-        narrate("queen-rbee", "split_plan", "Splitting %d layers: %s" % (layers, ", ".join(
+        narrate(ACTOR_QUEEN, "split_plan", "Splitting %d layers: %s" % (layers, ", ".join(
             "%s %s:%s %d" % (n, d["backend"], d["device"], k) for (d, n), k in zip(rooms, shares))), "🧩",
             node=primary, shares={n: k for (_, n), k in zip(rooms, shares)})
         builds = {n: sessions[n].client.resources(build=True)["ggml_build"] for n in names}
         if len(set(builds.values())) > 1:
             raise VersionMismatch("The nodes of a split run different ggml builds: %s" % ", ".join(
                 "%s %s" % kv for kv in sorted(builds.items())), {"builds": builds},
-                "Install the same llama-cpp-python on each: rbee.py nodes install NODE", component="queen-rbee")
+                "Install the same llama-cpp-python on each: rbee.py nodes install NODE", component=ACTOR_QUEEN)
         lent = []
         try:
             for (device, name), layer_count in zip(parts, shares[1:]):
@@ -3840,11 +4086,11 @@ class Scheduler:
                 with sessions[name].listening(sink):   # (its narration: the part's start-up)
                     out = sessions[name].client.rpc_start({"backend": device["backend"], "device": device["device"],
                                                            "peer": peer})
-                narrate("queen-rbee", "rpc_lent", "%s lends %s:%s to the split at %s (%s)" % (
+                narrate(ACTOR_QUEEN, "rpc_lent", "%s lends %s:%s to the split at %s (%s)" % (
                     name, device["backend"], device["device"], out["endpoint"], out["build"]), "🧩", node=name)
                 lent.append((sessions[name], out, layer_count))
             body = {"model_ref": ref.text, "backend": primary_dev["backend"], "device": primary_dev["device"],
-                    "parallel": parallel, "keep_alive": keep_alive, "max_queue": self.queen.args.max_queue,
+                    "parallel": parallel, "keep_alive": keep_alive, "max_queue": max_queue,
                     "rpc": [out["endpoint"] for _, out, _ in lent], "offload_layers": sum(shares[1:]),
                     "tensor_split": ",".join(str(k) for k in shares[1:])}
             with psession.listening(sink):
@@ -3856,96 +4102,274 @@ class Scheduler:
             raise
         worker["split"] = [{"node": primary, "layers": shares[0], "endpoint": None}] + [
             {"node": s.name, "layers": k, "endpoint": out["endpoint"]} for s, out, k in lent]
-        with self.lock:
-            self.splits[worker["worker_id"]] = {"model_ref": ref.text, "names": names, "primary": primary,
-                                                "body": body, "parts": worker["split"]}
-        self.supervise(psession, worker["worker_id"], lent)
-        return psession, worker
+        return cls(ref, names, psession, body, worker["split"], lent, worker["worker_id"]), worker
 
-    def supervise(self, psession, worker_id, lent):
-        """Until the split ends: when its worker goes (keep-alive, a crash) or a part dies, stop
-        every other part, so that nothing of it is left on any node."""
-        def alive():
+    def alive(self):
+        """(whether the primary's worker runs, whether each lent part's RPC server runs)."""
+        try:
+            primary = any(w["worker_id"] == self.worker_id for w in self.primary.client.workers())
+        except RbeeError:
+            primary = False
+        parts = []
+        for session, out, _ in self.lent:
             try:
-                primary = any(w["worker_id"] == worker_id for w in psession.client.workers())
+                parts.append(any(s["rpc_id"] == out["rpc_id"] for s in session.client.resources()["rpc"]))
             except RbeeError:
-                primary = False
-            parts = []
-            for session, out, _ in lent:
-                try:
-                    parts.append(any(s["rpc_id"] == out["rpc_id"] for s in session.client.resources()["rpc"]))
-                except RbeeError:
-                    parts.append(False)
-            return primary, parts
+                parts.append(False)
+        return primary, parts
 
+    def supervise(self, closing, on_end):
+        """Until the split ends: when its worker goes (keep-alive, a crash) or a part dies, stop
+        every other part, so that nothing of it is left on any node; then `on_end()`. Nothing is
+        done once the queen is `closing` (its cascade stops every part)."""
         def watch():
-            primary, parts = alive()
-            while primary and all(parts) and not self.queen.stopping.claimed:
+            primary, parts = self.alive()
+            while primary and all(parts) and not closing.claimed:
                 time.sleep(0.5)
-                primary, parts = alive()
-            with self.lock:
-                self.splits.pop(worker_id, None)
-            if self.queen.stopping.claimed:
+                primary, parts = self.alive()
+            on_end()
+            if closing.claimed:
                 return
-            gone = [s.name for (s, _, _), up in zip(lent, parts) if not up] or [psession.name]
-            narrate("queen-rbee", "split_end", "The split of worker %s ended (%s gone): stopping its other parts" % (
-                worker_id, ", ".join(gone)), "🧩", worker_id=worker_id)
+            gone = [s.name for (s, _, _), up in zip(self.lent, parts) if not up] or [self.primary.name]
+            narrate(ACTOR_QUEEN, "split_end", "The split of worker %s ended (%s gone): stopping its other parts" % (
+                self.worker_id, ", ".join(gone)), "🧩", worker_id=self.worker_id)
             if primary:
-                dead = next(((s, out) for (s, out, _), up in zip(lent, parts) if not up), None)
+                dead = next(((s, out) for (s, out, _), up in zip(self.lent, parts) if not up), None)
                 with contextlib.suppress(RbeeError):
-                    psession.client.shutdown_worker(worker_id, {"node": dead[0].name, "endpoint": dead[1]["endpoint"]}
-                                                     if dead else None)
-            for (session, out, _), up in zip(lent, parts):
+                    self.primary.client.shutdown_worker(self.worker_id, {"node": dead[0].name,
+                                                                         "endpoint": dead[1]["endpoint"]}
+                                                        if dead else None)
+            for (session, out, _), up in zip(self.lent, parts):
                 if up:
                     with contextlib.suppress(RbeeError):
                         session.client.rpc_stop(out["rpc_id"])
-        threading.Thread(target=watch, daemon=True, name="split-" + worker_id).start()
+        threading.Thread(target=watch, daemon=True, name="split-" + self.worker_id).start()
 
-    def warm(self, ref, nodes=None, backend=None, device=None, check=False):
-        """(session, worker event) of the worker the last task for `ref` went to, with no survey
-        and no spawn: while the tasks handed to it lately leave it a free slot, its hive runs, it
-        fits `nodes`/`backend`/`device`, and it was kept alive long enough not to be going (with
-        `check`, its /health says so too); else None."""
+
+class Scheduler:
+    """Which worker serves each request (PROTOCOL.md §12), decided in one place, `assign`: the
+    warm worker of the model, else a placement (a worker with a free slot, a replica, a spawn
+    after stopping idle workers, a split). Decisions are made one at a time under `lock` from a
+    survey made outside it; what a decision starts (a hive, an eviction, a spawn) runs outside it
+    too, its memory reserved in `pending`, so a slow one holds up nobody else's request."""
+
+    def __init__(self, hives, nodes, settings):
+        self.hives = hives                #: the queen's hive sessions (started here on demand)
+        self.nodes = nodes                #: the node registry: each node's caps
+        self.settings = settings          #: SchedulerSettings
+        self.lock = threading.Lock()      #: one decision at a time; guards everything below
+        #: spawns in progress: dicts of node, model_ref, backend, device, need_mb, parallel (under `lock`)
+        self.pending = []
+        self.leaving = set()              #: ids of workers being evicted: no decision counts or stops them (`lock`)
+        #: worker key (node, model_ref, backend, device) -> its Handouts still counted as load (under `lock`)
+        self.handouts = collections.defaultdict(list)
+        self.jobs_seen = {}               #: worker key -> (worker_id, jobs_total) as last seen (under `lock`)
+        self.splits = {}                  #: worker_id -> its running Split (under `lock`)
+        #: model_ref -> (session, worker event, worker key, keep-alive) of its last assignment (under `lock`)
+        self.recent = {}
+
+    # -- the one answer ------------------------------------------------------------------------
+
+    def assign(self, ref, sink, nodes=None, backend=None, device=None, parallel=DEFAULT_PARALLEL, keep_alive=None,
+               split=None, task=False, warm=True):
+        """The worker that serves a request for `ref`: the warm one (its health asked first for a
+        keeper's `task`), else where the nodes have room (`nodes`: the candidates, default every
+        node), or over the `split` nodes; narrated to `sink`, remembered for the next request."""
+        nodes = nodes or self.hives.candidates()
+        if warm and not split and keep_alive is None:
+            assigned = self.warm(ref, nodes, backend, device, task)
+            if assigned:
+                narrate(ACTOR_QUEEN, "placement", "Placing on %s %s:%s: its worker is warm" % (
+                    assigned.session.name, assigned.worker.get("backend"), assigned.worker.get("device")), "📍",
+                    node=assigned.session.name, backend=assigned.worker.get("backend"),
+                    device=assigned.worker.get("device"), decision="reuse")
+                return assigned
+        if split:
+            session, worker = self.place_split(ref, split, parallel, keep_alive, sink)
+            return Assignment(session, worker, None, False)
+        session, worker, handout = self.place(ref, nodes, backend, device, parallel, keep_alive, sink, task)
+        if not worker.get("split"):
+            with self.lock:
+                self.recent[ref.text] = (session, worker, handout.key,
+                                         self.settings.keep_alive if keep_alive is None else keep_alive)
+        return Assignment(session, worker, handout, False)
+
+    def warm(self, ref, nodes, backend, device, check):
+        """The worker of the last assignment for `ref`, with no survey and no spawn: while the
+        requests it serves leave it a free slot, its hive runs, it fits `nodes`/`backend`/`device`,
+        and it was kept alive long enough not to be going (with `check`, its /health says so too)."""
         with self.lock:
             known = self.recent.get(ref.text)
             if not known:
                 return None
             session, worker, key, keep_alive = known
-            recent = [t for t in self.handouts.get(key, ()) if time.monotonic() - t < HANDOUT_GRACE]
-            fits = (not nodes or session.name in nodes) and backend in (None, key[2]) and device in (None, key[3])
-            if not fits or len(recent) >= DEFAULT_PARALLEL or session.exited.is_set() or 0 <= keep_alive < 60:
+            fits = session.name in nodes and backend in (None, key[2]) and device in (None, key[3])
+            slots = worker.get("slots_total") or DEFAULT_PARALLEL
+            if not fits or self.load(key) >= slots or session.exited.is_set() or 0 <= keep_alive < 60:
                 return None
-            self.handouts[key] = recent + [time.monotonic()]
+            handout = self._hand_out(key, check)
         if check:
             try:
                 health = WorkerClient(session.worker_url(worker["url"]), worker["api_key"]).health(timeout=1.0)
             except RbeeError:
                 health = {}
             # (its port may serve another worker by now: the id must be its own)
-            if health.get("worker_id") != worker["worker_id"] or health.get("state") not in ("idle", "busy") or \
-                    health.get("queue_length", 0) >= health.get("max_queue", 0) + health.get("slots_available", 0):
+            full = health.get("queue_length", 0) >= health.get("max_queue", 0) + health.get("slots_available", 0)
+            if health.get("worker_id") != worker["worker_id"] or health.get("state") not in WORKER_SERVING or full:
+                self.release(handout)
                 self.forget(ref)
                 return None
-        return session, worker
-
-    def remember(self, ref, session, worker, keep_alive):
-        """The worker a task for `ref` got (keep_alive: its seconds; -1 forever), for `warm`."""
-        if not worker.get("split"):
-            key = (session.name, ref.text, worker.get("backend"), worker.get("device"))
             with self.lock:
-                self.recent[ref.text] = (session, worker, key, keep_alive)
+                self._settle(key, health)
+        return Assignment(session, dict(worker, timings={"reused": True}), handout, True)
 
     def forget(self, ref):
         with self.lock:
             self.recent.pop(ref.text, None)
 
+    # -- load: what runs and waits on a worker, as far as the queen knows ---------------------
+
+    def _hand_out(self, key, task):
+        """Count a request as load on the worker `key` (the caller holds `lock`)."""
+        handout = Handout(key, task)
+        self.handouts[key].append(handout)
+        return handout
+
+    def release(self, handout):
+        """An app's request ended (or a request never got to its worker): it is no load any more."""
+        if handout is None:
+            return
+        with self.lock:
+            entries = self.handouts.get(handout.key, [])
+            if handout in entries:
+                entries.remove(handout)
+            if not entries:
+                self.handouts.pop(handout.key, None)
+
+    def load(self, key):
+        """The requests handed to the worker `key` that have not ended (apps') or not reached it
+        yet (tasks'; HANDOUT_GRACE at most after their keeper got it); the caller holds `lock`."""
+        now = time.monotonic()
+        spawning = any((p["node"], p["model_ref"], p["backend"], p["device"]) == key for p in self.pending)
+        entries = [h for h in self.handouts.get(key, ()) if not h.task or spawning or now - h.since < HANDOUT_GRACE]
+        if entries:
+            self.handouts[key] = entries
+        else:
+            self.handouts.pop(key, None)
+        return len(entries)
+
+    def _settle(self, key, health):
+        """A worker's jobs_total as its health says: the tasks handed to it that arrived since it was
+        last seen, oldest first, are its own load now (the caller holds `lock`)."""
+        worker_id, total = health.get("worker_id"), health.get("jobs_total") or 0
+        seen_id, seen = self.jobs_seen.get(key, (None, 0))
+        arrived = total - seen if seen_id == worker_id and total >= seen else total
+        self.jobs_seen[key] = (worker_id, total)
+        tasks = [h for h in self.handouts.get(key, ()) if h.task]
+        for handout in tasks[:max(0, arrived)]:
+            self.handouts[key].remove(handout)
+
+    # -- placement ------------------------------------------------------------------------------
+
+    def place(self, ref, nodes, backend, device, parallel, keep_alive, sink, task=False):
+        """(the hive session, its `worker` event, the Handout) of a request placed on one of
+        `nodes`; over several nodes when it fits on no single one."""
+        deadline, said_wait, reservation = time.monotonic() + PLACEMENT_WAIT, False, None
+        while True:
+            answers = self.survey(ref, nodes, sink)   # (hive starts and ssh: outside the lock)
+            with self.lock:
+                views, need_mb = self.views(ref, nodes, answers)
+                try:
+                    plan = plan_placement(ref.text, need_mb, views, backend, device, self.settings.max_replicas)
+                except (InsufficientRam, VramExhausted):
+                    parts = split_nodes(views, need_mb) if len(nodes) > 1 and backend is None else None
+                    if not parts:
+                        raise
+                    plan = None
+                if plan is not None and plan.action != "wait":
+                    if plan.action == "spawn":   # (a size not known yet reserves what it may take)
+                        reservation = {"node": plan.node, "model_ref": ref.text, "backend": plan.backend,
+                                       "device": plan.device, "need_mb": need_mb or plan.free_mb or 0,
+                                       "parallel": parallel}
+                        self.pending.append(reservation)
+                    self.leaving.update(worker_id for _, worker_id, _ in plan.evict)
+                    handout = self._hand_out((plan.node, ref.text, plan.backend, plan.device), task)
+                    break
+            if plan is None:
+                narrate(ACTOR_QUEEN, "split_auto", "%s fits on no single node; together %s can hold it" % (
+                    ref.text, " and ".join(parts)), "🧩")
+                session, worker = self.place_split(ref, parts, parallel, keep_alive, sink)
+                return session, worker, None
+            if time.monotonic() > deadline:
+                raise InsufficientRam("No room for %s after waiting %d s: %s" % (ref.text, PLACEMENT_WAIT, plan.reason),
+                                      {"required_mb": need_mb, "waited_s": PLACEMENT_WAIT},
+                                      "Unload a worker (rbee.py workers shutdown ID) or raise a node's limit",
+                                      component=ACTOR_QUEEN)
+            if not said_wait:
+                narrate(ACTOR_QUEEN, "placement_wait", "Waiting for memory for %s: %s" % (ref.text, plan.reason),
+                        "⏳")
+                said_wait = True
+            time.sleep(0.5)
+        narrate(ACTOR_QUEEN, "placement", "Placing on %s" % plan.reason, "📍", node=plan.node,
+                backend=plan.backend, device=plan.device, decision=plan.action)
+        try:
+            self.evict(plan.evict, sink)   # (outside the lock: a worker slow to stop holds up this request alone)
+            session = self.hives.get(plan.node, sink)
+            with session.listening(sink):
+                body = {"model_ref": ref.text, "backend": plan.backend, "device": plan.device, "parallel": parallel,
+                        "keep_alive": keep_alive, "max_queue": self.settings.max_queue}
+                if plan.free_mb is not None:
+                    body["memory_limit_mb"] = plan.free_mb
+                worker = session.client.spawn(body, session.tagged(sink))
+            handout.since = time.monotonic()
+            return session, worker, handout
+        except BaseException:
+            self.release(handout)
+            raise
+        finally:
+            with self.lock:
+                if reservation:
+                    self.pending.remove(reservation)
+                self.leaving.difference_update(worker_id for _, worker_id, _ in plan.evict)
+
+    def place_split(self, ref, names, parallel, keep_alive, sink):
+        """(the primary's hive session, the split's `worker` event): the running split of `ref`
+        over `names`, else a new one (Split.start)."""
+        with self.lock:
+            running = next((s for s in self.splits.values() if (s.model_ref, s.names) == (ref.text, names)), None)
+        if running:   # the same split again: its worker (the hive hands it out for the same parts)
+            session = self.hives.get(running.primary.name, sink)
+            narrate(ACTOR_QUEEN, "placement", "Placing on the split %s" % ", ".join(
+                "%s %d" % (p["node"], p["layers"]) for p in running.parts), "📍", node=session.name,
+                decision="reuse")
+            with session.listening(sink):
+                worker = session.client.spawn(running.body, session.tagged(sink))
+            return session, dict(worker, split=running.parts)
+        answers = self.survey(ref, names, sink)
+        missing = [n for n in names if n not in answers]
+        if missing:
+            raise SshFailed("A split needs every node it names; %s did not answer" % ", ".join(missing),
+                            {"nodes": missing}, "Check them: rbee.py nodes check NODE", ACTOR_QUEEN)
+        with self.lock:
+            views, need_mb = self.views(ref, names, answers)
+        split, worker = Split.start(self.hives, ref, names, views, need_mb, parallel, keep_alive,
+                                    self.settings.max_queue, sink)
+        with self.lock:
+            self.splits[worker["worker_id"]] = split
+        split.supervise(self.hives.closing, lambda: self._split_ended(worker["worker_id"]))
+        return split.primary, worker
+
+    def _split_ended(self, worker_id):
+        with self.lock:
+            self.splits.pop(worker_id, None)
+
     def node_for(self, ref, sink):
-        """The node a download of `ref` goes to: where a task for it would run now."""
-        nodes = self.queen.candidates()
+        """The node a download of `ref` goes to: where a request for it would run now."""
+        nodes = self.hives.candidates()
         answers = self.survey(ref, nodes, sink)
         with self.lock:
             views, need_mb = self.views(ref, nodes, answers)
-            return plan_placement(ref.text, need_mb, views, max_replicas=self.queen.args.max_replicas).node
+            return plan_placement(ref.text, need_mb, views, max_replicas=self.settings.max_replicas).node
 
     def survey(self, ref, nodes, sink):
         """{node: its hive's /v1/resources for `ref` (None: no model)} of the nodes whose hives
@@ -3954,51 +4378,42 @@ class Scheduler:
 
         def ask(name):
             try:
-                session = self.queen.hive(name, sink)
-                results[name] = session.client.resources(ref.text if ref else None)
+                results[name] = self.hives.get(name, sink).client.resources(ref.text if ref else None)
             except Exception as exc:   # (an ssh binary missing is no traceback either)
-                err = RbeeError.wrap(exc, "queen-rbee")
+                err = RbeeError.wrap(exc, ACTOR_QUEEN)
                 errors.append(err)
                 if len(nodes) > 1:
-                    narrate("queen-rbee", "node_skipped", "Leaving %s out: %s" % (name, err.message), "⚠️",
+                    narrate(ACTOR_QUEEN, "node_skipped", "Leaving %s out: %s" % (name, err.message), "⚠️",
                             node=name, level="warn")
         in_parallel(ask, nodes)
         if not results:
-            raise errors[0] if errors else NodeNotFound("No node to run on", {}, component="queen-rbee")
+            raise errors[0] if errors else NodeNotFound("No node to run on", {}, component=ACTOR_QUEEN)
         return results
 
     def views(self, ref, nodes, results):
-        """(node views, MB the model needs: 0 if no node knows its size yet), with the spawns and
-        handouts in progress (the caller holds `lock`)."""
-        now = time.monotonic()
-        starts = {(p["node"], p["model_ref"], p["backend"], p["device"]): p["since"] for p in self.pending}
-        for key in list(self.handouts):   # a worker still loading counts every task handed to it
-            recent = [t for t in self.handouts[key] if t >= starts.get(key, now - HANDOUT_GRACE)]
-            if recent:
-                self.handouts[key] = recent
-            else:
-                del self.handouts[key]
-
-        def loads(key):
-            return len(self.handouts.get(key, ()))
+        """(node views, MB the model needs: 0 if no node knows its size yet), with the spawns,
+        evictions and requests in progress (the caller holds `lock`)."""
+        for name, res in results.items():   # the tasks that reached their workers are the workers' own load now
+            for w in res.get("workers") or ():
+                self._settle((name, w["model_ref"], w["backend"], w["device"]), w)
         sizes = [r["model"]["size_bytes"] for r in results.values() if (r.get("model") or {}).get("size_bytes")]
         import backends
-        views = [node_view(results[name], self.queen.nodes.limits(name), [p for p in self.pending if p["node"] == name],
-                           loads) for name in nodes if name in results]
+        views = [node_view(results[name], self.nodes.limits(name), [p for p in self.pending if p["node"] == name],
+                           self.load, self.leaving) for name in nodes if name in results]
         # the file's size x 1.2 before any worker ran it; then what its workers take (slots' KV cache too)
         seen = [w.get("memory_mb") or 0 for v in views for w in v["workers"] if w["model_ref"] == ref.text]
         return views, max([backends.required_mb(max(sizes)) if sizes else 0] + seen)
 
     def evict(self, evict, sink):
-        """Stop these idle workers and wait until their hives no longer list them."""
+        """Stop these idle workers and wait until their hives no longer list them (GRACEFUL_TIMEOUT at most)."""
         for node, worker_id, model_ref in evict:
-            narrate("queen-rbee", "evict", "Unloading idle %s (worker %s) on %s to make room, least recently used "
+            narrate(ACTOR_QUEEN, "evict", "Unloading idle %s (worker %s) on %s to make room, least recently used "
                     "first" % (model_ref, worker_id, node), "🧹", node=node, worker_id=worker_id)
-            with contextlib.suppress(InvalidRequest):   # (gone meanwhile: its keep-alive, a crash)
-                self.queen.hive(node, sink).client.shutdown_worker(worker_id)
+            with contextlib.suppress(WorkerNotFound):   # (gone meanwhile: its keep-alive, a crash)
+                self.hives.get(node, sink).client.shutdown_worker(worker_id)
         deadline = time.monotonic() + GRACEFUL_TIMEOUT
         for node, worker_id, _ in evict:
-            client = self.queen.hive(node, sink).client
+            client = self.hives.get(node, sink).client
             while time.monotonic() < deadline and any(w["worker_id"] == worker_id for w in client.workers()):
                 time.sleep(0.1)
 
@@ -4006,6 +4421,15 @@ class Scheduler:
 # ============================================================================================
 # The apps' APIs on the queen (PROTOCOL.md §13, §15): OpenAI's, Ollama's, metrics, the live feed
 # ============================================================================================
+
+def openai_error(err):
+    """An RbeeError in OpenAI's shape: {"error": {message, type, code, param}}."""
+    kind = {401: "authentication_error", 403: "permission_error", 503: "unavailable_error"}.get(
+        err.status, "invalid_request_error" if err.status < 500 else "server_error")
+    code = {"MODEL_NOT_FOUND": "model_not_found", "MISSING_API_KEY": "invalid_api_key",
+            "INVALID_API_KEY": "invalid_api_key"}.get(err.code, err.code.lower())
+    return {"error": {"message": err.message, "type": kind, "code": code, "param": err.details.get("field")}}
+
 
 class OpenAIStream(SSEStream):
     """OpenAI's dialect of SSE (as llama.cpp's server writes it): `data: {json}` frames, bare `:`
@@ -4045,15 +4469,6 @@ class NdjsonStream(SSEStream):
             self.close()
 
 
-def openai_error(err):
-    """An RbeeError in OpenAI's shape: {"error": {message, type, code, param}}."""
-    kind = {401: "authentication_error", 403: "permission_error", 503: "unavailable_error"}.get(
-        err.status, "invalid_request_error" if err.status < 500 else "server_error")
-    code = {"MODEL_NOT_FOUND": "model_not_found", "MISSING_API_KEY": "invalid_api_key",
-            "INVALID_API_KEY": "invalid_api_key"}.get(err.code, err.code.lower())
-    return {"error": {"message": err.message, "type": kind, "code": code, "param": err.details.get("field")}}
-
-
 def iso_time(unix=None):
     """RFC 3339 in UTC, as Ollama writes its times."""
     unix = time.time() if unix is None else unix
@@ -4069,12 +4484,13 @@ FINISH_REASON = {"eos": "stop", "stop": "stop", "max_tokens": "length"}   # a wo
 
 
 class AppJob:
-    """One generation an app asked the queen for: placed like a task, run on the worker over its
-    client, its text yielded as it comes, measured for /metrics. Close it (or let go of `texts`)
-    to cancel the job on the worker."""
+    """One generation an app asked the queen for: given a worker by the scheduler, run there over
+    its client, its text yielded as it comes, measured for /metrics. Use it in a `with` block (or
+    let `texts` end): leaving it cancels the job on the worker and ends its load there."""
 
-    def __init__(self, queen, ref, body, keep_alive):
-        self.queen = queen                #: the queen that places it
+    def __init__(self, scheduler, metrics, ref, body, keep_alive):
+        self.scheduler = scheduler        #: who gives it a worker (and counts it as load until it ends)
+        self.metrics = metrics            #: where its outcome and times go
         self.ref = ref                    #: the model
         self.body = body                  #: the worker's /execute body
         self.keep_alive = keep_alive      #: the worker's keep-alive (seconds; the queen's default if None)
@@ -4085,38 +4501,43 @@ class AppJob:
         self.events = None                #: the worker's events (WorkerClient.execute), once open
         self.first = None                 #: the first of them, read by open()
         self.node = None                  #: the node whose worker runs it (open)
+        self.handout = None               #: its load on that worker, until close (Scheduler.release)
+        self.outcome = None               #: how it ended, once it did (ok, error, busy, cancelled)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def open(self):
-        """Place the model and start the job: every error the app should get as a status (a prompt
-        over the context, a full queue, an unknown model) raises here, before the answer starts."""
-        queen, scheduler = self.queen, self.queen.scheduler
-        with queen.metrics.placing:
-            warm = scheduler.warm(self.ref) if self.keep_alive is None else None
-            if warm:   # its worker took the last one and has slots to spare: no survey, no hive
-                with contextlib.suppress(RbeeError):
-                    return self._start(*warm)
-                scheduler.forget(self.ref)
-            session, worker = scheduler.place(self.ref, queen.candidates(), None, None, DEFAULT_PARALLEL,
-                                              self.keep_alive, _current_sink())
-            scheduler.remember(self.ref, session, worker, queen.args.keep_alive if self.keep_alive is None
-                               else self.keep_alive)
-            try:
-                return self._start(session, worker)
-            except RbeeError as err:
-                queen.metrics.ended(self, "busy" if isinstance(err, SlotsBusy) else "error")
-                raise
+        """Get a worker and start the job: every error the app should get as a status (a prompt
+        over the context, a full queue, an unknown model) raises here, before the answer starts.
+        A warm worker that fails at once is forgotten, and the job placed again."""
+        with self.metrics.placing:
+            for warm in (True, False):
+                assigned = self.scheduler.assign(self.ref, _current_sink(), keep_alive=self.keep_alive, warm=warm)
+                try:
+                    return self._start(assigned)
+                except RbeeError as err:
+                    self.scheduler.release(assigned.handout)
+                    if not assigned.warm:
+                        self.end("busy" if isinstance(err, SlotsBusy) else "error")
+                        raise
+                    self.scheduler.forget(self.ref)
 
-    def _start(self, session, worker):
-        self.node = session.name
-        client = WorkerClient(session.worker_url(worker["url"]), worker["api_key"], worker["worker_id"],
-                              session.name)
+    def _start(self, assigned):
+        self.node, self.handout = assigned.session.name, assigned.handout
+        worker = assigned.worker
+        client = WorkerClient(assigned.session.worker_url(worker["url"]), worker["api_key"], worker["worker_id"],
+                              self.node)
         self.events = client.execute(self.body, retries=())   # a full queue is the app's 503 at once
         self.first = next(self.events)
         return self
 
     def texts(self):
         """The generated text, piece by piece; then `stats` holds the worker's end event."""
-        event, outcome = self.first, "cancelled"
+        event = self.first
         try:
             while True:
                 if isinstance(event, JobStarted):
@@ -4127,14 +4548,28 @@ class AppJob:
                 elif isinstance(event, Narration):   # (the page's live feed shows the apps' jobs too)
                     observed(dict(event.event, node=self.node))
                 elif isinstance(event, JobEnded):
-                    self.stats, outcome = event.stats, "ok"
+                    self.stats = event.stats
+                    self.end("ok")
                     return
                 event = next(self.events)
         except RbeeError:
-            outcome = "error"
+            self.end("error")
             raise
         finally:
-            self.queen.metrics.ended(self, outcome)
+            self.close()
+
+    def end(self, outcome):
+        """Record how it ended, once."""
+        if self.outcome is None:
+            self.outcome = outcome
+            self.metrics.ended(self, outcome)
+
+    def close(self):
+        """Cancel the job on the worker if it still runs; it is no load there any more."""
+        self.end("cancelled")
+        self.scheduler.release(self.handout)
+        self.handout = None
+        if self.events is not None:
             self.events.close()
 
     def finish_reason(self):
@@ -4261,92 +4696,169 @@ class EventFeed:
             self.inboxes.remove(inbox)
 
 
-class OpenAIApi:
-    """OpenAI's API on the queen (a mixin of Queen): chat and legacy completions, streamed as
-    llama.cpp's server streams them, and the models every reachable node has."""
+class AppModels:
+    """The models the apps name: every model cataloged on a node whose hive answers, and every
+    loaded one, by id; a name an app sends resolved to a reference."""
 
-    def openai_chat(self, req):
+    def __init__(self, scheduler, hives):
+        self.scheduler = scheduler        #: surveys the nodes (starting their hives)
+        self.hives = hives                #: the nodes to survey
+
+    def named(self, name):
+        """The model an app's `model` names: a reference rbee accepts, or an id (or catalog id) from
+        listing(); else 404 MODEL_NOT_FOUND (400 when it is no string at all)."""
+        if not isinstance(name, str) or not name.strip():
+            raise invalid("model", "is required: a model reference (hf:ORG/REPO, file:/path.gguf) or an id from "
+                          "GET /v1/models")
+        with contextlib.suppress(InvalidModelRef):
+            return ModelRef.parse(name)
+        found = self.find(name)
+        if found:
+            return ModelRef.parse(found["id"])
+        raise ModelNotFound("The model %r does not exist on any reachable node" % name, {"model": name},
+                            "See GET /v1/models, or name a reference: hf:ORG/REPO[:QUANT] or file:/path.gguf")
+
+    def find(self, name):
+        """The listing's entry whose id (or catalog id) is `name`, or None."""
+        return next((m for m in self.listing() if name in (m["id"], m["slug"])), None)
+
+    def listing(self):
+        """{id, slug, filename, size_bytes, sha256, created, nodes, loaded_on} of every model. An hf
+        model's id is hf:ORG/REPO (with :FILE when a node holds several files of the repo); a
+        file's, file:PATH."""
+        try:
+            answers = self.scheduler.survey(None, self.hives.candidates(), _current_sink())
+        except RbeeError:   # (no hive answers: no model)
+            answers = {}
+        found = {}
+        for name, res in answers.items():
+            files = collections.Counter(row["reference"] for row in res["models"] if row["provider"] == "hf")
+            for row in res["models"]:
+                if row["provider"] == "hf":
+                    model_id = "hf:" + row["reference"] + (":" + row["filename"] if files[row["reference"]] > 1 else "")
+                else:
+                    model_id = "file:" + row["local_path"]
+                entry = found.setdefault(model_id, {
+                    "id": model_id, "slug": row["id"], "filename": row["filename"], "size_bytes": row["size_bytes"],
+                    "sha256": row["sha256"], "created": row["downloaded_at_unix"], "nodes": [], "loaded_on": []})
+                entry["nodes"].append(name)
+            for w in res["workers"]:
+                entry = found.setdefault(w["model_ref"], {
+                    "id": w["model_ref"], "slug": w["model_ref"], "filename": w["model_ref"], "size_bytes": 0,
+                    "sha256": None, "created": int(time.time()), "nodes": [], "loaded_on": []})
+                entry["loaded_on"].append(name)
+        return [found[k] for k in sorted(found)]
+
+
+class OpenAIApi:
+    """OpenAI's API on the queen: chat and legacy completions, streamed as llama.cpp's server
+    streams them, and the models every reachable node has."""
+
+    def __init__(self, scheduler, models, metrics):
+        self.scheduler = scheduler        #: gives each request its worker
+        self.models = models              #: the models the apps name
+        self.metrics = metrics            #: counts the requests
+
+    def routes(self):
+        return ((OPENAI_CHAT, self.chat), (OPENAI_CHAT_BARE, self.chat),
+                (OPENAI_COMPLETIONS, self.completions), (OPENAI_COMPLETIONS_BARE, self.completions),
+                (OPENAI_MODELS, self.list_models), (OPENAI_MODELS_BARE, self.list_models),
+                (OPENAI_MODEL, self.model), (OPENAI_MODEL_BARE, self.model))
+
+    def chat(self, req):
         body = req.json
         job = dict(sampling_of(body), messages=body.get("messages"))
         if job["messages"] is None:
             raise invalid("messages", "is required")
         if (body.get("response_format") or {}).get("type") == "json_object":
             job["grammar"] = "json"
-        self._openai_answer(req, body, job, "chat.completion", "chatcmpl-")
+        self._answer(req, body, job, "chat.completion", "chatcmpl-")
 
-    def openai_completions(self, req):
+    def completions(self, req):
         body = req.json
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
-        self._openai_answer(req, body, dict(sampling_of(body), prompt=prompt, raw=True), "text_completion", "cmpl-")
+        self._answer(req, body, dict(sampling_of(body), prompt=prompt, raw=True), "text_completion", "cmpl-")
 
-    def _openai_answer(self, req, body, job, kind, id_prefix):
+    def _answer(self, req, body, job, kind, id_prefix):
         if body.get("n", 1) != 1:
             raise invalid("n", "only 1 is supported")
         stream_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         job["max_tokens"] = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_N_CTX
-        app = AppJob(self, self.model_named(body.get("model")), job, None).open()
-        answer = {"id": id_prefix + random_id(12), "object": kind, "created": int(time.time()),
-                  "model": body["model"], "system_fingerprint": "rbee-" + __version__}
-        chat = kind == "chat.completion"
+        with AppJob(self.scheduler, self.metrics, self.models.named(body.get("model")), job, None).open() as app:
+            answer = {"id": id_prefix + random_id(12), "object": kind, "created": int(time.time()),
+                      "model": body["model"], "system_fingerprint": "rbee-" + __version__}
+            chat = kind == "chat.completion"
 
-        def choice(text, finish=None, first=False):
+            def choice(text, finish=None, first=False):
+                if chat:
+                    delta = dict({"role": "assistant"} if first else {},
+                                 **({"content": text} if text is not None else {}))
+                    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            if not body.get("stream"):
+                text = "".join(app.texts())
+                result = {"index": 0, "logprobs": None, "finish_reason": app.finish_reason()}
+                result.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+                req.send_json(200, dict(answer, choices=[result], usage=app.usage()))
+                return
+            stream = req.sse(OpenAIStream)
+            chunk = dict(answer, object=kind + ".chunk" if chat else kind)
             if chat:
-                delta = dict({"role": "assistant"} if first else {}, **({"content": text} if text is not None else {}))
-                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        if not body.get("stream"):
-            text = "".join(app.texts())
-            result = {"index": 0, "logprobs": None, "finish_reason": app.finish_reason()}
-            result.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-            req.send_json(200, dict(answer, choices=[result], usage=app.usage()))
-            return
-        stream = req.sse(OpenAIStream)
-        chunk = dict(answer, object=kind + ".chunk" if chat else kind)
-        if chat:
-            stream.data(dict(chunk, choices=[choice("", first=True)]))
-        for text in app.texts():
-            stream.data(dict(chunk, choices=[choice(text)]))
-        stream.data(dict(chunk, choices=[choice(None if chat else "", app.finish_reason())]))
-        if stream_usage:
-            stream.data(dict(chunk, choices=[], usage=app.usage()))
-        stream.done()
+                stream.data(dict(chunk, choices=[choice("", first=True)]))
+            for text in app.texts():
+                stream.data(dict(chunk, choices=[choice(text)]))
+            stream.data(dict(chunk, choices=[choice(None if chat else "", app.finish_reason())]))
+            if stream_usage:
+                stream.data(dict(chunk, choices=[], usage=app.usage()))
+            stream.done()
 
-    def openai_models(self, req):
-        req.send_json(200, {"object": "list", "data": [self._openai_model(m) for m in self.model_list()]})
+    def list_models(self, req):
+        req.send_json(200, {"object": "list", "data": [self._model(m) for m in self.models.listing()]})
 
-    def openai_model(self, req):
+    def model(self, req):
         name = urllib.parse.unquote(req.params["model_id"])
-        found = [m for m in self.model_list() if name in (m["id"], m["slug"])]
+        found = self.models.find(name)
         if not found:
             raise ModelNotFound("The model %r does not exist on any reachable node" % name, {"model": name},
                                 "See GET /v1/models")
-        req.send_json(200, self._openai_model(found[0]))
+        req.send_json(200, self._model(found))
 
     @staticmethod
-    def _openai_model(m):
+    def _model(m):
         return {"id": m["id"], "object": "model", "created": m["created"], "owned_by": "rbee",
                 "nodes": m["nodes"], "loaded_on": m["loaded_on"], "size_bytes": m["size_bytes"]}
 
 
 class OllamaApi:
-    """Ollama's API on the queen (a mixin of Queen), for Open WebUI and the `ollama` package."""
+    """Ollama's API on the queen, for Open WebUI and the `ollama` package."""
 
-    def ollama_root(self, req):
+    def __init__(self, scheduler, hives, models, metrics):
+        self.scheduler = scheduler        #: gives each request its worker
+        self.hives = hives                #: the nodes' hives: what is loaded, pulls, unloads
+        self.models = models              #: the models the apps name
+        self.metrics = metrics            #: counts the requests
+
+    def routes(self):
+        return ((OLLAMA_ROOT, self.root), (OLLAMA_ROOT_HEAD, self.root), (OLLAMA_VERSION, self.version),
+                (OLLAMA_TAGS, self.tags), (OLLAMA_PS, self.ps), (OLLAMA_SHOW, self.show), (OLLAMA_CHAT, self.chat),
+                (OLLAMA_GENERATE, self.generate), (OLLAMA_PULL, self.pull))
+
+    def root(self, req):
         write_body(req.handler, 200, "text/plain; charset=utf-8", b"rbee is running",
                    with_body=req.handler.command != "HEAD")
 
-    def ollama_version(self, req):
+    def version(self, req):
         req.send_json(200, {"version": __version__})
 
-    def ollama_tags(self, req):
+    def tags(self, req):
         req.send_json(200, {"models": [{
             "name": m["id"], "model": m["id"], "modified_at": iso_time(m["created"]), "size": m["size_bytes"],
-            "digest": m["sha256"] or "", "details": self._ollama_details(m)} for m in self.model_list()]})
+            "digest": m["sha256"] or "", "details": self._details(m)} for m in self.models.listing()]})
 
-    def ollama_ps(self, req):
-        workers = self.cluster()[1]
+    def ps(self, req):
+        workers = self.hives.cluster()[1]
         req.send_json(200, {"models": [{
             "name": w["model_ref"], "model": w["model_ref"], "size": w["memory_mb"] << 20, "digest": "",
             "details": {"format": "gguf", "family": "", "families": None, "parameter_size": "",
@@ -4356,43 +4868,42 @@ class OllamaApi:
             "size_vram": (w["memory_mb"] << 20) if w["backend"] != "cpu" else 0,
             "node": w["node"], "device": "%s:%s" % (w["backend"], w["device"])} for w in workers]})
 
-    def ollama_show(self, req):
+    def show(self, req):
         name = req.json.get("model") or req.json.get("name")
-        found = [m for m in self.model_list() if name in (m["id"], m["slug"])]
-        if not found:
+        m = self.models.find(name)
+        if not m:
             raise ModelNotFound("model %r not found" % name, {"model": name}, "See GET /api/tags")
-        m = found[0]
         req.send_json(200, {"modelfile": "# rbee model %s\nFROM %s\n" % (m["id"], m["id"]), "parameters": "",
-                            "template": "", "details": self._ollama_details(m), "modified_at": iso_time(m["created"]),
+                            "template": "", "details": self._details(m), "modified_at": iso_time(m["created"]),
                             "model_info": {"general.file_type": quantization_of(m["filename"]),
                                            "rbee.nodes": m["nodes"]}, "capabilities": ["completion"]})
 
     @staticmethod
-    def _ollama_details(m):
+    def _details(m):
         return {"format": "gguf", "family": "", "families": None, "parameter_size": "",
                 "quantization_level": quantization_of(m["filename"])}
 
-    def ollama_chat(self, req):
+    def chat(self, req):
         body = req.json
         if body.get("messages") is None:
             raise invalid("messages", "is required")
-        self._ollama_answer(req, body, {"messages": body.get("messages")}, "message")
+        self._answer(req, body, {"messages": body.get("messages")}, "message")
 
-    def ollama_generate(self, req):
+    def generate(self, req):
         body = req.json
         prompt = body.get("prompt") or ""
         if not isinstance(prompt, str):
             raise invalid("prompt", "must be a string")
         if not prompt.strip():   # Ollama's load (and, with keep_alive 0, unload) of a model
-            return self._ollama_load(req, body)
+            return self._load(req, body)
         if body.get("raw"):
             job = {"prompt": prompt, "raw": True}
         else:
             system = [{"role": "system", "content": body["system"]}] if body.get("system") else []
             job = {"messages": system + [{"role": "user", "content": prompt}]}
-        self._ollama_answer(req, body, job, "response")
+        self._answer(req, body, job, "response")
 
-    def _ollama_answer(self, req, body, job, field):
+    def _answer(self, req, body, job, field):
         options = body.get("options") or {}
         if not isinstance(options, dict):
             raise invalid("options", "must be an object")
@@ -4402,67 +4913,66 @@ class OllamaApi:
         if body.get("format") is not None:
             job["grammar"] = "json"   # "json", or a schema: a JSON object either way
         keep_alive = keep_alive_of(body, None)
-        app = AppJob(self, self.model_named(body.get("model")), job, keep_alive).open()
-        name = body["model"]
+        name = body.get("model")
+        with AppJob(self.scheduler, self.metrics, self.models.named(name), job, keep_alive).open() as app:
+            def piece(text, done=False):
+                out = {"model": name, "created_at": iso_time(), "done": done}
+                out[field] = {"role": "assistant", "content": text} if field == "message" else text
+                if done:
+                    ns = lambda a, b: int(max(0.0, (b or a) - a) * 1e9)
+                    out.update(done_reason=app.finish_reason(), total_duration=ns(app.accepted, time.monotonic()),
+                               load_duration=ns(app.accepted, app.started),
+                               prompt_eval_count=app.usage()["prompt_tokens"],
+                               prompt_eval_duration=ns(app.started or app.accepted, app.first_token),
+                               eval_count=app.usage()["completion_tokens"],
+                               eval_duration=ns(app.first_token or time.monotonic(), time.monotonic()))
+                return out
+            if body.get("stream") is False:
+                text = "".join(app.texts())
+                req.send_json(200, piece(text, True))
+                return
+            stream = req.sse(NdjsonStream)
+            for text in app.texts():
+                stream.line(piece(text))
+            stream.line(piece("", True))
+            stream.close()
 
-        def piece(text, done=False):
-            out = {"model": name, "created_at": iso_time(), "done": done}
-            out[field] = {"role": "assistant", "content": text} if field == "message" else text
-            if done:
-                ms = lambda a, b: int(max(0.0, (b or a) - a) * 1e9)
-                out.update(done_reason=app.finish_reason(), total_duration=ms(app.accepted, time.monotonic()),
-                           load_duration=ms(app.accepted, app.started), prompt_eval_count=app.usage()["prompt_tokens"],
-                           prompt_eval_duration=ms(app.started or app.accepted, app.first_token),
-                           eval_count=app.usage()["completion_tokens"],
-                           eval_duration=ms(app.first_token or time.monotonic(), time.monotonic()))
-            return out
-        if body.get("stream") is False:
-            text = "".join(app.texts())
-            req.send_json(200, dict(piece(text, True)))
-            return
-        stream = req.sse(NdjsonStream)
-        for text in app.texts():
-            stream.line(piece(text))
-        stream.line(piece("", True))
-        stream.close()
-
-    def _ollama_load(self, req, body):
-        ref, keep_alive = self.model_named(body.get("model")), keep_alive_of(body, None)
+    def _load(self, req, body):
+        ref, keep_alive = self.models.named(body.get("model")), keep_alive_of(body, None)
         if keep_alive == 0:
-            for w in self.cluster()[1]:
+            for w in self.hives.cluster()[1]:
                 if w["model_ref"] == ref.text:
-                    self.hive(w["node"]).client.shutdown_worker(w["worker_id"])
+                    with contextlib.suppress(WorkerNotFound):   # (gone meanwhile)
+                        self.hives.get(w["node"]).client.shutdown_worker(w["worker_id"])
             reason = "unload"
         else:
-            self.scheduler.place(ref, self.candidates(), None, None, DEFAULT_PARALLEL, keep_alive, _current_sink())
+            self.scheduler.assign(ref, _current_sink(), keep_alive=keep_alive)
             reason = "load"
         req.send_json(200, {"model": body["model"], "created_at": iso_time(), "response": "", "done": True,
                             "done_reason": reason})
 
-    def ollama_pull(self, req):
+    def pull(self, req):
         body = req.json
         ref = model_ref_of(dict(body, model=body.get("model") or body.get("name")))
         node = text_field(body, "node", AUTO_NODE, limit=200)   # (rbee's own field: the node to pull to)
-        node = self.scheduler.node_for(ref, _current_sink()) if node == AUTO_NODE else self.nodes.resolve(node)[
-            "node_name"]
+        node = self.scheduler.node_for(ref, _current_sink()) if node == AUTO_NODE else self.hives.nodes.resolve(
+            node)["node_name"]
         stream = req.sse(NdjsonStream) if body.get("stream", True) is not False else None
-        shown = {}
 
-        def progress(event):   # the hive's download narration, as Ollama's pull statuses
+        def progress(event):   # the hive's download events, as Ollama's pull statuses
+            state = download_state(event)
             if stream is None:
                 return
-            action, details = event.get("action"), event.get("progress") or {}
-            if action == "download_start":
-                shown["file"] = event.get("human", "").replace("Downloading ", "").split(" from ")[0]
-                stream.line({"status": "pulling %s" % shown["file"]})
-            elif action == "download_progress":
-                stream.line({"status": "pulling %s" % shown.get("file", ref.text), "digest": "",
-                             "total": details.get("total"), "completed": details.get("done")})
-            elif action == "download_done":
+            if state and event.get("action") == "download_start":
+                stream.line({"status": "pulling %s" % state.file})
+            elif state:
+                stream.line({"status": "pulling %s" % state.file, "digest": "", "total": state.total,
+                             "completed": state.done})
+            elif event.get("action") == "download_done":
                 stream.line({"status": "verifying sha256 digest"})
         if stream:
             stream.line({"status": "pulling manifest"})
-        session = self.hive(node)
+        session = self.hives.get(node)
         with session.listening(progress):
             session.client.download(ref.text, progress)
         if stream:
@@ -4473,51 +4983,49 @@ class OllamaApi:
 
 
 # ============================================================================================
-# The queen itself: its routes, hives, tasks, and the keeper's /v2 API
+# The queen itself: the front -- its routes, keys, CORS, status, the keeper's /v2 API, its life
 # ============================================================================================
 
-class Queen(OpenAIApi, OllamaApi, App):
-    """The orchestrator (PROTOCOL.md §5.3): starts hives on demand and turns a task into a worker;
-    serves the apps' APIs (§13) on the same port."""
+class Queen(App):
+    """The orchestrator (PROTOCOL.md §5.3): the keeper's /v2 API, and on the same port the apps'
+    APIs (§13), the page and /metrics. It holds the parts that do the work: the hives, the
+    scheduler, the apps' APIs, the metrics and the live feed."""
 
-    component = "queen-rbee"
-    OPENAI = ((OPENAI_CHAT, "openai_chat"), (OPENAI_COMPLETIONS, "openai_completions"),
-              (OPENAI_MODELS, "openai_models"), (OPENAI_MODEL, "openai_model"))
-    routes = ((QUEEN_HEALTH, "health"), (QUEEN_TASKS, "task"), (QUEEN_WORKERS, "list_workers"),
-              (QUEEN_WORKER_SHUTDOWN, "shutdown_worker"), (QUEEN_MODELS, "list_models"),
-              (QUEEN_DOWNLOAD, "download_model"), (QUEEN_REMOVE, "remove_model"), (QUEEN_STATUS, "status"),
-              (QUEEN_SHUTDOWN, "shutdown_request"), (QUEEN_METRICS, "serve_metrics"),
-              (QUEEN_UI, "serve_ui"), (QUEEN_EVENTS, "events")) + OPENAI + tuple(
-        ((method, path[len("/v1"):]), name) for (method, path), name in OPENAI) + (
-        (OLLAMA_ROOT, "ollama_root"), (OLLAMA_ROOT_HEAD, "ollama_root"), (OLLAMA_VERSION, "ollama_version"),
-        (OLLAMA_TAGS, "ollama_tags"), (OLLAMA_PS, "ollama_ps"), (OLLAMA_SHOW, "ollama_show"),
-        (OLLAMA_CHAT, "ollama_chat"), (OLLAMA_GENERATE, "ollama_generate"), (OLLAMA_PULL, "ollama_pull"))
-    OPEN_ROUTES = ("health", "ollama_root", "ollama_version", "serve_ui")   # what answers without the key
+    component = ACTOR_QUEEN
 
     def __init__(self, args):
-        super().__init__()
         self.args = args                  #: the command line
-        self.token = random_id(24)        #: the bearer token of every hive this queen starts
         #: the key every caller but /health must send (None: a loopback queen without one)
         self.api_key = role_secret(self.component, args.api_key_file, ENV_API_KEY, "api-key", args.host)
         self.nodes = NodeRegistry()       #: beehives.db (read on every task: the CLI writes it)
-        self.hives = {}                   #: node name -> its running HiveSession (guarded by hives_lock)
-        self.hives_lock = threading.Lock()    #: guards `hives` and `_start_locks`
-        self._start_locks = {}            #: node name -> Lock held while its hive starts (one start per node)
-        self.scheduler = Scheduler(self)  #: where tasks run: placement, replicas, eviction
+        self.hives = Hives(self.nodes, random_id(24), args.keep_alive)   #: a hive per node, started on demand
+        #: which worker serves each request: placement, replicas, eviction, splits
+        self.scheduler = Scheduler(self.hives, self.nodes,
+                                   SchedulerSettings(args.keep_alive, args.max_queue, args.max_replicas))
         self.metrics = Metrics()          #: /metrics: the apps' requests (its own lock)
         self.feed = EventFeed()           #: /v2/events: every narration the queen sees (its own lock)
         _taps.append(self.feed.publish)
+        models = AppModels(self.scheduler, self.hives)
+        self.openai = OpenAIApi(self.scheduler, models, self.metrics)              #: OpenAI's API
+        self.ollama = OllamaApi(self.scheduler, self.hives, models, self.metrics)   #: Ollama's API
+        #: what answers without the key
+        self.open_routes = (self.health, self.ollama.root, self.ollama.version, self.serve_ui)
+        super().__init__((
+            (QUEEN_HEALTH, self.health), (QUEEN_TASKS, self.task), (QUEEN_WORKERS, self.list_workers),
+            (QUEEN_WORKER_SHUTDOWN, self.shutdown_worker), (QUEEN_MODELS, self.list_models),
+            (QUEEN_DOWNLOAD, self.download_model), (QUEEN_REMOVE, self.remove_model), (QUEEN_STATUS, self.status),
+            (QUEEN_SHUTDOWN, self.shutdown_request), (QUEEN_METRICS, self.serve_metrics),
+            (QUEEN_UI, self.serve_ui), (QUEEN_EVENTS, self.events)) + self.openai.routes() + self.ollama.routes())
 
-    def authorize(self, req, name):
-        if self.api_key is not None and name not in self.OPEN_ROUTES:
+    def authorize(self, req, handler):
+        if self.api_key is not None and handler not in self.open_routes:
             req.require_bearer(self.api_key)
 
     def error_body(self, path, err):
         """Each API's errors in its own shape: OpenAI's, Ollama's `{"error": "..."}`, rbee's envelope."""
-        if path.startswith(("/v1/", "/chat/", "/completions", "/models")):
+        if path.startswith(OPENAI_PATHS):
             return openai_error(err)
-        if path == "/" or path.startswith("/api/"):
+        if path == OLLAMA_ROOT[1] or path.startswith(OLLAMA_PATHS):
             return {"error": err.message}
         return err.envelope()
 
@@ -4543,44 +5051,7 @@ class Queen(OpenAIApi, OllamaApi, App):
             return
         super().dispatch(handler)
 
-    # -- hives ------------------------------------------------------------------------------------
-
-    def hive(self, name, sink=None):
-        """The running hive of node `name`, started (narrated to `sink`) if there is none."""
-        node = self.nodes.resolve(name)
-        with self.hives_lock:
-            start_lock = self._start_locks.setdefault(name, threading.Lock())
-        with start_lock:
-            with self.hives_lock:
-                session = self.hives.get(name)
-            if session and not session.exited.is_set():
-                return session
-            session = HiveSession(node, self.token, self._hive_exited, self.args.keep_alive)
-            with narration_to(sink or _current_sink()), session.listening(sink or emit_line):
-                try:
-                    session.start()
-                except RbeeError as err:
-                    self.nodes.update(name, status="unreachable" if isinstance(err, SshFailed) else "reachable",
-                                      last_error=err.message)
-                    raise
-            self.nodes.update(name, status="reachable", last_connected_unix=int(time.time()), last_error=None)
-            with self.hives_lock:
-                self.hives[name] = session
-            return session
-
-    def _hive_exited(self, session, code):
-        with self.hives_lock:
-            if self.hives.get(session.name) is session:
-                del self.hives[session.name]
-        if session.ready.is_set() and not self.stopping.claimed:
-            narrate("queen-rbee", "hive_exit", "rbee-hive on %s exited (code %s)" % (session.name, code), "🪦",
-                    node=session.name)
-
-    def running_hives(self):
-        with self.hives_lock:
-            return [s for s in self.hives.values() if s.ready.is_set() and not s.exited.is_set()]
-
-    # -- endpoints --------------------------------------------------------------------------------
+    # -- the keeper's API (/v2) -------------------------------------------------------------------
 
     def health(self, req):
         req.send_json(200, {"status": "ok", "version": __version__, "key_required": self.api_key is not None})
@@ -4588,7 +5059,7 @@ class Queen(OpenAIApi, OllamaApi, App):
     def node_of(self, body_or_query):
         """The registered node a request names (`node`, default localhost): 400 for a wrong type,
         404 NODE_NOT_FOUND for one nobody registered, both before any stream starts."""
-        node = text_field(body_or_query, "node", "localhost", limit=200)
+        node = text_field(body_or_query, "node", LOCAL_NODE, limit=200)
         self.nodes.resolve(node)
         return node
 
@@ -4605,7 +5076,7 @@ class Queen(OpenAIApi, OllamaApi, App):
             device = None   # (any device of the chosen backend)
         parallel = parallel_of(body)
         keep_alive = keep_alive_of(body, None)   # (None: the hive's, which is this queen's --keep-alive)
-        nodes = self.candidates() if node == AUTO_NODE else [self.nodes.resolve(node)["node_name"]]
+        nodes = self.hives.candidates() if node == AUTO_NODE else [self.nodes.resolve(node)["node_name"]]
         split = body.get("split")
         if split is not None:
             if not isinstance(split, list) or not 2 <= len(split) <= 16 or len(set(map(str, split))) != len(split):
@@ -4613,41 +5084,22 @@ class Queen(OpenAIApi, OllamaApi, App):
             split = [self.nodes.resolve(text_field({"node": n}, "node", limit=200))["node_name"] for n in split]
         stream = req.sse()   # (NODE_NOT_FOUND and every 400 before the stream starts)
         with narration_to(stream.narration):
-            warm = None if split or keep_alive is not None else self.scheduler.warm(ref, nodes, backend, device, True)
-            if warm:   # its worker took the last task and has room: no survey, no spawn
-                session, worker = warm[0], dict(warm[1], timings={"reused": True})
-                narrate("queen-rbee", "placement", "Placing on %s %s:%s: its worker is warm" % (
-                    session.name, worker.get("backend"), worker.get("device")), "📍", node=session.name,
-                    backend=worker.get("backend"), device=worker.get("device"), decision="reuse")
-            else:
-                session, worker = self.scheduler.place(ref, nodes, backend, device, parallel, keep_alive,
-                                                       stream.narration, split)
-                self.scheduler.remember(ref, session, worker, self.args.keep_alive if keep_alive is None
-                                        else keep_alive)
+            session, worker, _, _ = self.scheduler.assign(ref, stream.narration, nodes, backend, device, parallel,
+                                                          keep_alive, split, task=True)
         timings = dict(session.timings, **(worker.get("timings") or {}))
         session.timings = {}   # the hive start is paid once
         stream.finish(EVENT_WORKER, {"worker_id": worker["worker_id"], "worker_url": session.worker_url(worker["url"]),
-                                 "api_key": worker["api_key"], "node": session.name, "backend": worker.get("backend"),
-                                 "device": worker.get("device"), "model_ref": ref.text, "timings": timings,
-                                 "split": worker.get("split")})
-
-    def candidates(self):
-        """The nodes a task without one may go to: localhost and every registered node."""
-        return ["localhost"] + [n["node_name"] for n in self.nodes.list() if n["node_name"] != "localhost"]
-
-    def _workers_of(self, session):
-        workers = session.client.workers()
-        for w in workers:
-            w.update(node=session.name, url=session.worker_url(w["url"]))
-        return workers
+                                     "api_key": worker["api_key"], "node": session.name,
+                                     "backend": worker.get("backend"), "device": worker.get("device"),
+                                     "model_ref": ref.text, "timings": timings, "split": worker.get("split")})
 
     def list_workers(self, req):
         """Workers of the running hives (a node without a hive has none: nothing is started)."""
         name, workers, errors = req.query.get("node"), [], []
-        for session in self.running_hives():
+        for session in self.hives.running():
             if name in (None, session.name):
                 try:
-                    workers += self._workers_of(session)
+                    workers += self.hives.workers_of(session)
                 except RbeeError as err:   # one unreachable hive does not hide the others
                     errors.append(dict(err.envelope()["error"], node=session.name))
         req.send_json(200, {"workers": workers, "errors": errors})
@@ -4655,21 +5107,21 @@ class Queen(OpenAIApi, OllamaApi, App):
     def shutdown_worker(self, req):
         body = req.json
         node, worker_id = self.node_of(body), text_field(body, "worker_id", limit=200)
-        session = next((s for s in self.running_hives() if s.name == node), None)
+        session = self.hives.running_on(node)
         if session is None:
-            raise InvalidRequest("No worker %s: no hive runs on %s" % (worker_id, node),
-                                 {"node": node}, "See the workers: rbee.py workers list")
+            raise WorkerNotFound("No worker %s: no hive runs on %s" % (worker_id, node),
+                                 {"node": node, "worker_id": worker_id})
         req.send_json(202, session.client.shutdown_worker(worker_id))
 
     def list_models(self, req):
-        req.send_json(200, {"models": self.hive(self.node_of(req.query)).client.models()})
+        req.send_json(200, {"models": self.hives.get(self.node_of(req.query)).client.models()})
 
     def download_model(self, req):
         body = req.json
         ref, node = model_ref_of(body), self.node_of(body)
         stream = req.sse()
         with narration_to(stream.narration):
-            session = self.hive(node, stream.narration)
+            session = self.hives.get(node, stream.narration)
             with session.listening(stream.narration):
                 result = session.client.download(ref.text, session.tagged(stream.narration))
         stream.finish(EVENT_END, result)
@@ -4677,43 +5129,22 @@ class Queen(OpenAIApi, OllamaApi, App):
     def remove_model(self, req):
         body = req.json
         ref, node = model_ref_of(body), self.node_of(body)
-        req.send_json(200, self.hive(node).client.remove(ref.text))
-
-    def cluster(self):
-        """(each running hive's memory, devices, workers and models; every worker in one list)."""
-        hives, workers = [], []
-
-        def ask(session):
-            entry = {"node": session.name, "url": session.url, "limits": self.nodes.limits(session.name)}
-            try:
-                found = session.client.resources()
-                for w in found["workers"]:
-                    w.update(node=session.name, url=session.worker_url(w["url"]) if w.get("url") else None)
-                entry.update((k, found[k]) for k in ("ram_total_mb", "ram_free_mb", "devices", "workers", "models",
-                                                     "keep_alive_s"))
-            except RbeeError as err:
-                entry["error"] = err.envelope()["error"]
-            hives.append(entry)
-        in_parallel(ask, self.running_hives())
-        hives.sort(key=lambda h: h["node"])
-        for entry in hives:
-            workers += entry.get("workers", [])
-        return hives, workers
+        req.send_json(200, self.hives.get(node).client.remove(ref.text))
 
     def status(self, req):
         """Nodes (with their caps), each running hive's memory, devices, workers and models, and
         every worker in one list (`rbee.py ps`). Nothing is started to answer."""
-        hives, workers = self.cluster()
+        hives, workers = self.hives.cluster()
         nodes = [dict(n, env=masked_env(n["env"]), limits=self.nodes.limits(n["node_name"])) for n in self.nodes.list()]
         running = {h["node"] for h in hives}
         for node in nodes:
             node["hive"] = node["node_name"] in running
-        local = {"node_name": "localhost", "ssh_host": "127.0.0.1", "status": "local", "hive": "localhost" in running,
-                 "limits": self.nodes.limits("localhost")}
+        local = {"node_name": LOCAL_NODE, "ssh_host": "127.0.0.1", "status": "local", "hive": LOCAL_NODE in running,
+                 "limits": self.nodes.limits(LOCAL_NODE)}
         req.send_json(200, {"version": __version__, "queen": {"pid": os.getpid(), "port": self.port,
                                                               "keep_alive_s": self.args.keep_alive,
                                                               "max_replicas": self.args.max_replicas},
-                            "nodes": [local] + [n for n in nodes if n["node_name"] != "localhost"],
+                            "nodes": [local] + [n for n in nodes if n["node_name"] != LOCAL_NODE],
                             "hives": hives, "workers": workers})
 
     def serve_ui(self, req):
@@ -4742,52 +5173,9 @@ class Queen(OpenAIApi, OllamaApi, App):
             stream.close()
 
     def serve_metrics(self, req):
-        hives, workers = self.cluster()
+        hives, workers = self.hives.cluster()
         write_body(req.handler, 200, "text/plain; version=0.0.4; charset=utf-8",
                    self.metrics.render(workers, hives).encode())
-
-    # -- the models the apps name ---------------------------------------------------------------
-
-    def model_named(self, name):
-        """The model an app's `model` names: a reference rbee accepts, or an id (or catalog id) from
-        model_list; else 404 MODEL_NOT_FOUND (400 when it is no string at all)."""
-        if not isinstance(name, str) or not name.strip():
-            raise invalid("model", "is required: a model reference (hf:ORG/REPO, file:/path.gguf) or an id from "
-                          "GET /v1/models")
-        with contextlib.suppress(InvalidModelRef):
-            return ModelRef.parse(name)
-        for model in self.model_list():
-            if name in (model["id"], model["slug"]):
-                return ModelRef.parse(model["id"])
-        raise ModelNotFound("The model %r does not exist on any reachable node" % name, {"model": name},
-                            "See GET /v1/models, or name a reference: hf:ORG/REPO[:QUANT] or file:/path.gguf")
-
-    def model_list(self):
-        """Every model cataloged on a node whose hive answers, and every loaded one, by id:
-        {id, slug, filename, size_bytes, sha256, created, nodes, loaded_on}. An hf model's id is
-        hf:ORG/REPO (with :FILE when a node holds several files of the repo); a file's, file:PATH."""
-        try:
-            answers = self.scheduler.survey(None, self.candidates(), _current_sink())
-        except RbeeError:   # (no hive answers: no model)
-            answers = {}
-        found = {}
-        for name, res in answers.items():
-            files = collections.Counter(row["reference"] for row in res["models"] if row["provider"] == "hf")
-            for row in res["models"]:
-                if row["provider"] == "hf":
-                    model_id = "hf:" + row["reference"] + (":" + row["filename"] if files[row["reference"]] > 1 else "")
-                else:
-                    model_id = "file:" + row["local_path"]
-                entry = found.setdefault(model_id, {
-                    "id": model_id, "slug": row["id"], "filename": row["filename"], "size_bytes": row["size_bytes"],
-                    "sha256": row["sha256"], "created": row["downloaded_at_unix"], "nodes": [], "loaded_on": []})
-                entry["nodes"].append(name)
-            for w in res["workers"]:
-                entry = found.setdefault(w["model_ref"], {
-                    "id": w["model_ref"], "slug": w["model_ref"], "filename": w["model_ref"], "size_bytes": 0,
-                    "sha256": None, "created": int(time.time()), "nodes": [], "loaded_on": []})
-                entry["loaded_on"].append(name)
-        return [found[k] for k in sorted(found)]
 
     def shutdown_request(self, req):
         req.send_json(202, {"status": "shutting down"})
@@ -4797,7 +5185,7 @@ class Queen(OpenAIApi, OllamaApi, App):
 
     def start(self):
         self.serve(self.args.host, self.args.port)
-        narrate("queen-rbee", "http_ready", "Queen ready on %s:%d" % (self.args.host, self.port), "👑",
+        narrate(ACTOR_QUEEN, "http_ready", "Queen ready on %s:%d" % (self.args.host, self.port), "👑",
                 port=self.port, version=__version__)
         self.announce_ready()
 
@@ -4805,12 +5193,11 @@ class Queen(OpenAIApi, OllamaApi, App):
         """Cascade to every hive in parallel, then exit 0."""
         if not self.stopping.claim():
             return
-        with self.hives_lock:
-            sessions = list(self.hives.values())
-        narrate("queen-rbee", "shutdown", "Shutting down (%s): stopping %d hive(s)" % (reason, len(sessions)), "👋")
-        in_parallel(HiveSession.stop, sessions)
+        narrate(ACTOR_QUEEN, "shutdown", "Shutting down (%s): stopping %d hive(s)" % (reason, self.hives.count()),
+                "👋")
+        self.hives.stop_all()
         self.stop_serving()
-        narrate("queen-rbee", "exit", "Queen stopped", "💤")
+        narrate(ACTOR_QUEEN, "exit", "Queen stopped", "💤")
         self.stopped.set()
 
 
@@ -4836,6 +5223,16 @@ except Exception as exc:
     info["error"] = "%s: %s" % (type(exc).__name__, exc)
 print(json.dumps(info))
 '''
+
+
+def report_error(err, as_json=False):
+    """Show an error once: `[component] ❌ Error: ...` on stderr (and, with --json, its event)."""
+    if getattr(err, "reported", False):
+        return
+    err.reported = True
+    if as_json:
+        emit_line(dict(event=EVENT_ERROR, **err.envelope()))
+    stderr_renderer().error(err)
 
 
 @contextlib.contextmanager
@@ -4874,7 +5271,7 @@ class Keeper:
         self.json = getattr(args, "json", False)     #: --json: events on stdout, not text
         self.quiet = getattr(args, "quiet", False)   #: --quiet: no narration (errors stay)
         self.renderer = stderr_renderer()            #: narration and errors on stderr
-        self.queen_proc = None            #: the queen this keeper started (ephemeral mode), else None
+        self.queen_child = None           #: the queen this keeper started (ephemeral mode): a Child, else None
         self.relay_queen = True           #: show what the ephemeral queen prints (off once it is stopping)
         self.timings = collections.OrderedDict()   #: --timings: label -> ms (the main thread)
 
@@ -4890,12 +5287,12 @@ class Keeper:
         if self.quiet:
             return
         if self.json:
-            emit_line(dict(event="narration", **event))
+            emit_line(dict(event=EVENT_NARRATION, **event))
         else:
             self.renderer.show(event)
 
     def say(self, action, human, cute=None):
-        self.show({"actor": "rbee-keeper", "action": action, "human": human, "cute": cute})
+        self.show({"actor": ACTOR_KEEPER, "action": action, "human": human, "cute": cute})
 
     # -- the queen --------------------------------------------------------------------------------
 
@@ -4906,36 +5303,28 @@ class Keeper:
         host, port, _ = _split_url(self.queen.url)
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ConnectionTimeout("No queen answers at %s" % self.queen.url, {"queen": self.queen.url},
-                                    "Start it there (rbee.py queen) or drop --queen to use a local one", "rbee-keeper")
-        ready = threading.Event()
+                                    "Start it there (rbee.py queen) or drop --queen to use a local one", ACTOR_KEEPER)
 
         def from_queen(event):
             if self.relay_queen:
                 self.show(event)
-
-        def control(line):
-            if line.get(CONTROL) == CONTROL_READY:
-                ready.set()
-        self.queen_proc = spawn_child([sys.executable, "-u", RBEE_PY, "queen", "--host", host, "--port", str(port),
-                                       "--lifeline"])
-        output = ChildOutput(self.queen_proc, from_queen, name="queen", log=open_log("queen.log"), on_control=control)
-        output.start()
-        deadline = time.monotonic() + 30
-        while not ready.wait(0.01):
-            if self.queen_proc.poll() is not None or time.monotonic() > deadline:
-                self.stop_queen()
-                if self.queen.alive():   # another keeper started one meanwhile: use it, never stop it
-                    return
-                raise InternalError("The queen did not start", {"last_output": list(output.tail)[-8:]},
-                                    "Is port %d free? Try rbee.py queen --port %d in another terminal" % (port, port),
-                                    "queen-rbee")
+        self.queen_child = Child("queen", role_argv(["queen", "--host", host, "--port", str(port), "--lifeline"]),
+                                 from_queen)
+        if not self.queen_child.wait(30):
+            said = self.queen_child.last_words() if self.queen_child.exited.is_set() else []
+            self.stop_queen()
+            if self.queen.alive():   # another keeper started one meanwhile: use it, never stop it
+                return
+            raise StartFailed("The queen did not start", {"last_output": said},
+                              "Is port %d free? Try rbee.py queen --port %d in another terminal" % (port, port),
+                              ACTOR_QUEEN)
 
     def stop_queen(self):
         """SIGTERM to the queen this keeper started (never to a persistent one); it cascades."""
-        proc, self.queen_proc = self.queen_proc, None
-        if proc is not None:
+        child, self.queen_child = self.queen_child, None
+        if child is not None:
             self.relay_queen = False
-            stop_child(proc, graceful=lambda: proc.send_signal(signal.SIGTERM), timeout=GRACEFUL_TIMEOUT + 10)
+            child.stop(lambda: child.proc.send_signal(signal.SIGTERM), timeout=GRACEFUL_TIMEOUT + 10)
 
     # -- infer ------------------------------------------------------------------------------------
 
@@ -4952,7 +5341,7 @@ class Keeper:
             task["split"] = [n for n in args.split.split(",") if n]
         worker = self.queen.task(task, self.show)
         self.timings["worker ready (queen + hive)"] = (time.monotonic() - started) * 1000
-        local = worker.get("node") == "localhost"
+        local = worker.get("node") == LOCAL_NODE
         connect = "hive process start" if local else "ssh connect (to the hive's first word)"
         for key, label in (("ssh_connect_ms", connect), ("hive_start_ms", "hive ready (HTTP up)"),
                            ("download_ms", "model download"),
@@ -4960,7 +5349,7 @@ class Keeper:
             if key in (worker.get("timings") or {}):
                 self.timings[label] = worker["timings"][key]
         if self.json:
-            emit_line(dict(event="worker", **{k: v for k, v in worker.items() if k != "api_key"}))
+            emit_line(dict(event=EVENT_WORKER, **{k: v for k, v in worker.items() if k != "api_key"}))
         end = self.execute(worker)
         self.timings["total"] = (time.monotonic() - started) * 1000
         if args.timings:
@@ -4991,7 +5380,7 @@ class Keeper:
                         self.show(event.event)
                     elif isinstance(event, JobEnded):
                         self.end_text_line(tty)
-                        self.write_out("", dict(event="end", **event.stats))
+                        self.write_out("", dict(event=EVENT_END, **event.stats))
                         return event.stats
             except RbeeError:
                 self.end_text_line(tty)
@@ -5026,13 +5415,11 @@ class Keeper:
         self.renderer.write("\n".join(lines) + "\n")
 
 
-# -- nodes, models, workers, status -----------------------------------------------------------------
-
 def probe_node(target, node, rbee_dir, python):
     """ssh round trip with latency; the node's Python, rbee.py version and backends."""
     started = time.monotonic()
     out = ssh_run(target, "cd %s 2>/dev/null; exec %s -" % (shell_path(rbee_dir), shell_path(python)), timeout=60,
-                  node=node, stdin_data=NODE_PROBE.encode(), actor="rbee-keeper")
+                  node=node, stdin_data=NODE_PROBE.encode(), actor=ACTOR_KEEPER)
     latency_ms = (time.monotonic() - started) * 1000
     try:
         info = json.loads(out.stdout.decode().strip().splitlines()[-1])
@@ -5041,6 +5428,52 @@ def probe_node(target, node, rbee_dir, python):
             python, out.returncode, out.stderr.decode("utf-8", "replace").strip()[-300:])}
     info["latency_ms"] = round(latency_ms, 1)
     return info
+
+
+def install_node(node, target, args):
+    """Copy rbee.py + backends/ to the node; with a venv, install llama-cpp-python built for it."""
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(RBEE_PY, "rbee.py")
+        for name in sorted(os.listdir(os.path.join(HERE, "backends"))):
+            if name.endswith(".py"):
+                tar.add(os.path.join(HERE, "backends", name), "backends/" + name)
+    rbee_dir = node["rbee_dir"]
+    quoted = shell_path(rbee_dir)
+    out = ssh_run(target, "mkdir -p %s && tar -xzf - -C %s" % (quoted, quoted), node=node["node_name"],
+                  stdin_data=buf.getvalue(), actor=ACTOR_KEEPER)
+    if out.returncode:
+        raise SshFailed("Copying rbee.py to %s failed" % node["node_name"],
+                        {"said": out.stderr.decode("utf-8", "replace")[-400:]}, "Check write access to %s" % rbee_dir)
+    print("Copied rbee.py and backends/ to %s:%s" % (node["node_name"], rbee_dir))
+    if args.no_venv:
+        return 0
+    script = ("set -e; cd %s; %s -m venv .venv; "
+              "export CMAKE_ARGS=-DGGML_RPC=on; "   # (a split's parts: issue 13)
+              "if command -v nvidia-smi >/dev/null; then export CMAKE_ARGS=\"$CMAKE_ARGS -DGGML_CUDA=on\"; "
+              "elif [ \"$(uname -s)-$(uname -m)\" = Darwin-arm64 ]; then "
+              "export CMAKE_ARGS=\"$CMAKE_ARGS -DGGML_METAL=on\"; fi; "
+              ".venv/bin/pip install -q llama-cpp-python==0.3.36 huggingface_hub==2.4.0"
+              % (quoted, shell_path(node["python"])))
+    print("Installing llama-cpp-python on %s (a first build takes minutes)..." % node["node_name"])
+    code = subprocess.call(target.argv(script), stdin=subprocess.DEVNULL)
+    if code:
+        raise InternalError("Installing the dependencies on %s failed (exit %d)" % (node["node_name"], code),
+                            {}, "Run the install by hand on the node to see why")
+    venv_python = (rbee_dir.rstrip("/") + "/.venv/bin/python")
+    NodeRegistry().update(node["node_name"], python=venv_python)
+    print("Node %s now uses %s" % (node["node_name"], venv_python))
+    return 0
+
+
+def describe_limits(caps):
+    """"at most 8 GB of RAM and 6 GB of VRAM per GPU", or "all its memory"."""
+    parts = ["%s of %s" % (human_bytes(caps[key] << 20), what) for key, what in (("max_ram_mb", "RAM"),
+                                                                                ("max_vram_mb", "VRAM per GPU"))
+             if caps.get(key)]
+    return "at most " + " and ".join(parts) if parts else "all its memory"
 
 
 def cmd_nodes(args):
@@ -5112,47 +5545,9 @@ def cmd_nodes(args):
             raise VersionMismatch("rbee.py on %s is %s; this one is %s" % (
                 node["node_name"], info.get("rbee_version") or "missing", __version__),
                 {"node": node["node_name"], "rbee_dir": node["rbee_dir"]},
-                "Copy this rbee.py there: rbee.py nodes install %s" % node["node_name"], "rbee-keeper")
+                "Copy this rbee.py there: rbee.py nodes install %s" % node["node_name"], ACTOR_KEEPER)
         return 0
     return install_node(node, target, args)
-
-
-def install_node(node, target, args):
-    """Copy rbee.py + backends/ to the node; with a venv, install llama-cpp-python built for it."""
-    import io
-    import tarfile
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        tar.add(RBEE_PY, "rbee.py")
-        for name in sorted(os.listdir(os.path.join(HERE, "backends"))):
-            if name.endswith(".py"):
-                tar.add(os.path.join(HERE, "backends", name), "backends/" + name)
-    rbee_dir = node["rbee_dir"]
-    quoted = shell_path(rbee_dir)
-    out = ssh_run(target, "mkdir -p %s && tar -xzf - -C %s" % (quoted, quoted), node=node["node_name"],
-                  stdin_data=buf.getvalue(), actor="rbee-keeper")
-    if out.returncode:
-        raise SshFailed("Copying rbee.py to %s failed" % node["node_name"],
-                        {"said": out.stderr.decode("utf-8", "replace")[-400:]}, "Check write access to %s" % rbee_dir)
-    print("Copied rbee.py and backends/ to %s:%s" % (node["node_name"], rbee_dir))
-    if args.no_venv:
-        return 0
-    script = ("set -e; cd %s; %s -m venv .venv; "
-              "export CMAKE_ARGS=-DGGML_RPC=on; "   # (a split's parts: issue 13)
-              "if command -v nvidia-smi >/dev/null; then export CMAKE_ARGS=\"$CMAKE_ARGS -DGGML_CUDA=on\"; "
-              "elif [ \"$(uname -s)-$(uname -m)\" = Darwin-arm64 ]; then "
-              "export CMAKE_ARGS=\"$CMAKE_ARGS -DGGML_METAL=on\"; fi; "
-              ".venv/bin/pip install -q llama-cpp-python==0.3.36 huggingface_hub==2.4.0"
-              % (quoted, shell_path(node["python"])))
-    print("Installing llama-cpp-python on %s (a first build takes minutes)..." % node["node_name"])
-    code = subprocess.call(target.argv(script), stdin=subprocess.DEVNULL)
-    if code:
-        raise InternalError("Installing the dependencies on %s failed (exit %d)" % (node["node_name"], code),
-                            {}, "Run the install by hand on the node to see why")
-    venv_python = (rbee_dir.rstrip("/") + "/.venv/bin/python")
-    NodeRegistry().update(node["node_name"], python=venv_python)
-    print("Node %s now uses %s" % (node["node_name"], venv_python))
-    return 0
 
 
 def print_models(rows):
@@ -5198,17 +5593,9 @@ def cmd_workers(args):
                 print("%-16s %-12s %-8s %-30s %-6s %s" % (w["worker_id"], w["node"], w["state"], w["url"],
                                                          "%s:%s" % (w["backend"], w["device"]), w["model_ref"]))
         else:
-            keeper.queen.shutdown_worker(args.node or "localhost", args.id)
+            keeper.queen.shutdown_worker(args.node or LOCAL_NODE, args.id)
             print("Worker %s is shutting down" % args.id)
     return 0
-
-
-def describe_limits(caps):
-    """"at most 8 GB of RAM and 6 GB of VRAM per GPU", or "all its memory"."""
-    parts = ["%s of %s" % (human_bytes(caps[key] << 20), what) for key, what in (("max_ram_mb", "RAM"),
-                                                                                ("max_vram_mb", "VRAM per GPU"))
-             if caps.get(key)]
-    return "at most " + " and ".join(parts) if parts else "all its memory"
 
 
 def queen_status(args):
@@ -5264,7 +5651,7 @@ def cmd_ps(args):
         print("No queen runs at %s: nothing is loaded" % Keeper(args).queen.url, file=sys.stderr)
     print("%-44s %-14s %-8s %-7s %-5s %-9s %s" % ("MODEL", "NODE", "DEVICE", "SLOTS", "QUEUE", "MEMORY", "UNTIL"))
     for w in workers:
-        until = ("forever" if w["keep_alive_s"] < 0 else "busy" if w["state"] == "busy" else
+        until = ("forever" if w["keep_alive_s"] < 0 else WORKER_BUSY if w["state"] == WORKER_BUSY else
                  w["state"] if w.get("expires_unix") is None else
                  "in %s" % human_duration(max(0, w["expires_unix"] - time.time())))
         print("%-44s %-14s %-8s %-7s %-5d %-9s %s" % (
@@ -5277,6 +5664,11 @@ def cmd_ps(args):
 # ============================================================================================
 # CLI
 # ============================================================================================
+
+def _with_keeper(args, action):
+    with Keeper(args) as keeper:
+        return action(keeper)
+
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):   # usage errors: exit 2 with the envelope's words, no traceback
@@ -5299,7 +5691,6 @@ def env_pair(text):
     if not sep or not key:
         raise argparse.ArgumentTypeError("%r is not KEY=VALUE" % text)
     return key, value
-
 
 
 def keep_alive_arg(text):
@@ -5480,21 +5871,6 @@ def build_parser():
     return p
 
 
-def _with_keeper(args, action):
-    with Keeper(args) as keeper:
-        return action(keeper)
-
-
-def report_error(err, as_json=False):
-    """Show an error once: `[component] ❌ Error: ...` on stderr (and, with --json, its event)."""
-    if getattr(err, "reported", False):
-        return
-    err.reported = True
-    if as_json:
-        emit_line(dict(event="error", **err.envelope()))
-    stderr_renderer().error(err)
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -5508,7 +5884,7 @@ def main(argv=None):
     except StdoutClosed:   # the reader took what it wanted; the job was cancelled
         return 0
     except Exception as exc:   # a bug: still the envelope's shape, with the traceback in a log
-        err = RbeeError.wrap(exc, "rbee-keeper")
+        err = RbeeError.wrap(exc, ACTOR_KEEPER)
         with open_log("keeper-crash.log") as log:
             import traceback
             traceback.print_exc(file=log)

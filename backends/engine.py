@@ -20,6 +20,8 @@ import time
 
 N_BATCH = 512          # tokens in one decode step, all slots together
 MIN_P = 0.05           # the min-p that llama-cpp-python's create_completion uses by default
+# the kinds of an EngineJob's events; rbee.py's Protocol section names them ENGINE_* (a test keeps both equal)
+ADMITTED, TOKEN, END, ERROR = "admitted", "token", "end", "error"
 
 
 class EngineJob:
@@ -106,7 +108,7 @@ class Engine:
         """Queue `job`; returns its place in the queue (0: a slot is free, it starts at the next step)."""
         with self.cond:
             if self.closing or self.dead:
-                job.events.put(("error", self.dead) if self.dead else ("end", "cancelled"))
+                job.events.put((ERROR, self.dead) if self.dead else (END, "cancelled"))
                 return 0
             self.waiting.append(job)
             self.cond.notify()
@@ -162,7 +164,7 @@ class Engine:
                 self.dead = "the engine stopped: %s: %s" % (type(exc).__name__, exc)
                 waiting, self.waiting = list(self.waiting), collections.deque()
             for job in waiting:
-                job.events.put(("error", self.dead))
+                job.events.put((ERROR, self.dead))
             self._fail_running(self.dead)
             raise
 
@@ -179,7 +181,7 @@ class Engine:
         """Waiting jobs into free slots, in order; cancelled ones leave the queue at once."""
         for job in [j for j in self.waiting if j.cancel.is_set() or self.closing]:
             self.waiting.remove(job)
-            job.events.put(("end", "cancelled"))
+            job.events.put((END, "cancelled"))
         while self.waiting:
             free = [s for s in self.slots if s.job is None]
             if not free:
@@ -208,7 +210,7 @@ class Engine:
             lc.llama_sampler_free(slot.sampler)
         slot.sampler = self._sampler(job)
         job.admitted.set()
-        job.events.put(("admitted", {"slot": slot.seq_id, "reused": reused}))
+        job.events.put((ADMITTED, {"slot": slot.seq_id, "reused": reused}))
 
     def _sampler(self, job):
         lc = self.llama_cpp
@@ -277,7 +279,7 @@ class Engine:
         if lc.llama_vocab_is_eog(self.vocab, token):
             return self._finish(slot, "eos")
         slot.generated += 1
-        slot.job.events.put(("token", slot.decoder.decode(self._piece(token))))
+        slot.job.events.put((TOKEN, slot.decoder.decode(self._piece(token))))
         if slot.generated >= slot.job.max_tokens or len(slot.cache) + 1 >= self.n_ctx_slot:
             return self._finish(slot, "max_tokens")
         slot.next_token = token
@@ -300,8 +302,8 @@ class Engine:
                 self.running -= 1
         tail = slot.decoder.decode(b"", final=True) if slot.decoder else ""
         if tail and error is None:
-            job.events.put(("token", tail))
-        job.events.put(("error", error) if error is not None else ("end", reason))
+            job.events.put((TOKEN, tail))
+        job.events.put((ERROR, error) if error is not None else (END, reason))
 
 
 def kv_cache_mb(llama_cpp, model, n_ctx):

@@ -38,6 +38,13 @@ import fetch_model  # noqa: E402
 PY, RBEE = sys.executable, str(REPO / "rbee.py")
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 N_CTX, TOKENS, SEED, RUNS = 2048, 128, 42, int(os.environ.get("BENCH_RUNS", "7"))
+# BENCH_ONLY=cold_local,warm: those scenarios alone (with the raw runs paired with them), for a quick
+# before/after of one figure; the default is every scenario
+ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
+
+
+def wanted(scenario):
+    return not ONLY or scenario in ONLY
 THREADS = backends.physical_cores()
 
 
@@ -231,41 +238,27 @@ def main():
         print("raw ...", file=sys.stderr)
         baseline = RawBaseline(model, env)
 
-        print("worker and peer ...", file=sys.stderr)
-        port = free_port()
-        worker = role(["worker", "--model", model, "--backend", "cpu", "--device", "0", "--port", str(port),
-                       "--host", "127.0.0.1"], dict(env, RBEE_WORKER_API_KEY="bench"))
-        body = {"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "seed": SEED, "raw": True}
-        with peer_server(model, env) as (peer_port, _):
-            peer_body = {"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "seed": SEED, "stream": True}
-            raws, (worker_runs, peer_runs) = baseline.paired(
-                lambda: sse_tokens(port, "/execute", body, {"Authorization": "Bearer bench"}),
-                lambda: sse_tokens(peer_port, "/v1/completions", peer_body, marker=PEER_TOKEN))
-        results["worker"], results["peer"] = summarize(worker_runs, raws), summarize(peer_runs, raws)
-        results["footprint"] = {"worker_overhead_mb": round(rss_mb(worker.pid) - baseline.runs[-1]["rss_mb"], 1)}
-        stop(worker)
-
-        print("warm ...", file=sys.stderr)
-        qport = free_port()
-        queen = role(["queen", "--port", str(qport)], env)
-        warm_args = infer + ["--node", "localhost", "--queen", "http://127.0.0.1:%d" % qport]
-        raws, (warm_runs,) = baseline.paired(lambda: whole_command(warm_args, env))
-        results["warm"] = summarize(warm_runs, raws)
-        hive_pid = next(int(p) for p in os.listdir("/proc") if p.isdigit() and _cmd(p).find("rbee.py hive") >= 0)
-        results["footprint"].update(queen_rss_mb=round(rss_mb(queen.pid), 1), hive_rss_mb=round(rss_mb(hive_pid), 1))
-        stop(queen)
-
-        print("cold_local ...", file=sys.stderr)
-        raws, (cold_runs,) = baseline.paired(lambda: whole_command(infer + ["--node", "localhost"], env), warmup=0)
-        results["cold_local"] = summarize(cold_runs, raws)
-
-        print("cold_ssh, and the lan and ssh transports ...", file=sys.stderr)
-        results.update(over_ssh(tmp, env, infer, baseline))
-        print("split ...", file=sys.stderr)
-        results["split"] = split_scenario(tmp, env, model, baseline)
-        print("api ...", file=sys.stderr)
-        results["api"] = api_scenario(model, env, baseline)
-        results["concurrency"] = concurrency(model, env)
+        results["footprint"] = {}
+        if wanted("worker"):
+            worker_and_peer(model, env, baseline, results)
+        if wanted("warm"):
+            warm_scenario(env, infer, baseline, results)
+        if wanted("cold_local"):
+            print("cold_local ...", file=sys.stderr)
+            raws, (cold_runs,) = baseline.paired(lambda: whole_command(infer + ["--node", "localhost"], env),
+                                                 warmup=0)
+            results["cold_local"] = summarize(cold_runs, raws)
+        if wanted("cold_ssh"):
+            print("cold_ssh, and the lan and ssh transports ...", file=sys.stderr)
+            results.update(over_ssh(tmp, env, infer, baseline))
+        if wanted("split"):
+            print("split ...", file=sys.stderr)
+            results["split"] = split_scenario(tmp, env, model, baseline)
+        if wanted("api"):
+            print("api ...", file=sys.stderr)
+            results["api"] = api_scenario(model, env, baseline)
+        if wanted("concurrency"):
+            results["concurrency"] = concurrency(model, env)
         results["raw"] = summarize(baseline.runs[1:])
         results["raw"]["load_s"] = round(baseline.load_s, 3)
         baseline.close()
@@ -275,6 +268,36 @@ def main():
     out.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
     print("\nwritten: %s" % out)
+
+
+def worker_and_peer(model, env, baseline, results):
+    """The worker's /execute over HTTP and llama_cpp.server, paired with raw runs."""
+    print("worker and peer ...", file=sys.stderr)
+    port = free_port()
+    worker = role(["worker", "--model", model, "--backend", "cpu", "--device", "0", "--port", str(port),
+                   "--host", "127.0.0.1"], dict(env, RBEE_WORKER_API_KEY="bench"))
+    body = {"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "seed": SEED, "raw": True}
+    with peer_server(model, env) as (peer_port, _):
+        peer_body = {"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "seed": SEED, "stream": True}
+        raws, (worker_runs, peer_runs) = baseline.paired(
+            lambda: sse_tokens(port, "/execute", body, {"Authorization": "Bearer bench"}),
+            lambda: sse_tokens(peer_port, "/v1/completions", peer_body, marker=PEER_TOKEN))
+    results["worker"], results["peer"] = summarize(worker_runs, raws), summarize(peer_runs, raws)
+    results["footprint"]["worker_overhead_mb"] = round(rss_mb(worker.pid) - baseline.runs[-1]["rss_mb"], 1)
+    stop(worker)
+
+
+def warm_scenario(env, infer, baseline, results):
+    """`rbee.py infer` against a persistent queen whose worker is up: the whole command."""
+    print("warm ...", file=sys.stderr)
+    qport = free_port()
+    queen = role(["queen", "--port", str(qport)], env)
+    warm_args = infer + ["--node", "localhost", "--queen", "http://127.0.0.1:%d" % qport]
+    raws, (warm_runs,) = baseline.paired(lambda: whole_command(warm_args, env))
+    results["warm"] = summarize(warm_runs, raws)
+    hive_pid = next(int(p) for p in os.listdir("/proc") if p.isdigit() and _cmd(p).find("rbee.py hive") >= 0)
+    results["footprint"].update(queen_rss_mb=round(rss_mb(queen.pid), 1), hive_rss_mb=round(rss_mb(hive_pid), 1))
+    stop(queen)
 
 
 def _cmd(pid):
