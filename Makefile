@@ -48,12 +48,12 @@ sysdeps:
 OTHER_VENV := .cache/other-venv
 $(OTHER_VENV)/.installed:
 	test -x $(OTHER_VENV)/bin/python || $(PYTHON) -m venv $(OTHER_VENV)
-	CMAKE_ARGS="-DGGML_RPC=on" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(OTHER_VENV)/bin/python -m pip install -q \
+	CMAKE_ARGS="-DGGML_RPC=on -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(OTHER_VENV)/bin/python -m pip install -q \
 	  llama-cpp-python==0.3.35
 	touch $@
 
 test: model sysdeps $(OTHER_VENV)/.installed
-	$(VPY) -m pytest -v tests
+	$(VPY) -m pytest -n 2 -v tests
 
 # llama.cpp's own llama-server, built once from the llama.cpp that the llama-cpp-python sdist vendors
 LLAMA_SDIST  := .cache/sdist/llama_cpp_python-0.3.36

@@ -161,7 +161,6 @@ CONTROL, CONTROL_READY = "control", "ready"
 # The hive handshake: the first line on the stdin of a `hive --lifeline`, then the lifeline.
 HELLO_TOKEN, HELLO_ENV = "token", "env"
 HELLO_KEEP_ALIVE = "keep_alive"      # seconds a hive lives with no worker (and its workers' default)
-HELLO_ENV_KEYS = ("HF_TOKEN",)       # secrets a hive gets from the queen's environment, never on argv
 
 # How the queen's machine reaches a node's hive and workers: straight over the network (lan), or
 # only through the node's ssh connection (ssh: they listen on the node's 127.0.0.1, forwarded).
@@ -179,6 +178,10 @@ ENV_QUEEN_URL = "RBEE_QUEEN_URL"             # where the keeper looks for a quee
 ENV_HOME = "RBEE_HOME"                       # where every role keeps its files (default ~/.rbee)
 ENV_TOKEN_TIMEOUT = "RBEE_TOKEN_TIMEOUT"     # seconds without a token that end a request
 ENV_SSH_CONFIG = "RBEE_SSH_CONFIG"           # an ssh_config file for every ssh the queen runs
+ENV_SSH_CLIENT = "SSH_CLIENT"                # sshd's: where a hive's ssh session comes from (a split's peer)
+ENV_HF_ENDPOINT, ENV_HF_TOKEN = "HF_ENDPOINT", "HF_TOKEN"   # Hugging Face's: its address and a token
+ENV_HF_OFFLINE = "HF_HUB_OFFLINE"            # Hugging Face's: no download at all
+HELLO_ENV_KEYS = (ENV_HF_TOKEN,)     # secrets a hive gets in its hello from the queen's environment, never on argv
 # no token for this long ends a request (pings or not); also socket reads. RBEE_TOKEN_TIMEOUT sets
 # it for every role started with that environment (a slow CPU node; the tests use a few seconds)
 TOKEN_TIMEOUT = float(os.environ.get(ENV_TOKEN_TIMEOUT) or 60.0)
@@ -219,6 +222,8 @@ def download_state(event):
 
 
 # -- reading requests: every field of a body, typed and bounded, or a 400 that names it ----------
+# (they raise the errors of the next section, whose classes speak this one's names: the one cycle
+# in the order of this file)
 
 def invalid(field, message, suggestion=None):
     return InvalidRequest("%s: %s" % (field, message), {"field": field}, suggestion)
@@ -643,7 +648,7 @@ class InFlight:
 
 def rbee_home(*parts):
     """A path under $RBEE_HOME (default ~/.rbee), which holds everything a role writes."""
-    home = os.environ.get("RBEE_HOME") or os.path.join(os.path.expanduser("~"), ".rbee")
+    home = os.environ.get(ENV_HOME) or os.path.join(os.path.expanduser("~"), ".rbee")
     return os.path.join(home, *parts)
 
 
@@ -850,7 +855,7 @@ class SSEStream:
     terminal event (`finish`); a global pinger keeps silent streams alive. Subclasses speak the
     apps' dialects (OpenAIStream, NdjsonStream) over the same writer."""
 
-    content_type = "text/event-stream"   # (SSE_CONTENT_TYPE)
+    content_type = SSE_CONTENT_TYPE
     ping_frame = b": ping\n\n"    # what the pinger writes into a silent stream (None: nothing)
 
     _open = set()                  # the streams the pinger watches (guarded by _open_lock)
@@ -1728,9 +1733,10 @@ def stop_child(proc, graceful=None, timeout=GRACEFUL_TIMEOUT):
 
 class Child:
     """A process of rbee's that narrates and reports ready: a hive's worker and RPC part, the
-    queen's hive (a local child, or an ssh session), the keeper's queen. A thread reads its
-    stdout (narration to `on_event`, its ready control line kept); it is waited for with a
-    deadline, and stopped gracefully, then killed."""
+    queen's hive (a local child, or an ssh session), the keeper's queen. Once its owner has
+    registered it, `listen()` starts the thread that reads its stdout (narration to `on_event`,
+    its ready line kept, `on_exit` at its end); it is waited for with a deadline, and stopped
+    gracefully, then killed."""
 
     def __init__(self, name, argv, on_event, on_exit=None, env=None, cwd=None, hello=None, on_ready=None):
         self.name = name                  #: what it is, for its log's name and for messages
@@ -1744,9 +1750,13 @@ class Child:
             with contextlib.suppress(OSError):
                 self.proc.stdin.write((json.dumps(hello) + "\n").encode())
                 self.proc.stdin.flush()
-        #: the thread that reads its stdout; its `tail`: the last lines that were not JSON
+        #: the thread that reads its stdout (started by listen); its `tail`: the last lines that were not JSON
         self.output = ChildOutput(self.proc, on_event, self._exited, name, open_log(name + ".log"), self._control)
+
+    def listen(self):
+        """Start reading its output: from now on its callbacks may run (its owner knows it by now)."""
         self.output.start()
+        return self
 
     def _control(self, line):
         if line.get(CONTROL) == CONTROL_READY and isinstance(line.get("port"), int):
@@ -1873,7 +1883,7 @@ class SshTarget:
 
     def _options(self):
         args = ["ssh", "-T"]
-        config = os.environ.get("RBEE_SSH_CONFIG")
+        config = os.environ.get(ENV_SSH_CONFIG)
         if config:
             args += ["-F", os.path.abspath(os.path.expanduser(config))]
         control_dir = os.path.join("/tmp", "rbee-ssh-%d" % os.getuid())
@@ -2238,10 +2248,10 @@ class ModelProvisioner:
         """The repo's files as {path: (size, sha256 or None)}, with retries on network errors."""
         require_hub()
         from huggingface_hub import HfApi, errors
-        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        if os.environ.get(ENV_HF_OFFLINE, "").lower() in ("1", "true", "yes", "on"):
             raise ModelNotFound("Model %s is not on this node and HF_HUB_OFFLINE is set" % ref.text,
                                 {"model": ref.text}, "Unset HF_HUB_OFFLINE, or download the model while online")
-        api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=os.environ.get("HF_TOKEN") or None)
+        api = HfApi(endpoint=os.environ.get(ENV_HF_ENDPOINT) or None, token=os.environ.get(ENV_HF_TOKEN) or None)
         last = None
         for attempt in range(DOWNLOAD_ATTEMPTS):
             try:
@@ -2262,7 +2272,7 @@ class ModelProvisioner:
                     time.sleep(0.1 * 2 ** attempt)
         raise DownloadFailed("Cannot list %s on Hugging Face: %s" % (ref.reference, last),
                              {"model": ref.text, "attempts": DOWNLOAD_ATTEMPTS},
-                             "Check the node's network and HF_ENDPOINT (%s)" % (os.environ.get("HF_ENDPOINT") or
+                             "Check the node's network and HF_ENDPOINT (%s)" % (os.environ.get(ENV_HF_ENDPOINT) or
                                                                            "https://huggingface.co"))
 
     def _download(self, ref):
@@ -2335,7 +2345,7 @@ class ModelProvisioner:
         from huggingface_hub import get_session, hf_hub_url
         import hashlib
         from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
-        url = hf_hub_url(ref.reference, filename, endpoint=os.environ.get("HF_ENDPOINT") or None)
+        url = hf_hub_url(ref.reference, filename, endpoint=os.environ.get(ENV_HF_ENDPOINT) or None)
         progress = DownloadProgress(filename, size)
         last, corrupt = None, False   # why the last attempt failed; whether its bytes failed the sha256
         for attempt in range(DOWNLOAD_ATTEMPTS):
@@ -2353,7 +2363,7 @@ class ModelProvisioner:
                 with open(partial, "rb") as f:
                     for block in iter(lambda: f.read(1 << 20), b""):
                         digest.update(block)
-            headers = build_hf_headers(token=os.environ.get("HF_TOKEN") or None)
+            headers = build_hf_headers(token=os.environ.get(ENV_HF_TOKEN) or None)
             if have < size:
                 if have:
                     headers["Range"] = "bytes=%d-" % have
@@ -3115,7 +3125,7 @@ class Hive(App):
         backend, device = backend_and_device(body)
         import backends
         backends.require(backend or "cpu", device)
-        peer = text_field(body, "peer", "", limit=255) or (os.environ.get("SSH_CLIENT") or "").split(" ")[0]
+        peer = text_field(body, "peer", "", limit=255) or (os.environ.get(ENV_SSH_CLIENT) or "").split(" ")[0]
         try:
             host = facing(peer)
         except OSError as exc:
@@ -3129,6 +3139,7 @@ class Hive(App):
                                  emit_line, lambda code: self.rpc_exited(server, code))
             with self._progress_lock:
                 self.rpcs[rpc_id] = server
+        server.child.listen()
         if not server.child.wait(60):
             self.stop_rpc(server)
             raise StartFailed("The RPC server on %s did not start (exit %s)" % (self.node, server.child.proc.poll()),
@@ -3333,6 +3344,7 @@ class Hive(App):
             worker.child = Child(worker.worker_id, role_argv(args), worker.relay,
                                  lambda code: self.worker_exited(worker, code), env=env)
             self.pool.add(worker)
+        worker.child.listen()
         return worker
 
     def await_ready(self, worker):
@@ -3378,7 +3390,9 @@ class Hive(App):
         while not self.stopped.wait(1.0):
             workers = self.pool.all()
             for worker in workers:
-                if not worker.called_back.is_set() or self.poll_worker(worker) != WORKER_IDLE:
+                if not worker.called_back.is_set() or worker.state == WORKER_DRAINING:
+                    continue
+                if self.poll_worker(worker) != WORKER_IDLE:
                     continue
                 key = (worker.model_ref, worker.backend, worker.device)
                 # (draining before anyone can hand it out again; a spawn of its model may be about to)
@@ -3595,8 +3609,8 @@ class HiveSession:
 
     @property
     def ready(self):
-        """Its ready control line came (an Event)."""
-        return self.child.ready if self.child else threading.Event()
+        """Its ready control line came (an Event: the child's of the last start attempt)."""
+        return self.child.ready
 
     @property
     def exited(self):
@@ -3719,7 +3733,7 @@ class HiveSession:
         hello = {HELLO_TOKEN: self.token, HELLO_ENV: self.secrets(), HELLO_KEEP_ALIVE: self.keep_alive}
         self.child = Child("hive-" + self.name, self.argv(), self.relay, lambda code: self.on_exit(self, code),
                            cwd=HERE, hello=hello, on_ready=self._ready_line)
-        if self.child.wait(60, self.answered):
+        if self.child.listen().wait(60, self.answered):
             if self.ready.is_set():
                 self.client = HiveClient(self.reach(self.child.ready_line["port"]), self.token, self.name)
             return True, None
@@ -4163,7 +4177,7 @@ class Scheduler:
         self.leaving = set()              #: ids of workers being evicted: no decision counts or stops them (`lock`)
         #: worker key (node, model_ref, backend, device) -> its Handouts still counted as load (under `lock`)
         self.handouts = collections.defaultdict(list)
-        self.jobs_seen = {}               #: worker key -> (worker_id, jobs_total) as last seen (under `lock`)
+        self.jobs_seen = {}               #: worker_id -> (node, jobs_total) as last seen (under `lock`)
         self.splits = {}                  #: worker_id -> its running Split (under `lock`)
         #: model_ref -> (session, worker event, worker key, keep-alive) of its last assignment (under `lock`)
         self.recent = {}
@@ -4175,15 +4189,16 @@ class Scheduler:
         """The worker that serves a request for `ref`: the warm one (its health asked first for a
         keeper's `task`), else where the nodes have room (`nodes`: the candidates, default every
         node), or over the `split` nodes; narrated to `sink`, remembered for the next request."""
-        nodes = nodes or self.hives.candidates()
         if warm and not split and keep_alive is None:
             assigned = self.warm(ref, nodes, backend, device, task)
-            if assigned:
+            if assigned and task:   # (an app's request to a warm worker is no news in the queen's log)
                 narrate(ACTOR_QUEEN, "placement", "Placing on %s %s:%s: its worker is warm" % (
                     assigned.session.name, assigned.worker.get("backend"), assigned.worker.get("device")), "📍",
                     node=assigned.session.name, backend=assigned.worker.get("backend"),
                     device=assigned.worker.get("device"), decision="reuse")
+            if assigned:
                 return assigned
+        nodes = nodes or self.hives.candidates()
         if split:
             session, worker = self.place_split(ref, split, parallel, keep_alive, sink)
             return Assignment(session, worker, None, False)
@@ -4197,18 +4212,21 @@ class Scheduler:
     def warm(self, ref, nodes, backend, device, check):
         """The worker of the last assignment for `ref`, with no survey and no spawn: while the
         requests it serves leave it a free slot, its hive runs, it fits `nodes`/`backend`/`device`,
-        and it was kept alive long enough not to be going (with `check`, its /health says so too)."""
+        nobody is evicting it, and it was kept alive long enough not to be going (with `check`, its
+        /health says so too)."""
         with self.lock:
             known = self.recent.get(ref.text)
             if not known:
                 return None
             session, worker, key, keep_alive = known
-            fits = session.name in nodes and backend in (None, key[2]) and device in (None, key[3])
+            fits = (nodes is None or session.name in nodes) and backend in (None, key[2]) and device in (None, key[3])
             slots = worker.get("slots_total") or DEFAULT_PARALLEL
-            if not fits or self.load(key) >= slots or session.exited.is_set() or 0 <= keep_alive < 60:
+            going = worker["worker_id"] in self.leaving or session.exited.is_set() or 0 <= keep_alive < 60
+            if not fits or going or self.load(key) >= slots:
                 return None
             handout = self._hand_out(key, check)
         if check:
+            asked = time.monotonic()
             try:
                 health = WorkerClient(session.worker_url(worker["url"]), worker["api_key"]).health(timeout=1.0)
             except RbeeError:
@@ -4220,7 +4238,7 @@ class Scheduler:
                 self.forget(ref)
                 return None
             with self.lock:
-                self._settle(key, health)
+                self._settle(key, health, asked, handout)
         return Assignment(session, dict(worker, timings={"reused": True}), handout, True)
 
     def forget(self, ref):
@@ -4258,14 +4276,16 @@ class Scheduler:
             self.handouts.pop(key, None)
         return len(entries)
 
-    def _settle(self, key, health):
-        """A worker's jobs_total as its health says: the tasks handed to it that arrived since it was
-        last seen, oldest first, are its own load now (the caller holds `lock`)."""
+    def _settle(self, key, health, asked, new=None):
+        """A worker's jobs_total as its health (asked for at `asked`) says: as many of the tasks
+        handed to it before then as jobs arrived since it was last seen (a new worker: since it
+        started), oldest first, are its own load now; `new`, just handed out, cannot have arrived
+        (the caller holds `lock`). An app's job arriving may count for a task: the worker's own
+        load shows both, and a task's handout ends HANDOUT_GRACE after its keeper got it anyway."""
         worker_id, total = health.get("worker_id"), health.get("jobs_total") or 0
-        seen_id, seen = self.jobs_seen.get(key, (None, 0))
-        arrived = total - seen if seen_id == worker_id and total >= seen else total
-        self.jobs_seen[key] = (worker_id, total)
-        tasks = [h for h in self.handouts.get(key, ()) if h.task]
+        arrived = total - self.jobs_seen.get(worker_id, (None, 0))[1]
+        self.jobs_seen[worker_id] = (key[0], total)
+        tasks = [h for h in self.handouts.get(key, ()) if h.task and h is not new and h.since < asked]
         for handout in tasks[:max(0, arrived)]:
             self.handouts[key].remove(handout)
 
@@ -4293,6 +4313,8 @@ class Scheduler:
                                        "parallel": parallel}
                         self.pending.append(reservation)
                     self.leaving.update(worker_id for _, worker_id, _ in plan.evict)
+                    for model_ref in [m for m, known in self.recent.items() if known[1]["worker_id"] in self.leaving]:
+                        del self.recent[model_ref]   # (no warm reuse of a worker on its way out)
                     handout = self._hand_out((plan.node, ref.text, plan.backend, plan.device), task)
                     break
             if plan is None:
@@ -4310,9 +4332,9 @@ class Scheduler:
                         "⏳")
                 said_wait = True
             time.sleep(0.5)
-        narrate(ACTOR_QUEEN, "placement", "Placing on %s" % plan.reason, "📍", node=plan.node,
-                backend=plan.backend, device=plan.device, decision=plan.action)
         try:
+            narrate(ACTOR_QUEEN, "placement", "Placing on %s" % plan.reason, "📍", node=plan.node,
+                    backend=plan.backend, device=plan.device, decision=plan.action)
             self.evict(plan.evict, sink)   # (outside the lock: a worker slow to stop holds up this request alone)
             session = self.hives.get(plan.node, sink)
             with session.listening(sink):
@@ -4378,7 +4400,9 @@ class Scheduler:
 
         def ask(name):
             try:
-                results[name] = self.hives.get(name, sink).client.resources(ref.text if ref else None)
+                session = self.hives.get(name, sink)
+                asked = time.monotonic()
+                results[name] = dict(session.client.resources(ref.text if ref else None), asked=asked)
             except Exception as exc:   # (an ssh binary missing is no traceback either)
                 err = RbeeError.wrap(exc, ACTOR_QUEEN)
                 errors.append(err)
@@ -4394,8 +4418,12 @@ class Scheduler:
         """(node views, MB the model needs: 0 if no node knows its size yet), with the spawns,
         evictions and requests in progress (the caller holds `lock`)."""
         for name, res in results.items():   # the tasks that reached their workers are the workers' own load now
+            listed = {w["worker_id"] for w in res.get("workers") or ()}
+            for worker_id in [i for i, (node, _) in self.jobs_seen.items() if node == name and i not in listed]:
+                del self.jobs_seen[worker_id]   # (gone: its keep-alive, a crash, an eviction)
             for w in res.get("workers") or ():
-                self._settle((name, w["model_ref"], w["backend"], w["device"]), w)
+                if w.get("worker_id"):
+                    self._settle((name, w["model_ref"], w["backend"], w["device"]), w, res["asked"])
         sizes = [r["model"]["size_bytes"] for r in results.values() if (r.get("model") or {}).get("size_bytes")]
         import backends
         views = [node_view(results[name], self.nodes.limits(name), [p for p in self.pending if p["node"] == name],
@@ -4519,9 +4547,9 @@ class AppJob:
                 assigned = self.scheduler.assign(self.ref, _current_sink(), keep_alive=self.keep_alive, warm=warm)
                 try:
                     return self._start(assigned)
-                except RbeeError as err:
+                except BaseException as err:
                     self.scheduler.release(assigned.handout)
-                    if not assigned.warm:
+                    if not assigned.warm or not isinstance(err, RbeeError):
                         self.end("busy" if isinstance(err, SlotsBusy) else "error")
                         raise
                     self.scheduler.forget(self.ref)
@@ -4946,8 +4974,8 @@ class OllamaApi:
                         self.hives.get(w["node"]).client.shutdown_worker(w["worker_id"])
             reason = "unload"
         else:
-            self.scheduler.assign(ref, _current_sink(), keep_alive=keep_alive)
-            reason = "load"
+            self.scheduler.release(self.scheduler.assign(ref, _current_sink(), keep_alive=keep_alive).handout)
+            reason = "load"   # (a load is no request: it leaves no load on the worker)
         req.send_json(200, {"model": body["model"], "created_at": iso_time(), "response": "", "done": True,
                             "done_reason": reason})
 
@@ -5309,7 +5337,7 @@ class Keeper:
             if self.relay_queen:
                 self.show(event)
         self.queen_child = Child("queen", role_argv(["queen", "--host", host, "--port", str(port), "--lifeline"]),
-                                 from_queen)
+                                 from_queen).listen()
         if not self.queen_child.wait(30):
             said = self.queen_child.last_words() if self.queen_child.exited.is_set() else []
             self.stop_queen()

@@ -12,7 +12,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import assert_no_rbee_left, raw_request, rbee_processes, start_queen, wait_until
+from conftest import assert_no_rbee_left, raw_request, rbee_processes, start_queen, tracebacks, wait_until
 from fakehub import FakeHub
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant who answers briefly."}
@@ -104,11 +104,17 @@ def test_a_legacy_completion_and_the_models_list(queen, model, reference_llm):
     assert api.models.retrieve(model).id == model
 
 
-def test_errors_raise_the_sdks_own_exceptions(queen, model, tmp_path):
+def test_errors_raise_the_sdks_own_exceptions(queen, model, rbee_home):
     api = client(queen)
     with pytest.raises(openai.NotFoundError) as missing:
         api.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
     assert missing.value.body["code"] == "model_not_found"
+    # a reference to a file that is no model anywhere: the same 404, streamed or not
+    for stream in (False, True):
+        with pytest.raises(openai.NotFoundError) as nowhere:
+            api.chat.completions.create(model="file:/nonexistent/model.gguf", stream=stream,
+                                        messages=[{"role": "user", "content": "hi"}])
+        assert nowhere.value.body["code"] == "model_not_found", nowhere.value.body
     with pytest.raises(openai.BadRequestError) as two:
         api.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], n=2)
     assert two.value.body["param"] == "n"
@@ -119,7 +125,8 @@ def test_errors_raise_the_sdks_own_exceptions(queen, model, tmp_path):
     with pytest.raises(openai.BadRequestError) as long:
         api.chat.completions.create(model=model, messages=[{"role": "user", "content": "word " * 5000}], stream=True)
     assert "a slot's context holds 2048" in long.value.message
-    assert not [p for p, cmd in rbee_processes(str(tmp_path)) if "Traceback" in cmd]
+    # none of it was a bug: no traceback in what the queen printed nor in its hive's and worker's logs
+    assert tracebacks(queen.lines, rbee_home) == []
 
 
 def test_an_error_after_the_stream_began_is_an_error_frame(queen, model, tmp_path):
@@ -231,6 +238,9 @@ def test_ollama_chat_generate_list_ps(queen, model, reference_llm):
     with pytest.raises(ollama.ResponseError) as missing:
         api.chat(model="llama3", messages=[{"role": "user", "content": "hi"}])
     assert missing.value.status_code == 404 and "llama3" in missing.value.error
+    with pytest.raises(ollama.ResponseError) as nowhere:
+        api.generate(model="file:/nonexistent/model.gguf", prompt="hi")
+    assert nowhere.value.status_code == 404 and "/nonexistent/model.gguf" in nowhere.value.error
 
 
 def test_ollama_root_version_load_and_unload(queen, model, tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (assert_no_rbee_left, free_port, raw_call, raw_request, rbee_processes, run_rbee, sse_frames,
+from conftest import (assert_no_rbee_left, raw_call, raw_request, rbee_processes, run_rbee, sse_frames,
                       wait_until)
 from fakehub import FakeHub
 
@@ -53,22 +53,12 @@ def repo(hub, model_path):
 
 
 @pytest.fixture
-def start_hive(roles, env, hub):
-    """Start `rbee.py hive` on a free port, pointed at the fake hub; with lifeline=True it gets the
-    queen's handshake line (`hello`) on stdin and keeps stdin as its lifeline."""
-    def start(*extra, lifeline=False, hello=None):
-        port = free_port()
-        args = ["hive", "--host", "127.0.0.1", "--port", str(port), "--node-name", "testnode"] + list(extra)
-        stdin = None
-        hello = hello or {"token": TOKEN}
-        if lifeline:
-            args.append("--lifeline")
-            stdin = (json.dumps(hello) + "\n").encode()
-        role = roles(*args, env=dict(env, HF_ENDPOINT=hub.url), stdin_data=stdin)
-        role.wait_event("http_ready", actor="http-server", timeout=30)
-        role.port = port
-        role.token = hello.get("token") if lifeline else None
-        return role
+def start_hive(start_hive, hub):
+    """conftest's start_hive (node `testnode`) pointed at the fake hub; with lifeline=True the
+    queen's hello carries TOKEN unless the test gives its own."""
+    def start(*options, lifeline=False, hello=None):
+        return start_hive(*options, extra_env={"HF_ENDPOINT": hub.url}, lifeline=lifeline,
+                          hello=hello or {"token": TOKEN})
     return start
 
 
@@ -216,6 +206,7 @@ def test_startup_narration_on_stdout(start_hive):
 def test_hf_repo_picks_the_preferred_file_verifies_catalogs_and_spawns_a_working_worker(
         repo, start_hive, rbee_home, model_path):
     hive = start_hive()
+    before = int(time.time())   # the catalog's timestamp is a whole second
     events = spawn(hive, REF)
     worker = spawned(events)
     size = os.path.getsize(model_path)
@@ -230,7 +221,7 @@ def test_hf_repo_picks_the_preferred_file_verifies_catalogs_and_spawns_a_working
     assert local == model_dir(rbee_home) / CHOSEN
     assert local.stat().st_size == row["size_bytes"] == size
     assert row["sha256"] == sha256_of(local) == repo.sha256(REPO_ID, CHOSEN) == sha256_of(model_path)
-    assert row["downloaded_at_unix"] > time.time() - 120
+    assert before <= row["downloaded_at_unix"] <= time.time()   # this download's, not a fixed age
     assert sorted(os.listdir(model_dir(rbee_home))) == [CHOSEN]   # no .partial left
 
     # narration: download start, progress with {done, total}, done, then the worker's own start
@@ -508,11 +499,16 @@ def test_idle_worker_is_reused_and_a_killed_worker_is_noticed_and_replaced(start
     [listed] = workers(hive)
     assert listed["worker_id"] == first["worker_id"] and listed["state"] == "idle"
 
+    # the bound: 2 s, or 20 times a list round trip measured here when the machine is slower than that
+    asked = time.monotonic()
+    workers(hive)
+    bound = max(2.0, 20 * (time.monotonic() - asked))
     killed_pid = listed["pid"]
     os.kill(killed_pid, signal.SIGKILL)
     killed = time.monotonic()
-    wait_until(lambda: workers(hive) == [], 2.0, 0.02, "the killed worker to leave the list")
-    assert time.monotonic() - killed < 2.0
+    wait_until(lambda: workers(hive) == [], 30, 0.02, "the killed worker to leave the list")
+    took = time.monotonic() - killed
+    assert took < bound, "the killed worker left the list after %.1f s (bound %.1f s)" % (took, bound)
 
     replacement = spawned(spawn(hive, ref))
     assert replacement["worker_id"] != first["worker_id"]

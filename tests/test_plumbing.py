@@ -9,13 +9,15 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO
+from conftest import RBEE, REPO
 
 sys.path.insert(0, str(REPO))
 import rbee  # noqa: E402
@@ -332,21 +334,31 @@ def test_ssh_argv_is_understood_by_openssh(no_ssh_config, tmp_path, monkeypatch)
     assert config["controlmaster"] == ["auto"]
 
 
+def run_ssh(argv, home):
+    """Run an ssh command line for real, with no ~/.ssh of this machine's user; BatchMode, and a
+    host that never answers a login: it ends on its own, and nothing here is worth its output."""
+    return subprocess.run(argv, env=dict(os.environ, HOME=str(home)), stdin=subprocess.DEVNULL,
+                          capture_output=True, timeout=30)
+
+
 def test_ssh_host_can_never_become_an_option(no_ssh_config, tmp_path):
     # A host starting with "-" (from `nodes add --ssh-host`) must never be read by ssh as an
-    # option: "-oProxyCommand=..." would run a local command. Today rbee passes the host as is,
-    # so this test FAILS until one of two fixes lands; either makes it pass:
-    #   (a) SshTarget (its constructor or argv) refuses such a host with an RbeeError, or
-    #   (b) argv puts "--" right before the host, ending ssh's options.
+    # option: "-oProxyCommand=..." would run a local command. Either SshTarget refuses such a host
+    # (an RbeeError), or its argv, run here by the real ssh, leaves the canary uncreated.
     canary = tmp_path / "pwned"
     host = "-oProxyCommand=touch %s" % canary
+    # the canary can trip: where ssh reads the host as an option, the ProxyCommand creates it
+    run_ssh(["ssh", "-o", "BatchMode=yes", host, "true"], tmp_path)
+    assert canary.exists(), "the control run of ssh did not create the canary: this test could not fail"
+    canary.unlink()
     try:
         argv = rbee.SshTarget(host, 22, "u").argv("true")
     except rbee.RbeeError:
-        return   # (a)
+        return
     assert host in argv
     assert argv[argv.index(host) - 1] == "--", "the host %r can be taken for an ssh option: %r" % (host, argv)
-    assert not canary.exists()
+    run_ssh(argv, tmp_path)
+    assert not canary.exists(), "ssh took the host %r for an option: %r" % (host, argv)
 
 
 # ============================================================================================
@@ -357,6 +369,10 @@ FAKE_RBEE = r'''
 import json, os, sys
 print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(),
                   "env": {k: v for k, v in os.environ.items() if k.startswith("RBEE_T_")}}))
+
+
+def main(argv):   # (a role runs rbee.main from rbee.py's bytecode: rbee.role_argv)
+    return 0
 '''
 
 HOSTILE = [
@@ -485,8 +501,6 @@ def test_shell_path(remote, path, expanded):
 
 # ============================================================================================
 # --env KEY=VALUE pairs, and their display with secrets masked
-# NOTE: rbee.env_pair and rbee.masked_env are the public names being added (today the parser uses
-# a private rbee._env_pair and nothing masks): these tests fail with AttributeError until they land.
 # ============================================================================================
 
 @pytest.mark.parametrize("text, pair", [
@@ -612,7 +626,8 @@ def test_every_documented_code_has_its_class_and_status():
     codes = ("INVALID_REQUEST INVALID_MODEL_REF NODE_NOT_FOUND SSH_FAILED CONNECTION_TIMEOUT VERSION_MISMATCH "
              "MODEL_NOT_FOUND ACCESS_DENIED DOWNLOAD_FAILED CHECKSUM_MISMATCH INSUFFICIENT_DISK INSUFFICIENT_RAM "
              "VRAM_EXHAUSTED BACKEND_UNAVAILABLE DEVICE_NOT_FOUND WORKER_CRASHED LOADING_TIMEOUT ALL_SLOTS_BUSY "
-             "MISSING_API_KEY INVALID_API_KEY REQUEST_CANCELLED INTERNAL").split()
+             "MISSING_API_KEY INVALID_API_KEY REQUEST_CANCELLED INTERNAL PORT_IN_USE START_FAILED "
+             "WORKER_NOT_FOUND").split()
     assert sorted(rbee.RbeeError.by_code) == sorted(codes)
     for code in codes:
         assert 400 <= rbee.RbeeError.by_code[code].status < 600 and rbee.RbeeError.by_code[code].code == code
@@ -678,3 +693,34 @@ def test_keyed_locks_serialise_one_key_and_say_who_waits():
     other.join(5)
     assert waited == [True] and order.index("first out") < order.index("second in")
     assert order.index("another") < order.index("first out") and len(locks) == 0
+
+
+# -- roles start from rbee.py's cached bytecode (role_argv) -----------------------------------------
+
+def copy_of_rbee(directory):
+    directory.mkdir()
+    shutil.copy(RBEE, directory / "rbee.py")
+    shutil.copytree(Path(RBEE).parent / "backends", directory / "backends")
+    return directory / "rbee.py"
+
+
+def test_a_role_runs_from_bytecode_that_its_first_start_writes(tmp_path):
+    copy = copy_of_rbee(tmp_path / "app")
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")   # (rbee.py's own cache is written all the same)
+    for _ in range(2):
+        out = subprocess.run(rbee.role_argv(["--version"], rbee_py=str(copy)), capture_output=True, text=True,
+                             env=env, timeout=60)
+        assert out.returncode == 0 and out.stdout.strip() == "rbee %s" % rbee.__version__, out.stderr
+    cached = list((tmp_path / "app" / "__pycache__").glob("rbee.*.pyc"))
+    assert len(cached) == 1
+    argv = rbee.role_argv(["hive", "--lifeline"], rbee_py=str(copy))
+    assert argv[-3:] == [str(copy), "hive", "--lifeline"]   # what ps shows: rbee.py and the role
+
+
+def test_a_role_starts_where_its_bytecode_cannot_be_written(tmp_path):
+    copy = copy_of_rbee(tmp_path / "app")
+    (tmp_path / "app" / "__pycache__").write_text("a file where the cache directory would be")
+    out = subprocess.run(rbee.role_argv(["--version"], rbee_py=str(copy)), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "rbee %s" % rbee.__version__, out.stderr
+    assert (tmp_path / "app" / "__pycache__").is_file()

@@ -83,7 +83,7 @@ def test_an_eviction_that_hangs_holds_up_no_request_for_a_warm_model(roles, env,
 def test_one_client_asking_one_question_after_another_gets_one_worker(roles, env, tmp_path, model_path):
     """A request that ended is no load: twelve short questions in a row, each after the last
     answer, never look like a busy worker: each goes to the warm worker, none is placed again as
-    if its slots were taken (no replica, no "it queues"), with room for several replicas."""
+    if its slots were taken ("it queues", or a replica where there is room for one)."""
     queen = start_queen(roles, env, "--max-replicas", "4")
     model = "file:" + model_path
     answers = {complete(queen, model, max_tokens=1)[1] for _ in range(12)}
@@ -91,9 +91,9 @@ def test_one_client_asking_one_question_after_another_gets_one_worker(roles, env
     listed = workers(queen, env)
     assert len(listed) == 1 and listed[0]["model_ref"] == model, listed
     assert len([pid for pid, cmd in rbee_processes(str(tmp_path)) if " worker " in cmd]) == 1
+    # one placement, the first: every later question went to the warm worker without a survey
     placements = [e for e in queen.events if e.get("action") == "placement"]
-    assert [e["decision"] for e in placements] == ["spawn"] + ["reuse"] * 11, placements
-    assert all(e["human"].endswith("its worker is warm") for e in placements[1:]), placements
+    assert [e["decision"] for e in placements] == ["spawn"], placements
     queen.proc.send_signal(signal.SIGTERM)
     assert queen.proc.wait(40) == 0
     assert_no_rbee_left(str(tmp_path), within=5)
