@@ -178,6 +178,7 @@ ENV_QUEEN_URL = "RBEE_QUEEN_URL"             # where the keeper looks for a quee
 ENV_HOME = "RBEE_HOME"                       # where every role keeps its files (default ~/.rbee)
 ENV_TOKEN_TIMEOUT = "RBEE_TOKEN_TIMEOUT"     # seconds without a token that end a request
 ENV_SSH_CONFIG = "RBEE_SSH_CONFIG"           # an ssh_config file for every ssh the queen runs
+ENV_THREADS = "RBEE_THREADS"                 # a worker's llama.cpp threads (backends.threads; default: the cores)
 ENV_SSH_CLIENT = "SSH_CLIENT"                # sshd's: where a hive's ssh session comes from (a split's peer)
 ENV_HF_ENDPOINT, ENV_HF_TOKEN = "HF_ENDPOINT", "HF_TOKEN"   # Hugging Face's: its address and a token
 ENV_HF_OFFLINE = "HF_HUB_OFFLINE"            # Hugging Face's: no download at all
@@ -2841,7 +2842,7 @@ def run_rpc(args):
                 return
             time.sleep(0.05)
     threading.Thread(target=announce, daemon=True).start()
-    rpc.serve("%s:%d" % (args.host, args.port), device, backends.physical_cores())
+    rpc.serve("%s:%d" % (args.host, args.port), device, backends.threads())
 
 
 # ============================================================================================

@@ -126,6 +126,15 @@ def process_rss_mb(pid=None):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // (1 << 20)
 
 
+def threads():
+    """The threads a worker's (or an RPC part's) llama.cpp computes with: $RBEE_THREADS, else the
+    physical cores. ggml's threads wait for each other spinning: two workers that each take every
+    core of a node slow each other down by orders of magnitude, not by half (the tests, two at a
+    time on 2 cores, give each worker one)."""
+    value = os.environ.get("RBEE_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else physical_cores()
+
+
 def physical_cores():
     """Physical cores (llama.cpp is slower on hyper-threads), falling back to logical CPUs."""
     try:

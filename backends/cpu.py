@@ -1,7 +1,7 @@
 """cpu: always available; every layer on the CPU, one thread per physical core."""
 import platform
 
-from . import llama, meminfo_mb, physical_cores, preflight_unified, process_rss_mb
+from . import llama, meminfo_mb, preflight_unified, process_rss_mb, threads as worker_threads
 
 MEMORY = "ram"   # the memory a model takes on its devices: the system RAM
 
@@ -25,7 +25,7 @@ def preflight(model_size_bytes, device):
 
 
 def load(model_path, device, n_ctx, **opts):
-    threads = opts.pop("n_threads", None) or physical_cores()
+    threads = opts.pop("n_threads", None) or worker_threads()
     return llama(model_path, n_ctx, **dict({"n_gpu_layers": 0, "n_threads": threads, "n_threads_batch": threads},
                                            **opts))
 
@@ -35,4 +35,4 @@ def memory_used_mb(device):
 
 
 def describe(device):
-    return "CPU device %d (%d threads)" % (device, physical_cores())
+    return "CPU device %d (%d threads)" % (device, worker_threads())

@@ -25,6 +25,16 @@ import fetch_model  # noqa: E402
 IN_CI = os.environ.get("CI") == "true"
 
 
+def worker_threads():
+    """The threads each llama.cpp of a test computes with (rbee's workers through RBEE_THREADS, the
+    reference Llama): the cores shared among the tests that run at once (pytest -n 2). ggml's
+    threads wait for each other spinning, so two processes that each take every core make each
+    other hundreds of times slower; rbee does the same work on one thread as on two (each row of
+    a product is one thread's)."""
+    import backends
+    return max(1, backends.physical_cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
+
+
 def wait_until(predicate, timeout=10.0, interval=0.05, what="condition"):
     """Poll `predicate` until it returns something truthy; fail with `what` after `timeout` s."""
     deadline = time.monotonic() + timeout
@@ -157,8 +167,7 @@ def reference_llm(model_path):
     CPU's threads, flash attention as llama.cpp's default turns it on): the texts to compare with."""
     import llama_cpp
 
-    import backends
-    threads = backends.physical_cores()
+    threads = worker_threads()
     return llama_cpp.Llama(model_path=model_path, n_ctx=2048, n_gpu_layers=0, n_threads=threads,
                            n_threads_batch=threads, flash_attn=True, verbose=False)
 
@@ -177,7 +186,8 @@ def env(rbee_home, tmp_path):
          if not k.startswith(("RBEE_", "HF_", "PYTEST_")) and k not in ("HUGGING_FACE_HUB_TOKEN",)}
     # each test's ephemeral queen on a port of its own: tests run side by side (pytest -n 2)
     e.update(RBEE_HOME=str(rbee_home), HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1",
-             PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1", RBEE_QUEEN_URL="http://127.0.0.1:%d" % free_port())
+             PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1", RBEE_QUEEN_URL="http://127.0.0.1:%d" % free_port(),
+             RBEE_THREADS=str(worker_threads()))
     return e
 
 

@@ -38,7 +38,8 @@ from types import SimpleNamespace as Namespace
 import pytest
 
 from conftest import (IN_CI, PY, REPO, assert_no_rbee_left, json_events, kill_queen_and_await_lifelines,
-                      rbee_processes, read_until_tokens, run_rbee, start_keeper, start_queen, wait_until)
+                      rbee_processes, read_until_tokens, run_rbee, start_keeper, start_queen, wait_until,
+                      worker_threads)
 from fakehub import FakeHub
 from hosts import (LoopbackSshd, NetnsHosts, SshKeys, listening_ports_local, netns_available, processes_matching,
                    write_ssh_config)
@@ -221,7 +222,7 @@ def no_leftovers(tmp_path):
 
 def node_env(sim, tmp_path, name):
     return ["RBEE_HOME=%s/%s-home" % (tmp_path, name), "HF_HOME=%s/%s-hf" % (tmp_path, name),
-            "HF_ENDPOINT=" + sim.hub.url, "HF_HUB_DISABLE_TELEMETRY=1"]
+            "HF_ENDPOINT=" + sim.hub.url, "HF_HUB_DISABLE_TELEMETRY=1", "RBEE_THREADS=%d" % worker_threads()]
 
 
 def add_node(sim, env, tmp_path, name, *extra):
@@ -533,16 +534,16 @@ def test_nodes_add_keeps_every_env_pair_and_secrets_never_reach_argv(sim, ssh_en
     """`--env` repeated and with several pairs each: every pair is saved. `nodes list` and
     `/v2/status` mask the secret; the hive gets it in its handshake, so no command line on any
     host carries it, and its workers have it in their environment."""
-    home, hf_home, endpoint, telemetry = node_env(sim, tmp_path, "mac")
+    home, hf_home, endpoint, telemetry, threads = node_env(sim, tmp_path, "mac")
     secret = "hf_" + "s3cr3t" * 4
     added = run_rbee(["nodes", "add", "mac", "--ssh-host", "mac", "--rbee-dir", str(REPO), "--python", PY,
                       "--env", home, "--env", endpoint, telemetry, "--env", "HF_TOKEN=" + secret, "EMPTY=", "EQ=a=b",
-                      "--env", hf_home], ssh_env, timeout=60)
+                      "--env", hf_home, threads], ssh_env, timeout=60)
     assert added.returncode == 0, added.stderr
     db = sqlite3.connect(str(tmp_path / "rbee-home" / "beehives.db"))
     saved = json.loads(db.execute("SELECT env FROM beehives WHERE node_name = 'mac'").fetchone()[0])
     db.close()
-    assert saved == dict(pair.split("=", 1) for pair in (home, hf_home, endpoint, telemetry)) | {
+    assert saved == dict(pair.split("=", 1) for pair in (home, hf_home, endpoint, telemetry, threads)) | {
         "HF_TOKEN": secret, "EMPTY": "", "EQ": "a=b"}
     listed = run_rbee(["nodes", "list"], ssh_env)
     assert listed.returncode == 0 and secret not in listed.stdout
