@@ -490,11 +490,12 @@ class RbeeError(Exception):
         return InternalError("%s: %s" % (type(exc).__name__, exc), component=component)
 
 
-def error_class(code, status):
-    """The RbeeError subclass of a code that needs nothing but its status (INVALID_MODEL_REF ->
-    InvalidModelRef)."""
+def error_class(code, status, suggestion=None):
+    """The RbeeError subclass of a code that needs nothing but its status and, where its source
+    has nothing more specific to say, a suggestion (INVALID_MODEL_REF -> InvalidModelRef)."""
     name = "".join(part.title() for part in code.split("_"))
-    return type(name, (RbeeError,), {"code": code, "status": status, "__module__": __name__})
+    return type(name, (RbeeError,), {"code": code, "status": status, "default_suggestion": suggestion,
+                                     "__module__": __name__})
 
 
 # One class per code (PROTOCOL.md §7); the ones with more to say than a status follow.
@@ -505,16 +506,22 @@ def error_class(code, status):
     ("MODEL_NOT_FOUND", 404), ("ACCESS_DENIED", 403), ("DOWNLOAD_FAILED", 502), ("CHECKSUM_MISMATCH", 502),
     ("INSUFFICIENT_DISK", 507), ("INSUFFICIENT_RAM", 507), ("VRAM_EXHAUSTED", 507), ("BACKEND_UNAVAILABLE", 400),
     ("DEVICE_NOT_FOUND", 400), ("WORKER_CRASHED", 502), ("LOADING_TIMEOUT", 504))]   # (WORKER_CRASHED: a hop died)
+# ... and the operational ones, each with what to do (never "a bug in rbee": INTERNAL is for bugs)
+ConnectionTimeout, RequestCancelled, PortInUse, StartFailed, WorkerNotFound = [
+    error_class(code, status, suggestion) for code, status, suggestion in (
+        ("CONNECTION_TIMEOUT", 504, "Check that the node is up and reachable, then run the command again"),
+        ("REQUEST_CANCELLED", 499, "Run the command again"),
+        # a role cannot listen where it was told to: another program holds the port (or none is free)
+        ("PORT_IN_USE", 409, "Another program uses the port: stop it or pick another --port"),
+        # a child of rbee's (a queen, a hive, an RPC part) exited or never said it was ready
+        ("START_FAILED", 502, "See the child's log under $RBEE_HOME/logs"),
+        # no worker of that id on that node (gone meanwhile: its keep-alive, a crash, an eviction)
+        ("WORKER_NOT_FOUND", 404, "See the workers: rbee.py workers list"))]
 
 
 class InvalidRequest(RbeeError):
     code, status = "INVALID_REQUEST", 400   # also an unknown path (404), a wrong method (405), a body over 1 MiB (413)
     default_suggestion = "Check the command's options: rbee.py infer --help"
-
-
-class ConnectionTimeout(RbeeError):
-    code, status = "CONNECTION_TIMEOUT", 504
-    default_suggestion = "Check that the node is up and reachable, then run the command again"
 
 
 class MissingApiKey(RbeeError):
@@ -525,11 +532,6 @@ class MissingApiKey(RbeeError):
 
 class InvalidApiKey(MissingApiKey):
     code, status = "INVALID_API_KEY", 401
-
-
-class RequestCancelled(RbeeError):
-    code, status = "REQUEST_CANCELLED", 499
-    default_suggestion = "Run the command again"
 
 
 class SlotsBusy(RbeeError):
@@ -544,26 +546,8 @@ class InternalError(RbeeError):
     default_suggestion = "This is a bug in rbee: the logs under $RBEE_HOME/logs (on each machine) have the details"
 
 
-class PortInUse(RbeeError):
-    """A role cannot listen where it was told to: another program holds the port (or none is free)."""
-    code, status = "PORT_IN_USE", 409
-    default_suggestion = "Another program uses the port: stop it or pick another --port"
-
-
-class StartFailed(RbeeError):
-    """A child of rbee's (a queen, a hive, an RPC part) exited or never said it was ready."""
-    code, status = "START_FAILED", 502
-    default_suggestion = "See the child's log under $RBEE_HOME/logs"
-
-
 class HiveFailed(StartFailed):
     """A hive that did not come up (its process exited, or never said it was ready)."""
-
-
-class WorkerNotFound(RbeeError):
-    """No worker of that id on that node (gone meanwhile: its keep-alive, a crash, an eviction)."""
-    code, status = "WORKER_NOT_FOUND", 404
-    default_suggestion = "See the workers: rbee.py workers list"
 
 
 # ============================================================================================
