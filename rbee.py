@@ -757,7 +757,7 @@ class NarrationRenderer:
         #: the last text written ended mid-line (the main thread writes text; narration comes from
         #: that thread and from the ephemeral queen's output thread: both under `lock`)
         self.text_open = False
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()      #: guards `text_open`, the bar and what reaches `stream`
         self._bar_open = False    #: a progress bar is drawn and its line not ended yet
         self._last_decile = {}    #: (actor, action) -> the last 10 % step printed, off a terminal
 
