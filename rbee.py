@@ -3445,6 +3445,9 @@ def run_hive(args):
 # Queen (rbee.py queen): the orchestrator -- node registry, a hive per node, tasks relayed
 # ============================================================================================
 
+ALIAS_EXAMPLE = "Name a model as people type it: rbee.py models alias qwen2.5-coder:1.5b hf:ORG/REPO:Q4_K_M"
+
+
 class NodeRegistry:
     """$RBEE_HOME/beehives.db on the queen's machine. The CLI writes it; the queen reads it."""
 
@@ -3467,6 +3470,8 @@ class NodeRegistry:
             # what rbee may use of a node's memory (nodes add/set --max-ram/--max-vram), localhost's too
             db.execute("""CREATE TABLE IF NOT EXISTS limits (
                 node_name TEXT PRIMARY KEY, max_ram_mb INTEGER, max_vram_mb INTEGER)""")
+            # names people type for a model (`models alias NAME REF`): qwen2.5-coder:1.5b, a client's fixed name
+            db.execute("CREATE TABLE IF NOT EXISTS aliases (name TEXT PRIMARY KEY, model_ref TEXT NOT NULL)")
 
     _db = ModelCatalog._db
 
@@ -3521,6 +3526,37 @@ class NodeRegistry:
             db.execute("INSERT OR REPLACE INTO limits (node_name, max_ram_mb, max_vram_mb) VALUES (?, ?, ?)",
                        (name, merged["max_ram_mb"], merged["max_vram_mb"]))
         return merged
+
+    def aliases(self):
+        """{alias: model reference}."""
+        with self._db() as db:
+            return dict(db.execute("SELECT name, model_ref FROM aliases ORDER BY name").fetchall())
+
+    def set_alias(self, name, ref):
+        """`name` stands for the reference `ref` from now on (an alias of that name is replaced)."""
+        if not isinstance(name, str) or not 0 < len(name) <= 200 or any(c.isspace() for c in name):
+            raise invalid("alias", "must be a name of 1 to 200 characters without spaces", ALIAS_EXAMPLE)
+        with contextlib.suppress(InvalidModelRef):
+            ModelRef.parse(name)
+            raise invalid("alias", "%r is a model reference itself, not a name for one" % name, ALIAS_EXAMPLE)
+        ref = ModelRef.parse(ref)
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO aliases (name, model_ref) VALUES (?, ?)", (name, ref.text))
+        return ref
+
+    def remove_alias(self, name):
+        with self._db() as db:
+            return db.execute("DELETE FROM aliases WHERE name = ?", (name,)).rowcount
+
+    def model_ref(self, text):
+        """The reference `text` is, or the one it is an alias of; else INVALID_MODEL_REF as ModelRef.parse says."""
+        try:
+            return ModelRef.parse(text)
+        except InvalidModelRef:
+            target = self.aliases().get(text) if isinstance(text, str) else None
+            if target is None:
+                raise
+            return ModelRef.parse(target)
 
     def resolve(self, name):
         """The node called `name`; `localhost` needs no registration (a local child, no ssh)."""
@@ -4710,21 +4746,21 @@ class EventFeed:
 
 
 class AppModels:
-    """The models the apps name: every model cataloged on a node whose hive answers, and every
-    loaded one, by id; a name an app sends resolved to a reference."""
+    """The models the apps name: every model cataloged on a node whose hive answers, every loaded
+    one, by id, and every alias (`models alias`); a name an app sends resolved to a reference."""
 
     def __init__(self, scheduler, hives):
         self.scheduler = scheduler        #: surveys the nodes (starting their hives)
         self.hives = hives                #: the nodes to survey
 
     def named(self, name):
-        """The model an app's `model` names: a reference rbee accepts, or an id (or catalog id) from
-        listing(); else 404 MODEL_NOT_FOUND (400 when it is no string at all)."""
+        """The model an app's `model` names: a reference rbee accepts, an alias, or an id (or catalog
+        id) from listing(); else 404 MODEL_NOT_FOUND (400 when it is no string at all)."""
         if not isinstance(name, str) or not name.strip():
             raise invalid("model", "is required: a model reference (hf:ORG/REPO, file:/path.gguf) or an id from "
                           "GET /v1/models")
         with contextlib.suppress(InvalidModelRef):
-            return ModelRef.parse(name)
+            return self.hives.nodes.model_ref(name)
         found = self.find(name)
         if found:
             return ModelRef.parse(found["id"])
@@ -4738,7 +4774,7 @@ class AppModels:
     def listing(self):
         """{id, slug, filename, size_bytes, sha256, created, nodes, loaded_on} of every model. An hf
         model's id is hf:ORG/REPO (with :FILE when a node holds several files of the repo); a
-        file's, file:PATH."""
+        file's, file:PATH; an alias's, its name, with `alias_of` and what its model has."""
         try:
             answers = self.scheduler.survey(None, self.hives.candidates(), _current_sink())
         except RbeeError:   # (no hive answers: no model)
@@ -4760,6 +4796,10 @@ class AppModels:
                     "id": w["model_ref"], "slug": w["model_ref"], "filename": w["model_ref"], "size_bytes": 0,
                     "sha256": None, "created": int(time.time()), "nodes": [], "loaded_on": []})
                 entry["loaded_on"].append(name)
+        for alias, ref in self.hives.nodes.aliases().items():   # (its model may be on no node yet)
+            model = found.get(ref) or {"filename": ref, "size_bytes": 0, "sha256": None, "created": int(time.time()),
+                                       "nodes": [], "loaded_on": []}
+            found[alias] = dict(model, id=alias, slug=alias, alias_of=ref)
         return [found[k] for k in sorted(found)]
 
 
@@ -4840,8 +4880,9 @@ class OpenAIApi:
 
     @staticmethod
     def _model(m):
-        return {"id": m["id"], "object": "model", "created": m["created"], "owned_by": "rbee",
-                "nodes": m["nodes"], "loaded_on": m["loaded_on"], "size_bytes": m["size_bytes"]}
+        return dict({"id": m["id"], "object": "model", "created": m["created"], "owned_by": "rbee",
+                     "nodes": m["nodes"], "loaded_on": m["loaded_on"], "size_bytes": m["size_bytes"]},
+                    **({"alias_of": m["alias_of"]} if m.get("alias_of") else {}))
 
 
 class OllamaApi:
@@ -5080,7 +5121,7 @@ class Queen(App):
         """A worker for the task: on its `node`, or (none, or "auto") wherever the scheduler places it."""
         body = req.json
         node = text_field(body, "node", AUTO_NODE, limit=200)
-        ref = ModelRef.parse(body.get("model"))
+        ref = self.nodes.model_ref(body.get("model"))
         backend, device = backend_and_device(body)
         if backend is not None:
             import backends
@@ -5343,7 +5384,10 @@ class Keeper:
 
     def infer(self):
         args = self.args
-        ref = ModelRef.parse(args.model)   # before any process or connection starts
+        try:   # before any process or connection starts
+            ref = ModelRef.parse(args.model)
+        except InvalidModelRef:   # an alias of this machine's (models alias), else the same error
+            ref = NodeRegistry().model_ref(args.model)
         started = time.monotonic()
         self.ensure_queen()
         task = {"model": ref.text, "prompt": args.prompt, "max_tokens": args.max_tokens,
@@ -5570,6 +5614,8 @@ def print_models(rows):
 
 
 def cmd_models(args):
+    if args.models_cmd in ("alias", "unalias", "aliases"):   # names people type, in this machine's registry
+        return cmd_aliases(args)
     if args.node:   # through the queen, on that node
         with Keeper(args) as keeper:
             keeper.ensure_queen()
@@ -5595,6 +5641,21 @@ def cmd_models(args):
             raise ModelNotFound("Model %s is not in this machine's catalog" % args.ref,
                                 {"model": args.ref}, "See what is there: rbee.py models list")
         print("Removed %s" % ", ".join(r["id"] for r in removed))
+    return 0
+
+
+def cmd_aliases(args):
+    registry = NodeRegistry()
+    if args.models_cmd == "alias":
+        ref = registry.set_alias(args.name, args.ref)
+        print("%s now names %s" % (args.name, ref.text))
+    elif args.models_cmd == "unalias":
+        if not registry.remove_alias(args.name):
+            raise ModelNotFound("No alias %r" % args.name, {"model": args.name}, "See them: rbee.py models aliases")
+        print("Removed the alias %s" % args.name)
+    else:
+        for name, ref in registry.aliases().items():
+            print("%-40s %s" % (name, ref))
     return 0
 
 
@@ -5861,6 +5922,12 @@ def build_parser():
     for m in models.choices.values():
         m.add_argument("--node")
         m.add_argument("--queen")
+    a = models.add_parser("alias", help="a name that stands for a model in every API and command (a queen on "
+                          "this machine reads it at once): rbee.py models alias qwen2.5-coder:1.5b hf:ORG/REPO:Q4_K_M")
+    a.add_argument("name")
+    a.add_argument("ref")
+    models.add_parser("unalias", help="forget an alias").add_argument("name")
+    models.add_parser("aliases", help="the aliases and the models they name")
     s.set_defaults(func=cmd_models)
 
     s = sub.add_parser("workers", help="the workers of the running hives")

@@ -12,7 +12,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import assert_no_rbee_left, raw_request, rbee_processes, start_queen, tracebacks, wait_until
+from conftest import (assert_no_rbee_left, raw_request, rbee_processes, run_rbee, start_queen, tracebacks,
+                      wait_until)
 from fakehub import FakeHub
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant who answers briefly."}
@@ -212,6 +213,42 @@ def test_cors_preflight_for_an_allowed_origin_only(roles, env):
     conn, resp = raw_request(port, "OPTIONS", "/v1/models", headers=dict(headers, Origin="http://evil.example"))
     assert resp.status == 405 and resp.getheader("Access-Control-Allow-Origin") is None
     conn.close()
+
+
+# -- names people type ----------------------------------------------------------------------------
+
+def test_an_alias_names_its_model_in_every_api_and_command(queen, model, env):
+    """`rbee.py models alias NAME REF` on the queen's machine: an Ollama-style name (with `:`) and
+    a client's fixed one (with `/`) work in OpenAI's and Ollama's APIs, in `infer`, and in the
+    listings; an alias that is gone is a 404 again."""
+    for alias in ("qwen2.5-coder:1.5b", "openai/gpt-4o-mini"):
+        added = run_rbee(["models", "alias", alias, model], env)
+        assert added.returncode == 0 and alias in added.stdout, added.stderr
+    messages = [{"role": "user", "content": "Name a colour."}]
+    api = client(queen)
+    direct = api.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+    for alias in ("qwen2.5-coder:1.5b", "openai/gpt-4o-mini"):
+        answer = api.chat.completions.create(model=alias, messages=messages, max_tokens=8, temperature=0)
+        assert answer.model == alias and answer.choices[0].message.content == direct.choices[0].message.content
+    listed = {m.id: m for m in api.models.list().data}
+    assert {"qwen2.5-coder:1.5b", "openai/gpt-4o-mini", model} <= set(listed)
+    assert listed["qwen2.5-coder:1.5b"].model_extra["alias_of"] == model
+    assert api.models.retrieve("openai/gpt-4o-mini").id == "openai/gpt-4o-mini"
+    chat = ollama.Client(host=queen.url).chat(model="qwen2.5-coder:1.5b", messages=messages,
+                                              options={"temperature": 0, "num_predict": 8})
+    assert chat.message.content == direct.choices[0].message.content
+    assert "qwen2.5-coder:1.5b" in [m.model for m in ollama.Client(host=queen.url).list().models]
+    assert ollama.Client(host=queen.url).show("qwen2.5-coder:1.5b").details.format == "gguf"
+    infer = run_rbee(["infer", "--model", "qwen2.5-coder:1.5b", "--prompt", "Name a colour.", "--max-tokens", "8",
+                      "--temperature", "0", "--queen", queen.url], env)
+    assert infer.returncode == 0 and infer.stdout == direct.choices[0].message.content, infer.stderr
+    # a name that is a reference itself, or a target that is none, is refused; an alias gone is a 404
+    assert run_rbee(["models", "alias", "hf:a/b", model], env).returncode == 1
+    assert "INVALID_MODEL_REF" in run_rbee(["models", "alias", "mine", "nonsense"], env).stderr
+    assert run_rbee(["models", "unalias", "qwen2.5-coder:1.5b"], env).returncode == 0
+    assert run_rbee(["models", "aliases"], env).stdout.split() == ["openai/gpt-4o-mini", model]
+    with pytest.raises(openai.NotFoundError):
+        api.chat.completions.create(model="qwen2.5-coder:1.5b", messages=messages, max_tokens=8)
 
 
 # -- Ollama ------------------------------------------------------------------------------------
