@@ -1617,44 +1617,40 @@ class QueenClient(RoleClient):
 # ============================================================================================
 
 class ChildOutput(threading.Thread):
-    """Reads a child's stdout: JSON narration lines go to `on_event`, control lines to
-    `on_control`, other lines are kept as its tail (the last words of a crashed child);
-    `on_exit(code)` runs when it ends."""
+    """A Child's reader: every line of its stdout goes to its log; JSON narration lines go to
+    `on_event`, control lines to `on_control`, other lines are kept as its tail (the last words of
+    a crashed child); `on_exit(code)` runs when it ends."""
 
-    def __init__(self, proc, on_event, on_exit=None, name="child", log=None, on_control=None):
+    def __init__(self, proc, name, log, on_event, on_control, on_exit):
         super().__init__(daemon=True, name="out-" + name)
         self.proc = proc                  #: the child whose stdout this thread reads
         self.on_event = on_event          #: called (in this thread) with each narration event
         self.on_control = on_control      #: called (in this thread) with each control line
         self.on_exit = on_exit            #: called (in this thread) with its exit code
-        self.log = log                    #: a file that gets every line, or None
+        self.log = log                    #: the file that gets every line (closed at the end)
         self.tail = collections.deque(maxlen=20)   #: its last lines that were not JSON (this thread)
 
     def run(self):
         for raw in iter(self.proc.stdout.readline, b""):
             line = raw.decode("utf-8", "replace").rstrip("\n")
-            if self.log:
-                with contextlib.suppress(OSError, ValueError):
-                    self.log.write(line + "\n")
-                    self.log.flush()
+            with contextlib.suppress(OSError, ValueError):
+                self.log.write(line + "\n")
+                self.log.flush()
             event = None
             if line.startswith("{"):
                 with contextlib.suppress(ValueError):
                     event = json.loads(line)
             if isinstance(event, dict) and CONTROL in event and "actor" not in event:
-                if self.on_control:
-                    with contextlib.suppress(Exception):   # a malformed line must not end this reader
-                        self.on_control(event)
+                with contextlib.suppress(Exception):   # a malformed line must not end this reader
+                    self.on_control(event)
             elif isinstance(event, dict) and "actor" in event:
                 with contextlib.suppress(Exception):
                     self.on_event(event)
             elif line.strip():
                 self.tail.append(line)
         code = self.proc.wait()
-        if self.log:
-            self.log.close()
-        if self.on_exit:
-            self.on_exit(code)
+        self.log.close()
+        self.on_exit(code)
 
 
 def open_log(name):
@@ -1736,7 +1732,7 @@ class Child:
                 self.proc.stdin.write((json.dumps(hello) + "\n").encode())
                 self.proc.stdin.flush()
         #: the thread that reads its stdout (started by listen); its `tail`: the last lines that were not JSON
-        self.output = ChildOutput(self.proc, on_event, self._exited, name, open_log(name + ".log"), self._control)
+        self.output = ChildOutput(self.proc, name, open_log(name + ".log"), on_event, self._control, self._exited)
 
     def listen(self):
         """Start reading its output: from now on its callbacks may run (its owner knows it by now)."""
