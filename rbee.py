@@ -2856,6 +2856,7 @@ class WorkerProcess:
         self.health = {}
         self.called_back = threading.Event()   #: its ready callback came (the /v1/workers/ready thread)
         self.listeners = []               #: narration sinks of the spawns waiting for it (their threads)
+        self.failed_with = None           #: the code of the error it said it failed to start with (output thread)
 
     def public(self):
         health = self.health
@@ -2876,24 +2877,15 @@ class WorkerProcess:
     def relay(self, event):
         """Worker narration goes to whoever waits for this worker and to the hive's stdout (its
         log); a line already delivered to a listener is marked `relayed`, so that a queen reading
-        that stdout does not show it twice."""
+        that stdout does not show it twice. A failed start's own error (run_role narrates it) is kept."""
         event.setdefault("worker_id", self.worker_id)
+        if event.get("action") == "error" and isinstance(event.get("error"), dict):
+            self.failed_with = event["error"].get("code")
         listeners = list(self.listeners)
         for listener in listeners:
             with contextlib.suppress(ClientGone):
                 listener(event)
         emit_line(dict(event, relayed=True) if listeners else event)
-
-    def lost_port(self, host):
-        """Whether another program now holds the port this worker was given (a port in
-        TIME_WAIT, left by this worker itself, is no other program's: we bind as our servers do)."""
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host, self.port))
-                return False
-            except OSError:
-                return True
 
 
 class RpcProcess:
@@ -3283,7 +3275,8 @@ class Hive(App):
     def launch(self, ref, row, backend, device, slots, split=None, attempts=3):
         """Start a worker and wait until it is ready. A worker binds its port only after loading
         its model, so another program (another hive on this machine) can take the port meanwhile:
-        such a worker is started again on the next free port."""
+        a worker that says so (PORT_IN_USE, the error it exits with) is started again on the next
+        free port. (The port is not probed after the fact: whoever took it may have let go by then.)"""
         port = WORKER_PORT
         for attempt in range(1, attempts + 1):
             worker = self.start_worker(ref, row, backend, device, slots, port, split)
@@ -3291,7 +3284,7 @@ class Hive(App):
                 self.await_ready(worker)
                 return worker
             except WorkerCrashed:
-                if attempt == attempts or not worker.lost_port(self.args.host):
+                if attempt == attempts or worker.failed_with != PortInUse.code:
                     raise
                 narrate(ACTOR_HIVE, "worker_port_taken", "Port %d was taken while worker %s loaded; starting it "
                         "again on another port" % (worker.port, worker.worker_id), "🔁", worker_id=worker.worker_id)
