@@ -13,7 +13,7 @@ Architecture (one file, five roles, each a subcommand; the contract is docs/PROT
 The queen is a front (Queen: routes, keys, CORS, status, its life) over parts that each own one
 thing: Hives (a hive session per node), the Scheduler (which worker serves each request: the
 warm one, else a placement by free memory and caps, a replica, an eviction, a Split over
-nodes), the apps' APIs (OpenAIApi, OllamaApi), Metrics and the EventFeed of the page.
+nodes), the apps' APIs (OpenAIApi, OllamaApi, AnthropicApi), Metrics and the EventFeed of the page.
 
 Every process narrates: JSON lines on stdout before it serves HTTP and after it stops, SSE events
 while it serves; every parent relays what its children say, so all of it reaches the user's shell.
@@ -143,7 +143,11 @@ OPENAI_MODEL, OPENAI_MODEL_BARE = ("GET", "/v1/models/{model_id...}"), ("GET", "
 OLLAMA_ROOT, OLLAMA_ROOT_HEAD, OLLAMA_VERSION = ("GET", "/"), ("HEAD", "/"), ("GET", "/api/version")
 OLLAMA_TAGS, OLLAMA_PS, OLLAMA_SHOW = ("GET", "/api/tags"), ("GET", "/api/ps"), ("POST", "/api/show")
 OLLAMA_CHAT, OLLAMA_GENERATE, OLLAMA_PULL = ("POST", "/api/chat"), ("POST", "/api/generate"), ("POST", "/api/pull")
-# ... and the paths whose errors each API shapes its own way (Queen.error_body)
+# ... Anthropic's Messages API (what the `anthropic` package and Claude Code call):
+ANTHROPIC_MESSAGES, ANTHROPIC_COUNT_TOKENS = ("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens")
+# ... and the paths whose errors each API shapes its own way (Queen.error_body; Anthropic's first:
+# its paths are under OpenAI's /v1/ too)
+ANTHROPIC_PATHS = ("/v1/messages",)
 OPENAI_PATHS = ("/v1/", "/chat/", "/completions", "/models")
 OLLAMA_PATHS = ("/api/",)
 
@@ -170,6 +174,7 @@ LOCAL_NODE = "localhost"             # the queen's own machine: its hive is a lo
 
 # Headers and environment variables that more than one role reads.
 AUTHORIZATION, RETRY_AFTER = "Authorization", "Retry-After"
+X_API_KEY = "x-api-key"                      # the queen's key as Anthropic's clients send it (or as a bearer)
 ENV_WORKER_API_KEY = "RBEE_WORKER_API_KEY"   # the worker's key, set by its hive
 ENV_HIVE_TOKEN = "RBEE_HIVE_TOKEN"           # a standalone hive's token (or --token-file)
 ENV_READY_TOKEN = "RBEE_READY_TOKEN"         # a worker's own secret for its ready callback, from its hive
@@ -960,11 +965,13 @@ class Request:
         auth = self.headers.get(AUTHORIZATION) or ""
         return auth[7:].strip() if auth[:7].lower() == "bearer " else None
 
-    def require_bearer(self, expected):
-        """Constant-time check of `Authorization: Bearer <key>` (`expected` None: no key is right)."""
-        given = self.bearer()
+    def require_bearer(self, expected, x_api_key=False):
+        """Constant-time check of `Authorization: Bearer <key>` (`expected` None: no key is right);
+        with `x_api_key` the key may come as `x-api-key: <key>` instead (Anthropic's clients)."""
+        given = self.bearer() or (x_api_key and (self.headers.get(X_API_KEY) or "").strip())
         if not given:
-            raise MissingApiKey("Missing API key (%s: Bearer ...)" % AUTHORIZATION)
+            raise MissingApiKey("Missing API key (%s: Bearer ...%s)" % (AUTHORIZATION, " or %s: ..." % X_API_KEY
+                                                                          if x_api_key else ""))
         import hmac
         if expected is None or not hmac.compare_digest(given.encode(), expected.encode()):
             raise InvalidApiKey("Invalid API key")
@@ -5025,6 +5032,336 @@ class OllamaApi:
             req.send_json(200, {"status": "success"})
 
 
+# -- Anthropic's Messages API -------------------------------------------------------------------
+
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                         503: "overloaded_error", 504: "timeout_error"}
+ANTHROPIC_DEFAULT_TEMPERATURE = 1.0     # Anthropic's default (OpenAI's path takes llama.cpp's 0.8)
+ANTHROPIC_TOOL_ID, WORKER_TOOL_ID = "toolu_", "call_"   # a tool call's id prefix on each side
+ANTHROPIC_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")   # Anthropic's rule for a tool's name
+ANTHROPIC_MAX_STOPS = 16                # stop_sequences the worker takes (its `stop`)
+
+
+def anthropic_error(err):
+    """An RbeeError in Anthropic's shape: {"type": "error", "error": {type, message}}."""
+    kind = ANTHROPIC_ERROR_TYPES.get(err.status, "invalid_request_error" if err.status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
+class AnthropicStream(SSEStream):
+    """Anthropic's dialect of SSE: `event: NAME` frames whose data is `{"type": NAME, ...}`,
+    `ping` events as keep-alives; an error after the start is an `error` event with its error body."""
+
+    ping_frame = b'event: ping\ndata: {"type": "ping"}\n\n'
+
+    def event(self, name, data=None):
+        self.send(name, dict({"type": name}, **(data or {})))
+
+    def fail(self, err):
+        self.finish("error", anthropic_error(err))
+
+
+def anthropic_tool_id(worker_id):
+    """A worker's tool-call id as Anthropic's clients know one: call_X is toolu_X, any other ID is
+    toolu_ID. worker_tool_id is its inverse on the ids it makes, so a tool_use a client sends back
+    names the worker's call again."""
+    return ANTHROPIC_TOOL_ID + (worker_id[len(WORKER_TOOL_ID):] if worker_id.startswith(WORKER_TOOL_ID) else worker_id)
+
+
+def worker_tool_id(anthropic_id):
+    """An id of a tool_use (or a tool_result's tool_use_id) as the worker's: toolu_X is call_X, any
+    other id stays as it is (within one request the assistant's call and its result agree either way)."""
+    if anthropic_id.startswith(ANTHROPIC_TOOL_ID):
+        return WORKER_TOOL_ID + anthropic_id[len(ANTHROPIC_TOOL_ID):]
+    return anthropic_id
+
+
+def anthropic_text(content, where):
+    """The text of a `system`, or of a tool_result's `content`: a string, or text blocks joined by
+    blank lines (their cache_control and citations mean nothing here)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(b, dict) and b.get("type") == "text"
+                                         and isinstance(b.get("text"), str) for b in content):
+        return "\n\n".join(b["text"] for b in content)
+    raise invalid(where, 'must be a string or a list of {type: "text", text} blocks: this model reads text only')
+
+
+def anthropic_messages(body):
+    """Anthropic's `system` and `messages` as the worker's conversation (OpenAI's chat shape, the
+    contract): a user's text blocks are one user message, each tool_result a `tool` message (its
+    tool_call_id, its tool's name), an assistant's tool_use blocks its `tool_calls` (the input object
+    as the arguments). Thinking blocks of earlier turns are left out; images and documents are a 400."""
+    out = []
+    if body.get("system") is not None:
+        system = anthropic_text(body["system"], "system")
+        if system:
+            out.append({"role": "system", "content": system})
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or len(messages) > 1024:
+        raise invalid("messages", "must be a non-empty list of at most 1024 {role, content} objects")
+    names = {}   # a tool_use's id -> its tool's name (a tool message names its function)
+    for k, message in enumerate(messages):
+        where = "messages[%d]" % k
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ("user", "assistant"):
+            raise invalid(where, 'must be an object whose role is "user" or "assistant"')
+        content = message.get("content")
+        if isinstance(content, str):
+            out.append({"role": role, "content": content})
+            continue
+        if not isinstance(content, list):
+            raise invalid(where + ".content", "must be a string or a list of content blocks")
+        texts, calls = [], []
+        for j, block in enumerate(content):
+            at = "%s.content[%d]" % (where, j)
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "text" and isinstance(block.get("text"), str):
+                texts.append(block["text"])
+            elif kind in ("thinking", "redacted_thinking") and role == "assistant":
+                continue   # another model's reasoning in an earlier turn: nothing this one can read
+            elif kind == "tool_use" and role == "assistant":
+                if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str) or not isinstance(
+                        block.get("input"), dict):
+                    raise invalid(at, "a tool_use block needs an id, a name and an input object")
+                names[block["id"]] = block["name"]
+                calls.append({"id": worker_tool_id(block["id"]), "type": "function",
+                              "function": {"name": block["name"], "arguments": block["input"]}})
+            elif kind == "tool_result" and role == "user":
+                if not isinstance(block.get("tool_use_id"), str):
+                    raise invalid(at + ".tool_use_id", "is required: the id of the tool_use it answers")
+                if texts:   # (text before a result stays before it)
+                    out.append({"role": "user", "content": "\n\n".join(texts)})
+                    texts = []
+                result = anthropic_text(block.get("content", ""), at + ".content")
+                result = "Error: " + result if block.get("is_error") is True else result
+                out.append(dict({"role": "tool", "tool_call_id": worker_tool_id(block["tool_use_id"]),
+                                 "content": result}, **({"name": names[block["tool_use_id"]]}
+                                                        if block["tool_use_id"] in names else {})))
+            else:
+                raise invalid(at, "must be a text block%s: this model reads text only" % (
+                    " or a tool_use block" if role == "assistant" else " or a tool_result block"))
+        if role == "assistant":
+            out.append(dict({"role": "assistant", "content": "\n\n".join(texts) if texts or not calls else None},
+                            **({"tool_calls": calls} if calls else {})))
+        elif texts or not content:
+            out.append({"role": "user", "content": "\n\n".join(texts)})
+    return out
+
+
+def anthropic_tools(body):
+    """Anthropic's `tools` and `tool_choice` as the worker's tools, tool_choice and
+    parallel_tool_calls (the contract): any is "required", tool the named function, none "none";
+    parallel calls unless disable_parallel_tool_use. Only client tools (no server tools)."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if choice is not None and (not isinstance(choice, dict) or choice.get("type") not in ("auto", "any", "tool",
+                                                                                           "none")):
+        raise invalid("tool_choice", 'must be {"type": "auto" | "any" | "tool" | "none"}')
+    if not tools:
+        if tools is not None and not isinstance(tools, list):
+            raise invalid("tools", "must be a list of {name, description, input_schema}")
+        if choice is not None and choice["type"] in ("any", "tool"):
+            raise invalid("tool_choice", "needs tools to choose from")
+        return {}
+    if not isinstance(tools, list) or len(tools) > 512:
+        raise invalid("tools", "must be a list of at most 512 {name, description, input_schema}")
+    functions = []
+    for k, tool in enumerate(tools):
+        at = "tools[%d]" % k
+        if not isinstance(tool, dict) or tool.get("type", "custom") not in ("custom", None):
+            raise invalid(at, "must be a tool of your own {name, description, input_schema}: rbee has no server "
+                          "tools (%s)" % (tool.get("type") if isinstance(tool, dict) else "no object"))
+        if not isinstance(tool.get("name"), str) or not ANTHROPIC_TOOL_NAME.match(tool["name"]):
+            raise invalid(at + ".name", "must be 1 to 128 letters, digits, _ or -")
+        if not isinstance(tool.get("input_schema"), dict):
+            raise invalid(at + ".input_schema", "is required: the JSON schema of the tool's input (an object)")
+        if not isinstance(tool.get("description", ""), str):
+            raise invalid(at + ".description", "must be a string")
+        function = {"name": tool["name"], "parameters": tool["input_schema"]}
+        if tool.get("description"):
+            function["description"] = tool["description"]
+        functions.append({"type": "function", "function": function})
+    choice = choice or {"type": "auto"}
+    if not isinstance(choice.get("disable_parallel_tool_use", False), bool):
+        raise invalid("tool_choice.disable_parallel_tool_use", "must be true or false")
+    if choice["type"] == "tool":
+        if choice.get("name") not in [t["name"] for t in tools]:
+            raise invalid("tool_choice.name", "must name one of the tools")
+        tool_choice = {"type": "function", "function": {"name": choice["name"]}}
+    else:
+        tool_choice = {"auto": "auto", "any": "required", "none": "none"}[choice["type"]]
+    return {"tools": functions, "tool_choice": tool_choice,
+            "parallel_tool_calls": not choice.get("disable_parallel_tool_use", False)}
+
+
+def anthropic_job(body, count_only=False):
+    """The worker's /execute body (the contract) for an Anthropic Messages request; `count_only`:
+    for count_tokens, the conversation and the tools alone. max_tokens is required, as Anthropic's;
+    beyond a slot's context it is the context (Claude Code asks for 32000)."""
+    job = dict({"messages": anthropic_messages(body)}, **anthropic_tools(body))
+    if count_only:
+        return job
+    max_tokens = body.get("max_tokens")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise invalid("max_tokens", "is required: the most tokens to generate (a positive integer)")
+    job.update(max_tokens=min(max_tokens, DEFAULT_N_CTX), temperature=body.get("temperature",
+                                                                              ANTHROPIC_DEFAULT_TEMPERATURE))
+    for name in ("top_p", "top_k"):
+        if body.get(name) is not None:
+            job[name] = body[name]
+    stops = body.get("stop_sequences")
+    if stops is not None:
+        if not isinstance(stops, list) or len(stops) > ANTHROPIC_MAX_STOPS or not all(
+                isinstance(s, str) and s for s in stops):
+            raise invalid("stop_sequences", "must be a list of at most %d non-empty strings" % ANTHROPIC_MAX_STOPS)
+        if stops:
+            job["stop"] = stops
+    if not isinstance(body.get("stream", False), bool):
+        raise invalid("stream", "must be true or false")
+    return job
+
+
+def anthropic_stop(stats, stop_sequences):
+    """(stop_reason, stop_sequence) of Anthropic for a worker's end event: tool_use when it called
+    tools, max_tokens, stop_sequence when one of the request's `stop_sequences` ended it (the
+    worker's `stop_sequence`), else end_turn (its end of turn, or a stop of its chat template)."""
+    reason = stats.get("stop_reason")
+    if reason == "tool_calls":
+        return "tool_use", None
+    if reason == "max_tokens":
+        return "max_tokens", None
+    if reason == "stop" and stats.get("stop_sequence") in (stop_sequences or ()):
+        return "stop_sequence", stats["stop_sequence"]
+    return "end_turn", None
+
+
+class AnthropicContent:
+    """An answer's content blocks, built from the worker's pieces as they come (text, then a
+    tool_use block per call; text again after a call starts a new block), and each step as the
+    events of Anthropic's stream. The whole answer and the stream are made by the same steps."""
+
+    def __init__(self):
+        self.blocks = []                  #: the content blocks so far (a tool_use's input as its JSON text)
+        self.block_of_call = {}           #: a worker's call index -> the index of its block
+        self.open = None                  #: the index of the block being written (None: none)
+
+    def add(self, piece):
+        """A Token or a ToolCallDelta of AppJob.pieces(): the stream's events it makes."""
+        if isinstance(piece, Token):
+            return self.text(piece.text)
+        return self.tool_call(piece.index, piece.id, piece.name, piece.arguments)
+
+    def text(self, text):
+        if not text:
+            return []
+        events = [] if self.open is not None and self.blocks[self.open]["type"] == "text" else self._start(
+            {"type": "text", "text": ""})
+        self.blocks[self.open]["text"] += text
+        return events + [("content_block_delta", {"index": self.open, "delta": {"type": "text_delta", "text": text}})]
+
+    def tool_call(self, index, call_id, name, arguments):
+        """A call's first delta (with its id and name) starts its block; every fragment of its
+        arguments is an input_json_delta of that block."""
+        events = []
+        if call_id is not None:
+            events = self._start({"type": "tool_use", "id": anthropic_tool_id(call_id), "name": name, "input": {}})
+            self.block_of_call[index] = self.open
+            self.blocks[self.open]["input"] = ""
+        block = self.block_of_call.get(index)
+        if block is None:
+            raise InternalError("The worker sent arguments of tool call %r before its name" % index)
+        if arguments:
+            self.blocks[block]["input"] += arguments
+            events.append(("content_block_delta", {"index": block, "delta": {"type": "input_json_delta",
+                                                                             "partial_json": arguments}}))
+        return events
+
+    def _start(self, block):
+        events = self.finish()
+        self.blocks.append(block)
+        self.open = len(self.blocks) - 1
+        return events + [("content_block_start", {"index": self.open, "content_block": dict(block)})]
+
+    def finish(self):
+        """The events that close the open block (the answer's end, or another block's start)."""
+        if self.open is None:
+            return []
+        events, self.open = [("content_block_stop", {"index": self.open})], None
+        return events
+
+    def content(self):
+        """The content of the whole answer: the blocks, each tool_use's input an object."""
+        out = []
+        for block in self.blocks:
+            if block["type"] == "tool_use":
+                try:
+                    arguments = json.loads(block["input"] or "{}")
+                except ValueError:
+                    arguments = None
+                if not isinstance(arguments, dict):
+                    raise InternalError("The worker's tool call %s has arguments that are no JSON object: %.200r" % (
+                        block["name"], block["input"]))
+                block = dict(block, input=arguments)
+            out.append(block)
+        return out
+
+
+class AnthropicApi:
+    """Anthropic's Messages API on the queen (what the `anthropic` package and Claude Code call):
+    a message, whole or streamed as Anthropic streams it, with tools; and the count of its tokens."""
+
+    def __init__(self, scheduler, models, metrics):
+        self.scheduler = scheduler        #: gives each request its worker
+        self.models = models              #: the models the apps name (aliases: a Claude model's name)
+        self.metrics = metrics            #: counts the requests
+
+    def routes(self):
+        return ((ANTHROPIC_MESSAGES, self.messages), (ANTHROPIC_COUNT_TOKENS, self.count_tokens))
+
+    def messages(self, req):
+        body = req.json
+        job = anthropic_job(body)
+        with AppJob(self.scheduler, self.metrics, self.models.named(body.get("model")), job, None).open() as app:
+            message = {"id": "msg_" + random_id(12), "type": "message", "role": "assistant", "model": body["model"]}
+            content = AnthropicContent()
+            if not body.get("stream"):
+                for piece in app.pieces():
+                    content.add(piece)
+                req.send_json(200, dict(message, content=content.content(), **self._ending(app, job)))
+                return
+            stream = req.sse(AnthropicStream)
+            # (the prompt's tokens are known at the end: message_delta's usage has them, as the SDKs read it)
+            stream.event("message_start", {"message": dict(message, content=[], stop_reason=None, stop_sequence=None,
+                                                           usage={"input_tokens": 0, "output_tokens": 0})})
+            stream.event("ping")
+            for piece in app.pieces():
+                for name, data in content.add(piece):
+                    stream.event(name, data)
+            for name, data in content.finish():
+                stream.event(name, data)
+            ending = self._ending(app, job)
+            stream.event("message_delta", {"delta": {"stop_reason": ending["stop_reason"],
+                                                     "stop_sequence": ending["stop_sequence"]},
+                                           "usage": ending["usage"]})
+            stream.event("message_stop")
+            stream.close()
+
+    @staticmethod
+    def _ending(app, job):
+        """How the ended job's answer ends: stop_reason, stop_sequence, usage."""
+        stop_reason, stop_sequence = anthropic_stop(app.stats, job.get("stop"))
+        usage = app.usage()
+        return {"stop_reason": stop_reason, "stop_sequence": stop_sequence,
+                "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]}}
+
+    def count_tokens(self, req):
+        body = req.json
+        app = AppJob(self.scheduler, self.metrics, self.models.named(body.get("model")),
+                     anthropic_job(body, count_only=True), None)
+        req.send_json(200, {"input_tokens": app.count_tokens()})
+
+
 # ============================================================================================
 # The queen itself: the front -- its routes, keys, CORS, status, the keeper's /v2 API, its life
 # ============================================================================================
@@ -5051,6 +5388,7 @@ class Queen(App):
         models = AppModels(self.scheduler, self.hives)
         self.openai = OpenAIApi(self.scheduler, models, self.metrics)              #: OpenAI's API
         self.ollama = OllamaApi(self.scheduler, self.hives, models, self.metrics)   #: Ollama's API
+        self.anthropic = AnthropicApi(self.scheduler, models, self.metrics)        #: Anthropic's Messages API
         #: what answers without the key
         self.open_routes = (self.health, self.ollama.root, self.ollama.version, self.serve_ui)
         super().__init__((
@@ -5058,14 +5396,17 @@ class Queen(App):
             (QUEEN_WORKER_SHUTDOWN, self.shutdown_worker), (QUEEN_MODELS, self.list_models),
             (QUEEN_DOWNLOAD, self.download_model), (QUEEN_REMOVE, self.remove_model), (QUEEN_STATUS, self.status),
             (QUEEN_SHUTDOWN, self.shutdown_request), (QUEEN_METRICS, self.serve_metrics),
-            (QUEEN_UI, self.serve_ui), (QUEEN_EVENTS, self.events)) + self.openai.routes() + self.ollama.routes())
+            (QUEEN_UI, self.serve_ui), (QUEEN_EVENTS, self.events)) + self.openai.routes() + self.ollama.routes()
+            + self.anthropic.routes())
 
     def authorize(self, req, handler):
         if self.api_key is not None and handler not in self.open_routes:
-            req.require_bearer(self.api_key)
+            req.require_bearer(self.api_key, x_api_key=True)   # (Anthropic's clients send x-api-key)
 
     def error_body(self, path, err):
-        """Each API's errors in its own shape: OpenAI's, Ollama's `{"error": "..."}`, rbee's envelope."""
+        """Each API's errors in its own shape: Anthropic's, OpenAI's, Ollama's `{"error": "..."}`, rbee's envelope."""
+        if path.startswith(ANTHROPIC_PATHS):
+            return anthropic_error(err)
         if path.startswith(OPENAI_PATHS):
             return openai_error(err)
         if path == OLLAMA_ROOT[1] or path.startswith(OLLAMA_PATHS):
