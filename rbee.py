@@ -2860,17 +2860,19 @@ class Job:
 
 
 def split_at_stop(text, stops):
-    """(text that can be sent, held back text, stopped?) for the generated `text` so far."""
-    hits = [text.find(s) for s in stops if s in text]
+    """(text that can be sent, held back text, the stop string it stopped at or None) for the
+    generated `text` so far (the earliest stop in the text; of two at one place, the first given)."""
+    hits = [(text.find(s), k) for k, s in enumerate(stops) if s in text]
     if hits:
-        return text[:min(hits)], "", True
+        at, k = min(hits)
+        return text[:at], "", stops[k]
     hold = 0
     for s in stops:   # keep back a tail that could still become a stop string
         for k in range(min(len(s) - 1, len(text)), 0, -1):
             if text.endswith(s[:k]):
                 hold = max(hold, k)
                 break
-    return (text[:len(text) - hold], text[len(text) - hold:], False) if hold else (text, "", False)
+    return (text[:len(text) - hold], text[len(text) - hold:], None) if hold else (text, "", None)
 
 
 class ChatPrompt:
@@ -3147,7 +3149,7 @@ class Worker(App):
                 stream.send(EVENT_QUEUED, {"job_id": job.job_id, "position": position})
                 narrate(ACTOR_WORKER, "queued", "Waiting for a free slot (position %d)" % position, "⏳",
                         job_id=job.job_id)
-            events, tokens_out, held, stop_reason = job.engine_job.events, 0, "", None
+            events, tokens_out, held, stop_reason, stopped = job.engine_job.events, 0, "", None, None
             started = first_at = None
             output = JobOutput(stream, ToolCallParser(self.chat.tool_format, job.parallel_tool_calls)
                                if job.offered_tools() else None)
@@ -3176,7 +3178,7 @@ class Worker(App):
                 elif kind == ENGINE_TOKEN:
                     tokens_out += 1
                     first_at = first_at or time.perf_counter()
-                    text, held, stopped = split_at_stop(held + data, job.stop) if job.stop else (data, "", False)
+                    text, held, stopped = split_at_stop(held + data, job.stop) if job.stop else (data, "", None)
                     output.send(text)
                     if stopped or output.calls_done():
                         stop_reason = "tool_calls" if output.calls_done() else "stop"
@@ -3212,6 +3214,7 @@ class Worker(App):
         # the end event separates the prompt's evaluation from the decoding of the tokens after the first
         decode = ended - first_at if first_at else 0.0
         stream.finish(EVENT_END, {"job_id": job.job_id, "tokens_out": tokens_out, "stop_reason": stop_reason,
+                                  "stop_sequence": stopped if stop_reason == "stop" else None,
                                   "prompt_tokens": n_prompt, "tool_calls": output.calls(),
                                   "prompt_eval_ms": round(((first_at or ended) - started) * 1000, 1),
                                   "decode_time_ms": round(decode * 1000, 1),
@@ -5725,7 +5728,8 @@ def anthropic_tools(body):
 def anthropic_job(body, count_only=False):
     """The worker's /execute body (the contract) for an Anthropic Messages request; `count_only`:
     for count_tokens, the conversation and the tools alone. max_tokens is required, as Anthropic's;
-    beyond a slot's context it is the context (Claude Code asks for 32000)."""
+    beyond a slot's context it is the context (Claude Code asks for 32000). `output_config.format`
+    (a JSON schema) is the worker's json_schema; `output_config.effort` means nothing here."""
     job = dict({"messages": anthropic_messages(body)}, **anthropic_tools(body))
     if count_only:
         return job
@@ -5746,6 +5750,14 @@ def anthropic_job(body, count_only=False):
             job["stop"] = stops
     if not isinstance(body.get("stream", False), bool):
         raise invalid("stream", "must be true or false")
+    output = body.get("output_config") or {}
+    if not isinstance(output, dict):
+        raise invalid("output_config", "must be an object")
+    if output.get("format") is not None:   # structured outputs: the answer is JSON that matches the schema
+        if not isinstance(output["format"], dict) or output["format"].get("type") != "json_schema" or not isinstance(
+                output["format"].get("schema"), dict):
+            raise invalid("output_config.format", 'must be {"type": "json_schema", "schema": {...}}')
+        job["json_schema"] = output["format"]["schema"]
     return job
 
 

@@ -3,12 +3,19 @@
 In process: the pure conversions of a Messages request to the worker's /execute body (the
 contract's OpenAI-shaped one), of the worker's pieces to Anthropic's content blocks and stream
 events -- checked against the `anthropic` package's own types and its own stream accumulator --
-and the error shapes.
+and the error shapes. End to end: the real `anthropic` package (and `openai`, for the same
+conversation in its words) against a real queen, hive and worker on the real model.
 """
 import email.message
+import json
+import os
+import signal
 import sys
 from types import SimpleNamespace
 
+import anthropic
+import jsonschema
+import openai
 import pydantic
 import pytest
 from anthropic._streaming import SSEDecoder
@@ -16,7 +23,7 @@ from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import Message, RawMessageStreamEvent
 from anthropic.types.shared import ErrorResponse
 
-from conftest import REPO
+from conftest import REPO, raw_call, raw_request, rbee_processes, run_rbee, sse_frames, start_queen, tracebacks
 
 sys.path.insert(0, str(REPO))
 import rbee  # noqa: E402
@@ -176,6 +183,11 @@ def test_the_whole_execute_body():
                    "temperature": 0.2, "top_p": 0.9, "top_k": 5, "stop": ["END"]}
     plain = rbee.anthropic_job({"max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
     assert plain == {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10, "temperature": 1.0}
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    structured = rbee.anthropic_job({"max_tokens": 10, "messages": [{"role": "user", "content": "hi"}],
+                                     "output_config": {"effort": "low", "format": {"type": "json_schema",
+                                                                                   "schema": schema}}})
+    assert structured["json_schema"] == schema
     # count_tokens: the conversation and the tools, no max_tokens needed
     assert rbee.anthropic_job({"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER]},
                               count_only=True) == {"messages": [{"role": "user", "content": "hi"}],
@@ -187,6 +199,9 @@ def test_the_whole_execute_body():
     ({"max_tokens": True}, "max_tokens"), ({"max_tokens": 1.5}, "max_tokens"),
     ({"stop_sequences": "END"}, "stop_sequences"), ({"stop_sequences": [""]}, "stop_sequences"),
     ({"stop_sequences": ["x"] * 17}, "stop_sequences"), ({"stream": "yes"}, "stream"),
+    ({"output_config": "json"}, "output_config"), ({"output_config": {"format": {"type": "json"}}},
+                                                   "output_config.format"),
+    ({"output_config": {"format": {"type": "json_schema", "schema": "{}"}}}, "output_config.format"),
 ])
 def test_max_tokens_is_required_and_the_rest_typed(extra, field):
     body = dict({"max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}, **extra)
@@ -350,3 +365,241 @@ def test_the_key_as_x_api_key_or_as_a_bearer_where_the_queen_allows_it():
 def test_the_keep_alive_ping_is_an_event_the_sdk_reads_as_a_ping():
     frames = list(SSEDecoder().iter_bytes(iter([rbee.AnthropicStream.ping_frame])))
     assert [(f.event, f.json()) for f in frames] == [("ping", {"type": "ping"})]
+
+
+# ============================================================================================
+# End to end: the real `anthropic` package against a real queen, hive and worker on the real model
+# ============================================================================================
+
+SYSTEM = "You are a helpful assistant who answers briefly."
+TWO_TURNS = [{"role": "user", "content": "What is the capital of France?"},
+             {"role": "assistant", "content": "The capital of France is Paris."},
+             {"role": "user", "content": [{"type": "text", "text": "And of Italy?"}]}]
+PARIS = [{"role": "user", "content": "What is the weather in Paris?"}]
+GREEDY = {"temperature": 0}   # (this SDK has no temperature argument any more; older clients, Claude Code, send it)
+
+
+@pytest.fixture
+def model(model_path):
+    return "file:" + model_path
+
+
+@pytest.fixture
+def queen(roles, env):
+    return start_queen(roles, env)
+
+
+def client(queen, **kw):
+    kw = kw or {"api_key": "unused"}
+    return anthropic.Anthropic(base_url=queen.url, max_retries=0, **kw)
+
+
+def openai_client(queen):
+    return openai.OpenAI(base_url=queen.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_a_message_is_the_chat_llama_cpp_python_makes_of_the_same_conversation(queen, model, reference_llm):
+    answer = client(queen).messages.create(model=model, system=SYSTEM, messages=TWO_TURNS, max_tokens=32,
+                                           extra_body=GREEDY, metadata={"user_id": "u-1"})
+    conversation = [{"role": "system", "content": SYSTEM}, TWO_TURNS[0], TWO_TURNS[1],
+                    {"role": "user", "content": "And of Italy?"}]
+    expected = reference_llm.create_chat_completion(messages=conversation, max_tokens=32, temperature=0)
+    assert [b.type for b in answer.content] == ["text"]
+    assert answer.content[0].text == expected["choices"][0]["message"]["content"]
+    assert answer.stop_reason == {"stop": "end_turn", "length": "max_tokens"}[expected["choices"][0]["finish_reason"]]
+    assert answer.stop_sequence is None
+    assert answer.usage.input_tokens == expected["usage"]["prompt_tokens"]
+    assert answer.usage.output_tokens == expected["usage"]["completion_tokens"]
+    assert answer.id.startswith("msg_") and answer.type == "message" and answer.role == "assistant"
+    assert answer.model == model
+
+
+def test_a_stream_is_anthropics_event_by_event_and_the_sdk_makes_the_same_message_of_it(queen, model):
+    api = client(queen)
+    asked = dict(model=model, system=SYSTEM, messages=TWO_TURNS, max_tokens=24, extra_body=GREEDY)
+    whole = api.messages.create(**asked)
+    with api.messages.stream(**asked) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == whole.content[0].text and text
+    assert final.content[0].text == text and final.stop_reason == whole.stop_reason
+    assert final.usage.input_tokens == whole.usage.input_tokens
+    assert final.usage.output_tokens == whole.usage.output_tokens
+    assert final.id.startswith("msg_") and final.model == model
+    # on the wire: the event names and the order Anthropic's streams have, each data's type its event
+    body = {"model": model, "max_tokens": 24, "temperature": 0, "stream": True, "system": SYSTEM,
+            "messages": TWO_TURNS}
+    conn, resp = raw_request(int(queen.url.rsplit(":", 1)[1]), "POST", "/v1/messages", body)
+    assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
+    frames = [(event, data) for event, data, _ in sse_frames(resp)]
+    conn.close()
+    names = [event for event, _ in frames]
+    assert all(data["type"] == event for event, data in frames)
+    deltas = len(names) - 6
+    assert names == ["message_start", "ping", "content_block_start"] + ["content_block_delta"] * deltas + [
+        "content_block_stop", "message_delta", "message_stop"] and deltas >= 1
+    start = frames[0][1]["message"]
+    assert start["content"] == [] and start["stop_reason"] is None and start["role"] == "assistant"
+    assert "".join(data["delta"]["text"] for event, data in frames if event == "content_block_delta") == text
+    assert frames[-2][1]["delta"] == {"stop_reason": whole.stop_reason, "stop_sequence": None}
+    assert frames[-2][1]["usage"] == {"input_tokens": whole.usage.input_tokens,
+                                      "output_tokens": whole.usage.output_tokens}
+
+
+def test_a_stop_sequence_ends_the_message_and_is_named(queen, model):
+    api = client(queen)
+    free = api.messages.create(model=model, messages=PARIS, max_tokens=40, extra_body=GREEDY).content[0].text
+    words = free.split()
+    assert len(words) > 3, free
+    stop = " " + words[2]
+    stopped = api.messages.create(model=model, messages=PARIS, max_tokens=40, extra_body=GREEDY, stop_sequences=[
+        "never in it", stop])
+    assert stopped.content[0].text == free[:free.index(stop)]
+    assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == stop
+    with api.messages.stream(model=model, messages=PARIS, max_tokens=40, extra_body=GREEDY,
+                             stop_sequences=[stop]) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == stop
+
+
+def test_any_tool_choice_is_a_tool_use_whose_input_matches_the_schema_whole_or_streamed(queen, model):
+    api = client(queen)
+    answer = api.messages.create(model=model, messages=PARIS, max_tokens=80, extra_body=GREEDY, tools=[WEATHER],
+                                 tool_choice={"type": "any"})
+    calls = [b for b in answer.content if b.type == "tool_use"]
+    assert calls and answer.stop_reason == "tool_use", answer
+    for call in calls:
+        assert call.name == "get_weather" and call.id.startswith("toolu_")
+        jsonschema.validate(call.input, WEATHER["input_schema"])
+    with api.messages.stream(model=model, messages=PARIS, max_tokens=80, extra_body=GREEDY, tools=[WEATHER],
+                             tool_choice={"type": "any"}) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use"
+    assert [(b.type, getattr(b, "name", None), getattr(b, "input", None)) for b in final.content] == [
+        (b.type, getattr(b, "name", None), getattr(b, "input", None)) for b in answer.content]
+    partial = {}   # each tool_use block's input_json_deltas, put together: its input
+    for e in events:
+        if e.type == "content_block_delta" and e.delta.type == "input_json_delta":
+            partial[e.index] = partial.get(e.index, "") + e.delta.partial_json
+    assert {k: json.loads(text) for k, text in partial.items()} == {
+        k: b.input for k, b in enumerate(final.content) if b.type == "tool_use"}
+    # the named tool, and a single call when parallel use is off
+    named = api.messages.create(model=model, messages=PARIS, max_tokens=80, extra_body=GREEDY, tools=[CLOCK, WEATHER],
+                                tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True})
+    assert [(b.type, b.name) for b in named.content if b.type == "tool_use"] == [("tool_use", "get_weather")]
+
+
+def test_a_tool_result_turn_is_answered_in_text_as_the_openai_api_answers_the_same_conversation(queen, model):
+    turns = PARIS + [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_01abc", "name": "get_weather",
+                                           "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01abc",
+                                      "content": [{"type": "text", "text": "18 degrees and sunny"}]}]}]
+    answer = client(queen).messages.create(model=model, messages=turns, max_tokens=40, extra_body=GREEDY,
+                                           tools=[WEATHER], tool_choice={"type": "none"})
+    assert [b.type for b in answer.content] == ["text"] and answer.content[0].text
+    assert answer.stop_reason in ("end_turn", "max_tokens")
+    # the same conversation in OpenAI's words (the worker's lingua franca) is the same prompt and text
+    same = openai_client(queen).chat.completions.create(model=model, max_tokens=40, temperature=0, messages=[
+        PARIS[0], {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_01abc", "type": "function", "function": {"name": "get_weather",
+                                                                  "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_01abc", "content": "18 degrees and sunny"}],
+        tools=[{"type": "function", "function": {"name": "get_weather", "description": WEATHER["description"],
+                                                 "parameters": WEATHER["input_schema"]}}], tool_choice="none")
+    assert same.choices[0].message.content == answer.content[0].text
+    assert same.usage.prompt_tokens == answer.usage.input_tokens
+
+
+def test_structured_output_is_json_that_matches_the_schema(queen, model):
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    answer = client(queen).messages.create(model=model, max_tokens=60, extra_body=GREEDY, messages=[
+        {"role": "user", "content": "Give me a person."}], output_config={"format": {"type": "json_schema",
+                                                                                      "schema": schema}})
+    jsonschema.validate(json.loads(answer.content[0].text), schema)
+
+
+def test_count_tokens_is_the_prompt_of_the_message_and_grows_with_a_tool(queen, model):
+    api = client(queen)
+    plain = api.messages.count_tokens(model=model, system=SYSTEM, messages=TWO_TURNS)
+    answer = api.messages.create(model=model, system=SYSTEM, messages=TWO_TURNS, max_tokens=1)
+    assert plain.input_tokens == answer.usage.input_tokens > 10
+    with_tool = api.messages.count_tokens(model=model, system=SYSTEM, messages=TWO_TURNS, tools=[WEATHER])
+    assert with_tool.input_tokens > plain.input_tokens
+    with pytest.raises(anthropic.NotFoundError):
+        api.messages.count_tokens(model="claude-opus-4-1", messages=TWO_TURNS)
+
+
+def test_errors_are_anthropics_and_the_sdk_raises_its_own(queen, model, rbee_home):
+    api = client(queen)
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        api.messages.create(model="claude-sonnet-4-5", messages=PARIS, max_tokens=8)
+    assert missing.value.body["type"] == "error" and missing.value.body["error"]["type"] == "not_found_error"
+    with pytest.raises(anthropic.NotFoundError):
+        with api.messages.stream(model="claude-sonnet-4-5", messages=PARIS, max_tokens=8) as stream:
+            list(stream)
+    with pytest.raises(anthropic.BadRequestError) as image:
+        api.messages.create(model=model, max_tokens=8, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}])
+    assert image.value.body["error"]["type"] == "invalid_request_error"
+    assert "messages[0].content[0]" in image.value.body["error"]["message"]
+    with pytest.raises(anthropic.BadRequestError) as long:
+        api.messages.create(model=model, max_tokens=8, messages=[{"role": "user", "content": "word " * 5000}],
+                            stream=True)
+    assert "a slot's context holds 2048" in long.value.body["error"]["message"]
+    # max_tokens is required (the SDK checks it too: the wire, then), and unknown paths answer in the shape
+    port = int(queen.url.rsplit(":", 1)[1])
+    resp, body = raw_call(port, "POST", "/v1/messages", {"model": model, "messages": PARIS})
+    assert resp.status == 400 and body == {"type": "error", "error": {
+        "type": "invalid_request_error", "message": "max_tokens: is required: the most tokens to generate "
+                                                    "(a positive integer)"}}
+    resp, body = raw_call(port, "POST", "/v1/messages/batches", {})
+    assert resp.status == 404 and body["error"]["type"] == "not_found_error"
+    assert tracebacks(queen.lines, rbee_home) == []
+
+
+def test_an_error_after_the_stream_began_is_an_error_event(queen, model, tmp_path):
+    with client(queen).messages.stream(model=model, messages=[{"role": "user", "content": "Count to a thousand."}],
+                                       max_tokens=1500, extra_body=GREEDY) as stream:
+        events = iter(stream)
+        next(events)
+        for pid, cmd in rbee_processes(str(tmp_path)):
+            if " worker " in cmd:
+                os.kill(pid, signal.SIGKILL)
+        with pytest.raises(anthropic.APIStatusError) as died:
+            for _ in events:
+                pass
+    assert died.value.body["type"] == "error" and died.value.body["error"]["type"] == "api_error"
+
+
+def test_an_alias_named_like_a_claude_model_is_that_model(queen, model, env):
+    assert run_rbee(["models", "alias", "claude-sonnet-4-5", model], env).returncode == 0
+    api = client(queen)
+    direct = api.messages.create(model=model, messages=PARIS, max_tokens=8, extra_body=GREEDY)
+    aliased = api.messages.create(model="claude-sonnet-4-5", messages=PARIS, max_tokens=8, extra_body=GREEDY)
+    assert aliased.model == "claude-sonnet-4-5" and aliased.content[0].text == direct.content[0].text
+    assert api.messages.count_tokens(model="claude-sonnet-4-5", messages=PARIS).input_tokens == (
+        direct.usage.input_tokens)
+
+
+def test_the_key_as_x_api_key_or_bearer_is_asked_for_and_never_shown(roles, env, model, tmp_path):
+    key = "sk-rbee-test-anthropic-0123456789"
+    queen = start_queen(roles, dict(env, RBEE_API_KEY=key))
+    for wrong in ({"api_key": "wrong"}, {"auth_token": "wrong"}):
+        with pytest.raises(anthropic.AuthenticationError) as refused:
+            client(queen, **wrong).messages.create(model=model, messages=PARIS, max_tokens=4)
+        assert refused.value.body["error"]["type"] == "authentication_error"
+    resp, body = raw_call(int(queen.url.rsplit(":", 1)[1]), "POST", "/v1/messages/count_tokens",
+                          {"model": model, "messages": PARIS})
+    assert resp.status == 401 and body["error"] == {"type": "authentication_error", "message": (
+        "Missing API key (Authorization: Bearer ... or x-api-key: ...)")}
+    for right in ({"api_key": key}, {"auth_token": key}):   # x-api-key, and a bearer (Claude Code's token)
+        assert client(queen, **right).messages.create(model=model, messages=PARIS, max_tokens=4).content
+    assert openai_client(queen).with_options(api_key=key).models.list().data   # the other APIs: as before
+    for pid, cmd in rbee_processes(str(tmp_path)):
+        assert key not in cmd, cmd
+    logs = [os.path.join(d, f) for d, _, files in os.walk(str(tmp_path)) for f in files if f.endswith(".log")]
+    assert logs and not [p for p in logs if key in open(p, errors="replace").read()]
+    assert not [line for line in queen.lines if key in line]

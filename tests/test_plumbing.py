@@ -140,26 +140,27 @@ def test_choose_gguf_does_not_depend_on_listing_order():
 
 @pytest.mark.parametrize("text, stops, expected", [
     # no stops: everything can be sent
-    ("Hello world", [], ("Hello world", "", False)),
-    ("", [], ("", "", False)),
-    ("", ["</s>"], ("", "", False)),
-    # a stop inside the text cuts there, at the earliest of several
-    ("Hello</s> more", ["</s>"], ("Hello", "", True)),
-    ("one END two STOP", ["STOP", "END"], ("one ", "", True)),
-    ("</s>", ["</s>"], ("", "", True)),
-    ("a\n\nb", ["\n\n"], ("a", "", True)),
+    ("Hello world", [], ("Hello world", "", None)),
+    ("", [], ("", "", None)),
+    ("", ["</s>"], ("", "", None)),
+    # a stop inside the text cuts there, at the earliest of several, and is named
+    ("Hello</s> more", ["</s>"], ("Hello", "", "</s>")),
+    ("one END two STOP", ["STOP", "END"], ("one ", "", "END")),
+    ("</s>", ["</s>"], ("", "", "</s>")),
+    ("a\n\nb", ["\n\n"], ("a", "", "\n\n")),
+    ("xEND", ["END", "EN"], ("x", "", "END")),   # (two at one place: the first given)
     # a complete stop wins over a tail that could become another
-    ("x</s> <", ["</s>", "<|end|>"], ("x", "", True)),
+    ("x</s> <", ["</s>", "<|end|>"], ("x", "", "</s>")),
     # a tail that could still become a stop string is held back ...
-    ("Hello <", ["</s>"], ("Hello ", "<", False)),
-    ("Hello </", ["</s>"], ("Hello ", "</", False)),
-    ("Hello\n", ["\n\n"], ("Hello", "\n", False)),
+    ("Hello <", ["</s>"], ("Hello ", "<", None)),
+    ("Hello </", ["</s>"], ("Hello ", "</", None)),
+    ("Hello\n", ["\n\n"], ("Hello", "\n", None)),
     # ... the longest such tail over all the stops
-    ("xab", ["bq", "abz"], ("x", "ab", False)),
-    ("text <|e", ["<|x", "<|end|>"], ("text ", "<|e", False)),
+    ("xab", ["bq", "abz"], ("x", "ab", None)),
+    ("text <|e", ["<|x", "<|end|>"], ("text ", "<|e", None)),
     # a tail that is not the start of a stop is sent
-    ("Hello s>", ["</s>"], ("Hello s>", "", False)),
-    ("Hello /s", ["</s>"], ("Hello /s", "", False)),
+    ("Hello s>", ["</s>"], ("Hello s>", "", None)),
+    ("Hello /s", ["</s>"], ("Hello /s", "", None)),
 ])
 def test_split_at_stop(text, stops, expected):
     assert rbee.split_at_stop(text, stops) == expected
