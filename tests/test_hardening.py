@@ -136,13 +136,17 @@ def is_envelope(data):
 
 
 def is_error_of(kind, request, data):
-    """An error answer in the shape its route speaks (PROTOCOL.md §13): on the queen, OpenAI's
-    under /v1/ (and its routes without the prefix), Ollama's under /api/ and at /; rbee's envelope
-    everywhere else."""
+    """An error answer in the shape its route speaks (PROTOCOL.md §13): on the queen, Anthropic's
+    under /v1/messages, OpenAI's elsewhere under /v1/ (and its routes without the prefix), Ollama's
+    under /api/ and at /; rbee's envelope everywhere else."""
     parts = request.split(b"\r\n", 1)[0].split(b" ")
     path = parts[1].decode("latin-1").split("?")[0] if len(parts) > 1 else ""
     if kind == "queen" and (path == "/" or path.startswith("/api/")):
         return isinstance(data, dict) and isinstance(data.get("error"), str) and bool(data["error"])
+    if kind == "queen" and path.startswith("/v1/messages"):
+        error = data.get("error") if isinstance(data, dict) else None
+        return data.get("type") == "error" and isinstance(error, dict) and isinstance(
+            error.get("type"), str) and isinstance(error.get("message"), str) and bool(error["message"])
     if kind == "queen" and path.startswith(("/v1/", "/chat/", "/completions", "/models")):
         error = data.get("error") if isinstance(data, dict) else None
         return isinstance(error, dict) and isinstance(error.get("message"), str) and isinstance(

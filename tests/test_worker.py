@@ -270,12 +270,14 @@ def test_cancel_ends_the_stream_with_stop_reason_cancelled(worker):
     assert call(worker.port, "POST", "/cancel", {"job_id": "nope"})[0].status == 204
 
 
-def test_stop_string_ends_with_stop_reason_stop(worker):
-    full = "".join(d["t"] for e, d, _ in run_job(worker.port, max_tokens=40) if e == "token")
+def test_stop_string_ends_with_stop_reason_stop_and_is_named(worker):
+    unstopped = run_job(worker.port, max_tokens=40)
+    full = "".join(d["t"] for e, d, _ in unstopped if e == "token")
+    assert unstopped[-1][1]["stop_sequence"] is None
     word = full.split()[3]
-    events = run_job(worker.port, max_tokens=40, stop=[word])
+    events = run_job(worker.port, max_tokens=40, stop=["never said", word])
     text = "".join(d["t"] for e, d, _ in events if e == "token")
-    assert events[-1][1]["stop_reason"] == "stop"
+    assert events[-1][1]["stop_reason"] == "stop" and events[-1][1]["stop_sequence"] == word
     assert text == full[:full.index(word)]
 
 
