@@ -54,6 +54,7 @@ import argparse
 import collections
 import contextlib
 import errno
+import itertools
 import json
 import os
 import queue
@@ -74,8 +75,8 @@ __all__ = [
     "__version__", "main", "role_argv", "remote_command", "shell_path",
     # the Protocol: readers of requests, references, the engine's event kinds
     "duration_s", "keep_alive_of", "size_mb", "ModelRef", "choose_gguf", "split_at_stop",
-    "ENGINE_ADMITTED", "ENGINE_TOKEN", "ENGINE_END", "ENGINE_ERROR", "Token", "Narration", "JobEnded",
-    "ToolCallDelta",
+    "ENGINE_ADMITTED", "ENGINE_TOKEN", "ENGINE_END", "ENGINE_ERROR", "ENGINE_LOGPROBS",
+    "Token", "Narration", "JobEnded", "ToolCallDelta",
     # agents' turns: the tool-call formats of the model families, grammars from JSON schemas
     "tool_format_of", "ToolCallParser", "schema_grammar", "tool_call_grammar",
     # errors (every class of PROTOCOL.md §7 is RbeeError.by_code's)
@@ -201,6 +202,7 @@ WORKER_SERVING = (WORKER_IDLE, WORKER_BUSY)
 
 # The engine's events to the worker (backends/engine.py, EngineJob.events): (kind, data)
 ENGINE_ADMITTED, ENGINE_TOKEN, ENGINE_END, ENGINE_ERROR = "admitted", "token", "end", "error"
+ENGINE_LOGPROBS = "logprobs"         # (asked for) the next token's log-probability and its likeliest rivals
 
 # Who narrates (the `actor` of every event, and the `component` of an error)
 ACTOR_KEEPER, ACTOR_QUEEN, ACTOR_HIVE, ACTOR_WORKER = "rbee-keeper", "queen-rbee", "rbee-hive", "llm-worker-rbee"
@@ -211,7 +213,8 @@ ACTOR_BACKEND, ACTOR_TOKENIZER = "llama-backend", "tokenizer"
 # What a job's stream yields to a WorkerClient's caller.
 Queued = collections.namedtuple("Queued", "position")          # the job waits for a slot
 JobStarted = collections.namedtuple("JobStarted", "job_id worker_id")
-Token = collections.namedtuple("Token", "text index")       # a piece of generated text, in order
+# a piece of generated text, in order (and, when asked, its tokens' log-probabilities)
+Token = collections.namedtuple("Token", "text index logprobs", defaults=(None,))
 # a piece of a tool call: its first has the call's id and name (None after), each an `arguments` fragment
 ToolCallDelta = collections.namedtuple("ToolCallDelta", "index id name arguments")
 Narration = collections.namedtuple("Narration", "event")    # what a hop says while it works
@@ -1505,7 +1508,7 @@ class WorkerClient(RoleClient):
             for event, data in events:
                 if event == EVENT_TOKEN:
                     tokens, last_token = tokens + 1, time.monotonic()
-                    yield Token(data.get("t", ""), data.get("i"))
+                    yield Token(data.get("t", ""), data.get("i"), data.get("lp"))
                 elif event == EVENT_TOOL_CALL:
                     tokens, last_token = tokens + 1, time.monotonic()
                     yield ToolCallDelta(data.get("index", 0), data.get("id"), data.get("name"),
@@ -2838,6 +2841,8 @@ class Job:
         self.top_p = number_field(body, "top_p", 0.95, 0, 1)
         self.top_k = number_field(body, "top_k", 40, 0, 1 << 20, integer=True)
         self.seed = number_field(body, "seed", None, -1, (1 << 32) - 1, integer=True)
+        #: None, or how many likeliest tokens to give beside each generated token's log-probability
+        self.logprobs = number_field(body, "logprobs", None, 0, 20, integer=True)
         self.engine_job = None            #: its backends.engine.EngineJob (cancel: /cancel, a gone client, shutdown)
         self.interrupted_by = None        #: why the worker itself stopped mid-job (shutdown's thread)
 
@@ -2913,6 +2918,7 @@ class JobOutput:
         self.stream = stream              #: the job's SSE stream
         self.parser = parser              #: the ToolCallParser of a job with tools, or None
         self.index = 0                    #: the next token event's `i`
+        self.logprobs = []                #: the log-probabilities of the tokens whose text has not gone yet
 
     def send(self, text):
         if not text:
@@ -2925,8 +2931,10 @@ class JobOutput:
             self._send(piece)
 
     def _send(self, piece):
+        logprobs, self.logprobs = self.logprobs, []   # (with the text they came with; a call's are dropped)
         if piece[0] == "content":
-            self.stream.send(EVENT_TOKEN, {"t": piece[1], "i": self.index})
+            self.stream.send(EVENT_TOKEN, dict({"t": piece[1], "i": self.index}, **({"lp": logprobs} if logprobs
+                                                                                  else {})))
             self.index += 1
             return
         _, index, call_id, name, fragment = piece
@@ -3109,7 +3117,7 @@ class Worker(App):
                           "Shorten the prompt, or give workers a larger context (rbee.py worker --ctx-size)")
         from backends.engine import EngineJob
         job.engine_job = EngineJob(prompt_tokens, job.max_tokens, job.temperature, job.top_p, job.top_k, job.seed,
-                                   self.grammar(job))
+                                   self.grammar(job), job.logprobs)
         with self.jobs_lock:   # admission: the slots plus the queue, or 503
             if job.job_id in self.jobs:
                 raise InvalidRequest("job_id: %s is already running here" % job.job_id, {"field": "job_id"},
@@ -3177,6 +3185,8 @@ class Worker(App):
                     elif tokens_out % 10 == 0:
                         narrate(ACTOR_BACKEND, "token_generate", "Generated %d tokens" % tokens_out, "🎯",
                                 job_id=job.job_id)
+                elif kind == ENGINE_LOGPROBS:
+                    output.logprobs.append(data)
                 elif kind == ENGINE_END:
                     stop_reason = data
                 else:
@@ -5293,6 +5303,30 @@ def response_format_of(response_format):
                   '"json_schema": {"name", "schema", "strict"}}')
 
 
+def logprobs_of(body, chat):
+    """/execute's `logprobs` (how many likeliest tokens beside each) from OpenAI's fields: chat's
+    `logprobs: true` and `top_logprobs`, the legacy completions' `logprobs: N`."""
+    if chat:
+        if body.get("logprobs") is not True:
+            return {}
+        return {"logprobs": number_field(body, "top_logprobs", 0, 0, 20, integer=True)}
+    if body.get("logprobs") is None:
+        return {}
+    return {"logprobs": number_field(body, "logprobs", 0, 0, 5, integer=True)}
+
+
+def openai_logprobs(pieces, chat):
+    """The `logprobs` of a choice for these Tokens, in the shape of chat or of legacy completions."""
+    entries = [e for piece in pieces for e in piece.logprobs or ()]
+    if chat:
+        return {"content": [{"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"], "top_logprobs": [
+            {"token": t["token"], "logprob": t["logprob"], "bytes": t["bytes"]} for t in e["top"]]} for e in entries],
+            "refusal": None}
+    offsets = list(itertools.accumulate([0] + [len(e["token"]) for e in entries]))[:-1]
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top"]} for e in entries], "text_offset": offsets}
+
+
 class OpenAIApi:
     """OpenAI's API on the queen: chat and legacy completions, streamed as llama.cpp's server
     streams them, and the models every reachable node has."""
@@ -5327,42 +5361,42 @@ class OpenAIApi:
     def _answer(self, req, body, job, kind, id_prefix):
         if body.get("n", 1) != 1:
             raise invalid("n", "only 1 is supported")
+        chat = kind == "chat.completion"
         stream_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         job["max_tokens"] = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_N_CTX
+        job.update(logprobs_of(body, chat))
         with AppJob(self.scheduler, self.metrics, self.models.named(body.get("model")), job, None).open() as app:
             answer = {"id": id_prefix + random_id(12), "object": kind, "created": int(time.time()),
                       "model": body["model"], "system_fingerprint": "rbee-" + __version__}
-            chat = kind == "chat.completion"
-
-            def choice(piece, finish=None, first=False):
-                if not chat:
-                    return {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
-                if isinstance(piece, ToolCallDelta):
-                    delta = {"tool_calls": [dict({"index": piece.index, "id": piece.id, "type": "function",
-                                                  "function": {"name": piece.name, "arguments": piece.arguments}}
-                                                 if piece.id else {"index": piece.index,
-                                                                   "function": {"arguments": piece.arguments}})]}
-                else:
-                    delta = dict({"role": "assistant"} if first else {}, **({"content": piece} if piece is not None
-                                                                          else {}))
-                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             if not body.get("stream"):
-                text = "".join(app.texts())
-                result = {"index": 0, "logprobs": None, "finish_reason": app.finish_reason()}
+                pieces = [p for p in app.pieces() if isinstance(p, Token)]
+                text = "".join(p.text for p in pieces)
                 calls = [{"id": c["id"], "type": "function", "function": {
                     "name": c["name"], "arguments": c["arguments"]}} for c in app.tool_calls()]
                 message = dict({"role": "assistant", "content": text if text or not calls else None},
                                **({"tool_calls": calls} if calls else {}))
-                result.update({"message": message} if chat else {"text": text})
+                result = dict({"message": message} if chat else {"text": text}, index=0,
+                              logprobs=openai_logprobs(pieces, chat) if "logprobs" in job else None,
+                              finish_reason=app.finish_reason())
                 req.send_json(200, dict(answer, choices=[result], usage=app.usage()))
                 return
             stream = req.sse(OpenAIStream)
             chunk = dict(answer, object=kind + ".chunk" if chat else kind)
+
+            def send(delta, finish=None, pieces=()):
+                logprobs = openai_logprobs(pieces, chat) if pieces and "logprobs" in job else None
+                stream.data(dict(chunk, choices=[dict({"delta": delta} if chat else {"text": delta}, index=0,
+                                                      logprobs=logprobs, finish_reason=finish)]))
             if chat:
-                stream.data(dict(chunk, choices=[choice("", first=True)]))
+                send({"role": "assistant", "content": ""})
             for piece in app.pieces():
-                stream.data(dict(chunk, choices=[choice(piece.text if isinstance(piece, Token) else piece)]))
-            stream.data(dict(chunk, choices=[choice(None if chat else "", app.finish_reason())]))
+                if isinstance(piece, ToolCallDelta):
+                    send({"tool_calls": [dict({"index": piece.index, "id": piece.id, "type": "function", "function": {
+                        "name": piece.name, "arguments": piece.arguments}} if piece.id else {
+                        "index": piece.index, "function": {"arguments": piece.arguments}})]})
+                else:
+                    send({"content": piece.text} if chat else piece.text, pieces=[piece])
+            send({} if chat else "", app.finish_reason())
             if stream_usage:
                 stream.data(dict(chunk, choices=[], usage=app.usage()))
             stream.done()
