@@ -39,13 +39,15 @@ The way of a request (an OpenAI chat): App.dispatch -> Queen.authorize -> OpenAI
 OpenAIApi._answer -> AppModels.named -> AppJob.open -> Scheduler.assign -> Scheduler.warm, or
 Scheduler.place (survey -> Hives.get -> HiveClient.resources; views -> plan_placement; evict;
 HiveClient.spawn -> Hive.spawn -> Hive.worker_for -> WorkerPool.hand_out, or Hive.launch ->
-Child) -> AppJob._start -> WorkerClient.execute -> Worker.execute -> Engine.submit ->
-Worker._stream -> AppJob.texts -> OpenAIStream.data -> AppJob.close -> Scheduler.release.
+Child) -> AppJob._start -> WorkerClient.execute -> Worker.execute (Worker.render: the model's
+template, its tools; Worker.grammar) -> Engine.submit -> Worker._stream (JobOutput: text, or
+through a ToolCallParser, tool calls) -> AppJob.pieces -> OpenAIStream.data -> AppJob.close ->
+Scheduler.release.
 
 Sections below follow the data: the Protocol (every route, event, control line, state and actor
 name, and the readers of requests), errors, small tools, narration, HTTP/SSE plumbing, the role
-clients (one per role, which every caller uses), processes, ssh, the model catalog, worker, rpc
-server, hive, queen (nodes and hives, the scheduler, the apps' APIs, the front), keeper, CLI.
+clients (one per role, which every caller uses), processes, ssh, the model catalog, agents' turns
+(tools in templates, each family's tool-call format, grammars), worker, rpc server, hive, queen (nodes and hives, the scheduler, the apps' APIs, the front), keeper, CLI.
 "PROTOCOL.md §N" cites docs/PROTOCOL.md; the page is ui.html beside this file. Only the standard
 library is imported at top level; `backends/` (llama-cpp-python) and huggingface_hub are
 imported where they are needed.
