@@ -173,6 +173,18 @@ def reference_llm(model_path):
 
 
 @pytest.fixture
+def model_ref(model_path):
+    """The test model as the apps and the keeper name it."""
+    return "file:" + model_path
+
+
+@pytest.fixture
+def queen(roles, env):
+    """A persistent queen on a free port (its models are placed on localhost on first use)."""
+    return start_queen(roles, env)
+
+
+@pytest.fixture
 def rbee_home(tmp_path):
     home = tmp_path / "rbee-home"
     home.mkdir()
