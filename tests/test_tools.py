@@ -106,9 +106,9 @@ def by_tokens(text, size=3):
 SPLITS = {"whole": lambda text: [text], "tokens": by_tokens, "chars": lambda text: list(text)}
 
 
-def parse(fmt, pieces, tool_names=None):
+def parse(fmt, pieces, **options):
     """Feed the pieces, then finish: (the parser, every piece it gave, in order)."""
-    parser = rbee.ToolCallParser(fmt, tool_names)
+    parser = rbee.ToolCallParser(fmt, **options)
     given = []
     for piece in pieces:
         given += parser.feed(piece)
@@ -139,15 +139,11 @@ def streamed_calls(given):
     return [tuple(call) for call in calls]
 
 
-def names_of(calls):
-    return sorted({name for name, _ in calls}) or None
-
-
 @pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("case", OUTPUTS)
 def test_each_familys_real_output_parses_to_its_text_and_calls(case, split):
     fmt, text, content, calls = OUTPUTS[case]
-    parser, given = parse(fmt, SPLITS[split](text), names_of(calls))
+    parser, given = parse(fmt, SPLITS[split](text))
     if calls:   # beside calls, the whitespace the model put between text and markers may go
         assert content_of(given).rstrip() == content.rstrip(), given
         assert content_of(given).startswith(content.rstrip())
@@ -168,21 +164,34 @@ def test_a_marker_split_across_two_pieces_never_shows_as_text(split):
              "llama3": ("<|python_", "tag|>%s" % call_json("get_weather", WEATHER_PARIS, key="parameters"))}
     for fmt, (first, second) in cases.items():
         pieces = SPLITS[split](first) + SPLITS[split](second)
-        parser, given = parse(fmt, pieces, ["get_weather"])
+        parser, given = parse(fmt, pieces)
         text = content_of(given)
         assert text == ("" if fmt == "llama3" else "Checking."), (fmt, given)
         assert [(c["name"], json.loads(c["arguments"])) for c in parser.calls] == [("get_weather", WEATHER_PARIS)]
 
 
 def test_text_before_a_call_streams_before_the_call_ends():
-    """Content is not held back until the end: what precedes a marker comes out as soon as the marker
-    begins (a marker's first character may wait, nothing before it)."""
-    parser = rbee.ToolCallParser("hermes", ["get_weather"])
+    """Nothing waits for the end: the text before a marker comes out once the marker is there, the
+    call's name once its arguments begin, and its arguments as they come."""
+    parser = rbee.ToolCallParser("hermes")
     given = []
-    for piece in by_tokens("Sure, one moment.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": "):
+    for piece in by_tokens('Sure, one moment.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa'):
         given += parser.feed(piece)
     assert content_of(given).rstrip() == "Sure, one moment."
-    assert [p for p in given if p[0] == "call"], "the call's name is known: its first piece is out"
+    assert streamed_calls(given) and streamed_calls(given)[0][1:] == ("get_weather", '{"city": "Pa')
+
+
+def test_with_parallel_calls_off_the_first_call_is_the_answer():
+    """What the worker asks by default (parallel_tool_calls false, as llama.cpp's server): the first
+    whole call ends the turn; a second one the model goes on to write is not read."""
+    fmt, text, _, calls = OUTPUTS["hermes-two-parallel"]
+    parser = rbee.ToolCallParser(fmt, parallel=False)
+    first_ends = text.index("</tool_call>")
+    parser.feed(text[:first_ends])
+    assert parser.done and [(c["name"], json.loads(c["arguments"])) for c in parser.calls] == calls[:1]
+    parser.feed(text[first_ends:])
+    parser.finish()
+    assert [(c["name"], json.loads(c["arguments"])) for c in parser.calls] == calls[:1]
 
 
 def test_mistral_keeps_the_id_the_model_wrote():
@@ -190,7 +199,7 @@ def test_mistral_keeps_the_id_the_model_wrote():
     when the call comes back in the history, so the model's own id is the one to answer with."""
     text = "[TOOL_CALLS][%s, %s]" % (call_json("get_weather", WEATHER_PARIS, id="Xy3kP9qLm"),
                                     call_json("get_weather", WEATHER_BERLIN, id="a1B2c3D4e"))
-    parser, given = parse("mistral", by_tokens(text), ["get_weather"])
+    parser, given = parse("mistral", by_tokens(text))
     assert [c["id"] for c in parser.calls] == ["Xy3kP9qLm", "a1B2c3D4e"]
     assert [call_id for call_id, _, _ in streamed_calls(given)] in (["Xy3kP9qLm", "a1B2c3D4e"], [None, None])
 
@@ -201,7 +210,7 @@ def test_no_json_after_a_marker_is_text_not_a_call(split):
              "mistral": "[TOOL_CALLS]get_weather city=Paris",
              "llama3": "<|python_tag|>brave_search.call(query=\"weather Paris\")"}
     for fmt, text in cases.items():
-        parser, given = parse(fmt, SPLITS[split](text), ["get_weather"])
+        parser, given = parse(fmt, SPLITS[split](text))
         assert parser.calls == [] and streamed_calls(given) == [], (fmt, given)
         assert content_of(given) == text, (fmt, given)
 
@@ -214,7 +223,7 @@ def test_no_json_after_a_marker_is_text_not_a_call(split):
 ])
 def test_malformed_json_after_a_marker_never_makes_a_call_with_broken_arguments(fmt, text):
     for split in SPLITS.values():
-        parser, given = parse(fmt, split(text), ["get_weather"])
+        parser, given = parse(fmt, split(text))
         for call in parser.calls:
             assert isinstance(json.loads(call["arguments"]), dict), parser.calls
 
