@@ -2620,7 +2620,7 @@ class ToolCallParser:
                     name = json.loads('"%s"' % head.group(1))
                 except ValueError:
                     name = head.group(1)
-                call = {"id": "call_" + random_id(12), "name": name, "arguments": ""}
+                call = {"id": self._new_id(), "name": name, "arguments": ""}
                 self.calls.append(call)
                 out.append(("call", len(self.calls) - 1, call["id"], name, ""))
                 self.position, self.value = head.end(), [None, 0, False, False]
@@ -2630,7 +2630,14 @@ class ToolCallParser:
                 out.append(("call", len(self.calls) - 1, None, None, fragment))
             if self.value is not None:
                 break
+            if not isinstance(parsed_json(self.calls[-1]["arguments"]), dict):   # balanced, but no JSON object
+                self.calls.pop()
+                self.cut_short = True   # (its pieces went: the region is no content either)
         return out
+
+    def _new_id(self):
+        """A call's id: Mistral's templates take exactly 9 letters or digits, OpenAI's clients any."""
+        return random_id(5)[:9] if self.format.name == "mistral" else "call_" + random_id(12)
 
     def _scan_value(self):
         """Scan the arguments' JSON value from `position`: the text of it read now (a JSON string
@@ -2681,7 +2688,7 @@ class ToolCallParser:
             return []
         out = []
         for name, arguments in self._parsed_calls():
-            call = {"id": "call_" + random_id(12), "name": name, "arguments": arguments}
+            call = {"id": self._new_id(), "name": name, "arguments": arguments}
             self.calls.append(call)
             out.append(("call", len(self.calls) - 1, call["id"], name, arguments))
         return out or [("content", self.marker + self.buffer)]
