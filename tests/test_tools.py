@@ -339,5 +339,6 @@ def test_a_named_tool_is_called_in_each_familys_format_on_a_real_worker(family, 
                            "content": json.dumps({"forecast": ["sunny", "cloudy", "rain"]})}]
     followed = api.chat.completions.create(model=model, messages=history, tools=[WEATHER_TOOL], temperature=0,
                                            max_tokens=8, tool_choice="none")
-    assert followed.choices[0].finish_reason in ("stop", "length") and followed.choices[0].message.content
-    assert not followed.choices[0].message.tool_calls
+    # (the model was never trained on this family's template: whether it says anything is its own affair)
+    assert followed.choices[0].finish_reason in ("stop", "length") and not followed.choices[0].message.tool_calls
+    assert followed.usage.prompt_tokens > answer.usage.prompt_tokens   # the call and its result were rendered
