@@ -162,6 +162,38 @@ def model_path():
 
 
 @pytest.fixture(scope="session")
+def model_copy(model_path, tmp_path_factory):
+    """model_copy(name, special_tokens=None, chat_template=None, chat_template_file=None): the path of a
+    copy of the test model whose GGUF header says more or else -- the same weights and vocabulary. Made
+    once a session per name by the `gguf` package's own gguf-new-metadata: `special_tokens` {kind: id}
+    (fim_pre, fim_suf, fim_mid, fim_rep, fim_sep, bos, eos, ...: its --special-token-by-id), the chat
+    template as a text or a file (--chat-template, --chat-template-file)."""
+    made, lock = {}, threading.Lock()
+    folder = tmp_path_factory.mktemp("model-copies")
+    tool = str(Path(sys.executable).parent / "gguf-new-metadata")
+
+    def copy(name, special_tokens=None, chat_template=None, chat_template_file=None):
+        options = []
+        for kind, token_id in sorted((special_tokens or {}).items()):
+            options += ["--special-token-by-id", kind, str(token_id)]
+        if chat_template is not None:
+            options += ["--chat-template", chat_template]
+        if chat_template_file is not None:
+            options += ["--chat-template-file", str(chat_template_file)]
+        with lock:
+            if name in made:
+                assert made[name][1] == options, "model_copy(%r) made before with other options" % name
+                return made[name][0]
+            path = str(folder / (name + ".gguf"))
+            done = subprocess.run([tool, model_path, path, "--force"] + options, capture_output=True, text=True,
+                                  timeout=300)
+            assert done.returncode == 0, done.stderr[-2000:]
+            made[name] = (path, options)
+            return path
+    return copy
+
+
+@pytest.fixture(scope="session")
 def reference_llm(model_path):
     """llama-cpp-python's own Llama on the model, with the settings a worker's context has (the
     CPU's threads, flash attention as llama.cpp's default turns it on): the texts to compare with."""
