@@ -13,7 +13,7 @@ Architecture (one file, five roles, each a subcommand; the contract is docs/PROT
 The queen is a front (Queen: routes, keys, CORS, status, its life) over parts that each own one
 thing: Hives (a hive session per node), the Scheduler (which worker serves each request: the
 warm one, else a placement by free memory and caps, a replica, an eviction, a Split over
-nodes), the apps' APIs (OpenAIApi, OllamaApi), Metrics and the EventFeed of the page.
+nodes), the apps' APIs (OpenAIApi, OllamaApi, LlamaCppApi), Metrics and the EventFeed of the page.
 
 Every process narrates: JSON lines on stdout before it serves HTTP and after it stops, SSE events
 while it serves; every parent relays what its children say, so all of it reaches the user's shell.
@@ -77,6 +77,8 @@ __all__ = [
     "__version__", "main", "role_argv", "remote_command", "shell_path",
     # the Protocol: readers of requests, references, the engine's event kinds
     "duration_s", "keep_alive_of", "size_mb", "ModelRef", "choose_gguf", "split_at_stop",
+    # GGUF headers (Ollama's show) and the worker's fill-in-the-middle prompts
+    "gguf_metadata", "gguf_layers", "FIM_KEY", "GGUF_FILE_TYPES", "Job", "FimPrompt",
     "ENGINE_ADMITTED", "ENGINE_TOKEN", "ENGINE_END", "ENGINE_ERROR", "ENGINE_LOGPROBS",
     "Token", "Narration", "JobEnded", "ToolCallDelta",
     # agents' turns: the tool-call formats of the model families, grammars from JSON schemas
@@ -131,6 +133,7 @@ HIVE_WORKER_SHUTDOWN = ("POST", "/v1/workers/{worker_id}/shutdown")
 HIVE_MODELS, HIVE_DOWNLOAD = ("GET", "/v1/models"), ("POST", "/v1/models/download")
 HIVE_REMOVE, HIVE_SHUTDOWN = ("POST", "/v1/models/remove"), ("POST", "/v1/shutdown")
 HIVE_RESOURCES = ("GET", "/v1/resources")
+HIVE_MODEL_INFO = ("GET", "/v1/models/info")   # ?model=REF: a cataloged model's GGUF metadata (Ollama's show)
 HIVE_RPC_START, HIVE_RPC_STOP = ("POST", "/v1/rpc/start"), ("POST", "/v1/rpc/stop")
 
 QUEEN_HEALTH, QUEEN_TASKS = ("GET", "/health"), ("POST", "/v2/tasks")
@@ -150,8 +153,11 @@ OPENAI_MODEL, OPENAI_MODEL_BARE = ("GET", "/v1/models/{model_id...}"), ("GET", "
 OLLAMA_ROOT, OLLAMA_ROOT_HEAD, OLLAMA_VERSION = ("GET", "/"), ("HEAD", "/"), ("GET", "/api/version")
 OLLAMA_TAGS, OLLAMA_PS, OLLAMA_SHOW = ("GET", "/api/tags"), ("GET", "/api/ps"), ("POST", "/api/show")
 OLLAMA_CHAT, OLLAMA_GENERATE, OLLAMA_PULL = ("POST", "/api/chat"), ("POST", "/api/generate"), ("POST", "/api/pull")
-# ... and the paths whose errors each API shapes its own way (Queen.error_body)
-OPENAI_PATHS = ("/v1/", "/chat/", "/completions", "/models")
+# ... llama.cpp's server's own fill-in-the-middle (code editors' autocomplete: llama.vim, llama.vscode):
+LLAMACPP_INFILL = ("POST", "/infill")
+# ... and the paths whose errors each API shapes its own way (Queen.error_body; llama.cpp's server
+# answers every error in OpenAI's shape)
+OPENAI_PATHS = ("/v1/", "/chat/", "/completions", "/models", LLAMACPP_INFILL[1])
 OLLAMA_PATHS = ("/api/",)
 
 # SSE events. Every stream ends with exactly one of TERMINAL_EVENTS. The keeper's `--json` lines
@@ -1573,6 +1579,10 @@ class HiveClient(RoleClient):
     def models(self):
         return self.call(HIVE_MODELS, timeout=10)["models"]
 
+    def model_info(self, model_ref):
+        """{model_ref, filename, metadata}: a cataloged model's GGUF header (gguf_metadata)."""
+        return self.call(HIVE_MODEL_INFO, query={"model": model_ref}, timeout=30)
+
     def resources(self, model_ref=None, build=False):
         query = dict({"model": model_ref} if model_ref else {}, **({"build": "1"} if build else {}))
         return self.call(HIVE_RESOURCES, query=query or None, timeout=60 if build else 15, attempts=1)
@@ -2001,11 +2011,46 @@ GGUF_MAGIC = b"GGUF"    # the first 4 bytes of every GGUF file
 QUANT_PREFERENCE = ("Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q5_K_M", "Q5_0", "Q8_0", "F16")
 
 
-def gguf_layers(path):
-    """The number of transformer blocks of a GGUF model (`<arch>.block_count`), read from its
-    header with the standard library (the queen splits a model by them); None if not found."""
+# GGUF's value types (the header's metadata): scalars by struct format, then strings and arrays
+GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+GGUF_STRING, GGUF_ARRAY = 8, 9
+GGUF_MAX_STRING = 1 << 24          # a longer string is no header this reader takes (a corrupt length)
+GGUF_TOKENS = "tokenizer.ggml.tokens"
+FIM_KEY = "tokenizer.ggml.fim_%s_token_id"   # % pre, suf, mid, pad, rep, sep
+FIM_OLD_NAMES = {"pre": "tokenizer.ggml.prefix_token_id", "suf": "tokenizer.ggml.suffix_token_id",
+                 "mid": "tokenizer.ggml.middle_token_id"}   # (older GGUFs'; llama.cpp reads both)
+# The texts by which llama.cpp's vocabulary finds the FIM tokens a GGUF does not declare (llama-vocab.cpp)
+FIM_TOKEN_TEXTS = {
+    "pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<\uff5cfim\u2581begin\uff5c>", "<PRE>", "\u2581<PRE>",
+            "<|code_prefix|>"),
+    "suf": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<\uff5cfim\u2581hole\uff5c>", "<SUF>", "\u2581<SUF>",
+            "<|code_suffix|>"),
+    "mid": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<\uff5cfim\u2581end\uff5c>", "<MID>", "\u2581<MID>",
+            "<|code_middle|>"),
+    "pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>"),
+    "rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+    "sep": ("<|file_sep|>",),
+}
+
+
+# general.file_type's values (llama.cpp's LLAMA_FTYPE) by the names Ollama gives a model's quantization
+GGUF_FILE_TYPES = {number: name for number, name in enumerate((
+    "F32 F16 Q4_0 Q4_1 - - - Q8_0 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K IQ2_XXS IQ2_XS "
+    "Q2_K_S IQ3_XS IQ3_XXS IQ1_S IQ4_NL IQ3_S IQ3_M IQ2_S IQ2_M IQ4_XS IQ1_M BF16 - - - TQ1_0 TQ2_0 MXFP4").split())
+    if name != "-"}
+
+
+def gguf_metadata(path, find_fim=True, enough=None):
+    """The metadata of a GGUF file's header, read with the standard library: {key: value} of every
+    number, bool and string in it (arrays are read past), or None when it is no GGUF this can read.
+    The FIM tokens' ids (FIM_KEY % pre|suf|mid|pad|rep|sep) are there as llama.cpp's vocabulary
+    finds them: declared (or under their old names), else, with `find_fim`, the first token of the
+    vocabulary whose text is one of FIM_TOKEN_TEXTS (the token list is read for nothing else).
+    `enough(metadata)`: true once the caller has what it needs; the rest is not read (a vocabulary
+    of 150k tokens takes a few hundred ms to read past)."""
     import struct
-    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}   # GGUF value types
+    wanted = {text.encode(): name for name, texts in FIM_TOKEN_TEXTS.items() for text in texts}
+    by_text, n_tokens = {}, None
 
     def read(f, fmt):
         data = f.read(struct.calcsize(fmt))
@@ -2013,35 +2058,72 @@ def gguf_layers(path):
             raise ValueError("truncated")
         return struct.unpack(fmt, data)[0]
 
-    def text(f):
-        return f.read(read(f, "<Q")).decode("utf-8", "replace")
+    def raw_text(f):
+        size = read(f, "<Q")
+        if size > GGUF_MAX_STRING:
+            raise ValueError("a string of %d bytes" % size)
+        data = f.read(size)
+        if len(data) != size:
+            raise ValueError("truncated")
+        return data
 
     def skip(f, kind):
-        if kind == 8:
+        if kind == GGUF_STRING:
             f.seek(read(f, "<Q"), 1)
-        elif kind == 9:
+        elif kind == GGUF_ARRAY:
             item, count = read(f, "<I"), read(f, "<Q")
-            if item in sizes:
-                f.seek(sizes[item] * count, 1)
+            if item in GGUF_SCALARS:
+                f.seek(struct.calcsize(GGUF_SCALARS[item]) * count, 1)
             else:
                 for _ in range(count):
                     skip(f, item)
         else:
-            f.seek(sizes[kind], 1)
+            f.seek(struct.calcsize(GGUF_SCALARS[kind]), 1)
+    metadata = {}
     try:
         with open(path, "rb") as f:
             if f.read(4) != GGUF_MAGIC:
                 return None
-            read(f, "<I")
-            read(f, "<Q")
+            read(f, "<I")   # (the version)
+            read(f, "<Q")   # (the tensors' count)
             for _ in range(read(f, "<Q")):
-                key, kind = text(f), read(f, "<I")
-                if key.endswith(".block_count") and kind in (4, 5, 10, 11):
-                    return read(f, {4: "<I", 5: "<i", 10: "<Q", 11: "<q"}[kind])
-                skip(f, kind)
-    except (OSError, ValueError, KeyError):
+                key, kind = raw_text(f).decode("utf-8", "replace"), read(f, "<I")
+                if kind in GGUF_SCALARS:
+                    metadata[key] = read(f, GGUF_SCALARS[kind])
+                elif kind == GGUF_STRING:
+                    metadata[key] = raw_text(f).decode("utf-8", "replace")
+                elif kind == GGUF_ARRAY and key == GGUF_TOKENS and find_fim:
+                    item, n_tokens = read(f, "<I"), read(f, "<Q")
+                    if item != GGUF_STRING:
+                        raise ValueError("a vocabulary of no strings")
+                    for token_id in range(n_tokens):
+                        name = wanted.get(raw_text(f))
+                        if name:
+                            by_text.setdefault(name, token_id)
+                else:
+                    skip(f, kind)
+                if enough and enough(metadata):
+                    break
+    except (OSError, ValueError, KeyError, struct.error):
         return None
-    return None
+    for name in FIM_TOKEN_TEXTS:
+        declared = metadata.get(FIM_KEY % name, metadata.get(FIM_OLD_NAMES.get(name)))
+        if not isinstance(declared, int) or isinstance(declared, bool) or n_tokens is not None and not (
+                0 <= declared < n_tokens):   # (llama.cpp ignores an id beyond the vocabulary)
+            declared = by_text.get(name)
+        metadata.pop(FIM_KEY % name, None)
+        if declared is not None:
+            metadata[FIM_KEY % name] = declared
+    return metadata
+
+
+def gguf_layers(path):
+    """The number of transformer blocks of a GGUF model (`<arch>.block_count`; the queen splits a
+    model by them), or None if not found."""
+    def key(metadata):
+        return "%s.block_count" % metadata.get("general.architecture")
+    metadata = gguf_metadata(path, find_fim=False, enough=lambda so_far: key(so_far) in so_far) or {}
+    return metadata.get(key(metadata))
 
 
 def choose_gguf(filenames, selector=None):
@@ -2811,10 +2893,11 @@ class Job:
         job_id = body.get("job_id") or "job-" + random_id(6)
         if not isinstance(job_id, str) or len(job_id) > 200:
             raise invalid("job_id", "must be a string of at most 200 characters")
+        suffix, extra = FimPrompt.fields(body)   # (with a suffix, an empty prompt is a cursor at the start)
         messages, prompt = body.get("messages"), body.get("prompt")
         if messages is not None:
             messages, prompt = chat_messages(messages), ""
-        elif not isinstance(prompt, str) or not prompt.strip():
+        elif not isinstance(prompt, str) or not prompt.strip() and suffix is None:
             raise invalid("prompt", "must be a non-empty string (or give `messages`)")
         grammar = body.get("grammar")
         if grammar not in (None, "json"):
@@ -2834,12 +2917,16 @@ class Job:
         schema = body.get("json_schema")
         if schema is not None and not isinstance(schema, dict):
             raise invalid("json_schema", "must be a JSON schema (an object)")
+        if suffix is not None and (messages is not None or tools):
+            raise invalid("suffix", "fills in the middle of a `prompt`: it takes no `messages` or `tools`")
         self.job_id = job_id              #: the caller's id of the job (for /cancel)
         self.prompt = prompt              #: the user's text ("" when `messages` are given)
         self.messages = messages          #: a conversation for the chat template, or None
         self.grammar = grammar            #: "json": the answer is one JSON object; None: free text
         self.stop = stop                  #: the caller's stop strings
         self.raw = raw                    #: skip the chat template
+        self.suffix = suffix              #: fill-in-the-middle: the text after the cursor (`prompt`: before), or None
+        self.extra = extra                #: fill-in-the-middle: other files of the project, [{filename?, text}]
         self.tools = tools                #: the functions the model may call: [{name, description, parameters}]
         self.tool_choice = tool_choice_of(body, tools)   #: auto, none, required, or the one function's name
         self.parallel_tool_calls = parallel   #: whether the model may call several at once
@@ -2958,6 +3045,69 @@ class JobOutput:
         return list(self.parser.calls) if self.parser else []
 
 
+class FimPrompt:
+    """Fill-in-the-middle with the model's own FIM tokens, as llama.cpp's server builds /infill's
+    prompt (format_infill): [BOS] FIM_PRE prefix FIM_SUF suffix FIM_MID, and the model writes the
+    middle. `extra` files come first: FIM_REP "myproject\n" (FIM_SEP "NAME\n" TEXT)... FIM_SEP
+    "filename\n" where the model has those tokens (without FIM_SEP, a "--- snippet ---" line before
+    each). The texts are never read for special tokens; no chat template takes part."""
+
+    PARTS = ("pre", "suf", "mid", "rep", "sep")
+    SNIPPET = "\n\n--- snippet ---\n\n"
+
+    def __init__(self, llm):
+        import llama_cpp
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        self.llm = llm                    #: the model whose tokenizer renders the texts
+        #: the FIM tokens its vocabulary has, by part (llama.cpp's: declared in the GGUF, or found by text)
+        self.tokens = {part: token for part, token in ((part, getattr(llama_cpp, "llama_vocab_fim_" + part)(vocab))
+                                                       for part in self.PARTS) if token != llama_cpp.LLAMA_TOKEN_NULL}
+        self.bos = [llm.token_bos()] if llama_cpp.llama_vocab_get_add_bos(vocab) else []   #: as its vocabulary wants
+
+    @staticmethod
+    def fields(body):
+        """A request's (suffix, extra): (None, []) when it asks for no fill-in-the-middle; 400 for a wrong shape."""
+        suffix, extra = body.get("suffix"), body.get("extra")
+        if suffix is None:
+            if extra is not None:
+                raise invalid("extra", "goes with `suffix` (fill-in-the-middle)")
+            return None, []
+        if not isinstance(suffix, str) or body.get("messages") is not None:
+            raise invalid("suffix", "must be a string, beside `prompt` (not `messages`)")
+        extra = [] if extra is None else extra
+        if not isinstance(extra, list) or len(extra) > 1024 or not all(
+                isinstance(e, dict) and isinstance(e.get("text"), str) and isinstance(e.get("filename", ""), str)
+                for e in extra):
+            raise invalid("extra", "must be a list of at most 1024 {filename, text} objects")
+        return suffix, extra
+
+    def render(self, job, n_ctx):
+        """The job's prompt tokens. What does not fit in a slot's context, beside room for the answer
+        (max_tokens, at most a quarter of it), is cut as llama.cpp cuts it: the prefix's start (it
+        keeps at least 3/4 of the room), the suffix's end, the extra files' start."""
+        if not all(part in self.tokens for part in ("pre", "suf", "mid")):
+            raise invalid("suffix", "this model has no fill-in-the-middle (FIM) tokens in its GGUF, so it cannot "
+                          "fill in between a prompt and a suffix",
+                          "Use a code model with FIM tokens (Qwen2.5-Coder, StarCoder2, CodeLlama, DeepSeek-Coder, "
+                          "Codestral), or send no suffix")
+        tokens = self.tokens
+
+        def text(value):
+            return self.llm.tokenize(value.encode("utf-8"), add_bos=False, special=False)
+        extra = [tokens["rep"]] + text("myproject\n") if job.extra and "rep" in tokens else []
+        for item in job.extra:
+            extra += [tokens["sep"]] + text(item.get("filename", "tmp") + "\n") if "sep" in tokens else text(
+                self.SNIPPET)
+            extra += text(item["text"])
+        extra += [tokens["sep"]] + text("filename\n") if job.extra and "sep" in tokens else []
+        prefix, suffix = text(job.prompt), text(job.suffix)
+        room = max(0, n_ctx - min(job.max_tokens, n_ctx // 4) - len(self.bos) - 3)
+        prefix = prefix[len(prefix) - min(len(prefix), max(room * 3 // 4, room - len(suffix))):]
+        suffix = suffix[:room - len(prefix)]
+        extra = extra[len(extra) - min(len(extra), room - len(prefix) - len(suffix)):]
+        return extra + self.bos + [tokens["pre"]] + prefix + [tokens["suf"]] + suffix + [tokens["mid"]]
+
+
 class Worker(App):
     """Loads one model, then serves /execute from --parallel slots with continuous batching
     (backends/engine.py); requests beyond the free slots wait in a FIFO queue of --max-queue."""
@@ -2983,6 +3133,7 @@ class Worker(App):
         self.llm = None                   #: the loaded llama_cpp.Llama: tokenizer, template (start)
         self.engine = None                #: the slots and their decode loop (start; shutdown closes it)
         self.chat = None                  #: the model's chat template, or None (start)
+        self.fim = None                   #: the model's fill-in-the-middle prompts (start)
         self.memory_mb = 0                #: what the model and its slots' context take (start)
         self.load_ms = None               #: how long the load took (start)
         self.url = None                   #: where the worker answers, for its hive (start)
@@ -3012,6 +3163,7 @@ class Worker(App):
         self.engine = Engine(self.llm, args.parallel, args.ctx_size)
         self.load_ms = int((time.monotonic() - started) * 1000)
         self.chat = ChatPrompt.for_model(self.llm)
+        self.fim = FimPrompt(self.llm)
         # what exists now (llama_cpp, numpy, the model's objects) lives as long as the worker: keep
         # the garbage collector from walking it again and again in the middle of a request
         import gc
@@ -3086,7 +3238,10 @@ class Worker(App):
 
     def render(self, job):
         """(prompt tokens, stop strings) of a job: its text as it is (raw, or a model without a
-        chat template), else its conversation through the model's template, tools included."""
+        chat template), else its conversation through the model's template, tools included; with a
+        `suffix`, fill-in-the-middle (FimPrompt)."""
+        if job.suffix is not None:   # the model's FIM tokens, no template
+            return self.fim.render(job, self.args.ctx_size), []
         if (job.messages is not None or job.offered_tools()) and self.chat is None:
             raise invalid("messages" if job.messages is not None else "tools", "this model has no chat template",
                           "Send `prompt` instead, without tools")
@@ -3488,7 +3643,7 @@ class Hive(App):
             (HIVE_READY, self.worker_ready), (HIVE_WORKER_SHUTDOWN, self.shutdown_worker),
             (HIVE_MODELS, self.list_models), (HIVE_DOWNLOAD, self.download_model), (HIVE_REMOVE, self.remove_model),
             (HIVE_SHUTDOWN, self.shutdown_request), (HIVE_RESOURCES, self.resources), (HIVE_RPC_START, self.rpc_start),
-            (HIVE_RPC_STOP, self.rpc_stop)))
+            (HIVE_RPC_STOP, self.rpc_stop), (HIVE_MODEL_INFO, self.model_info)))
         self.args = args                  #: the command line
         self.token = token                #: the bearer token every request but health must carry (or None)
         self.node = args.node_name or socket.gethostname()   #: its node's name (no DNS: gethostname is local)
@@ -3649,6 +3804,17 @@ class Hive(App):
             answer["model"] = {"model_ref": ref.text, "cataloged": row is not None, "size_bytes": size,
                                "layers": layers}
         req.send_json(200, answer)
+
+    def model_info(self, req):
+        """A cataloged model's GGUF metadata (gguf_metadata: what Ollama's show tells of a model)."""
+        ref = ModelRef.parse(text_field(req.query, "model", limit=MAX_REF))
+        row = self.catalog.find(ref)
+        metadata = gguf_metadata(row["local_path"]) if row else None
+        if metadata is None:
+            raise ModelNotFound("Model %s is not in the catalog of %s%s" % (
+                ref.text, self.node, "" if row is None else " as a readable GGUF file"), {"model": ref.text},
+                "See what is there: rbee.py models list")
+        req.send_json(200, {"model_ref": ref.text, "filename": row["filename"], "metadata": metadata})
 
     def download_model(self, req):
         ref = model_ref_of(req.json)
@@ -4938,7 +5104,7 @@ class Scheduler:
 
 
 # ============================================================================================
-# The apps' APIs on the queen (PROTOCOL.md §13, §15): OpenAI's, Ollama's, metrics, the live feed
+# The apps' APIs on the queen (PROTOCOL.md §13, §15): OpenAI's, Ollama's, llama.cpp's /infill, metrics, the feed
 # ============================================================================================
 
 def openai_error(err):
@@ -5365,7 +5531,10 @@ class OpenAIApi:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
-        self._answer(req, body, dict(sampling_of(body), prompt=prompt, raw=True), "text_completion", "cmpl-")
+        job = dict(sampling_of(body), prompt=prompt, raw=True)
+        if body.get("suffix") is not None:   # fill-in-the-middle, with the model's FIM tokens
+            job["suffix"] = body["suffix"]
+        self._answer(req, body, job, "text_completion", "cmpl-")
 
     def _answer(self, req, body, job, kind, id_prefix):
         if body.get("n", 1) != 1:
@@ -5466,19 +5635,47 @@ class OllamaApi:
             "node": w["node"], "device": "%s:%s" % (w["backend"], w["device"])} for w in workers]})
 
     def show(self, req):
+        """The model's GGUF metadata, read by the first node that holds it: its chat template, its
+        capabilities (completion and tools, insert with FIM tokens; an embedding model: embedding),
+        every number and string of its header (model_info) and the details Ollama derives from them."""
         name = req.json.get("model") or req.json.get("name")
         m = self.models.find(name)
         if not m:
             raise ModelNotFound("model %r not found" % name, {"model": name}, "See GET /api/tags")
+        metadata, failed = {}, None
+        for node in m["nodes"]:
+            try:
+                metadata = self.hives.get(node).client.model_info(m.get("alias_of") or m["id"])["metadata"]
+                break
+            except RbeeError as err:   # (that node went away meanwhile: the next one)
+                failed = err
+        else:
+            if failed:
+                raise failed
+        architecture = metadata.get("general.architecture") or ""
+        template = metadata.get("tokenizer.chat_template") or ""
+        if "%s.pooling_type" % architecture in metadata or "bert" in architecture:
+            capabilities = ["embedding"]
+        else:   # (rbee gives tool calls to every model with a chat template)
+            capabilities = ["completion"] + (["tools"] if template else []) + (
+                ["insert"] if all(FIM_KEY % part in metadata for part in ("pre", "suf", "mid")) else [])
+        model_info = {k: v for k, v in metadata.items() if not k.startswith("tokenizer.chat_template")}
+        model_info["rbee.nodes"] = m["nodes"]
         req.send_json(200, {"modelfile": "# rbee model %s\nFROM %s\n" % (m["id"], m["id"]), "parameters": "",
-                            "template": "", "details": self._details(m), "modified_at": iso_time(m["created"]),
-                            "model_info": {"general.file_type": quantization_of(m["filename"]),
-                                           "rbee.nodes": m["nodes"]}, "capabilities": ["completion"]})
+                            "template": template, "details": self._details(m, metadata),
+                            "modified_at": iso_time(m["created"]), "model_info": model_info,
+                            "capabilities": capabilities})
 
     @staticmethod
-    def _details(m):
-        return {"format": "gguf", "family": "", "families": None, "parameter_size": "",
-                "quantization_level": quantization_of(m["filename"])}
+    def _details(m, metadata=None):
+        """Ollama's details of a model: from its GGUF metadata where it was read, else from its file's name."""
+        metadata = metadata or {}
+        architecture = metadata.get("general.architecture") or ""
+        return {"parent_model": "", "format": "gguf", "family": architecture,
+                "families": [architecture] if architecture else None,
+                "parameter_size": metadata.get("general.size_label") or "",
+                "quantization_level": GGUF_FILE_TYPES.get(metadata.get("general.file_type")) or quantization_of(
+                    m["filename"])}
 
     def chat(self, req):
         body = req.json
@@ -5494,12 +5691,15 @@ class OllamaApi:
 
     def generate(self, req):
         body = req.json
-        prompt = body.get("prompt") or ""
-        if not isinstance(prompt, str):
-            raise invalid("prompt", "must be a string")
-        if not prompt.strip():   # Ollama's load (and, with keep_alive 0, unload) of a model
+        prompt, suffix = body.get("prompt") or "", body.get("suffix") or ""
+        for field, value in (("prompt", prompt), ("suffix", suffix)):
+            if not isinstance(value, str):
+                raise invalid(field, "must be a string")
+        if not prompt.strip() and not suffix:   # Ollama's load (and, with keep_alive 0, unload) of a model
             return self._load(req, body)
-        if body.get("raw"):
+        if suffix:   # fill-in-the-middle (Ollama's insert): the model's FIM tokens, no template (raw or not)
+            job = {"prompt": prompt, "suffix": suffix}
+        elif body.get("raw"):
             job = {"prompt": prompt, "raw": True}
         else:
             system = [{"role": "system", "content": body["system"]}] if body.get("system") else []
@@ -5595,6 +5795,58 @@ class OllamaApi:
             req.send_json(200, {"status": "success"})
 
 
+LLAMACPP_STOP_TYPE = {"eos": "eos", "max_tokens": "limit", "stop": "word"}   # a worker's stop_reason, in its words
+
+
+class LlamaCppApi:
+    """llama.cpp's server's own fill-in-the-middle route, /infill (what llama.vim and llama.vscode
+    call), on the queen: answered in the shape of llama.cpp's /completion, streamed or not."""
+
+    def __init__(self, scheduler, models, metrics):
+        self.scheduler = scheduler        #: gives each request its worker
+        self.models = models              #: the models the apps name
+        self.metrics = metrics            #: counts the requests
+
+    def routes(self):
+        return ((LLAMACPP_INFILL, self.infill),)
+
+    def infill(self, req):
+        """input_prefix and prompt (the text before the cursor: llama.cpp's server puts `prompt` right
+        after the prefix), input_suffix, input_extra ([{filename, text}]: other files) as the worker's
+        prompt, suffix and extra; n_predict (absent or negative: the slot's context), stop and sampling."""
+        body = req.json
+        texts = {name: body.get(name) or "" for name in ("input_prefix", "prompt", "input_suffix")}
+        for name, value in texts.items():
+            if not isinstance(value, str):
+                raise invalid(name, "must be a string")
+        predict = body.get("n_predict")
+        job = dict(sampling_of(body), prompt=texts["input_prefix"] + texts["prompt"], suffix=texts["input_suffix"],
+                   extra=body.get("input_extra") or [], max_tokens=predict if isinstance(predict, int) and not
+                   isinstance(predict, bool) and predict > 0 else DEFAULT_N_CTX)
+        name = body.get("model")
+        with AppJob(self.scheduler, self.metrics, self.models.named(name), job, None).open() as app:
+            if not body.get("stream"):
+                req.send_json(200, self._completion(app, name, "".join(app.texts())))
+                return
+            stream = req.sse(OpenAIStream)   # (`data: {json}` frames, without OpenAI's [DONE])
+            for text in app.texts():
+                stream.data({"index": 0, "content": text, "tokens": [], "stop": False})
+            stream.data(self._completion(app, name, ""))
+            stream.close()
+
+    @staticmethod
+    def _completion(app, model, content):
+        """The last (or only) answer of llama.cpp's /completion: the text and how the job went."""
+        stats, usage = app.stats, app.usage()
+        return {"index": 0, "content": content, "tokens": [], "id_slot": -1, "stop": True, "model": model,
+                "tokens_predicted": usage["completion_tokens"], "tokens_evaluated": usage["prompt_tokens"],
+                "has_new_line": "\n" in content, "truncated": False, "stopping_word": "",
+                "stop_type": LLAMACPP_STOP_TYPE.get(stats.get("stop_reason"), "none"),
+                "timings": {"prompt_n": usage["prompt_tokens"], "prompt_ms": stats.get("prompt_eval_ms", 0.0),
+                            "predicted_n": usage["completion_tokens"], "predicted_ms": stats.get("decode_time_ms", 0.0),
+                            "predicted_per_second": stats.get("tokens_per_sec", 0.0)}}
+
+
 # ============================================================================================
 # The queen itself: the front -- its routes, keys, CORS, status, the keeper's /v2 API, its life
 # ============================================================================================
@@ -5621,6 +5873,7 @@ class Queen(App):
         models = AppModels(self.scheduler, self.hives)
         self.openai = OpenAIApi(self.scheduler, models, self.metrics)              #: OpenAI's API
         self.ollama = OllamaApi(self.scheduler, self.hives, models, self.metrics)   #: Ollama's API
+        self.llamacpp = LlamaCppApi(self.scheduler, models, self.metrics)          #: llama.cpp's /infill
         #: what answers without the key
         self.open_routes = (self.health, self.ollama.root, self.ollama.version, self.serve_ui)
         super().__init__((
@@ -5628,7 +5881,8 @@ class Queen(App):
             (QUEEN_WORKER_SHUTDOWN, self.shutdown_worker), (QUEEN_MODELS, self.list_models),
             (QUEEN_DOWNLOAD, self.download_model), (QUEEN_REMOVE, self.remove_model), (QUEEN_STATUS, self.status),
             (QUEEN_SHUTDOWN, self.shutdown_request), (QUEEN_METRICS, self.serve_metrics),
-            (QUEEN_UI, self.serve_ui), (QUEEN_EVENTS, self.events)) + self.openai.routes() + self.ollama.routes())
+            (QUEEN_UI, self.serve_ui), (QUEEN_EVENTS, self.events)) + self.openai.routes() + self.ollama.routes()
+            + self.llamacpp.routes())
 
     def authorize(self, req, handler):
         if self.api_key is not None and handler not in self.open_routes:
