@@ -46,14 +46,13 @@ def refused(field, function, *args, **kwargs):
 # -- tool-call ids ----------------------------------------------------------------------------
 
 def test_tool_call_ids_are_toolu_outside_and_the_workers_own_inside():
-    assert rbee.anthropic_tool_id("call_0a1b") == "toolu_0a1b"
-    assert rbee.worker_tool_id("toolu_0a1b") == "call_0a1b"
-    assert rbee.anthropic_tool_id("xyz") == "toolu_xyz"   # an id of another shape keeps all of itself
-    # ids a client sends that rbee never made (a Claude session's) are the worker's ids all the same
-    assert rbee.worker_tool_id("toolu_01A09q90qw90lq917835lq9") == "call_01A09q90qw90lq917835lq9"
-    assert rbee.worker_tool_id("my-own-id") == "my-own-id"
-    for worker_id in ("call_1", "call_" + "f" * 24):
+    # the worker's ids (OpenAI-style, or a Mistral call's 9 letters and digits) come back exactly
+    for worker_id in ("call_0a1b2c3d4e5f6a7b8c9d0e1f", "a1b2c3d4e"):
+        assert rbee.anthropic_tool_id(worker_id) == "toolu_" + worker_id
         assert rbee.worker_tool_id(rbee.anthropic_tool_id(worker_id)) == worker_id
+    # ids a client sends that rbee never made (a Claude session's, its own) name the call all the same
+    assert rbee.worker_tool_id("toolu_01A09q90qw90lq917835lq9") == "01A09q90qw90lq917835lq9"
+    assert rbee.worker_tool_id("my-own-id") == "my-own-id"
 
 
 # -- requests: system, messages, tools, sampling ----------------------------------------------
@@ -89,14 +88,15 @@ def test_tool_use_and_tool_result_blocks_become_tool_calls_and_tool_messages():
                                                                              {"type": "text", "text": "sunny"}]},
             {"type": "tool_result", "tool_use_id": "other-7", "content": "clock broken", "is_error": True},
             {"type": "text", "text": "Thanks!"}]},
-        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_02", "name": "get_time", "input": {}}]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_02"}]}]}
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_call_02", "name": "get_time",
+                                           "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_call_02"}]}]}
     assert rbee.anthropic_messages(body) == [
         {"role": "user", "content": "Weather in Paris and the time?"},
         {"role": "assistant", "content": "Let me look.", "tool_calls": [
-            {"id": "call_01", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"id": "01", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
             {"id": "other-7", "type": "function", "function": {"name": "get_time", "arguments": {}}}]},
-        {"role": "tool", "tool_call_id": "call_01", "name": "get_weather", "content": "18 C\n\nsunny"},
+        {"role": "tool", "tool_call_id": "01", "name": "get_weather", "content": "18 C\n\nsunny"},
         {"role": "tool", "tool_call_id": "other-7", "name": "get_time", "content": "Error: clock broken"},
         {"role": "user", "content": "Thanks!"},
         {"role": "assistant", "content": None, "tool_calls": [
@@ -108,7 +108,7 @@ def test_text_before_a_tool_result_stays_before_it_and_an_unknown_call_has_no_na
     body = {"messages": [{"role": "user", "content": [
         {"type": "text", "text": "first"}, {"type": "tool_result", "tool_use_id": "toolu_9", "content": "r"}]}]}
     assert rbee.anthropic_messages(body) == [{"role": "user", "content": "first"},
-                                             {"role": "tool", "tool_call_id": "call_9", "content": "r"}]
+                                             {"role": "tool", "tool_call_id": "9", "content": "r"}]
 
 
 @pytest.mark.parametrize("messages, field", [
@@ -276,19 +276,19 @@ def test_text_then_two_tool_calls_as_blocks_and_as_the_streams_events():
         ("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "Let me "}}),
         ("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "check."}}),
         ("content_block_stop", {"index": 0}),
-        ("content_block_start", {"index": 1, "content_block": {"type": "tool_use", "id": "toolu_a",
+        ("content_block_start", {"index": 1, "content_block": {"type": "tool_use", "id": "toolu_call_a",
                                                                "name": "get_weather", "input": {}}}),
         ("content_block_delta", {"index": 1, "delta": {"type": "input_json_delta", "partial_json": '{"city": '}}),
         ("content_block_delta", {"index": 1, "delta": {"type": "input_json_delta", "partial_json": '"Paris"}'}}),
         ("content_block_stop", {"index": 1}),
-        ("content_block_start", {"index": 2, "content_block": {"type": "tool_use", "id": "toolu_b",
+        ("content_block_start", {"index": 2, "content_block": {"type": "tool_use", "id": "toolu_call_b",
                                                                "name": "get_time", "input": {}}}),
         ("content_block_delta", {"index": 2, "delta": {"type": "input_json_delta", "partial_json": "{}"}}),
         ("content_block_stop", {"index": 2})]
     whole = content.content()
     assert whole == [{"type": "text", "text": "Let me check."},
-                     {"type": "tool_use", "id": "toolu_a", "name": "get_weather", "input": {"city": "Paris"}},
-                     {"type": "tool_use", "id": "toolu_b", "name": "get_time", "input": {}}]
+                     {"type": "tool_use", "id": "toolu_call_a", "name": "get_weather", "input": {"city": "Paris"}},
+                     {"type": "tool_use", "id": "toolu_call_b", "name": "get_time", "input": {}}]
     # the SDK's accumulator makes the same message of the stream as the whole answer
     final = sdk_accumulates(events, ("tool_use", None))
     assert [b.model_dump(exclude_none=True) for b in final.content] == whole
@@ -492,9 +492,9 @@ def test_any_tool_choice_is_a_tool_use_whose_input_matches_the_schema_whole_or_s
 
 def test_a_tool_result_turn_is_answered_in_text_as_the_openai_api_answers_the_same_conversation(queen, model):
     turns = PARIS + [
-        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_01abc", "name": "get_weather",
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_call_01abc", "name": "get_weather",
                                            "input": {"city": "Paris"}}]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01abc",
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_call_01abc",
                                       "content": [{"type": "text", "text": "18 degrees and sunny"}]}]}]
     answer = client(queen).messages.create(model=model, messages=turns, max_tokens=40, extra_body=GREEDY,
                                            tools=[WEATHER], tool_choice={"type": "none"})
