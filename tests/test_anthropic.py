@@ -376,6 +376,7 @@ TWO_TURNS = [{"role": "user", "content": "What is the capital of France?"},
              {"role": "assistant", "content": "The capital of France is Paris."},
              {"role": "user", "content": [{"type": "text", "text": "And of Italy?"}]}]
 PARIS = [{"role": "user", "content": "What is the weather in Paris?"}]
+TEMPLATES = REPO / "tests" / "templates"   # each family's chat template (test_tools.py)
 GREEDY = {"temperature": 0}   # (this SDK has no temperature argument any more; older clients, Claude Code, send it)
 
 
@@ -510,6 +511,28 @@ def test_a_tool_result_turn_is_answered_in_text_as_the_openai_api_answers_the_sa
                                                  "parameters": WEATHER["input_schema"]}}], tool_choice="none")
     assert same.choices[0].message.content == answer.content[0].text
     assert same.usage.prompt_tokens == answer.usage.input_tokens
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2.5"])
+def test_a_tool_use_goes_back_with_its_result_through_the_familys_own_template(family, model_copy, roles, env):
+    """A copy of the model with another family's chat template (Mistral's takes a call's id back
+    only as the 9 letters and digits it was made with; Qwen's is Hermes'): the call, sent back
+    as the SDK makes its param, with its result, renders and is answered."""
+    model = "file:" + model_copy(family, TEMPLATES / ("%s.jinja" % family))
+    api = client(start_queen(roles, env))
+    answer = api.messages.create(model=model, messages=PARIS, max_tokens=80, extra_body=GREEDY, tools=[WEATHER, CLOCK],
+                                 tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True})
+    assert answer.stop_reason == "tool_use", answer
+    [call] = [b for b in answer.content if b.type == "tool_use"]
+    assert call.name == "get_weather" and call.id.startswith("toolu_")
+    jsonschema.validate(call.input, WEATHER["input_schema"])
+    turn = dict(model=model, tools=[WEATHER, CLOCK], tool_choice={"type": "none"})
+    followed = api.messages.create(max_tokens=8, extra_body=GREEDY, messages=PARIS + [answer.to_param(), {
+        "role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
+                                     "content": "18 degrees and sunny"}]}], **turn)
+    assert followed.stop_reason in ("end_turn", "max_tokens") and all(b.type == "text" for b in followed.content)
+    # the call and its result were rendered: more than the question alone
+    assert followed.usage.input_tokens > api.messages.count_tokens(messages=PARIS, **turn).input_tokens
 
 
 def test_structured_output_is_json_that_matches_the_schema(queen, model):
