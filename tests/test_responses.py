@@ -1,0 +1,284 @@
+"""OpenAI's Responses API on the queen (PROTOCOL.md §13): first its pure parts in process -- the
+input items as the chat messages a worker takes, the tools, the output and its `response.*`
+events checked against the `openai` package's own types (pydantic, validated strictly), the store
+and its bounds -- then the real `openai` package against a real queen, hive and worker on the real
+model."""
+import json
+import sys
+import time
+
+import openai
+import pydantic
+import pytest
+from openai.types.responses import Response, ResponseStreamEvent
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO))
+import rbee  # noqa: E402
+
+STREAM_EVENT = pydantic.TypeAdapter(ResponseStreamEvent)
+
+
+def bad_field(function, *args):
+    """Call `function`; it must raise a 400 INVALID_REQUEST; returns the field it names (OpenAI's `param`)."""
+    with pytest.raises(rbee.InvalidRequest) as caught:
+        function(*args)
+    assert caught.value.status == 400
+    return caught.value.details["field"]
+
+
+# ============================================================================================
+# The input: items -> chat messages
+# ============================================================================================
+
+def test_a_string_input_is_one_user_message_and_instructions_come_first_but_are_not_kept():
+    job, added = rbee.response_request({"model": "m", "input": "hi", "instructions": "Be brief."})
+    assert job["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert added == [{"role": "user", "content": "hi"}]   # what the conversation keeps: no instructions
+
+
+def test_message_items_with_parts_and_every_role():
+    messages = rbee.response_input_messages([
+        {"role": "developer", "content": "Answer in French."},
+        {"type": "message", "role": "system", "content": [{"type": "input_text", "text": "Be "},
+                                                          {"type": "input_text", "text": "kind."}]},
+        {"role": "user", "content": [{"type": "input_text", "text": "hello"}]},
+        {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+         "content": [{"type": "output_text", "text": "bonjour", "annotations": []}]},
+        {"type": "reasoning", "id": "rs_1", "summary": []}])
+    assert messages == [{"role": "system", "content": "Answer in French."}, {"role": "system", "content": "Be kind."},
+                        {"role": "user", "content": "hello"}, {"role": "assistant", "content": "bonjour"}]
+
+
+def test_function_calls_join_their_assistant_turn_and_outputs_are_named_after_their_call():
+    earlier = [{"role": "user", "content": "weather?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_0", "type": "function", "function": {"name": "clock", "arguments": "{}"}}]},
+               {"role": "tool", "tool_call_id": "call_0", "name": "clock", "content": "noon"}]
+    messages = rbee.response_input_messages([
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Let me look."}]},
+        {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "weather",
+         "arguments": '{"city":"Paris"}'},
+        {"type": "function_call", "call_id": "call_2", "name": "weather", "arguments": '{"city":"Rome"}'},
+        {"type": "function_call_output", "call_id": "call_2", "output": "sun"},
+        {"type": "function_call_output", "call_id": "call_1", "output": [{"type": "input_text", "text": "rain"}]},
+        {"type": "function_call_output", "call_id": "call_0", "output": "still noon"}], earlier)
+    assert messages == [
+        {"role": "assistant", "content": "Let me look.", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Paris"}'}},
+            {"id": "call_2", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Rome"}'}}]},
+        {"role": "tool", "tool_call_id": "call_2", "name": "weather", "content": "sun"},
+        {"role": "tool", "tool_call_id": "call_1", "name": "weather", "content": "rain"},
+        {"role": "tool", "tool_call_id": "call_0", "name": "clock", "content": "still noon"}]   # (a call of `earlier`)
+    # a call alone is an assistant turn of its own
+    alone = rbee.response_input_messages([{"type": "function_call", "call_id": "c", "name": "f", "arguments": ""}])
+    assert alone == [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": ""}}]}]
+    assert earlier[1]["tool_calls"][0]["id"] == "call_0" and len(earlier) == 3   # `earlier` is left as it was
+
+
+@pytest.mark.parametrize("value, field", [
+    (None, "input"), ([], "input"), (42, "input"), (["hi"], "input[0]"),
+    ([{"role": "wizard", "content": "hi"}], "input[0].role"),
+    ([{"role": "user", "content": 3}], "input[0].content"),
+    ([{"role": "user", "content": [{"type": "input_image", "image_url": "data:..."}]}], "input[0].content[0]"),
+    ([{"role": "user", "content": "hi"}, {"type": "web_search_call", "id": "ws"}], "input[1].type"),
+    ([{"type": "function_call", "name": "f", "arguments": "{}"}], "input[0].call_id"),
+    ([{"type": "function_call", "call_id": "c", "name": "f", "arguments": {}}], "input[0].arguments"),
+    ([{"type": "function_call_output", "call_id": "nowhere", "output": "x"}], "input[0].call_id"),
+])
+def test_a_wrong_input_is_a_400_naming_the_item(value, field):
+    assert bad_field(rbee.response_input_messages, value) == field
+
+
+# ============================================================================================
+# Tools, tool_choice, text.format, the sampling fields
+# ============================================================================================
+
+def test_function_tools_in_the_chat_shape_and_hosted_tools_left_out():
+    weather = {"type": "function", "name": "weather", "description": "The weather of a city", "strict": True,
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    job, _ = rbee.response_request({"model": "m", "input": "hi", "tools": [weather, {"type": "web_search"}],
+                                    "tool_choice": {"type": "function", "name": "weather"},
+                                    "parallel_tool_calls": True})
+    assert job["tools"] == [{"type": "function", "function": {"name": "weather", "description": "The weather of a city",
+                                                               "parameters": weather["parameters"]}}]
+    assert job["tool_choice"] == {"type": "function", "function": {"name": "weather"}}
+    assert job["parallel_tool_calls"] is True
+    response = rbee.response_object({"model": "m", "tools": [weather, {"type": "web_search"}]}, job, True)
+    assert response["tools"] == [weather] and response["parallel_tool_calls"] is True
+    for choice in ("auto", "none", "required"):
+        assert rbee.response_request({"input": "x", "tool_choice": choice})[0]["tool_choice"] == choice
+    plain, _ = rbee.response_request({"input": "x"})
+    assert "tools" not in plain and "tool_choice" not in plain and plain["parallel_tool_calls"] is False
+
+
+def test_text_format_max_output_tokens_and_sampling():
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    job, _ = rbee.response_request({"input": "x", "max_output_tokens": 64, "temperature": 0, "top_p": 0.5,
+                                    "text": {"format": {"type": "json_schema", "name": "n", "schema": schema,
+                                                        "strict": True}}})
+    assert job["json_schema"] == schema and "grammar" not in job
+    assert (job["max_tokens"], job["temperature"], job["top_p"]) == (64, 0, 0.5)
+    assert rbee.response_request({"input": "x", "text": {"format": {"type": "json_object"}}})[0]["grammar"] == "json"
+    default, _ = rbee.response_request({"input": "x", "text": {"format": {"type": "text"}}})
+    assert "grammar" not in default and "json_schema" not in default
+    assert default["max_tokens"] == rbee.DEFAULT_N_CTX and default["temperature"] == 0.8
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"tools": {"type": "function"}}, "tools"),
+    ({"tools": [{"type": "function"}]}, "tools[0].name"),
+    ({"tools": [{"type": "function", "name": "f", "parameters": "{}"}]}, "tools[0].parameters"),
+    ({"tool_choice": "sometimes"}, "tool_choice"),
+    ({"tool_choice": {"type": "file_search"}}, "tool_choice"),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+    ({"text": {"format": {"type": "yaml"}}}, "text.format"),
+    ({"text": "json"}, "text"),
+    ({"instructions": ["be brief"]}, "instructions"),
+    ({"max_output_tokens": 0}, "max_output_tokens"),
+    ({"parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+])
+def test_a_wrong_field_is_a_400_naming_it(body, field):
+    assert bad_field(rbee.response_request, dict({"input": "hi"}, **body)) == field
+
+
+# ============================================================================================
+# The output and its events, as the openai package's types read them
+# ============================================================================================
+
+def run_output(pieces, finish_reason="stop", body=None):
+    """Feed `pieces` to a ResponseOutput as ResponsesApi does; returns (final response, events as
+    they would leave: JSON at the moment each is sent)."""
+    events = []
+
+    def emit(kind, fields):
+        events.append(json.loads(json.dumps(dict({"type": kind, "sequence_number": len(events)}, **fields))))
+    body = body or {"model": "m", "input": "hi"}
+    job, _ = rbee.response_request(body)
+    output = rbee.ResponseOutput(rbee.response_object(body, job, True), emit)
+    output.start()
+    for piece in pieces:
+        output.feed(piece)
+    usage = rbee.response_usage({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15})
+    final = output.result(finish_reason, usage)
+    output.finish(final)
+    return json.loads(json.dumps(final)), events, output
+
+
+def check_with_the_sdk(final, events):
+    """Every event and the final response validate as the openai package's types (strictly)."""
+    parsed = [STREAM_EVENT.validate_python(e) for e in events]
+    assert [p.sequence_number for p in parsed] == list(range(len(events)))
+    return Response.model_validate(final), parsed
+
+
+def test_a_text_answer_streams_openais_event_sequence():
+    pieces = [rbee.Token("Hello", 0), rbee.Token("", 1), rbee.Token(" world", 2)]
+    final, events, output = run_output(pieces)
+    response, parsed = check_with_the_sdk(final, events)
+    assert [e["type"] for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+        "response.output_text.delta", "response.output_text.delta", "response.output_text.done",
+        "response.content_part.done", "response.output_item.done", "response.completed"]
+    assert events[0]["response"]["status"] == "in_progress" and events[0]["response"]["output"] == []
+    assert response.output_text == "Hello world" and response.status == "completed"
+    assert response.id.startswith("resp_") and response.output[0].id.startswith("msg_")
+    assert {e["item_id"] for e in events[3:8]} == {response.output[0].id} == {events[8]["item"]["id"]}
+    assert events[2]["item"]["status"] == "in_progress" and events[8]["item"]["status"] == "completed"
+    assert events[6]["text"] == "Hello world" and events[7]["part"]["text"] == "Hello world"
+    assert events[-1]["response"] == final and response.incomplete_details is None
+    assert response.usage.input_tokens == 10 and response.usage.output_tokens == 5 and response.usage.total_tokens == 15
+    assert output.message() == {"role": "assistant", "content": "Hello world"}
+
+
+def test_tool_calls_stream_as_function_call_items_after_the_text():
+    pieces = [rbee.Token("Checking.", 0), rbee.ToolCallDelta(0, "call_a", "weather", ""),
+              rbee.ToolCallDelta(0, None, None, '{"city": '), rbee.ToolCallDelta(0, None, None, '"Paris"}'),
+              rbee.ToolCallDelta(1, "call_b", "clock", "{}")]
+    final, events, output = run_output(pieces, "tool_calls")
+    response, _ = check_with_the_sdk(final, events)
+    assert [e["type"] for e in events] == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta", "response.function_call_arguments.done", "response.output_item.done",
+        "response.output_item.added", "response.function_call_arguments.delta", "response.function_call_arguments.done",
+        "response.output_item.done", "response.completed"]
+    message, first, second = response.output
+    assert message.type == "message" and response.output_text == "Checking."
+    assert (first.type, first.call_id, first.name, json.loads(first.arguments)) == (
+        "function_call", "call_a", "weather", {"city": "Paris"})
+    assert (second.call_id, second.name, second.arguments) == ("call_b", "clock", "{}")
+    assert first.id.startswith("fc_") and first.id != second.id and first.status == "completed"
+    assert events[8]["item"]["arguments"] == "" and events[11]["arguments"] == '{"city": "Paris"}'
+    assert [e["output_index"] for e in events[8:13]] == [1] * 5 and response.status == "completed"
+    # the conversation a later turn continues: one assistant message with the text and both calls
+    assert output.message() == {"role": "assistant", "content": "Checking.", "tool_calls": [
+        {"id": "call_a", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "call_b", "type": "function", "function": {"name": "clock", "arguments": "{}"}}]}
+
+
+def test_only_calls_make_no_message_and_the_sdks_stream_helper_accumulates_the_same_response():
+    from openai.lib.streaming.responses._responses import ResponseStreamState
+    final, events, output = run_output([rbee.ToolCallDelta(0, "call_a", "clock", "{}")], "tool_calls")
+    response, parsed = check_with_the_sdk(final, events)
+    assert [item.type for item in response.output] == ["function_call"] and response.output_text == ""
+    assert output.message() == {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_a", "type": "function", "function": {"name": "clock", "arguments": "{}"}}]}
+    state = ResponseStreamState(input_tools=[], text_format=openai.omit)   # (what responses.stream() runs)
+    helper = [event for raw in parsed for event in state.handle_event(raw)]
+    assert helper[-1].type == "response.completed" and helper[-1].response.output[0].arguments == "{}"
+
+
+def test_an_answer_cut_by_max_output_tokens_is_incomplete_and_an_empty_one_still_has_a_message():
+    final, events, _ = run_output([rbee.Token("Once upon", 0)], "length")
+    response, _ = check_with_the_sdk(final, events)
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert response.output[0].status == "incomplete" and events[-1]["type"] == "response.incomplete"
+    final, events, _ = run_output([])
+    response, _ = check_with_the_sdk(final, events)
+    assert [item.type for item in response.output] == ["message"] and response.output_text == ""
+
+
+def test_a_call_whose_pieces_come_after_the_next_item_began_is_a_bug_said_so():
+    output = rbee.ResponseOutput(rbee.response_object({"model": "m", "input": "x"}, rbee.response_request(
+        {"input": "x"})[0], True))
+    output.feed(rbee.ToolCallDelta(0, "call_a", "f", "{"))
+    output.feed(rbee.Token("text", 0))
+    with pytest.raises(rbee.InternalError):
+        output.feed(rbee.ToolCallDelta(0, None, None, "}"))
+
+
+# ============================================================================================
+# The store: by count, by size, by age; deleted ones; store: false never reaches it
+# ============================================================================================
+
+def kept_response(n):
+    return {"id": "resp_%d" % n, "object": "response"}
+
+
+def test_the_store_keeps_the_newest_within_its_count_and_size():
+    store = rbee.ResponseStore(limit=3, max_bytes=100, ttl=60)
+    for n in range(5):
+        store.put(kept_response(n), [{"role": "user", "content": str(n)}], 10)
+    assert [store.get("resp_%d" % n) is not None for n in range(5)] == [False, False, True, True, True]
+    assert store.get("resp_4").conversation == [{"role": "user", "content": "4"}] and store.size == 30
+    store.put(kept_response(5), [], 80)   # 30 + 80 > 100: the oldest go until it fits
+    assert [n for n in range(6) if store.get("resp_%d" % n)] == [3, 4, 5] and store.size == 100
+    assert store.delete("resp_4") and not store.delete("resp_4") and store.get("resp_4") is None
+    assert store.size == 90
+
+
+def test_the_store_forgets_what_is_older_than_its_ttl():
+    store = rbee.ResponseStore(limit=10, max_bytes=1000, ttl=0.3)
+    store.put(kept_response(1), [], 1)
+    time.sleep(0.2)
+    store.put(kept_response(2), [], 1)
+    assert store.get("resp_1") and store.get("resp_2")
+    time.sleep(0.15)
+    assert store.get("resp_1") is None and store.get("resp_2") is not None and store.size == 1
+    time.sleep(0.2)
+    assert store.get("resp_2") is None and store.size == 0 and not store.kept
