@@ -13,7 +13,8 @@ Architecture (one file, five roles, each a subcommand; the contract is docs/PROT
 The queen is a front (Queen: routes, keys, CORS, status, its life) over parts that each own one
 thing: Hives (a hive session per node), the Scheduler (which worker serves each request: the
 warm one, else a placement by free memory and caps, a replica, an eviction, a Split over
-nodes), the apps' APIs (OpenAIApi, OllamaApi), Metrics and the EventFeed of the page.
+nodes), the apps' APIs (OpenAIApi, ResponsesApi with the responses it keeps, OllamaApi), Metrics and
+the EventFeed of the page.
 
 Every process narrates: JSON lines on stdout before it serves HTTP and after it stops, SSE events
 while it serves; every parent relays what its children say, so all of it reaches the user's shell.

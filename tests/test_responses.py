@@ -4,15 +4,18 @@ events checked against the `openai` package's own types (pydantic, validated str
 and its bounds -- then the real `openai` package against a real queen, hive and worker on the real
 model."""
 import json
+import os
+import signal
 import sys
 import time
 
+import jsonschema
 import openai
 import pydantic
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 
-from conftest import REPO
+from conftest import REPO, raw_call, raw_request, rbee_processes, start_queen, tracebacks
 
 sys.path.insert(0, str(REPO))
 import rbee  # noqa: E402
@@ -282,3 +285,191 @@ def test_the_store_forgets_what_is_older_than_its_ttl():
     assert store.get("resp_1") is None and store.get("resp_2") is not None and store.size == 1
     time.sleep(0.2)
     assert store.get("resp_2") is None and store.size == 0 and not store.kept
+
+
+# ============================================================================================
+# End to end: the openai package against a real queen, hive and worker on the real model
+# ============================================================================================
+
+@pytest.fixture
+def model(model_path):
+    return "file:" + model_path
+
+
+@pytest.fixture
+def queen(roles, env):
+    return start_queen(roles, env)
+
+
+def client(queen):
+    return openai.OpenAI(base_url=queen.url + "/v1", api_key="unused", max_retries=0)
+
+
+def port_of(queen):
+    return int(queen.url.rsplit(":", 1)[1])
+
+
+QUESTION = {"instructions": "You are a helpful assistant who answers briefly.",
+            "input": "What is the capital of France?", "temperature": 0, "max_output_tokens": 64}
+
+
+def test_a_response_streamed_and_not_and_through_the_sdks_stream_helper(queen, model, rbee_home):
+    api = client(queen)
+    whole = api.responses.create(model=model, **QUESTION)
+    assert whole.output_text.strip() and whole.status == "completed" and whole.object == "response"
+    assert whole.id.startswith("resp_") and whole.model == model and whole.instructions == QUESTION["instructions"]
+    assert [item.type for item in whole.output] == ["message"] and whole.output[0].role == "assistant"
+    assert whole.usage.input_tokens > 10 and 0 < whole.usage.output_tokens < 64
+    assert whole.usage.total_tokens == whole.usage.input_tokens + whole.usage.output_tokens
+    events = list(api.responses.create(model=model, stream=True, **QUESTION))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    assert set(kinds[4:-4]) == {"response.output_text.delta"} and len(kinds) > 9
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == whole.output_text == events[-1].response.output_text   # temperature 0: the same answer
+    assert events[-1].response.usage.output_tokens == whole.usage.output_tokens
+    with api.responses.stream(model=model, **QUESTION) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == whole.output_text
+    # the bare path (llama.cpp's servers answer without /v1 too), on the wire: event names and no [DONE]
+    conn, resp = raw_request(port_of(queen), "POST", "/responses", dict(QUESTION, model=model, stream=True))
+    assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
+    frames = [f for f in resp.read().decode().split("\n\n") if f.strip()]
+    conn.close()
+    assert frames[0].startswith("event: response.created\ndata: ") and "[DONE]" not in frames[-1]
+    assert all(json.loads(f.split("\ndata: ", 1)[1])["type"] == f.split("\n", 1)[0][7:] for f in frames)
+    assert tracebacks(queen.lines, rbee_home) == []
+
+
+def test_previous_response_id_continues_the_conversation_the_queen_kept(queen, model):
+    api = client(queen)
+    first = api.responses.create(model=model, input="Name a large animal.", temperature=0, max_output_tokens=40)
+    follow = "Repeat exactly what you said, word for word."
+    second = api.responses.create(model=model, previous_response_id=first.id, input=follow, temperature=0,
+                                  max_output_tokens=60)
+    assert second.previous_response_id == first.id
+    # the worker's prompt held the first turn: more tokens than its whole, and the same as the
+    # conversation sent in full
+    assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+    full = api.responses.create(model=model, temperature=0, max_output_tokens=60, input=[
+        {"role": "user", "content": "Name a large animal."},
+        {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": follow}])
+    assert second.usage.input_tokens == full.usage.input_tokens and second.output_text == full.output_text
+    # instructions are not carried over: a third turn with some has more tokens than without them
+    third = api.responses.create(model=model, previous_response_id=second.id, input="Thanks.", max_output_tokens=4)
+    assert third.usage.input_tokens > second.usage.input_tokens + second.usage.output_tokens
+    # a kept response is there to retrieve as it was answered, until deleted
+    assert api.responses.retrieve(second.id).model_dump() == second.model_dump()
+    api.responses.delete(second.id)
+    with pytest.raises(openai.NotFoundError) as gone:
+        api.responses.retrieve(second.id)
+    assert gone.value.body["code"] == "response_not_found" and second.id in gone.value.message
+
+
+def test_store_false_keeps_nothing_to_continue_or_retrieve(queen, model):
+    api = client(queen)
+    unkept = api.responses.create(model=model, input="Say hi.", store=False, max_output_tokens=8)
+    assert unkept.output_text and unkept.store is False
+    with pytest.raises(openai.NotFoundError) as missing:
+        api.responses.create(model=model, input="Again.", previous_response_id=unkept.id)
+    assert missing.value.body["param"] == "previous_response_id" and unkept.id in missing.value.message
+    assert missing.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError):
+        api.responses.retrieve(unkept.id)
+    with pytest.raises(openai.NotFoundError):   # (DELETE too)
+        api.responses.delete(unkept.id)
+    # errors before any worker: OpenAI's shape, with the field at fault
+    with pytest.raises(openai.NotFoundError) as no_model:
+        api.responses.create(model="no-such-model", input="hi")
+    assert no_model.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as bad:
+        api.responses.create(model=model, input=[{"role": "wizard", "content": "hi"}])
+    assert bad.value.body["param"] == "input[0].role"
+    response, body = raw_call(port_of(queen), "GET", "/responses/resp_nope")
+    assert response.status == 404 and body["error"]["code"] == "response_not_found"
+
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "Get the current weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                          "additionalProperties": False}, "strict": True}
+
+
+def test_a_required_function_call_and_its_output_answered_in_text(queen, model):
+    api = client(queen)
+    asked = api.responses.create(model=model, input="What is the weather in Paris?", tools=[WEATHER],
+                                 tool_choice="required", temperature=0, max_output_tokens=200)
+    calls = [item for item in asked.output if item.type == "function_call"]
+    assert calls and calls[0].name == "get_weather" and calls[0].call_id and calls[0].id.startswith("fc_")
+    jsonschema.validate(json.loads(calls[0].arguments), WEATHER["parameters"])
+    assert asked.status == "completed" and asked.tool_choice == "required"
+    # streamed: the call's item, its argument fragments, the same call
+    events = list(api.responses.create(model=model, input="What is the weather in Paris?", tools=[WEATHER],
+                                       tool_choice="required", temperature=0, max_output_tokens=200, stream=True))
+    added = [e for e in events if e.type == "response.output_item.added" and e.item.type == "function_call"]
+    fragments = [e for e in events if e.type == "response.function_call_arguments.delta"]
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert added and added[0].item.name == "get_weather" and fragments and done
+    assert "".join(e.delta for e in fragments if e.item_id == added[0].item.id) == done[0].arguments
+    assert json.loads(done[0].arguments) == json.loads(calls[0].arguments) and events[-1].type == "response.completed"
+    # the tool's output in the next turn (the conversation kept), answered in text
+    answer = api.responses.create(model=model, previous_response_id=asked.id, tools=[WEATHER], tool_choice="none",
+                                  temperature=0, max_output_tokens=48, input=[
+                                      {"type": "function_call_output", "call_id": calls[0].call_id,
+                                       "output": json.dumps({"city": "Paris", "weather": "sunny, 24 C"})}])
+    assert answer.output_text.strip() and not [item for item in answer.output if item.type == "function_call"]
+    assert answer.usage.input_tokens > asked.usage.input_tokens + asked.usage.output_tokens
+    # the same turn sent whole, as a client that keeps its own history (Codex: store=False) sends it
+    whole = api.responses.create(model=model, tools=[WEATHER], tool_choice="none", temperature=0,
+                                 max_output_tokens=48, store=False, input=[
+                                     {"role": "user", "content": "What is the weather in Paris?"}] + [
+                                     item.model_dump(exclude_none=True) for item in asked.output] + [
+                                     {"type": "function_call_output", "call_id": calls[0].call_id,
+                                      "output": json.dumps({"city": "Paris", "weather": "sunny, 24 C"})}])
+    assert whole.output_text == answer.output_text and whole.usage.input_tokens == answer.usage.input_tokens
+
+
+def test_text_format_json_schema_and_the_sdks_parse(queen, model):
+    api = client(queen)
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    answer = api.responses.create(model=model, input="Give me a person with a name and an age.", temperature=0,
+                                  max_output_tokens=200, text={"format": {"type": "json_schema", "name": "person",
+                                                                          "schema": schema, "strict": True}})
+    jsonschema.validate(json.loads(answer.output_text), schema)
+    assert answer.text.format.type == "json_schema"
+
+    class Person(pydantic.BaseModel):
+        name: str
+        age: int
+    parsed = api.responses.parse(model=model, input="Give me a person with a name and an age.", temperature=0,
+                                 max_output_tokens=200, text_format=Person)
+    assert isinstance(parsed.output_parsed, Person)
+    anything = api.responses.create(model=model, input="Give me a person as JSON.", temperature=0,
+                                    max_output_tokens=200, text={"format": {"type": "json_object"}})
+    assert isinstance(json.loads(anything.output_text), dict)
+
+
+def test_an_error_after_the_stream_began_is_an_error_event_then_response_failed(queen, model, tmp_path):
+    api = client(queen)
+    stream = api.responses.create(model=model, input="Count to a thousand.", max_output_tokens=1500, temperature=0,
+                                  stream=True)
+    seen = []
+    for event in stream:
+        seen.append(event)
+        if event.type == "response.output_text.delta":
+            break
+    for pid, cmd in rbee_processes(str(tmp_path)):
+        if " worker " in cmd:
+            os.kill(pid, signal.SIGKILL)
+    seen += list(stream)
+    assert [e.type for e in seen[-2:]] == ["error", "response.failed"]
+    assert "stopped mid-stream" in seen[-2].message and seen[-2].code == "worker_crashed"
+    failed = seen[-1].response
+    assert failed.status == "failed" and failed.error.code == "server_error" and failed.output[0].type == "message"
+    assert [e.sequence_number for e in seen] == list(range(len(seen)))
