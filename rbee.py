@@ -76,6 +76,9 @@ __all__ = [
     # the Protocol: readers of requests, references, the engine's event kinds
     "duration_s", "keep_alive_of", "size_mb", "ModelRef", "choose_gguf", "split_at_stop",
     "ENGINE_ADMITTED", "ENGINE_TOKEN", "ENGINE_END", "ENGINE_ERROR", "Token", "Narration", "JobEnded",
+    "ToolCallDelta",
+    # agents' turns: the tool-call formats of the model families, grammars from JSON schemas
+    "tool_format_of", "ToolCallParser", "schema_grammar", "tool_call_grammar",
     # errors (every class of PROTOCOL.md §7 is RbeeError.by_code's)
     "RbeeError", "InvalidRequest", "InvalidModelRef", "InvalidApiKey", "InternalError", "ConnectionTimeout",
     "SlotsBusy", "WorkerCrashed", "InsufficientRam", "VramExhausted", "BackendUnavailable", "DeviceNotFound",
@@ -124,6 +127,7 @@ RESPONSES_KEPT, RESPONSES_KEPT_BYTES, RESPONSES_TTL = 1000, 64 << 20, 24 * 3600.
 # class of that role (section "Role clients") is the one caller of the roles' own routes.
 WORKER_HEALTH, WORKER_EXECUTE = ("GET", "/health"), ("POST", "/execute")
 WORKER_CANCEL, WORKER_SHUTDOWN = ("POST", "/cancel"), ("POST", "/shutdown")
+WORKER_TOKENIZE = ("POST", "/tokenize")   # an /execute body's prompt, counted (Anthropic's count_tokens)
 
 HIVE_HEALTH, HIVE_WORKERS = ("GET", "/v1/health"), ("GET", "/v1/workers/list")
 HIVE_SPAWN, HIVE_READY = ("POST", "/v1/workers/spawn"), ("POST", "/v1/workers/ready")
@@ -162,6 +166,7 @@ OLLAMA_PATHS = ("/api/",)
 # carry the same names in their `event` field (narration, worker, token, end, error).
 EVENT_NARRATION, EVENT_QUEUED, EVENT_STARTED, EVENT_TOKEN = "narration", "queued", "started", "token"
 EVENT_END, EVENT_WORKER, EVENT_ERROR = "end", "worker", "error"
+EVENT_TOOL_CALL = "tool_call"        # a worker's job: a piece of a tool call the model made (§5.1)
 TERMINAL_EVENTS = (EVENT_END, EVENT_WORKER, EVENT_ERROR)
 EVENT_PING = "ping"                  # how iter_sse reports a `: ping` comment (no event of its own)
 SSE_CONTENT_TYPE, NDJSON_CONTENT_TYPE = "text/event-stream", "application/x-ndjson"
@@ -1509,8 +1514,12 @@ class WorkerClient(RoleClient):
     def shutdown(self, timeout=5.0, lost=None):
         self.call(WORKER_SHUTDOWN, {"lost": lost} if lost else {}, timeout=timeout, attempts=1)
 
+    def tokenize(self, body):
+        """How many tokens the prompt of an /execute body is (its template and tools included)."""
+        return self.call(WORKER_TOKENIZE, body, timeout=30.0, attempts=1)["tokens"]
+
     def execute(self, body, on_busy=None, retries=BUSY_RETRIES):
-        """Run a job: yields JobStarted, Narration and Token, then JobEnded; raises the job's
+        """Run a job: yields JobStarted, Narration, Token and ToolCallDelta, then JobEnded; raises the job's
         error. A busy worker (503) is retried after `retries` seconds (`on_busy(delay)` first).
         No token for TOKEN_TIMEOUT s, an interrupt, or a caller that lets go of the generator
         (close it: `contextlib.closing`) cancels the job on the worker."""
@@ -1531,6 +1540,10 @@ class WorkerClient(RoleClient):
                 if event == EVENT_TOKEN:
                     tokens, last_token = tokens + 1, time.monotonic()
                     yield Token(data.get("t", ""), data.get("i"))
+                elif event == EVENT_TOOL_CALL:
+                    tokens, last_token = tokens + 1, time.monotonic()
+                    yield ToolCallDelta(data.get("index", 0), data.get("id"), data.get("name"),
+                                        data.get("arguments", ""))
                 elif event == EVENT_NARRATION:
                     yield Narration(data)
                 elif event == EVENT_STARTED:
@@ -2429,6 +2442,340 @@ class ModelProvisioner:
 
 
 # ============================================================================================
+# Agents' turns: chat templates with tools, tool calls in each family's words, grammars
+# ============================================================================================
+#
+# A model calls a tool by writing it in the format its family was trained on; the worker renders
+# the tools into the model's own chat template, reads the calls back out of the text as it streams
+# (ToolCallParser), and where a call is required builds a grammar that makes the model write one
+# valid call of that format whose arguments match the function's schema (tool_call_grammar).
+
+ToolFormat = collections.namedtuple("ToolFormat", "name markers json_start prefix suffix args_key")
+TOOL_FORMATS = {f.name: f for f in (
+    # Hermes, Qwen 2.5/3, and the many fine-tunes that copy them: <tool_call>{...}</tool_call>
+    ToolFormat("hermes", ("<tool_call>",), False, "<tool_call>\n", "\n</tool_call>", "arguments"),
+    # Llama 3.1-3.3: a bare JSON object with "parameters" (or after <|python_tag|>)
+    ToolFormat("llama3", ("<|python_tag|>",), True, "", "", "parameters"),
+    # Mistral (v3 and Nemo templates): [TOOL_CALLS][{...}, ...]
+    ToolFormat("mistral", ("[TOOL_CALLS]",), False, "[TOOL_CALLS]", "", "arguments"),
+    # any other model (llama.cpp's generic format): {"tool_call": {...}} or {"tool_calls": [...]}
+    ToolFormat("generic", (), True, "", "", "arguments"),
+)}
+# what a template without a word about tools gets in its system message instead (llama.cpp's
+# server does the same for such templates)
+GENERIC_TOOL_PREAMBLE = (
+    "You can call functions. To call one, answer with only a JSON object of the form "
+    '{"tool_call": {"name": "<function name>", "arguments": {<the arguments>}}}%s and nothing else. '
+    "Otherwise answer in plain text.\n\nThe functions, as JSON schemas:\n%s")
+GENERIC_PARALLEL = ' (or {"tool_calls": [<several such calls>]})'
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# a call's name, then its arguments' key: the arguments' JSON value starts right after
+_CALL_HEAD = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
+
+
+def tool_format_of(template):
+    """The tool-call format a chat template speaks: by the markers its family writes; a template
+    that names no tools gets the generic one (and GENERIC_TOOL_PREAMBLE)."""
+    template = template or ""
+    if "<tool_call>" in template:
+        return "hermes"
+    if "[TOOL_CALLS]" in template:
+        return "mistral"
+    if "<|python_tag|>" in template or ("<|start_header_id|>" in template and '"parameters"' in template):
+        return "llama3"
+    return "generic"
+
+
+def template_knows_tools(template):
+    """Whether a Jinja chat template reads the `tools` variable at all."""
+    import jinja2
+    import jinja2.meta
+    try:
+        return "tools" in jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template or ""))
+    except jinja2.TemplateError:
+        return False
+
+
+def gbnf_literal(text):
+    return json.dumps(text)   # (GBNF's string literals take JSON's escapes)
+
+
+def schema_grammar(schema, field="json_schema", prefix="", suffix="", repeat=None):
+    """GBNF whose root is `prefix`, a JSON value matching `schema`, then `suffix` (and, with
+    `repeat` a separator, as many more such blocks as the model writes). A schema llama-cpp-python's
+    converter cannot take is a 400 naming `field` and the part it could not."""
+    from llama_cpp.llama_grammar import SchemaConverter
+    if not isinstance(schema, dict):
+        raise invalid(field, "must be a JSON schema (an object)")
+    converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    try:
+        value = converter.visit(converter.resolve_refs(schema, "input"), "answer")
+    except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise invalid(field, "this schema cannot be made a grammar: %s" % (str(exc)[:300] or type(exc).__name__),
+                      "Leave out the unsupported part (external $refs, `not`, unknown types, unanchored patterns)")
+    block = " ".join(part for part in (gbnf_literal(prefix) if prefix else "", value,
+                                       gbnf_literal(suffix) if suffix else "") if part)
+    root = block if repeat is None else "%s (%s %s)*" % (block, gbnf_literal(repeat), block)
+    return "root ::= %s\n%s" % (root, converter.format_grammar())
+
+
+def call_schema(functions, args_key):
+    """The JSON schema of one call of any of `functions`: {"name": N, args_key: its parameters}."""
+    return {"anyOf": [{"type": "object", "properties": {"name": {"const": f["name"]}, args_key: f["parameters"]},
+                       "required": ["name", args_key]} for f in functions]}
+
+
+def tool_call_grammar(fmt, functions, parallel):
+    """The grammar of a required call of one of `functions`, written in format `fmt`."""
+    fmt = TOOL_FORMATS[fmt]
+    one = call_schema(functions, fmt.args_key)
+    if fmt.name == "mistral":   # one JSON array of calls
+        many = dict({"type": "array", "items": one, "minItems": 1}, **({} if parallel else {"maxItems": 1}))
+        return schema_grammar(many, "tools", prefix=fmt.prefix)
+    if fmt.name == "generic":
+        if parallel:
+            return schema_grammar({"type": "object", "properties": {"tool_calls": {
+                "type": "array", "items": one, "minItems": 1}}, "required": ["tool_calls"]}, "tools")
+        return schema_grammar({"type": "object", "properties": {"tool_call": one}, "required": ["tool_call"]}, "tools")
+    return schema_grammar(one, "tools", prefix=fmt.prefix, suffix=fmt.suffix, repeat="\n" if parallel else None)
+
+
+def tools_of(body):
+    """A request's `tools` as [{name, description, parameters}] (OpenAI's chat shape), or []."""
+    tools = body.get("tools")
+    if tools is None:
+        return []
+    if not isinstance(tools, list) or len(tools) > 128:
+        raise invalid("tools", "must be a list of at most 128 {type: \"function\", function: {name, ...}} objects")
+    out = []
+    for k, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not TOOL_NAME.match(
+                function["name"]):
+            raise invalid("tools[%d]" % k, "must be {type: \"function\", function: {name, description, "
+                          "parameters}} with a name of letters, digits, _ . : - (at most 64)")
+        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(parameters, dict):
+            raise invalid("tools[%d].function.parameters" % k, "must be a JSON schema (an object)")
+        out.append({"name": function["name"], "description": str(function.get("description") or ""),
+                    "parameters": parameters})
+    return out
+
+
+def tool_choice_of(body, tools):
+    """"auto", "none", "required", or the name of the one function the model must call."""
+    choice = body.get("tool_choice", "auto" if tools else "none")
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        if name not in [t["name"] for t in tools]:
+            raise invalid("tool_choice", "names no function of `tools`", "Name one of: " + ", ".join(
+                t["name"] for t in tools) if tools else "Give `tools`")
+        return name
+    if choice not in ("auto", "none", "required"):
+        raise invalid("tool_choice", 'must be "auto", "none", "required" or {"type": "function", "function": '
+                      '{"name": ...}}')
+    if choice == "required" and not tools:
+        raise invalid("tool_choice", "is \"required\" but there are no `tools`")
+    return choice
+
+
+class ToolCallParser:
+    """Reads a model's output as it streams: content, and the tool calls it writes in its family's
+    format (TOOL_FORMATS). `feed(text)` and then `finish()` return pieces, in order:
+        ("content", text)                          text for the user
+        ("call", index, id, name, fragment)        a call's first piece (id and name), then its
+        ("call", index, None, None, fragment)      arguments' text as it comes
+    A marker (or, for the JSON formats, a `{`/`[` opening the output) switches to calls; from then
+    on each "name" followed by "arguments"/"parameters" is a call, its value scanned as JSON. What
+    turns out to hold no call is content after all. `calls`: [{id, name, arguments}] (arguments:
+    JSON text) of the calls whose arguments are complete."""
+
+    def __init__(self, fmt, parallel=True):
+        self.format = TOOL_FORMATS[fmt]     #: the format the model writes calls in
+        self.parallel = parallel            #: False: only the first call counts
+        self.in_calls = False               #: past a marker (or a JSON start): no more content
+        self.seen_text = False              #: some non-space text came (a JSON start is only at the start)
+        self.held = ""                      #: content held back: it may be the start of a marker
+        self.marker = ""                    #: the marker that began the calls ("" for a JSON start)
+        self.buffer = ""                    #: the text since the marker
+        self.position = 0                   #: how far `buffer` is read
+        self.calls = []                     #: the calls, complete or not: {id, name, arguments}
+        self.value = None                   #: the arguments being scanned: [start, depth, in_string, escaped]
+        self.cut_short = False              #: the output ended inside a call's arguments
+
+    @property
+    def done(self):
+        """A call is complete and no other may follow (parallel calls off)."""
+        return not self.parallel and bool(self.calls) and self.value is None
+
+    def feed(self, text):
+        if self.in_calls:
+            self.buffer += text
+            return self._scan()
+        self.held += text
+        if self.format.json_start and not self.seen_text:
+            stripped = self.held.lstrip()
+            if not stripped:
+                return []
+            self.seen_text = True
+            if stripped[0] in "{[":
+                return self._enter("", stripped)
+        hits = [(self.held.find(m), m) for m in self.format.markers if m in self.held]
+        if hits:
+            at, marker = min(hits)
+            before = self.held[:at]
+            return ([("content", before)] if before else []) + self._enter(marker, self.held[at + len(marker):])
+        out, self.held, _ = split_at_stop(self.held, self.format.markers)   # (a tail that may become a marker)
+        return [("content", out)] if out else []
+
+    def _enter(self, marker, rest):
+        self.in_calls, self.marker, self.held, self.buffer = True, marker, "", rest
+        return self._scan()
+
+    def _scan(self):
+        out = []
+        while not self.done:
+            if self.value is None:
+                head = _CALL_HEAD.search(self.buffer, self.position)
+                if not head:
+                    break
+                value = self.buffer[head.end():].lstrip()
+                if not value:   # (its value has not begun)
+                    break
+                if value[0] not in '{"':   # arguments that are no object: no call
+                    self.position = head.end()
+                    continue
+                try:
+                    name = json.loads('"%s"' % head.group(1))
+                except ValueError:
+                    name = head.group(1)
+                call = {"id": "call_" + random_id(12), "name": name, "arguments": ""}
+                self.calls.append(call)
+                out.append(("call", len(self.calls) - 1, call["id"], name, ""))
+                self.position, self.value = head.end(), [None, 0, False, False]
+            fragment = self._scan_value()
+            if fragment:
+                self.calls[-1]["arguments"] += fragment
+                out.append(("call", len(self.calls) - 1, None, None, fragment))
+            if self.value is not None:
+                break
+        return out
+
+    def _scan_value(self):
+        """Scan the arguments' JSON value from `position`: the text of it read now (a JSON string
+        value, some models' way, is decoded: the JSON inside it is the arguments)."""
+        state, text, begin = self.value, self.buffer, self.position
+        k = begin
+        while k < len(text):
+            c = text[k]
+            if state[0] is None:
+                if c.isspace():
+                    begin = k + 1
+                else:   # `{`, or `"` (_scan saw which)
+                    state[0] = k
+                    state[1], state[2] = (0, True) if c == '"' else (1, False)
+            elif state[2]:   # in a string
+                if state[3]:
+                    state[3] = False
+                elif c == "\\":
+                    state[3] = True
+                elif c == '"':
+                    state[2] = False
+                    if state[1] == 0:   # the whole value was a string: the JSON is inside it
+                        self.value, self.position = None, k + 1
+                        return parsed_json(text[state[0]:k + 1])
+            elif c == '"':
+                state[2] = True
+            elif c in "{[":
+                state[1] += 1
+            elif c in "}]":
+                state[1] -= 1
+                if state[1] == 0:
+                    self.value, self.position = None, k + 1
+                    return text[begin:k + 1]
+            k += 1
+        self.position = k
+        return text[begin:k] if state[0] is not None and state[1] else ""
+
+    def finish(self):
+        """The pieces the end of the output gives: held content, or a call region that held no
+        call, which is content after all (or whole calls that a JSON parse finds there)."""
+        if not self.in_calls:
+            held, self.held = self.held, ""
+            return [("content", held)] if held else []
+        if self.value is not None:   # a call cut short (max_tokens): its pieces went, but it is no call
+            self.calls.pop()
+            self.value, self.cut_short = None, True
+        if self.calls or self.cut_short:
+            return []
+        out = []
+        for name, arguments in self._parsed_calls():
+            call = {"id": "call_" + random_id(12), "name": name, "arguments": arguments}
+            self.calls.append(call)
+            out.append(("call", len(self.calls) - 1, call["id"], name, arguments))
+        return out or [("content", self.marker + self.buffer)]
+
+    def _parsed_calls(self):
+        """(name, arguments) of calls whose keys came in another order, by parsing the region whole."""
+        text = self.buffer
+        for end_marker in ("</tool_call>",):
+            text = text.replace(end_marker, "")
+        try:
+            value = json.loads(text.strip())
+        except ValueError:
+            return []
+        if isinstance(value, dict):
+            value = value.get("tool_calls") or [value.get("tool_call", value)]
+        calls = []
+        for item in value if isinstance(value, list) else []:
+            arguments = item.get("arguments", item.get("parameters")) if isinstance(item, dict) else None
+            if isinstance(item.get("name") if isinstance(item, dict) else None, str) and isinstance(arguments, dict):
+                calls.append((item["name"], json.dumps(arguments, ensure_ascii=False)))
+        return calls[:None if self.parallel else 1]
+
+
+def parsed_json(value):
+    """What a JSON text holds (a call's arguments as an object); anything else as it is."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return json.loads(value)
+    return value
+
+
+def call_history(messages, knows_tools):
+    """A conversation with tool calls and results as the template reads them: a call's
+    arguments as an object (templates `tojson` them); for a template that knows no tools, a call
+    is the assistant's generic JSON and a result a user message that says whose it is."""
+    out, names = [], {}
+    for m in messages:
+        calls = m.get("tool_calls")
+        names.update((c["id"], c["function"]["name"]) for c in calls or ())
+        if calls and knows_tools:
+            m = dict(m, tool_calls=[dict(c, function=dict(c["function"], arguments=parsed_json(
+                c["function"]["arguments"]))) for c in calls])
+        elif calls:
+            written = [{"name": c["function"]["name"], "arguments": parsed_json(c["function"]["arguments"])}
+                       for c in calls]
+            text = json.dumps({"tool_call": written[0]} if len(written) == 1 else {"tool_calls": written})
+            m = {"role": "assistant", "content": (m["content"] + "\n" if m["content"] else "") + text}
+        elif m["role"] == "tool" and not knows_tools:
+            name = m.get("name") or names.get(m.get("tool_call_id")) or "the function"
+            m = {"role": "user", "content": "The result of %s: %s" % (name, m["content"])}
+        out.append(m)
+    return out
+
+
+def with_tool_preamble(messages, tools, parallel):
+    """The conversation with the generic tool preamble in its system message."""
+    schemas = "\n".join(json.dumps({"name": t["name"], "description": t["description"],
+                                    "parameters": t["parameters"]}) for t in tools)
+    preamble = GENERIC_TOOL_PREAMBLE % (GENERIC_PARALLEL if parallel else "", schemas)
+    if messages and messages[0]["role"] == "system":
+        return [dict(messages[0], content=messages[0]["content"] + "\n\n" + preamble)] + messages[1:]
+    return [{"role": "system", "content": preamble}] + messages
+
+
+# ============================================================================================
 # Worker (rbee.py worker): one model loaded by a backend, tokens streamed over SSE
 # ============================================================================================
 
@@ -2437,7 +2784,8 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 def chat_messages(messages):
     """A conversation as the chat template takes it: [{role, content}] with string content (a list
-    of text parts, as OpenAI's clients send, is joined); 400 for anything else."""
+    of text parts, as OpenAI's clients send, is joined), an assistant's `tool_calls` and a tool
+    result's `tool_call_id` and `name` kept; 400 for anything else."""
     if not isinstance(messages, list) or not messages or len(messages) > 1024:
         raise invalid("messages", "must be a non-empty list of at most 1024 {role, content} objects")
     out = []
@@ -2455,8 +2803,27 @@ def chat_messages(messages):
             content = ""
         if not isinstance(content, str):
             raise invalid(where + ".content", "must be a string or a list of text parts")
-        out.append({"role": message["role"], "content": content})
+        out.append(dict({"role": message["role"], "content": content}, **tool_fields_of(message, where)))
     return out
+
+
+def tool_fields_of(message, where):
+    """A message's tool calls (assistant) or the call it answers (tool), checked."""
+    fields = {}
+    calls = message.get("tool_calls")
+    if calls and message["role"] == "assistant":
+        functions = [c.get("function") if isinstance(c, dict) else None for c in calls] if isinstance(
+            calls, list) else [None]
+        if not all(isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(
+                f.get("arguments", ""), (str, dict)) for f in functions):
+            raise invalid(where + ".tool_calls", "must be a list of {id, type: \"function\", function: {name, "
+                          "arguments}}")
+        fields["tool_calls"] = [{"id": str(c.get("id") or ""), "type": "function", "function": {
+            "name": c["function"]["name"], "arguments": c["function"].get("arguments") or "{}"}} for c in calls]
+    for name in ("tool_call_id", "name"):
+        if message["role"] == "tool" and isinstance(message.get(name), str):
+            fields[name] = message[name]
+    return fields
 
 
 class Job:
@@ -2482,12 +2849,23 @@ class Job:
         raw = body.get("raw", False)
         if not isinstance(raw, bool):
             raise invalid("raw", "must be true or false")
+        tools = tools_of(body)
+        parallel = body.get("parallel_tool_calls", False)
+        if not isinstance(parallel, bool):
+            raise invalid("parallel_tool_calls", "must be true or false")
+        schema = body.get("json_schema")
+        if schema is not None and not isinstance(schema, dict):
+            raise invalid("json_schema", "must be a JSON schema (an object)")
         self.job_id = job_id              #: the caller's id of the job (for /cancel)
         self.prompt = prompt              #: the user's text ("" when `messages` are given)
         self.messages = messages          #: a conversation for the chat template, or None
         self.grammar = grammar            #: "json": the answer is one JSON object; None: free text
         self.stop = stop                  #: the caller's stop strings
         self.raw = raw                    #: skip the chat template
+        self.tools = tools                #: the functions the model may call: [{name, description, parameters}]
+        self.tool_choice = tool_choice_of(body, tools)   #: auto, none, required, or the one function's name
+        self.parallel_tool_calls = parallel   #: whether the model may call several at once
+        self.json_schema = schema         #: the schema the answer's JSON must match, or None
         # the generation's length and sampling, validated
         self.max_tokens = number_field(body, "max_tokens", 20, 1, n_ctx, integer=True)
         self.temperature = number_field(body, "temperature", 0.7, 0, 2)
@@ -2496,6 +2874,16 @@ class Job:
         self.seed = number_field(body, "seed", None, -1, (1 << 32) - 1, integer=True)
         self.engine_job = None            #: its backends.engine.EngineJob (cancel: /cancel, a gone client, shutdown)
         self.interrupted_by = None        #: why the worker itself stopped mid-job (shutdown's thread)
+
+    def offered_tools(self):
+        """The tools the model is shown (none with tool_choice "none": then it cannot call any)."""
+        return self.tools if self.tool_choice != "none" else []
+
+    def forced_functions(self):
+        """The functions of which the model must call one (tool_choice required or named), or []."""
+        if self.tool_choice in ("auto", "none"):
+            return []
+        return [t for t in self.tools if self.tool_choice in ("required", t["name"])]
 
 
 def split_at_stop(text, stops):
@@ -2526,18 +2914,65 @@ class ChatPrompt:
             template=llm.metadata["tokenizer.chat_template"],
             eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
             bos_token=llm._model.token_get_text(bos) if bos != -1 else "", stop_token_ids=[eos])
+        template = llm.metadata["tokenizer.chat_template"]
+        self.tool_format = tool_format_of(template)            #: how this model writes a tool call
+        self.knows_tools = template_knows_tools(template)      #: its template renders `tools` itself
 
     @classmethod
     def for_model(cls, llm):
         return cls(llm) if llm.metadata.get("tokenizer.chat_template") else None
 
-    def render(self, messages):
-        """(prompt tokens, stop strings, stopping criteria) for a conversation (a text: one user message)."""
+    def render(self, messages, tools=(), parallel=False):
+        """(prompt tokens, stop strings) for a conversation (a text: one user message) and the
+        tools offered: through the template when it knows tools, else in the generic preamble."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        result = self.formatter(messages=messages)
+        extra = {}
+        if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+            messages = call_history(messages, self.knows_tools)
+        if tools and self.knows_tools:
+            extra["tools"] = [{"type": "function", "function": t} for t in tools]
+        elif tools:
+            messages = with_tool_preamble(messages, tools, parallel)
+        result = self.formatter(messages=messages, **extra)
         tokens = self.llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
-        return tokens, result.stop, result.stopping_criteria
+        return tokens, result.stop
+
+
+class JobOutput:
+    """Where a job's text goes: to its stream as `token` events, or, when it may call tools,
+    through the parser first, its calls as `tool_call` events."""
+
+    def __init__(self, stream, parser):
+        self.stream = stream              #: the job's SSE stream
+        self.parser = parser              #: the ToolCallParser of a job with tools, or None
+        self.index = 0                    #: the next token event's `i`
+
+    def send(self, text):
+        if not text:
+            return
+        for piece in self.parser.feed(text) if self.parser else [("content", text)]:
+            self._send(piece)
+
+    def finish(self):
+        for piece in self.parser.finish() if self.parser else ():
+            self._send(piece)
+
+    def _send(self, piece):
+        if piece[0] == "content":
+            self.stream.send(EVENT_TOKEN, {"t": piece[1], "i": self.index})
+            self.index += 1
+            return
+        _, index, call_id, name, fragment = piece
+        self.stream.send(EVENT_TOOL_CALL, dict({"index": index, "arguments": fragment},
+                                               **({"id": call_id, "name": name} if call_id else {})))
+
+    def calls_done(self):
+        """A call is complete and no other may follow: the job can end here."""
+        return bool(self.parser and self.parser.done)
+
+    def calls(self):
+        return list(self.parser.calls) if self.parser else []
 
 
 class Worker(App):
@@ -2548,7 +2983,7 @@ class Worker(App):
 
     def __init__(self, args, api_key):
         super().__init__(((WORKER_HEALTH, self.health), (WORKER_EXECUTE, self.execute), (WORKER_CANCEL, self.cancel),
-                          (WORKER_SHUTDOWN, self.shutdown_request)))
+                          (WORKER_SHUTDOWN, self.shutdown_request), (WORKER_TOKENIZE, self.tokenize)))
         self.args = args                  #: the command line
         self.api_key = api_key            #: the bearer key of /execute, /cancel, /shutdown
         self.worker_id = args.worker_id or "worker-" + random_id(4)  #: the id its hive gave it (or a random one)
@@ -2666,26 +3101,49 @@ class Worker(App):
         req.send_empty(202)
         threading.Thread(target=self.shutdown, args=("POST /shutdown",), daemon=True).start()
 
+    def render(self, job):
+        """(prompt tokens, stop strings) of a job: its text as it is (raw, or a model without a
+        chat template), else its conversation through the model's template, tools included."""
+        if (job.messages is not None or job.offered_tools()) and self.chat is None:
+            raise invalid("messages" if job.messages is not None else "tools", "this model has no chat template",
+                          "Send `prompt` instead, without tools")
+        if job.messages is None and (job.raw or self.chat is None):
+            return self.llm.tokenize(job.prompt.encode("utf-8"), add_bos=True, special=True), []
+        try:
+            return self.chat.render(job.messages or job.prompt, job.offered_tools(), job.parallel_tool_calls)
+        except Exception as exc:   # the template's own raise_exception (roles out of order, ...)
+            raise invalid("messages", "the model's chat template refused them: %s" % exc)
+
+    def grammar(self, job):
+        """The GBNF grammar a job's text must follow, or None: a call of the forced functions in
+        this model's tool format, else a JSON value of its schema, else any JSON object."""
+        from llama_cpp.llama_grammar import JSON_GBNF
+        if job.forced_functions():
+            grammar = tool_call_grammar(self.chat.tool_format, job.forced_functions(), job.parallel_tool_calls)
+        elif job.json_schema is not None:
+            grammar = schema_grammar(job.json_schema)
+        else:
+            return JSON_GBNF if job.grammar == "json" else None
+        if self.engine.grammar_refused(grammar):
+            raise invalid("tools" if job.forced_functions() else "json_schema",
+                          "llama.cpp refused the grammar made of this schema", "Simplify the schema")
+        return grammar
+
+    def tokenize(self, req):
+        """The number of tokens of a job's prompt, as /execute would render it."""
+        req.send_json(200, {"tokens": len(self.render(Job(req.json, self.args.ctx_size))[0])})
+
     def execute(self, req):
         job = Job(req.json, self.args.ctx_size)
-        if job.messages is not None and self.chat is None:
-            raise invalid("messages", "this model has no chat template", "Send `prompt` instead")
-        if job.messages is None and (job.raw or self.chat is None):
-            prompt_tokens = self.llm.tokenize(job.prompt.encode("utf-8"), add_bos=True, special=True)
-        else:
-            try:
-                prompt_tokens, template_stop, _ = self.chat.render(job.messages or job.prompt)
-            except Exception as exc:   # the template's own raise_exception (roles out of order, ...)
-                raise invalid("messages", "the model's chat template refused them: %s" % exc)
-            job.stop = job.stop + [s for s in template_stop or [] if s not in job.stop]
+        prompt_tokens, template_stop = self.render(job)
+        job.stop = job.stop + [s for s in template_stop or [] if s not in job.stop]
         if len(prompt_tokens) >= self.args.ctx_size:
             too_long = "is %d tokens; a slot's context holds %d" % (len(prompt_tokens), self.args.ctx_size)
             raise invalid("prompt", too_long,
                           "Shorten the prompt, or give workers a larger context (rbee.py worker --ctx-size)")
         from backends.engine import EngineJob
-        from llama_cpp.llama_grammar import JSON_GBNF
         job.engine_job = EngineJob(prompt_tokens, job.max_tokens, job.temperature, job.top_p, job.top_k, job.seed,
-                                   JSON_GBNF if job.grammar == "json" else None)
+                                   self.grammar(job))
         with self.jobs_lock:   # admission: the slots plus the queue, or 503
             if job.job_id in self.jobs:
                 raise InvalidRequest("job_id: %s is already running here" % job.job_id, {"field": "job_id"},
@@ -2716,8 +3174,10 @@ class Worker(App):
                 stream.send(EVENT_QUEUED, {"job_id": job.job_id, "position": position})
                 narrate(ACTOR_WORKER, "queued", "Waiting for a free slot (position %d)" % position, "⏳",
                         job_id=job.job_id)
-            events, tokens_out, index, held, stop_reason = job.engine_job.events, 0, 0, "", None
+            events, tokens_out, held, stop_reason = job.engine_job.events, 0, "", None
             started = first_at = None
+            output = JobOutput(stream, ToolCallParser(self.chat.tool_format, job.parallel_tool_calls)
+                               if job.offered_tools() else None)
             while stop_reason is None:
                 try:
                     kind, data = events.get(timeout=0.2)
@@ -2744,11 +3204,9 @@ class Worker(App):
                     tokens_out += 1
                     first_at = first_at or time.perf_counter()
                     text, held, stopped = split_at_stop(held + data, job.stop) if job.stop else (data, "", False)
-                    if text:
-                        stream.send(EVENT_TOKEN, {"t": text, "i": index})
-                        index += 1
-                    if stopped:
-                        stop_reason = "stop"
+                    output.send(text)
+                    if stopped or output.calls_done():
+                        stop_reason = "tool_calls" if output.calls_done() else "stop"
                         self.engine.cancel(job.engine_job)
                     elif tokens_out % 10 == 0:
                         narrate(ACTOR_BACKEND, "token_generate", "Generated %d tokens" % tokens_out, "🎯",
@@ -2758,8 +3216,10 @@ class Worker(App):
                 else:
                     raise InternalError("llama.cpp failed during job %s: %s" % (job.job_id, data),
                                         {"job_id": job.job_id}, component=self.component)
-            if held and stop_reason != "cancelled":
-                stream.send(EVENT_TOKEN, {"t": held, "i": index})
+            if stop_reason != "cancelled":
+                output.send(held)
+                output.finish()
+                stop_reason = "tool_calls" if output.calls() else stop_reason
             if stop_reason == "cancelled" and job.interrupted_by and self.lost_part:
                 raise WorkerCrashed("Worker %s lost its part on %s (%s) during job %s after %d tokens" % (
                     self.worker_id, self.lost_part["node"], self.lost_part["endpoint"], job.job_id, tokens_out),
@@ -2779,7 +3239,7 @@ class Worker(App):
         # the end event separates the prompt's evaluation from the decoding of the tokens after the first
         decode = ended - first_at if first_at else 0.0
         stream.finish(EVENT_END, {"job_id": job.job_id, "tokens_out": tokens_out, "stop_reason": stop_reason,
-                                  "prompt_tokens": n_prompt,
+                                  "prompt_tokens": n_prompt, "tool_calls": output.calls(),
                                   "prompt_eval_ms": round(((first_at or ended) - started) * 1000, 1),
                                   "decode_time_ms": round(decode * 1000, 1),
                                   "tokens_per_sec": round((tokens_out - 1) / decode, 2) if decode > 0 else 0.0})
@@ -4554,7 +5014,8 @@ def quantization_of(filename):
     return match.group(1).upper() if match else ""
 
 
-FINISH_REASON = {"eos": "stop", "stop": "stop", "max_tokens": "length"}   # a worker's stop_reason, in the apps' words
+# a worker's stop_reason, in the apps' words
+FINISH_REASON = {"eos": "stop", "stop": "stop", "max_tokens": "length", "tool_calls": "tool_calls"}
 
 
 class AppJob:
@@ -4602,23 +5063,41 @@ class AppJob:
 
     def _start(self, assigned):
         self.node, self.handout = assigned.session.name, assigned.handout
-        worker = assigned.worker
-        client = WorkerClient(assigned.session.worker_url(worker["url"]), worker["api_key"], worker["worker_id"],
-                              self.node)
-        self.events = client.execute(self.body, retries=())   # a full queue is the app's 503 at once
+        self.events = self._client(assigned).execute(self.body, retries=())   # a full queue is the app's 503 at once
         self.first = next(self.events)
         return self
 
+    @staticmethod
+    def _client(assigned):
+        worker = assigned.worker
+        return WorkerClient(assigned.session.worker_url(worker["url"]), worker["api_key"], worker["worker_id"],
+                            assigned.session.name)
+
+    def count_tokens(self):
+        """How many tokens the job's prompt is on a worker of its model (which it may load); no
+        generation, no request of /metrics."""
+        with self.metrics.placing:
+            assigned = self.scheduler.assign(self.ref, _current_sink(), keep_alive=self.keep_alive)
+        try:
+            return self._client(assigned).tokenize(self.body)
+        finally:
+            self.scheduler.release(assigned.handout)
+
     def texts(self):
         """The generated text, piece by piece; then `stats` holds the worker's end event."""
+        return (piece.text for piece in self.pieces() if isinstance(piece, Token))
+
+    def pieces(self):
+        """The generated text (Token) and tool calls (ToolCallDelta) as they come; then `stats`
+        holds the worker's end event."""
         event = self.first
         try:
             while True:
                 if isinstance(event, JobStarted):
                     self.started = time.monotonic()
-                elif isinstance(event, Token) and event.text:
+                elif isinstance(event, ToolCallDelta) or (isinstance(event, Token) and event.text):
                     self.first_token = self.first_token or time.monotonic()
-                    yield event.text
+                    yield event
                 elif isinstance(event, Narration):   # (the page's live feed shows the apps' jobs too)
                     observed(dict(event.event, node=self.node))
                 elif isinstance(event, JobEnded):
@@ -4648,6 +5127,10 @@ class AppJob:
 
     def finish_reason(self):
         return FINISH_REASON.get(self.stats.get("stop_reason"), "stop")
+
+    def tool_calls(self):
+        """The calls the model made, whole: [{id, name, arguments (JSON text)}]."""
+        return list(self.stats.get("tool_calls") or ())
 
     def usage(self):
         prompt, completion = self.stats.get("prompt_tokens", 0), self.stats.get("tokens_out", 0)
@@ -4828,6 +5311,22 @@ class AppModels:
         return [found[k] for k in sorted(found)]
 
 
+def response_format_of(response_format):
+    """/execute's fields for OpenAI's `response_format`: any JSON object, or a schema's JSON."""
+    if response_format is None or response_format == {"type": "text"}:
+        return {}
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "json_object":
+        return {"grammar": "json"}
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise invalid("response_format.json_schema.schema", "is required: the JSON schema of the answer")
+        return {"json_schema": schema}
+    raise invalid("response_format", 'must be {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+                  '"json_schema": {"name", "schema", "strict"}}')
+
+
 class OpenAIApi:
     """OpenAI's API on the queen: chat and legacy completions, streamed as llama.cpp's server
     streams them, and the models every reachable node has."""
@@ -4848,8 +5347,8 @@ class OpenAIApi:
         job = dict(sampling_of(body), messages=body.get("messages"))
         if job["messages"] is None:
             raise invalid("messages", "is required")
-        if (body.get("response_format") or {}).get("type") == "json_object":
-            job["grammar"] = "json"
+        job.update({k: body[k] for k in ("tools", "tool_choice", "parallel_tool_calls") if body.get(k) is not None})
+        job.update(response_format_of(body.get("response_format")))
         self._answer(req, body, job, "chat.completion", "chatcmpl-")
 
     def completions(self, req):
@@ -4869,24 +5368,34 @@ class OpenAIApi:
                       "model": body["model"], "system_fingerprint": "rbee-" + __version__}
             chat = kind == "chat.completion"
 
-            def choice(text, finish=None, first=False):
-                if chat:
-                    delta = dict({"role": "assistant"} if first else {},
-                                 **({"content": text} if text is not None else {}))
-                    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            def choice(piece, finish=None, first=False):
+                if not chat:
+                    return {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+                if isinstance(piece, ToolCallDelta):
+                    delta = {"tool_calls": [dict({"index": piece.index, "id": piece.id, "type": "function",
+                                                  "function": {"name": piece.name, "arguments": piece.arguments}}
+                                                 if piece.id else {"index": piece.index,
+                                                                   "function": {"arguments": piece.arguments}})]}
+                else:
+                    delta = dict({"role": "assistant"} if first else {}, **({"content": piece} if piece is not None
+                                                                          else {}))
+                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             if not body.get("stream"):
                 text = "".join(app.texts())
                 result = {"index": 0, "logprobs": None, "finish_reason": app.finish_reason()}
-                result.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+                calls = [{"id": c["id"], "type": "function", "function": {
+                    "name": c["name"], "arguments": c["arguments"]}} for c in app.tool_calls()]
+                message = dict({"role": "assistant", "content": text if text or not calls else None},
+                               **({"tool_calls": calls} if calls else {}))
+                result.update({"message": message} if chat else {"text": text})
                 req.send_json(200, dict(answer, choices=[result], usage=app.usage()))
                 return
             stream = req.sse(OpenAIStream)
             chunk = dict(answer, object=kind + ".chunk" if chat else kind)
             if chat:
                 stream.data(dict(chunk, choices=[choice("", first=True)]))
-            for text in app.texts():
-                stream.data(dict(chunk, choices=[choice(text)]))
+            for piece in app.pieces():
+                stream.data(dict(chunk, choices=[choice(piece.text if isinstance(piece, Token) else piece)]))
             stream.data(dict(chunk, choices=[choice(None if chat else "", app.finish_reason())]))
             if stream_usage:
                 stream.data(dict(chunk, choices=[], usage=app.usage()))
@@ -5368,9 +5877,15 @@ class OllamaApi:
 
     def chat(self, req):
         body = req.json
-        if body.get("messages") is None:
-            raise invalid("messages", "is required")
-        self._answer(req, body, {"messages": body.get("messages")}, "message")
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            raise invalid("messages", "is required: a list of {role, content}")
+        # (Ollama names a tool result's function `tool_name`, and gives a call's arguments as an object)
+        job = {"messages": [dict(m, name=m["tool_name"]) if isinstance(m, dict) and m.get("tool_name") else m
+                            for m in messages]}
+        if body.get("tools"):
+            job["tools"] = body["tools"]
+        self._answer(req, body, job, "message")
 
     def generate(self, req):
         body = req.json
@@ -5393,17 +5908,25 @@ class OllamaApi:
         job.update(sampling_of(options))
         predict = options.get("num_predict")
         job["max_tokens"] = predict if isinstance(predict, int) and predict > 0 else DEFAULT_N_CTX
-        if body.get("format") is not None:
-            job["grammar"] = "json"   # "json", or a schema: a JSON object either way
+        if isinstance(body.get("format"), dict):
+            job["json_schema"] = body["format"]
+        elif body.get("format") == "json":
+            job["grammar"] = "json"
+        elif body.get("format") not in (None, ""):
+            raise invalid("format", 'must be "json" or a JSON schema (an object)')
         keep_alive = keep_alive_of(body, None)
         name = body.get("model")
         with AppJob(self.scheduler, self.metrics, self.models.named(name), job, keep_alive).open() as app:
-            def piece(text, done=False):
+            def piece(text, done=False, calls=()):
                 out = {"model": name, "created_at": iso_time(), "done": done}
                 out[field] = {"role": "assistant", "content": text} if field == "message" else text
+                if calls:   # (as Ollama gives them: whole, the arguments an object)
+                    out[field]["tool_calls"] = [{"function": {"name": c["name"], "arguments": parsed_json(
+                        c["arguments"])}} for c in calls]
                 if done:
                     ns = lambda a, b: int(max(0.0, (b or a) - a) * 1e9)
-                    out.update(done_reason=app.finish_reason(), total_duration=ns(app.accepted, time.monotonic()),
+                    out.update(done_reason=app.finish_reason().replace("tool_calls", "stop"),   # (Ollama's word)
+                               total_duration=ns(app.accepted, time.monotonic()),
                                load_duration=ns(app.accepted, app.started),
                                prompt_eval_count=app.usage()["prompt_tokens"],
                                prompt_eval_duration=ns(app.started or app.accepted, app.first_token),
@@ -5412,11 +5935,13 @@ class OllamaApi:
                 return out
             if body.get("stream") is False:
                 text = "".join(app.texts())
-                req.send_json(200, piece(text, True))
+                req.send_json(200, piece(text, True, app.tool_calls()))
                 return
             stream = req.sse(NdjsonStream)
             for text in app.texts():
                 stream.line(piece(text))
+            if app.tool_calls():
+                stream.line(piece("", calls=app.tool_calls()))
             stream.line(piece("", True))
             stream.close()
 

@@ -120,6 +120,15 @@ class Engine:
         with self.cond:
             self.cond.notify()
 
+    def grammar_refused(self, grammar):
+        """Whether llama.cpp refuses a GBNF grammar (asked before a job may take a slot)."""
+        lc = self.llama_cpp
+        sampler = lc.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+        if not sampler:
+            return True
+        lc.llama_sampler_free(sampler)
+        return False
+
     def load(self):
         """(jobs in slots, jobs waiting)."""
         with self.cond:
