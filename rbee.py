@@ -5506,6 +5506,8 @@ def response_tools(tools):
         if tool.get("type") != "function":
             continue
         function = {"name": _item_text(tool, "name", where)}
+        if not TOOL_NAME.match(function["name"]):   # (here, where the index is the request's own)
+            raise invalid(where + ".name", "must be letters, digits, _ . : - (at most 64)")
         if tool.get("description") is not None:
             function["description"] = _item_text(tool, "description", where, empty=True)
         if tool.get("parameters") is not None:

@@ -133,6 +133,7 @@ def test_text_format_max_output_tokens_and_sampling():
 @pytest.mark.parametrize("body, field", [
     ({"tools": {"type": "function"}}, "tools"),
     ({"tools": [{"type": "function"}]}, "tools[0].name"),
+    ({"tools": [{"type": "web_search"}, {"type": "function", "name": "get weather"}]}, "tools[1].name"),
     ({"tools": [{"type": "function", "name": "f", "parameters": "{}"}]}, "tools[0].parameters"),
     ({"tool_choice": "sometimes"}, "tool_choice"),
     ({"tool_choice": {"type": "file_search"}}, "tool_choice"),
