@@ -13,8 +13,8 @@ Architecture (one file, five roles, each a subcommand; the contract is docs/PROT
 The queen is a front (Queen: routes, keys, CORS, status, its life) over parts that each own one
 thing: Hives (a hive session per node), the Scheduler (which worker serves each request: the
 warm one, else a placement by free memory and caps, a replica, an eviction, a Split over
-nodes), the apps' APIs (OpenAIApi, ResponsesApi with the responses it keeps, OllamaApi), Metrics and
-the EventFeed of the page.
+nodes), the apps' APIs (OpenAIApi, ResponsesApi with the responses it keeps, OllamaApi, LlamaCppApi),
+Metrics and the EventFeed of the page.
 
 Every process narrates: JSON lines on stdout before it serves HTTP and after it stops, SSE events
 while it serves; every parent relays what its children say, so all of it reaches the user's shell.
@@ -40,13 +40,15 @@ The way of a request (an OpenAI chat): App.dispatch -> Queen.authorize -> OpenAI
 OpenAIApi._answer -> AppModels.named -> AppJob.open -> Scheduler.assign -> Scheduler.warm, or
 Scheduler.place (survey -> Hives.get -> HiveClient.resources; views -> plan_placement; evict;
 HiveClient.spawn -> Hive.spawn -> Hive.worker_for -> WorkerPool.hand_out, or Hive.launch ->
-Child) -> AppJob._start -> WorkerClient.execute -> Worker.execute -> Engine.submit ->
-Worker._stream -> AppJob.texts -> OpenAIStream.data -> AppJob.close -> Scheduler.release.
+Child) -> AppJob._start -> WorkerClient.execute -> Worker.execute (Worker.render: the model's
+template, its tools; Worker.grammar) -> Engine.submit -> Worker._stream (JobOutput: text, or
+through a ToolCallParser, tool calls) -> AppJob.pieces -> OpenAIStream.data -> AppJob.close ->
+Scheduler.release.
 
 Sections below follow the data: the Protocol (every route, event, control line, state and actor
 name, and the readers of requests), errors, small tools, narration, HTTP/SSE plumbing, the role
-clients (one per role, which every caller uses), processes, ssh, the model catalog, worker, rpc
-server, hive, queen (nodes and hives, the scheduler, the apps' APIs, the front), keeper, CLI.
+clients (one per role, which every caller uses), processes, ssh, the model catalog, agents' turns
+(tools in templates, each family's tool-call format, grammars), worker, rpc server, hive, queen (nodes and hives, the scheduler, the apps' APIs, the front), keeper, CLI.
 "PROTOCOL.md §N" cites docs/PROTOCOL.md; the page is ui.html beside this file. Only the standard
 library is imported at top level; `backends/` (llama-cpp-python) and huggingface_hub are
 imported where they are needed.
@@ -55,6 +57,7 @@ import argparse
 import collections
 import contextlib
 import errno
+import itertools
 import json
 import os
 import queue
@@ -75,8 +78,10 @@ __all__ = [
     "__version__", "main", "role_argv", "remote_command", "shell_path",
     # the Protocol: readers of requests, references, the engine's event kinds
     "duration_s", "keep_alive_of", "size_mb", "ModelRef", "choose_gguf", "split_at_stop",
-    "ENGINE_ADMITTED", "ENGINE_TOKEN", "ENGINE_END", "ENGINE_ERROR", "Token", "Narration", "JobEnded",
-    "ToolCallDelta",
+    # GGUF headers (Ollama's show) and the worker's fill-in-the-middle prompts
+    "gguf_metadata", "gguf_layers", "FIM_KEY", "GGUF_FILE_TYPES", "Job", "FimPrompt",
+    "ENGINE_ADMITTED", "ENGINE_TOKEN", "ENGINE_END", "ENGINE_ERROR", "ENGINE_LOGPROBS",
+    "Token", "Narration", "JobEnded", "ToolCallDelta",
     # agents' turns: the tool-call formats of the model families, grammars from JSON schemas
     "tool_format_of", "ToolCallParser", "schema_grammar", "tool_call_grammar",
     # errors (every class of PROTOCOL.md §7 is RbeeError.by_code's)
@@ -135,6 +140,7 @@ HIVE_WORKER_SHUTDOWN = ("POST", "/v1/workers/{worker_id}/shutdown")
 HIVE_MODELS, HIVE_DOWNLOAD = ("GET", "/v1/models"), ("POST", "/v1/models/download")
 HIVE_REMOVE, HIVE_SHUTDOWN = ("POST", "/v1/models/remove"), ("POST", "/v1/shutdown")
 HIVE_RESOURCES = ("GET", "/v1/resources")
+HIVE_MODEL_INFO = ("GET", "/v1/models/info")   # ?model=REF: a cataloged model's GGUF metadata (Ollama's show)
 HIVE_RPC_START, HIVE_RPC_STOP = ("POST", "/v1/rpc/start"), ("POST", "/v1/rpc/stop")
 
 QUEEN_HEALTH, QUEEN_TASKS = ("GET", "/health"), ("POST", "/v2/tasks")
@@ -158,8 +164,11 @@ OPENAI_RESPONSE_DELETE_BARE = ("DELETE", "/responses/{response_id}")
 OLLAMA_ROOT, OLLAMA_ROOT_HEAD, OLLAMA_VERSION = ("GET", "/"), ("HEAD", "/"), ("GET", "/api/version")
 OLLAMA_TAGS, OLLAMA_PS, OLLAMA_SHOW = ("GET", "/api/tags"), ("GET", "/api/ps"), ("POST", "/api/show")
 OLLAMA_CHAT, OLLAMA_GENERATE, OLLAMA_PULL = ("POST", "/api/chat"), ("POST", "/api/generate"), ("POST", "/api/pull")
-# ... and the paths whose errors each API shapes its own way (Queen.error_body)
-OPENAI_PATHS = ("/v1/", "/chat/", "/completions", "/models", "/responses")
+# ... llama.cpp's server's own fill-in-the-middle (code editors' autocomplete: llama.vim, llama.vscode):
+LLAMACPP_INFILL = ("POST", "/infill")
+# ... and the paths whose errors each API shapes its own way (Queen.error_body; llama.cpp's server
+# answers every error in OpenAI's shape)
+OPENAI_PATHS = ("/v1/", "/chat/", "/completions", "/models", "/responses", LLAMACPP_INFILL[1])
 OLLAMA_PATHS = ("/api/",)
 
 # SSE events. Every stream ends with exactly one of TERMINAL_EVENTS. The keeper's `--json` lines
@@ -221,6 +230,7 @@ WORKER_SERVING = (WORKER_IDLE, WORKER_BUSY)
 
 # The engine's events to the worker (backends/engine.py, EngineJob.events): (kind, data)
 ENGINE_ADMITTED, ENGINE_TOKEN, ENGINE_END, ENGINE_ERROR = "admitted", "token", "end", "error"
+ENGINE_LOGPROBS = "logprobs"         # (asked for) the next token's log-probability and its likeliest rivals
 
 # Who narrates (the `actor` of every event, and the `component` of an error)
 ACTOR_KEEPER, ACTOR_QUEEN, ACTOR_HIVE, ACTOR_WORKER = "rbee-keeper", "queen-rbee", "rbee-hive", "llm-worker-rbee"
@@ -231,7 +241,8 @@ ACTOR_BACKEND, ACTOR_TOKENIZER = "llama-backend", "tokenizer"
 # What a job's stream yields to a WorkerClient's caller.
 Queued = collections.namedtuple("Queued", "position")          # the job waits for a slot
 JobStarted = collections.namedtuple("JobStarted", "job_id worker_id")
-Token = collections.namedtuple("Token", "text index")       # a piece of generated text, in order
+# a piece of generated text, in order (and, when asked, its tokens' log-probabilities)
+Token = collections.namedtuple("Token", "text index logprobs", defaults=(None,))
 # a piece of a tool call: its first has the call's id and name (None after), each an `arguments` fragment
 ToolCallDelta = collections.namedtuple("ToolCallDelta", "index id name arguments")
 Narration = collections.namedtuple("Narration", "event")    # what a hop says while it works
@@ -1539,7 +1550,7 @@ class WorkerClient(RoleClient):
             for event, data in events:
                 if event == EVENT_TOKEN:
                     tokens, last_token = tokens + 1, time.monotonic()
-                    yield Token(data.get("t", ""), data.get("i"))
+                    yield Token(data.get("t", ""), data.get("i"), data.get("lp"))
                 elif event == EVENT_TOOL_CALL:
                     tokens, last_token = tokens + 1, time.monotonic()
                     yield ToolCallDelta(data.get("index", 0), data.get("id"), data.get("name"),
@@ -1601,6 +1612,10 @@ class HiveClient(RoleClient):
 
     def models(self):
         return self.call(HIVE_MODELS, timeout=10)["models"]
+
+    def model_info(self, model_ref):
+        """{model_ref, filename, metadata}: a cataloged model's GGUF header (gguf_metadata)."""
+        return self.call(HIVE_MODEL_INFO, query={"model": model_ref}, timeout=30)
 
     def resources(self, model_ref=None, build=False):
         query = dict({"model": model_ref} if model_ref else {}, **({"build": "1"} if build else {}))
@@ -2030,11 +2045,46 @@ GGUF_MAGIC = b"GGUF"    # the first 4 bytes of every GGUF file
 QUANT_PREFERENCE = ("Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q5_K_M", "Q5_0", "Q8_0", "F16")
 
 
-def gguf_layers(path):
-    """The number of transformer blocks of a GGUF model (`<arch>.block_count`), read from its
-    header with the standard library (the queen splits a model by them); None if not found."""
+# GGUF's value types (the header's metadata): scalars by struct format, then strings and arrays
+GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+GGUF_STRING, GGUF_ARRAY = 8, 9
+GGUF_MAX_STRING = 1 << 24          # a longer string is no header this reader takes (a corrupt length)
+GGUF_TOKENS = "tokenizer.ggml.tokens"
+FIM_KEY = "tokenizer.ggml.fim_%s_token_id"   # % pre, suf, mid, pad, rep, sep
+FIM_OLD_NAMES = {"pre": "tokenizer.ggml.prefix_token_id", "suf": "tokenizer.ggml.suffix_token_id",
+                 "mid": "tokenizer.ggml.middle_token_id"}   # (older GGUFs'; llama.cpp reads both)
+# The texts by which llama.cpp's vocabulary finds the FIM tokens a GGUF does not declare (llama-vocab.cpp)
+FIM_TOKEN_TEXTS = {
+    "pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<\uff5cfim\u2581begin\uff5c>", "<PRE>", "\u2581<PRE>",
+            "<|code_prefix|>"),
+    "suf": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<\uff5cfim\u2581hole\uff5c>", "<SUF>", "\u2581<SUF>",
+            "<|code_suffix|>"),
+    "mid": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<\uff5cfim\u2581end\uff5c>", "<MID>", "\u2581<MID>",
+            "<|code_middle|>"),
+    "pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>"),
+    "rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+    "sep": ("<|file_sep|>",),
+}
+
+
+# general.file_type's values (llama.cpp's LLAMA_FTYPE) by the names Ollama gives a model's quantization
+GGUF_FILE_TYPES = {number: name for number, name in enumerate((
+    "F32 F16 Q4_0 Q4_1 - - - Q8_0 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K IQ2_XXS IQ2_XS "
+    "Q2_K_S IQ3_XS IQ3_XXS IQ1_S IQ4_NL IQ3_S IQ3_M IQ2_S IQ2_M IQ4_XS IQ1_M BF16 - - - TQ1_0 TQ2_0 MXFP4").split())
+    if name != "-"}
+
+
+def gguf_metadata(path, find_fim=True, enough=None):
+    """The metadata of a GGUF file's header, read with the standard library: {key: value} of every
+    number, bool and string in it (arrays are read past), or None when it is no GGUF this can read.
+    The FIM tokens' ids (FIM_KEY % pre|suf|mid|pad|rep|sep) are there as llama.cpp's vocabulary
+    finds them: declared (or under their old names), else, with `find_fim`, the first token of the
+    vocabulary whose text is one of FIM_TOKEN_TEXTS (the token list is read for nothing else).
+    `enough(metadata)`: true once the caller has what it needs; the rest is not read (a vocabulary
+    of 150k tokens takes a few hundred ms to read past)."""
     import struct
-    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}   # GGUF value types
+    wanted = {text.encode(): name for name, texts in FIM_TOKEN_TEXTS.items() for text in texts}
+    by_text, n_tokens = {}, None
 
     def read(f, fmt):
         data = f.read(struct.calcsize(fmt))
@@ -2042,35 +2092,72 @@ def gguf_layers(path):
             raise ValueError("truncated")
         return struct.unpack(fmt, data)[0]
 
-    def text(f):
-        return f.read(read(f, "<Q")).decode("utf-8", "replace")
+    def raw_text(f):
+        size = read(f, "<Q")
+        if size > GGUF_MAX_STRING:
+            raise ValueError("a string of %d bytes" % size)
+        data = f.read(size)
+        if len(data) != size:
+            raise ValueError("truncated")
+        return data
 
     def skip(f, kind):
-        if kind == 8:
+        if kind == GGUF_STRING:
             f.seek(read(f, "<Q"), 1)
-        elif kind == 9:
+        elif kind == GGUF_ARRAY:
             item, count = read(f, "<I"), read(f, "<Q")
-            if item in sizes:
-                f.seek(sizes[item] * count, 1)
+            if item in GGUF_SCALARS:
+                f.seek(struct.calcsize(GGUF_SCALARS[item]) * count, 1)
             else:
                 for _ in range(count):
                     skip(f, item)
         else:
-            f.seek(sizes[kind], 1)
+            f.seek(struct.calcsize(GGUF_SCALARS[kind]), 1)
+    metadata = {}
     try:
         with open(path, "rb") as f:
             if f.read(4) != GGUF_MAGIC:
                 return None
-            read(f, "<I")
-            read(f, "<Q")
+            read(f, "<I")   # (the version)
+            read(f, "<Q")   # (the tensors' count)
             for _ in range(read(f, "<Q")):
-                key, kind = text(f), read(f, "<I")
-                if key.endswith(".block_count") and kind in (4, 5, 10, 11):
-                    return read(f, {4: "<I", 5: "<i", 10: "<Q", 11: "<q"}[kind])
-                skip(f, kind)
-    except (OSError, ValueError, KeyError):
+                key, kind = raw_text(f).decode("utf-8", "replace"), read(f, "<I")
+                if kind in GGUF_SCALARS:
+                    metadata[key] = read(f, GGUF_SCALARS[kind])
+                elif kind == GGUF_STRING:
+                    metadata[key] = raw_text(f).decode("utf-8", "replace")
+                elif kind == GGUF_ARRAY and key == GGUF_TOKENS and find_fim:
+                    item, n_tokens = read(f, "<I"), read(f, "<Q")
+                    if item != GGUF_STRING:
+                        raise ValueError("a vocabulary of no strings")
+                    for token_id in range(n_tokens):
+                        name = wanted.get(raw_text(f))
+                        if name:
+                            by_text.setdefault(name, token_id)
+                else:
+                    skip(f, kind)
+                if enough and enough(metadata):
+                    break
+    except (OSError, ValueError, KeyError, struct.error):
         return None
-    return None
+    for name in FIM_TOKEN_TEXTS:
+        declared = metadata.get(FIM_KEY % name, metadata.get(FIM_OLD_NAMES.get(name)))
+        if not isinstance(declared, int) or isinstance(declared, bool) or n_tokens is not None and not (
+                0 <= declared < n_tokens):   # (llama.cpp ignores an id beyond the vocabulary)
+            declared = by_text.get(name)
+        metadata.pop(FIM_KEY % name, None)
+        if declared is not None:
+            metadata[FIM_KEY % name] = declared
+    return metadata
+
+
+def gguf_layers(path):
+    """The number of transformer blocks of a GGUF model (`<arch>.block_count`; the queen splits a
+    model by them), or None if not found."""
+    def key(metadata):
+        return "%s.block_count" % metadata.get("general.architecture")
+    metadata = gguf_metadata(path, find_fim=False, enough=lambda so_far: key(so_far) in so_far) or {}
+    return metadata.get(key(metadata))
 
 
 def choose_gguf(filenames, selector=None):
@@ -2649,7 +2736,7 @@ class ToolCallParser:
                     name = json.loads('"%s"' % head.group(1))
                 except ValueError:
                     name = head.group(1)
-                call = {"id": "call_" + random_id(12), "name": name, "arguments": ""}
+                call = {"id": self._new_id(), "name": name, "arguments": ""}
                 self.calls.append(call)
                 out.append(("call", len(self.calls) - 1, call["id"], name, ""))
                 self.position, self.value = head.end(), [None, 0, False, False]
@@ -2659,7 +2746,14 @@ class ToolCallParser:
                 out.append(("call", len(self.calls) - 1, None, None, fragment))
             if self.value is not None:
                 break
+            if not isinstance(parsed_json(self.calls[-1]["arguments"]), dict):   # balanced, but no JSON object
+                self.calls.pop()
+                self.cut_short = True   # (its pieces went: the region is no content either)
         return out
+
+    def _new_id(self):
+        """A call's id: Mistral's templates take exactly 9 letters or digits, OpenAI's clients any."""
+        return random_id(5)[:9] if self.format.name == "mistral" else "call_" + random_id(12)
 
     def _scan_value(self):
         """Scan the arguments' JSON value from `position`: the text of it read now (a JSON string
@@ -2710,7 +2804,7 @@ class ToolCallParser:
             return []
         out = []
         for name, arguments in self._parsed_calls():
-            call = {"id": "call_" + random_id(12), "name": name, "arguments": arguments}
+            call = {"id": self._new_id(), "name": name, "arguments": arguments}
             self.calls.append(call)
             out.append(("call", len(self.calls) - 1, call["id"], name, arguments))
         return out or [("content", self.marker + self.buffer)]
@@ -2833,10 +2927,11 @@ class Job:
         job_id = body.get("job_id") or "job-" + random_id(6)
         if not isinstance(job_id, str) or len(job_id) > 200:
             raise invalid("job_id", "must be a string of at most 200 characters")
+        suffix, extra = FimPrompt.fields(body)   # (with a suffix, an empty prompt is a cursor at the start)
         messages, prompt = body.get("messages"), body.get("prompt")
         if messages is not None:
             messages, prompt = chat_messages(messages), ""
-        elif not isinstance(prompt, str) or not prompt.strip():
+        elif not isinstance(prompt, str) or not prompt.strip() and suffix is None:
             raise invalid("prompt", "must be a non-empty string (or give `messages`)")
         grammar = body.get("grammar")
         if grammar not in (None, "json"):
@@ -2856,12 +2951,16 @@ class Job:
         schema = body.get("json_schema")
         if schema is not None and not isinstance(schema, dict):
             raise invalid("json_schema", "must be a JSON schema (an object)")
+        if suffix is not None and (messages is not None or tools):
+            raise invalid("suffix", "fills in the middle of a `prompt`: it takes no `messages` or `tools`")
         self.job_id = job_id              #: the caller's id of the job (for /cancel)
         self.prompt = prompt              #: the user's text ("" when `messages` are given)
         self.messages = messages          #: a conversation for the chat template, or None
         self.grammar = grammar            #: "json": the answer is one JSON object; None: free text
         self.stop = stop                  #: the caller's stop strings
         self.raw = raw                    #: skip the chat template
+        self.suffix = suffix              #: fill-in-the-middle: the text after the cursor (`prompt`: before), or None
+        self.extra = extra                #: fill-in-the-middle: other files of the project, [{filename?, text}]
         self.tools = tools                #: the functions the model may call: [{name, description, parameters}]
         self.tool_choice = tool_choice_of(body, tools)   #: auto, none, required, or the one function's name
         self.parallel_tool_calls = parallel   #: whether the model may call several at once
@@ -2872,6 +2971,8 @@ class Job:
         self.top_p = number_field(body, "top_p", 0.95, 0, 1)
         self.top_k = number_field(body, "top_k", 40, 0, 1 << 20, integer=True)
         self.seed = number_field(body, "seed", None, -1, (1 << 32) - 1, integer=True)
+        #: None, or how many likeliest tokens to give beside each generated token's log-probability
+        self.logprobs = number_field(body, "logprobs", None, 0, 20, integer=True)
         self.engine_job = None            #: its backends.engine.EngineJob (cancel: /cancel, a gone client, shutdown)
         self.interrupted_by = None        #: why the worker itself stopped mid-job (shutdown's thread)
 
@@ -2947,6 +3048,7 @@ class JobOutput:
         self.stream = stream              #: the job's SSE stream
         self.parser = parser              #: the ToolCallParser of a job with tools, or None
         self.index = 0                    #: the next token event's `i`
+        self.logprobs = []                #: the log-probabilities of the tokens whose text has not gone yet
 
     def send(self, text):
         if not text:
@@ -2959,8 +3061,10 @@ class JobOutput:
             self._send(piece)
 
     def _send(self, piece):
+        logprobs, self.logprobs = self.logprobs, []   # (with the text they came with; a call's are dropped)
         if piece[0] == "content":
-            self.stream.send(EVENT_TOKEN, {"t": piece[1], "i": self.index})
+            self.stream.send(EVENT_TOKEN, dict({"t": piece[1], "i": self.index}, **({"lp": logprobs} if logprobs
+                                                                                  else {})))
             self.index += 1
             return
         _, index, call_id, name, fragment = piece
@@ -2973,6 +3077,69 @@ class JobOutput:
 
     def calls(self):
         return list(self.parser.calls) if self.parser else []
+
+
+class FimPrompt:
+    """Fill-in-the-middle with the model's own FIM tokens, as llama.cpp's server builds /infill's
+    prompt (format_infill): [BOS] FIM_PRE prefix FIM_SUF suffix FIM_MID, and the model writes the
+    middle. `extra` files come first: FIM_REP "myproject\n" (FIM_SEP "NAME\n" TEXT)... FIM_SEP
+    "filename\n" where the model has those tokens (without FIM_SEP, a "--- snippet ---" line before
+    each). The texts are never read for special tokens; no chat template takes part."""
+
+    PARTS = ("pre", "suf", "mid", "rep", "sep")
+    SNIPPET = "\n\n--- snippet ---\n\n"
+
+    def __init__(self, llm):
+        import llama_cpp
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        self.llm = llm                    #: the model whose tokenizer renders the texts
+        #: the FIM tokens its vocabulary has, by part (llama.cpp's: declared in the GGUF, or found by text)
+        self.tokens = {part: token for part, token in ((part, getattr(llama_cpp, "llama_vocab_fim_" + part)(vocab))
+                                                       for part in self.PARTS) if token != llama_cpp.LLAMA_TOKEN_NULL}
+        self.bos = [llm.token_bos()] if llama_cpp.llama_vocab_get_add_bos(vocab) else []   #: as its vocabulary wants
+
+    @staticmethod
+    def fields(body):
+        """A request's (suffix, extra): (None, []) when it asks for no fill-in-the-middle; 400 for a wrong shape."""
+        suffix, extra = body.get("suffix"), body.get("extra")
+        if suffix is None:
+            if extra is not None:
+                raise invalid("extra", "goes with `suffix` (fill-in-the-middle)")
+            return None, []
+        if not isinstance(suffix, str) or body.get("messages") is not None:
+            raise invalid("suffix", "must be a string, beside `prompt` (not `messages`)")
+        extra = [] if extra is None else extra
+        if not isinstance(extra, list) or len(extra) > 1024 or not all(
+                isinstance(e, dict) and isinstance(e.get("text"), str) and isinstance(e.get("filename", ""), str)
+                for e in extra):
+            raise invalid("extra", "must be a list of at most 1024 {filename, text} objects")
+        return suffix, extra
+
+    def render(self, job, n_ctx):
+        """The job's prompt tokens. What does not fit in a slot's context, beside room for the answer
+        (max_tokens, at most a quarter of it), is cut as llama.cpp cuts it: the prefix's start (it
+        keeps at least 3/4 of the room), the suffix's end, the extra files' start."""
+        if not all(part in self.tokens for part in ("pre", "suf", "mid")):
+            raise invalid("suffix", "this model has no fill-in-the-middle (FIM) tokens in its GGUF, so it cannot "
+                          "fill in between a prompt and a suffix",
+                          "Use a code model with FIM tokens (Qwen2.5-Coder, StarCoder2, CodeLlama, DeepSeek-Coder, "
+                          "Codestral), or send no suffix")
+        tokens = self.tokens
+
+        def text(value):
+            return self.llm.tokenize(value.encode("utf-8"), add_bos=False, special=False)
+        extra = [tokens["rep"]] + text("myproject\n") if job.extra and "rep" in tokens else []
+        for item in job.extra:
+            extra += [tokens["sep"]] + text(item.get("filename", "tmp") + "\n") if "sep" in tokens else text(
+                self.SNIPPET)
+            extra += text(item["text"])
+        extra += [tokens["sep"]] + text("filename\n") if job.extra and "sep" in tokens else []
+        prefix, suffix = text(job.prompt), text(job.suffix)
+        room = max(0, n_ctx - min(job.max_tokens, n_ctx // 4) - len(self.bos) - 3)
+        prefix = prefix[len(prefix) - min(len(prefix), max(room * 3 // 4, room - len(suffix))):]
+        suffix = suffix[:room - len(prefix)]
+        extra = extra[len(extra) - min(len(extra), room - len(prefix) - len(suffix)):]
+        return extra + self.bos + [tokens["pre"]] + prefix + [tokens["suf"]] + suffix + [tokens["mid"]]
 
 
 class Worker(App):
@@ -3000,6 +3167,7 @@ class Worker(App):
         self.llm = None                   #: the loaded llama_cpp.Llama: tokenizer, template (start)
         self.engine = None                #: the slots and their decode loop (start; shutdown closes it)
         self.chat = None                  #: the model's chat template, or None (start)
+        self.fim = None                   #: the model's fill-in-the-middle prompts (start)
         self.memory_mb = 0                #: what the model and its slots' context take (start)
         self.load_ms = None               #: how long the load took (start)
         self.url = None                   #: where the worker answers, for its hive (start)
@@ -3029,6 +3197,7 @@ class Worker(App):
         self.engine = Engine(self.llm, args.parallel, args.ctx_size)
         self.load_ms = int((time.monotonic() - started) * 1000)
         self.chat = ChatPrompt.for_model(self.llm)
+        self.fim = FimPrompt(self.llm)
         # what exists now (llama_cpp, numpy, the model's objects) lives as long as the worker: keep
         # the garbage collector from walking it again and again in the middle of a request
         import gc
@@ -3103,7 +3272,10 @@ class Worker(App):
 
     def render(self, job):
         """(prompt tokens, stop strings) of a job: its text as it is (raw, or a model without a
-        chat template), else its conversation through the model's template, tools included."""
+        chat template), else its conversation through the model's template, tools included; with a
+        `suffix`, fill-in-the-middle (FimPrompt)."""
+        if job.suffix is not None:   # the model's FIM tokens, no template
+            return self.fim.render(job, self.args.ctx_size), []
         if (job.messages is not None or job.offered_tools()) and self.chat is None:
             raise invalid("messages" if job.messages is not None else "tools", "this model has no chat template",
                           "Send `prompt` instead, without tools")
@@ -3143,7 +3315,7 @@ class Worker(App):
                           "Shorten the prompt, or give workers a larger context (rbee.py worker --ctx-size)")
         from backends.engine import EngineJob
         job.engine_job = EngineJob(prompt_tokens, job.max_tokens, job.temperature, job.top_p, job.top_k, job.seed,
-                                   self.grammar(job))
+                                   self.grammar(job), job.logprobs)
         with self.jobs_lock:   # admission: the slots plus the queue, or 503
             if job.job_id in self.jobs:
                 raise InvalidRequest("job_id: %s is already running here" % job.job_id, {"field": "job_id"},
@@ -3211,6 +3383,8 @@ class Worker(App):
                     elif tokens_out % 10 == 0:
                         narrate(ACTOR_BACKEND, "token_generate", "Generated %d tokens" % tokens_out, "🎯",
                                 job_id=job.job_id)
+                elif kind == ENGINE_LOGPROBS:
+                    output.logprobs.append(data)
                 elif kind == ENGINE_END:
                     stop_reason = data
                 else:
@@ -3503,7 +3677,7 @@ class Hive(App):
             (HIVE_READY, self.worker_ready), (HIVE_WORKER_SHUTDOWN, self.shutdown_worker),
             (HIVE_MODELS, self.list_models), (HIVE_DOWNLOAD, self.download_model), (HIVE_REMOVE, self.remove_model),
             (HIVE_SHUTDOWN, self.shutdown_request), (HIVE_RESOURCES, self.resources), (HIVE_RPC_START, self.rpc_start),
-            (HIVE_RPC_STOP, self.rpc_stop)))
+            (HIVE_RPC_STOP, self.rpc_stop), (HIVE_MODEL_INFO, self.model_info)))
         self.args = args                  #: the command line
         self.token = token                #: the bearer token every request but health must carry (or None)
         self.node = args.node_name or socket.gethostname()   #: its node's name (no DNS: gethostname is local)
@@ -3664,6 +3838,17 @@ class Hive(App):
             answer["model"] = {"model_ref": ref.text, "cataloged": row is not None, "size_bytes": size,
                                "layers": layers}
         req.send_json(200, answer)
+
+    def model_info(self, req):
+        """A cataloged model's GGUF metadata (gguf_metadata: what Ollama's show tells of a model)."""
+        ref = ModelRef.parse(text_field(req.query, "model", limit=MAX_REF))
+        row = self.catalog.find(ref)
+        metadata = gguf_metadata(row["local_path"]) if row else None
+        if metadata is None:
+            raise ModelNotFound("Model %s is not in the catalog of %s%s" % (
+                ref.text, self.node, "" if row is None else " as a readable GGUF file"), {"model": ref.text},
+                "See what is there: rbee.py models list")
+        req.send_json(200, {"model_ref": ref.text, "filename": row["filename"], "metadata": metadata})
 
     def download_model(self, req):
         ref = model_ref_of(req.json)
@@ -4953,7 +5138,7 @@ class Scheduler:
 
 
 # ============================================================================================
-# The apps' APIs on the queen (PROTOCOL.md §13, §15): OpenAI's, Ollama's, metrics, the live feed
+# The apps' APIs on the queen (PROTOCOL.md §13, §15): OpenAI's, Ollama's, llama.cpp's /infill, metrics, the feed
 # ============================================================================================
 
 def openai_error(err):
@@ -5327,6 +5512,30 @@ def response_format_of(response_format):
                   '"json_schema": {"name", "schema", "strict"}}')
 
 
+def logprobs_of(body, chat):
+    """/execute's `logprobs` (how many likeliest tokens beside each) from OpenAI's fields: chat's
+    `logprobs: true` and `top_logprobs`, the legacy completions' `logprobs: N`."""
+    if chat:
+        if body.get("logprobs") is not True:
+            return {}
+        return {"logprobs": number_field(body, "top_logprobs", 0, 0, 20, integer=True)}
+    if body.get("logprobs") is None:
+        return {}
+    return {"logprobs": number_field(body, "logprobs", 0, 0, 5, integer=True)}
+
+
+def openai_logprobs(pieces, chat):
+    """The `logprobs` of a choice for these Tokens, in the shape of chat or of legacy completions."""
+    entries = [e for piece in pieces for e in piece.logprobs or ()]
+    if chat:
+        return {"content": [{"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"], "top_logprobs": [
+            {"token": t["token"], "logprob": t["logprob"], "bytes": t["bytes"]} for t in e["top"]]} for e in entries],
+            "refusal": None}
+    offsets = list(itertools.accumulate([0] + [len(e["token"]) for e in entries]))[:-1]
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top"]} for e in entries], "text_offset": offsets}
+
+
 class OpenAIApi:
     """OpenAI's API on the queen: chat and legacy completions, streamed as llama.cpp's server
     streams them, and the models every reachable node has."""
@@ -5356,47 +5565,50 @@ class OpenAIApi:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
-        self._answer(req, body, dict(sampling_of(body), prompt=prompt, raw=True), "text_completion", "cmpl-")
+        job = dict(sampling_of(body), prompt=prompt, raw=True)
+        if body.get("suffix") is not None:   # fill-in-the-middle, with the model's FIM tokens
+            job["suffix"] = body["suffix"]
+        self._answer(req, body, job, "text_completion", "cmpl-")
 
     def _answer(self, req, body, job, kind, id_prefix):
         if body.get("n", 1) != 1:
             raise invalid("n", "only 1 is supported")
+        chat = kind == "chat.completion"
         stream_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         job["max_tokens"] = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_N_CTX
+        job.update(logprobs_of(body, chat))
         with AppJob(self.scheduler, self.metrics, self.models.named(body.get("model")), job, None).open() as app:
             answer = {"id": id_prefix + random_id(12), "object": kind, "created": int(time.time()),
                       "model": body["model"], "system_fingerprint": "rbee-" + __version__}
-            chat = kind == "chat.completion"
-
-            def choice(piece, finish=None, first=False):
-                if not chat:
-                    return {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
-                if isinstance(piece, ToolCallDelta):
-                    delta = {"tool_calls": [dict({"index": piece.index, "id": piece.id, "type": "function",
-                                                  "function": {"name": piece.name, "arguments": piece.arguments}}
-                                                 if piece.id else {"index": piece.index,
-                                                                   "function": {"arguments": piece.arguments}})]}
-                else:
-                    delta = dict({"role": "assistant"} if first else {}, **({"content": piece} if piece is not None
-                                                                          else {}))
-                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             if not body.get("stream"):
-                text = "".join(app.texts())
-                result = {"index": 0, "logprobs": None, "finish_reason": app.finish_reason()}
+                pieces = [p for p in app.pieces() if isinstance(p, Token)]
+                text = "".join(p.text for p in pieces)
                 calls = [{"id": c["id"], "type": "function", "function": {
                     "name": c["name"], "arguments": c["arguments"]}} for c in app.tool_calls()]
                 message = dict({"role": "assistant", "content": text if text or not calls else None},
                                **({"tool_calls": calls} if calls else {}))
-                result.update({"message": message} if chat else {"text": text})
+                result = dict({"message": message} if chat else {"text": text}, index=0,
+                              logprobs=openai_logprobs(pieces, chat) if "logprobs" in job else None,
+                              finish_reason=app.finish_reason())
                 req.send_json(200, dict(answer, choices=[result], usage=app.usage()))
                 return
             stream = req.sse(OpenAIStream)
             chunk = dict(answer, object=kind + ".chunk" if chat else kind)
+
+            def send(delta, finish=None, pieces=()):
+                logprobs = openai_logprobs(pieces, chat) if pieces and "logprobs" in job else None
+                stream.data(dict(chunk, choices=[dict({"delta": delta} if chat else {"text": delta}, index=0,
+                                                      logprobs=logprobs, finish_reason=finish)]))
             if chat:
-                stream.data(dict(chunk, choices=[choice("", first=True)]))
+                send({"role": "assistant", "content": ""})
             for piece in app.pieces():
-                stream.data(dict(chunk, choices=[choice(piece.text if isinstance(piece, Token) else piece)]))
-            stream.data(dict(chunk, choices=[choice(None if chat else "", app.finish_reason())]))
+                if isinstance(piece, ToolCallDelta):
+                    send({"tool_calls": [dict({"index": piece.index, "id": piece.id, "type": "function", "function": {
+                        "name": piece.name, "arguments": piece.arguments}} if piece.id else {
+                        "index": piece.index, "function": {"arguments": piece.arguments}})]})
+                else:
+                    send({"content": piece.text} if chat else piece.text, pieces=[piece])
+            send({} if chat else "", app.finish_reason())
             if stream_usage:
                 stream.data(dict(chunk, choices=[], usage=app.usage()))
             stream.done()
@@ -5863,19 +6075,47 @@ class OllamaApi:
             "node": w["node"], "device": "%s:%s" % (w["backend"], w["device"])} for w in workers]})
 
     def show(self, req):
+        """The model's GGUF metadata, read by the first node that holds it: its chat template, its
+        capabilities (completion and tools, insert with FIM tokens; an embedding model: embedding),
+        every number and string of its header (model_info) and the details Ollama derives from them."""
         name = req.json.get("model") or req.json.get("name")
         m = self.models.find(name)
         if not m:
             raise ModelNotFound("model %r not found" % name, {"model": name}, "See GET /api/tags")
+        metadata, failed = {}, None
+        for node in m["nodes"]:
+            try:
+                metadata = self.hives.get(node).client.model_info(m.get("alias_of") or m["id"])["metadata"]
+                break
+            except RbeeError as err:   # (that node went away meanwhile: the next one)
+                failed = err
+        else:
+            if failed:
+                raise failed
+        architecture = metadata.get("general.architecture") or ""
+        template = metadata.get("tokenizer.chat_template") or ""
+        if "%s.pooling_type" % architecture in metadata or "bert" in architecture:
+            capabilities = ["embedding"]
+        else:   # (rbee gives tool calls to every model with a chat template)
+            capabilities = ["completion"] + (["tools"] if template else []) + (
+                ["insert"] if all(FIM_KEY % part in metadata for part in ("pre", "suf", "mid")) else [])
+        model_info = {k: v for k, v in metadata.items() if not k.startswith("tokenizer.chat_template")}
+        model_info["rbee.nodes"] = m["nodes"]
         req.send_json(200, {"modelfile": "# rbee model %s\nFROM %s\n" % (m["id"], m["id"]), "parameters": "",
-                            "template": "", "details": self._details(m), "modified_at": iso_time(m["created"]),
-                            "model_info": {"general.file_type": quantization_of(m["filename"]),
-                                           "rbee.nodes": m["nodes"]}, "capabilities": ["completion"]})
+                            "template": template, "details": self._details(m, metadata),
+                            "modified_at": iso_time(m["created"]), "model_info": model_info,
+                            "capabilities": capabilities})
 
     @staticmethod
-    def _details(m):
-        return {"format": "gguf", "family": "", "families": None, "parameter_size": "",
-                "quantization_level": quantization_of(m["filename"])}
+    def _details(m, metadata=None):
+        """Ollama's details of a model: from its GGUF metadata where it was read, else from its file's name."""
+        metadata = metadata or {}
+        architecture = metadata.get("general.architecture") or ""
+        return {"parent_model": "", "format": "gguf", "family": architecture,
+                "families": [architecture] if architecture else None,
+                "parameter_size": metadata.get("general.size_label") or "",
+                "quantization_level": GGUF_FILE_TYPES.get(metadata.get("general.file_type")) or quantization_of(
+                    m["filename"])}
 
     def chat(self, req):
         body = req.json
@@ -5891,12 +6131,15 @@ class OllamaApi:
 
     def generate(self, req):
         body = req.json
-        prompt = body.get("prompt") or ""
-        if not isinstance(prompt, str):
-            raise invalid("prompt", "must be a string")
-        if not prompt.strip():   # Ollama's load (and, with keep_alive 0, unload) of a model
+        prompt, suffix = body.get("prompt") or "", body.get("suffix") or ""
+        for field, value in (("prompt", prompt), ("suffix", suffix)):
+            if not isinstance(value, str):
+                raise invalid(field, "must be a string")
+        if not prompt.strip() and not suffix:   # Ollama's load (and, with keep_alive 0, unload) of a model
             return self._load(req, body)
-        if body.get("raw"):
+        if suffix:   # fill-in-the-middle (Ollama's insert): the model's FIM tokens, no template (raw or not)
+            job = {"prompt": prompt, "suffix": suffix}
+        elif body.get("raw"):
             job = {"prompt": prompt, "raw": True}
         else:
             system = [{"role": "system", "content": body["system"]}] if body.get("system") else []
@@ -5992,6 +6235,58 @@ class OllamaApi:
             req.send_json(200, {"status": "success"})
 
 
+LLAMACPP_STOP_TYPE = {"eos": "eos", "max_tokens": "limit", "stop": "word"}   # a worker's stop_reason, in its words
+
+
+class LlamaCppApi:
+    """llama.cpp's server's own fill-in-the-middle route, /infill (what llama.vim and llama.vscode
+    call), on the queen: answered in the shape of llama.cpp's /completion, streamed or not."""
+
+    def __init__(self, scheduler, models, metrics):
+        self.scheduler = scheduler        #: gives each request its worker
+        self.models = models              #: the models the apps name
+        self.metrics = metrics            #: counts the requests
+
+    def routes(self):
+        return ((LLAMACPP_INFILL, self.infill),)
+
+    def infill(self, req):
+        """input_prefix and prompt (the text before the cursor: llama.cpp's server puts `prompt` right
+        after the prefix), input_suffix, input_extra ([{filename, text}]: other files) as the worker's
+        prompt, suffix and extra; n_predict (absent or negative: the slot's context), stop and sampling."""
+        body = req.json
+        texts = {name: body.get(name) or "" for name in ("input_prefix", "prompt", "input_suffix")}
+        for name, value in texts.items():
+            if not isinstance(value, str):
+                raise invalid(name, "must be a string")
+        predict = body.get("n_predict")
+        job = dict(sampling_of(body), prompt=texts["input_prefix"] + texts["prompt"], suffix=texts["input_suffix"],
+                   extra=body.get("input_extra") or [], max_tokens=predict if isinstance(predict, int) and not
+                   isinstance(predict, bool) and predict > 0 else DEFAULT_N_CTX)
+        name = body.get("model")
+        with AppJob(self.scheduler, self.metrics, self.models.named(name), job, None).open() as app:
+            if not body.get("stream"):
+                req.send_json(200, self._completion(app, name, "".join(app.texts())))
+                return
+            stream = req.sse(OpenAIStream)   # (`data: {json}` frames, without OpenAI's [DONE])
+            for text in app.texts():
+                stream.data({"index": 0, "content": text, "tokens": [], "stop": False})
+            stream.data(self._completion(app, name, ""))
+            stream.close()
+
+    @staticmethod
+    def _completion(app, model, content):
+        """The last (or only) answer of llama.cpp's /completion: the text and how the job went."""
+        stats, usage = app.stats, app.usage()
+        return {"index": 0, "content": content, "tokens": [], "id_slot": -1, "stop": True, "model": model,
+                "tokens_predicted": usage["completion_tokens"], "tokens_evaluated": usage["prompt_tokens"],
+                "has_new_line": "\n" in content, "truncated": False, "stopping_word": "",
+                "stop_type": LLAMACPP_STOP_TYPE.get(stats.get("stop_reason"), "none"),
+                "timings": {"prompt_n": usage["prompt_tokens"], "prompt_ms": stats.get("prompt_eval_ms", 0.0),
+                            "predicted_n": usage["completion_tokens"], "predicted_ms": stats.get("decode_time_ms", 0.0),
+                            "predicted_per_second": stats.get("tokens_per_sec", 0.0)}}
+
+
 # ============================================================================================
 # The queen itself: the front -- its routes, keys, CORS, status, the keeper's /v2 API, its life
 # ============================================================================================
@@ -6019,6 +6314,7 @@ class Queen(App):
         self.openai = OpenAIApi(self.scheduler, models, self.metrics)              #: OpenAI's API
         self.responses = ResponsesApi(self.scheduler, models, self.metrics)       #: OpenAI's Responses API
         self.ollama = OllamaApi(self.scheduler, self.hives, models, self.metrics)   #: Ollama's API
+        self.llamacpp = LlamaCppApi(self.scheduler, models, self.metrics)          #: llama.cpp's /infill
         #: what answers without the key
         self.open_routes = (self.health, self.ollama.root, self.ollama.version, self.serve_ui)
         super().__init__((
@@ -6027,7 +6323,7 @@ class Queen(App):
             (QUEEN_DOWNLOAD, self.download_model), (QUEEN_REMOVE, self.remove_model), (QUEEN_STATUS, self.status),
             (QUEEN_SHUTDOWN, self.shutdown_request), (QUEEN_METRICS, self.serve_metrics),
             (QUEEN_UI, self.serve_ui), (QUEEN_EVENTS, self.events)) + self.openai.routes() + self.responses.routes()
-            + self.ollama.routes())
+            + self.ollama.routes() + self.llamacpp.routes())
 
     def authorize(self, req, handler):
         if self.api_key is not None and handler not in self.open_routes:

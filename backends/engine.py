@@ -21,23 +21,27 @@ import time
 N_BATCH = 512          # tokens in one decode step, all slots together
 MIN_P = 0.05           # the min-p that llama-cpp-python's create_completion uses by default
 # the kinds of an EngineJob's events; rbee.py's Protocol section names them ENGINE_* (a test keeps both equal)
-ADMITTED, TOKEN, END, ERROR = "admitted", "token", "end", "error"
+ADMITTED, TOKEN, END, ERROR, LOGPROBS = "admitted", "token", "end", "error", "logprobs"
 
 
 class EngineJob:
     """One generation: its prompt tokens, sampling settings, cancel flag, and the events the
     engine's thread puts for the request's thread, in order:
         ("admitted", {"slot", "reused"})  it has a slot; `reused` prompt tokens came from its cache
+        ("logprobs", {token, logprob, bytes, top})  (asked for) the next token's log-probability and the
+                                           `logprobs` likeliest tokens with theirs, before its ("token", ...)
         ("token", text)                    text of one sampled token ("" while a UTF-8 character is split)
         ("end", stop_reason)               eos, max_tokens or cancelled; the last event
         ("error", message)                 llama.cpp failed; the last event
     """
 
-    def __init__(self, prompt_tokens, max_tokens, temperature=0.7, top_p=0.95, top_k=40, seed=None, grammar=None):
+    def __init__(self, prompt_tokens, max_tokens, temperature=0.7, top_p=0.95, top_k=40, seed=None, grammar=None,
+                 logprobs=None):
         self.prompt_tokens = list(prompt_tokens)   #: the whole prompt, BOS and template included
         self.max_tokens = max_tokens
         self.temperature, self.top_p, self.top_k, self.seed = temperature, top_p, top_k, seed
         self.grammar = grammar                     #: a GBNF grammar (root rule `root`) the text must follow, or None
+        self.logprobs = logprobs                   #: None, or how many likeliest tokens to give with each token's
         self.cancel = threading.Event()            #: set by anyone: the engine ends the job at its next step
         self.events = queue.Queue()                #: written by the engine's thread, read by the job's owner
         self.admitted = threading.Event()          #: it got a slot (the engine's thread)
@@ -288,10 +292,26 @@ class Engine:
         if lc.llama_vocab_is_eog(self.vocab, token):
             return self._finish(slot, "eos")
         slot.generated += 1
+        if slot.job.logprobs is not None:
+            slot.job.events.put((LOGPROBS, self._logprobs(index, token, slot.job.logprobs)))
         slot.job.events.put((TOKEN, slot.decoder.decode(self._piece(token))))
         if slot.generated >= slot.job.max_tokens or len(slot.cache) + 1 >= self.n_ctx_slot:
             return self._finish(slot, "max_tokens")
         slot.next_token = token
+
+    def _logprobs(self, index, token, top):
+        """The model's log-probability of `token` at batch row `index` (its distribution before
+        sampling: no temperature, no grammar), and the `top` likeliest tokens with theirs."""
+        import numpy
+        lc = self.llama_cpp
+        logits = numpy.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx, index),
+                                          shape=(lc.llama_vocab_n_tokens(self.vocab),))
+        shifted = logits - logits.max()
+        logprobs = shifted - numpy.log(numpy.exp(shifted).sum())
+        best = numpy.argpartition(-logprobs, top)[:top] if top else ()
+        entry = lambda t: {"token": self._piece(t).decode("utf-8", "replace"), "logprob": float(logprobs[t]),
+                           "bytes": list(self._piece(t))}
+        return dict(entry(token), top=[entry(t) for t in sorted(best, key=lambda t: -logprobs[t])])
 
     def _piece(self, token):
         buf = ctypes.create_string_buffer(64)

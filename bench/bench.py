@@ -259,6 +259,9 @@ def main():
             results["api"] = api_scenario(model, env, baseline)
         if wanted("concurrency"):
             results["concurrency"] = concurrency(model, env)
+        if wanted("tools"):
+            print("tools ...", file=sys.stderr)
+            results["tools"] = tools_scenario(model, env)
         results["raw"] = summarize(baseline.runs[1:])
         results["raw"]["load_s"] = round(baseline.load_s, 3)
         baseline.close()
@@ -445,6 +448,58 @@ def api_scenario(model, env, baseline):
             "ttft_diff_ms": round(rbee["ttft_ms"]["median"] - peer["ttft_ms"]["median"], 1)}
 
 
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather forecast of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "London", "Rome"]},
+                                                    "days": {"type": "integer"}}, "required": ["city", "days"]}}}
+TOOL_ASK = [{"role": "user", "content": "What will the weather be in Paris for the next 3 days?"}]
+
+
+def tool_round_trip(base_url, model):
+    """The `openai` package asking for a call of get_weather (tool_choice names it: a grammar on
+    both servers), streamed: time to the first piece of the call, to the whole parsed call, and
+    the rate of the call's pieces after the first."""
+    import openai
+    client = openai.OpenAI(base_url=base_url, api_key="bench", max_retries=0)
+    t0, times, arguments = time.perf_counter(), [], ""
+    for chunk in client.chat.completions.create(model=model, messages=TOOL_ASK, tools=[WEATHER_TOOL], temperature=0,
+                                                tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                                max_tokens=TOKENS, stream=True):
+        for call in (chunk.choices[0].delta.tool_calls or ()) if chunk.choices else ():
+            times.append(time.perf_counter())
+            arguments += call.function.arguments or ""
+    call = json.loads(arguments)   # (a call that does not parse fails the run)
+    assert call["city"] in ("Paris", "London", "Rome") and isinstance(call["days"], int), call
+    return {"ttft_ms": (times[0] - t0) * 1000, "call_ms": (times[-1] - t0) * 1000, "tok_s": rate(times),
+            "pieces": len(times)}
+
+
+def tools_scenario(model, env):
+    """A tool-call round trip, request to parsed call: rbee's queen (its worker warm) against
+    llama.cpp's `llama-server --jinja` on the same model, threads and slots, runs alternated."""
+    qport = free_port()
+    queen = role(["queen", "--port", str(qport)], env)
+    try:
+        with llama_server(model, env, ["--jinja", "-np", "4", "-c", str(4 * N_CTX)]) as (port, skipped):
+            if port is None:
+                return {"skipped": skipped}
+            servers = [("rbee_queen", lambda: tool_round_trip("http://127.0.0.1:%d/v1" % qport, "file:" + model)),
+                       ("llama_server_jinja", lambda: tool_round_trip("http://127.0.0.1:%d/v1" % port, model))]
+            for _, one in servers:   # warm-up: the queen places the model
+                one()
+            runs = {name: [] for name, _ in servers}
+            for i in range(RUNS):   # one first, then the other first: a drifting machine favours neither
+                for name, one in servers if i % 2 == 0 else servers[::-1]:
+                    runs[name].append(one())
+    finally:
+        stop(queen)
+    out = {name: {k: stats([r[k] for r in done]) for k in done[0]} for name, done in runs.items()}
+    out["call_ms_ratio"] = round(out["rbee_queen"]["call_ms"]["median"] /
+                                 out["llama_server_jinja"]["call_ms"]["median"], 3)
+    out["tok_s_ratio"] = round(out["rbee_queen"]["tok_s"]["median"] / out["llama_server_jinja"]["tok_s"]["median"], 3)
+    return out
+
+
 def percentile(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
@@ -629,6 +684,17 @@ def print_table(r):
         print("\napi: the openai package streaming a chat completion, %d runs (median [min-max])" % RUNS)
         print_pair(api, ("rbee_queen", "llama_cpp_server"))
         print("rbee vs llama_cpp.server: tok/s x%.3f, ttft %+.1f ms" % (api["tok_s_ratio"], api["ttft_diff_ms"]))
+    tools = r.get("tools") or {}
+    if "rbee_queen" in tools:
+        print("\ntools: a named tool call streamed by the openai package, request to parsed call, %d runs" % RUNS)
+        for name in ("rbee_queen", "llama_server_jinja"):
+            s = tools[name]
+            print("%-20s first piece %.0f ms [%.0f-%.0f]  whole call %.0f ms [%.0f-%.0f]  pieces/s %.1f [%.1f-%.1f]" % (
+                name, *(s[k][m] for k in ("ttft_ms", "call_ms", "tok_s") for m in ("median", "min", "max"))))
+        print("rbee vs llama-server --jinja: whole call x%.3f (lower is faster), pieces/s x%.3f" % (
+            tools["call_ms_ratio"], tools["tok_s_ratio"]))
+    elif tools:
+        print("\ntools: %s" % tools.get("skipped"))
     split = r.get("split") or {}
     if "one_node" in split:
         print("\nsplit: warm infer, the model on mac alone vs split mac (20 layers) + workstation (10), %d runs" % RUNS)

@@ -2,6 +2,7 @@
 
 Nothing of rbee is mocked: every role runs as `python -u rbee.py ROLE` in its own process.
 """
+import hashlib
 import json
 import os
 import signal
@@ -162,6 +163,33 @@ def model_path():
 
 
 @pytest.fixture(scope="session")
+def model_copy(model_path):
+    """model_copy(name, chat_template_file=None, special_tokens=None) -> the path of a copy of the test
+    model whose GGUF metadata says otherwise: another chat template (a file's text) and/or special
+    tokens by id ({"fim_pre": 3, ...}), written by gguf's own gguf-new-metadata. Copies are cached
+    beside the model under a name with a digest of what changed, made once for every test session
+    (written to a temporary name, then renamed: two sessions at once never see half a file)."""
+    def copy(name, chat_template_file=None, special_tokens=None):
+        options = []
+        if chat_template_file:
+            options += ["--chat-template-file", str(chat_template_file)]
+        for kind, token_id in sorted((special_tokens or {}).items()):
+            options += ["--special-token-by-id", kind, str(token_id)]
+        digest = hashlib.sha256(json.dumps(options).encode())
+        if chat_template_file:
+            digest.update(Path(chat_template_file).read_bytes())
+        stem = Path(model_path).name[:-len(".gguf")]
+        path = Path(model_path).parent / ("%s.%s.%s.gguf" % (stem, name, digest.hexdigest()[:12]))
+        if not path.exists():
+            partial = path.with_name("%s.%d.partial" % (path.name, os.getpid()))
+            subprocess.run([str(Path(PY).parent / "gguf-new-metadata"), model_path, str(partial), "--force"] + options,
+                           check=True, capture_output=True)
+            os.replace(partial, path)
+        return str(path)
+    return copy
+
+
+@pytest.fixture(scope="session")
 def reference_llm(model_path):
     """llama-cpp-python's own Llama on the model, with the settings a worker's context has (the
     CPU's threads, flash attention as llama.cpp's default turns it on): the texts to compare with."""
@@ -170,6 +198,18 @@ def reference_llm(model_path):
     threads = worker_threads()
     return llama_cpp.Llama(model_path=model_path, n_ctx=2048, n_gpu_layers=0, n_threads=threads,
                            n_threads_batch=threads, flash_attn=True, verbose=False)
+
+
+@pytest.fixture
+def model_ref(model_path):
+    """The test model as the apps and the keeper name it."""
+    return "file:" + model_path
+
+
+@pytest.fixture
+def queen(roles, env):
+    """A persistent queen on a free port (its models are placed on localhost on first use)."""
+    return start_queen(roles, env)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import ollama
 import openai
 import pytest
 
-from conftest import start_queen
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "London", "Rome"]},
                                             "days": {"type": "integer"}},
@@ -29,16 +28,6 @@ ANSWER_SCHEMA = {"type": "object", "properties": {"capital": {"type": "string", 
                  "required": ["capital", "population_millions", "languages"], "additionalProperties": False}
 
 
-@pytest.fixture
-def model(model_path):
-    return "file:" + model_path
-
-
-@pytest.fixture
-def queen(roles, env):
-    return start_queen(roles, env)
-
-
 def client(queen):
     return openai.OpenAI(base_url=queen.url + "/v1", api_key="unused", max_retries=0)
 
@@ -48,9 +37,9 @@ def assert_valid_call(call, name, schema):
     jsonschema.validate(json.loads(call.function.arguments), schema)
 
 
-def test_a_required_tool_call_is_a_valid_call_streamed_and_not_and_its_result_gets_a_text_answer(queen, model):
+def test_a_required_tool_call_is_a_valid_call_streamed_and_not_and_its_result_gets_a_text_answer(queen, model_ref):
     api = client(queen)
-    answer = api.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice="required",
+    answer = api.chat.completions.create(model=model_ref, messages=ASK, tools=TOOLS, tool_choice="required",
                                          temperature=0, max_tokens=80)
     choice = answer.choices[0]
     assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
@@ -60,7 +49,7 @@ def test_a_required_tool_call_is_a_valid_call_streamed_and_not_and_its_result_ge
     assert choice.message.content is None
 
     # streamed: the first delta of the call has its id and name, the fragments make its arguments
-    chunks = list(api.chat.completions.create(model=model, messages=ASK, tools=TOOLS, temperature=0, max_tokens=80,
+    chunks = list(api.chat.completions.create(model=model_ref, messages=ASK, tools=TOOLS, temperature=0, max_tokens=80,
                                               tool_choice={"type": "function", "function": {"name": "get_weather"}},
                                               stream=True))
     deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or ()]
@@ -75,41 +64,41 @@ def test_a_required_tool_call_is_a_valid_call_streamed_and_not_and_its_result_ge
     history = ASK + [{"role": "assistant", "content": None, "tool_calls": [
         {"id": deltas[0].id, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
         {"role": "tool", "tool_call_id": deltas[0].id, "content": "Sunny, 24 degrees, light wind"}]
-    second = api.chat.completions.create(model=model, messages=history, tools=TOOLS, tool_choice="none",
+    second = api.chat.completions.create(model=model_ref, messages=history, tools=TOOLS, tool_choice="none",
                                          temperature=0, max_tokens=30)
     assert second.choices[0].finish_reason in ("stop", "length") and second.choices[0].message.content.strip()
     assert not second.choices[0].message.tool_calls
 
 
-def test_tool_choice_none_never_calls_and_is_the_plain_chat(queen, model):
+def test_tool_choice_none_never_calls_and_is_the_plain_chat(queen, model_ref):
     api = client(queen)
-    plain = api.chat.completions.create(model=model, messages=ASK, temperature=0, max_tokens=24)
+    plain = api.chat.completions.create(model=model_ref, messages=ASK, temperature=0, max_tokens=24)
     for seed in range(3):
-        none = api.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice="none",
+        none = api.chat.completions.create(model=model_ref, messages=ASK, tools=TOOLS, tool_choice="none",
                                            temperature=0.9, seed=seed, max_tokens=24)
         assert not none.choices[0].message.tool_calls and none.choices[0].finish_reason != "tool_calls"
-    greedy = api.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice="none", temperature=0,
+    greedy = api.chat.completions.create(model=model_ref, messages=ASK, tools=TOOLS, tool_choice="none", temperature=0,
                                          max_tokens=24)
     assert greedy.choices[0].message.content == plain.choices[0].message.content
 
 
-def test_a_strict_json_schema_answer_validates_and_a_schema_with_no_grammar_is_a_400(queen, model):
+def test_a_strict_json_schema_answer_validates_and_a_schema_with_no_grammar_is_a_400(queen, model_ref):
     api = client(queen)
     ask = [{"role": "user", "content": "Describe France as JSON: its capital, population and languages."}]
-    answer = api.chat.completions.create(model=model, messages=ask, temperature=0, max_tokens=120, response_format={
+    answer = api.chat.completions.create(model=model_ref, messages=ask, temperature=0, max_tokens=120, response_format={
         "type": "json_schema", "json_schema": {"name": "country", "schema": ANSWER_SCHEMA, "strict": True}})
     jsonschema.validate(json.loads(answer.choices[0].message.content), ANSWER_SCHEMA)
     with pytest.raises(openai.BadRequestError) as refused:
-        api.chat.completions.create(model=model, messages=ask, max_tokens=10, response_format={
+        api.chat.completions.create(model=model_ref, messages=ask, max_tokens=10, response_format={
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "string"}}}})
     assert "json_schema" in str(refused.value) and "not" in str(refused.value)
     with pytest.raises(openai.BadRequestError) as unknown:
-        api.chat.completions.create(model=model, messages=ask, tools=TOOLS, max_tokens=10,
+        api.chat.completions.create(model=model_ref, messages=ask, tools=TOOLS, max_tokens=10,
                                     tool_choice={"type": "function", "function": {"name": "launch_rocket"}})
     assert "tool_choice" in str(unknown.value)
 
 
-def test_grammar_constrained_and_plain_requests_in_one_batch_each_get_their_solo_text(queen, model):
+def test_grammar_constrained_and_plain_requests_in_one_batch_each_get_their_solo_text(queen, model_ref):
     api = client(queen)
     ask = [{"role": "user", "content": "Name a large city and its country as JSON."}]
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
@@ -117,16 +106,16 @@ def test_grammar_constrained_and_plain_requests_in_one_batch_each_get_their_solo
               "required": ["city", "country"]}
 
     def constrained():
-        return api.chat.completions.create(model=model, messages=ask, temperature=0, max_tokens=40, response_format={
+        return api.chat.completions.create(model=model_ref, messages=ask, temperature=0, max_tokens=40, response_format={
             "type": "json_schema", "json_schema": {"name": "place", "schema": schema}}).choices[0].message.content
 
     def called():
-        return api.chat.completions.create(model=model, messages=ASK, tools=TOOLS, temperature=0, max_tokens=60,
+        return api.chat.completions.create(model=model_ref, messages=ASK, tools=TOOLS, temperature=0, max_tokens=60,
                                            tool_choice={"type": "function", "function": {"name": "get_weather"}}
                                            ).choices[0].message.tool_calls[0].function.arguments
 
     def plain():
-        return api.chat.completions.create(model=model, messages=[{"role": "user", "content": "Tell me a joke."}],
+        return api.chat.completions.create(model=model_ref, messages=[{"role": "user", "content": "Tell me a joke."}],
                                            temperature=0, max_tokens=32).choices[0].message.content
     alone = [constrained(), called(), plain()]
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
@@ -134,28 +123,28 @@ def test_grammar_constrained_and_plain_requests_in_one_batch_each_get_their_solo
     assert [f.result() for f in together] == alone and all(alone)
 
 
-def test_ollama_chat_with_tools_and_a_format_schema(queen, model):
+def test_ollama_chat_with_tools_and_a_format_schema(queen, model_ref):
     api = ollama.Client(host=queen.url)
     tools = [dict(t, function=dict(t["function"])) for t in TOOLS]
-    answer = api.chat(model=model, messages=ASK, tools=tools, options={"temperature": 0, "num_predict": 80},
+    answer = api.chat(model=model_ref, messages=ASK, tools=tools, options={"temperature": 0, "num_predict": 80},
                       format=None)
     assert answer.done
     # Ollama has no tool_choice: with tools the model may answer in text or call; a call is well formed
     for call in answer.message.tool_calls or ():
         assert call.function.name in ("get_weather", "get_time") and isinstance(call.function.arguments, dict)
-    structured = api.chat(model=model, messages=[{"role": "user", "content": "Describe France as JSON."}],
+    structured = api.chat(model=model_ref, messages=[{"role": "user", "content": "Describe France as JSON."}],
                           format=ANSWER_SCHEMA, options={"temperature": 0, "num_predict": 120})
     jsonschema.validate(json.loads(structured.message.content), ANSWER_SCHEMA)
     streamed = "".join(part.message.content for part in api.chat(
-        model=model, messages=[{"role": "user", "content": "Describe France as JSON."}], format=ANSWER_SCHEMA,
+        model=model_ref, messages=[{"role": "user", "content": "Describe France as JSON."}], format=ANSWER_SCHEMA,
         options={"temperature": 0, "num_predict": 120}, stream=True))
     assert streamed == structured.message.content
     # a call and its result (arguments as an object, the result by tool_name), as Ollama's clients send them
     history = ASK + [{"role": "assistant", "content": "", "tool_calls": [
         {"function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}}]},
         {"role": "tool", "tool_name": "get_weather", "content": "Sunny, 24 degrees"}]
-    second = api.chat(model=model, messages=history, options={"temperature": 0, "num_predict": 30})
+    second = api.chat(model=model_ref, messages=history, options={"temperature": 0, "num_predict": 30})
     assert second.message.content.strip()
     with pytest.raises(ollama.ResponseError) as refused:
-        api.chat(model=model, messages=ASK, format={"type": "no-such-type"})
+        api.chat(model=model_ref, messages=ASK, format={"type": "no-such-type"})
     assert refused.value.status_code == 400 and "format" in str(refused.value) or "json_schema" in str(refused.value)

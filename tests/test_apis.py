@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import (assert_no_rbee_left, raw_request, rbee_processes, run_rbee, start_queen, tracebacks,
-                      wait_until)
+                      wait_until, worker_threads)
 from fakehub import FakeHub
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant who answers briefly."}
@@ -347,3 +347,31 @@ def test_the_apis_leave_nothing_after_the_queen(queen, model, tmp_path):
     queen.proc.send_signal(signal.SIGTERM)
     assert queen.proc.wait(40) == 0
     assert_no_rbee_left(str(tmp_path), within=5)
+
+
+def test_logprobs_are_llama_cpp_pythons_own_in_chat_and_completions(queen, model, model_path):
+    import llama_cpp
+    api = client(queen)
+    prompt = "The capital of France is"
+    reference = llama_cpp.Llama(model_path=model_path, n_ctx=256, n_threads=worker_threads(), flash_attn=True,
+                                logits_all=True, verbose=False)   # (llama-cpp-python's logprobs need every logit)
+    expected = reference.create_completion(prompt, max_tokens=6, temperature=0, logprobs=3)["choices"][0]
+    got = api.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0, logprobs=3).choices[0]
+    assert got.text == expected["text"] and got.logprobs.tokens == expected["logprobs"]["tokens"]
+    assert got.logprobs.token_logprobs == pytest.approx(expected["logprobs"]["token_logprobs"], abs=2e-3)
+    assert [sorted(t) for t in got.logprobs.top_logprobs] == [sorted(t) for t in expected["logprobs"]["top_logprobs"]]
+    # chat: each token's logprob and its 2 likeliest rivals, the greedy token the likeliest; streamed the same
+    whole = api.chat.completions.create(model=model, messages=TWO_TURNS, max_tokens=8, temperature=0, logprobs=True,
+                                        top_logprobs=2)
+    content = whole.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == whole.choices[0].message.content
+    assert len(content) == whole.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token and t.logprob <= 0 and
+               t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob and bytes(t.bytes).decode() == t.token
+               for t in content)
+    streamed = [t for c in api.chat.completions.create(model=model, messages=TWO_TURNS, max_tokens=8, temperature=0,
+                                                       logprobs=True, top_logprobs=2, stream=True)
+                if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=1e-4)
+    assert api.chat.completions.create(model=model, messages=TWO_TURNS, max_tokens=4).choices[0].logprobs is None

@@ -17,17 +17,6 @@ SEED_ACTORS = ("queen-rbee", "rbee-hive", "http-server", "llm-worker-rbee", "dev
                "tokenizer", "llama-backend")
 
 
-@pytest.fixture
-def model_ref(model_path):
-    return "file:" + model_path
-
-
-@pytest.fixture
-def queen(roles, env):
-    """A persistent queen on a free port."""
-    return start_queen(roles, env)
-
-
 def infer_args(model_ref, *extra, max_tokens=20, temperature="0"):
     return ["infer", "--node", "localhost", "--model", model_ref, "--prompt", PROMPT,
             "--max-tokens", str(max_tokens), "--temperature", temperature] + list(extra)

@@ -100,5 +100,5 @@ def test_one_client_asking_one_question_after_another_gets_one_worker(roles, env
 
 
 def test_the_engines_event_kinds_are_the_protocols():
-    assert (engine.ADMITTED, engine.TOKEN, engine.END, engine.ERROR) == (
-        rbee.ENGINE_ADMITTED, rbee.ENGINE_TOKEN, rbee.ENGINE_END, rbee.ENGINE_ERROR)
+    assert (engine.ADMITTED, engine.TOKEN, engine.END, engine.ERROR, engine.LOGPROBS) == (
+        rbee.ENGINE_ADMITTED, rbee.ENGINE_TOKEN, rbee.ENGINE_END, rbee.ENGINE_ERROR, rbee.ENGINE_LOGPROBS)
