@@ -15,7 +15,7 @@ import pydantic
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 
-from conftest import REPO, raw_call, raw_request, rbee_processes, start_queen, tracebacks
+from conftest import REPO, raw_call, raw_request, rbee_processes, tracebacks
 
 sys.path.insert(0, str(REPO))
 import rbee  # noqa: E402
@@ -292,16 +292,6 @@ def test_the_store_forgets_what_is_older_than_its_ttl():
 # End to end: the openai package against a real queen, hive and worker on the real model
 # ============================================================================================
 
-@pytest.fixture
-def model(model_path):
-    return "file:" + model_path
-
-
-@pytest.fixture
-def queen(roles, env):
-    return start_queen(roles, env)
-
-
 def client(queen):
     return openai.OpenAI(base_url=queen.url + "/v1", api_key="unused", max_retries=0)
 
@@ -314,15 +304,15 @@ QUESTION = {"instructions": "Answer briefly.", "input": "What is 2 + 2?", "tempe
             "max_output_tokens": 64}   # (the 135M model's answer, 6 tokens, ends well before)
 
 
-def test_a_response_streamed_and_not_and_through_the_sdks_stream_helper(queen, model, rbee_home):
+def test_a_response_streamed_and_not_and_through_the_sdks_stream_helper(queen, model_ref, rbee_home):
     api = client(queen)
-    whole = api.responses.create(model=model, **QUESTION)
+    whole = api.responses.create(model=model_ref, **QUESTION)
     assert whole.output_text.strip() and whole.status == "completed" and whole.object == "response"
-    assert whole.id.startswith("resp_") and whole.model == model and whole.instructions == QUESTION["instructions"]
+    assert whole.id.startswith("resp_") and whole.model == model_ref and whole.instructions == QUESTION["instructions"]
     assert [item.type for item in whole.output] == ["message"] and whole.output[0].role == "assistant"
     assert whole.usage.input_tokens > 10 and 0 < whole.usage.output_tokens < 64
     assert whole.usage.total_tokens == whole.usage.input_tokens + whole.usage.output_tokens
-    events = list(api.responses.create(model=model, stream=True, **QUESTION))
+    events = list(api.responses.create(model=model_ref, stream=True, **QUESTION))
     kinds = [e.type for e in events]
     assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
                          "response.content_part.added"]
@@ -333,12 +323,12 @@ def test_a_response_streamed_and_not_and_through_the_sdks_stream_helper(queen, m
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text == whole.output_text == events[-1].response.output_text   # temperature 0: the same answer
     assert events[-1].response.usage.output_tokens == whole.usage.output_tokens
-    with api.responses.stream(model=model, **QUESTION) as stream:
+    with api.responses.stream(model=model_ref, **QUESTION) as stream:
         deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
         final = stream.get_final_response()
     assert "".join(deltas) == final.output_text == whole.output_text
     # the bare path (llama.cpp's servers answer without /v1 too), on the wire: event names and no [DONE]
-    conn, resp = raw_request(port_of(queen), "POST", "/responses", dict(QUESTION, model=model, stream=True))
+    conn, resp = raw_request(port_of(queen), "POST", "/responses", dict(QUESTION, model=model_ref, stream=True))
     assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
     frames = [f for f in resp.read().decode().split("\n\n") if f.strip() and not f.startswith(":")]   # (pings)
     conn.close()
@@ -347,19 +337,19 @@ def test_a_response_streamed_and_not_and_through_the_sdks_stream_helper(queen, m
     assert tracebacks(queen.lines, rbee_home) == []
 
 
-def test_previous_response_id_continues_the_conversation_the_queen_kept(queen, model):
+def test_previous_response_id_continues_the_conversation_the_queen_kept(queen, model_ref):
     api = client(queen)
-    first = api.responses.create(model=model, instructions="Be brief.", input="Name a large animal.", temperature=0,
+    first = api.responses.create(model=model_ref, instructions="Be brief.", input="Name a large animal.", temperature=0,
                                  max_output_tokens=40)
     follow = "Repeat exactly what you said, word for word."
-    second = api.responses.create(model=model, previous_response_id=first.id, input=follow, temperature=0,
+    second = api.responses.create(model=model_ref, previous_response_id=first.id, input=follow, temperature=0,
                                   max_output_tokens=60)
     assert second.previous_response_id == first.id and second.instructions is None
     # the worker's prompt held the first turn: more tokens than its whole ...
     assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
     # ... and exactly the conversation sent in full, without the first turn's instructions (not carried
     # over, as OpenAI has it: the template's default system message stands in their place)
-    full = api.responses.create(model=model, temperature=0, max_output_tokens=60, input=[
+    full = api.responses.create(model=model_ref, temperature=0, max_output_tokens=60, input=[
         {"role": "user", "content": "Name a large animal."},
         {"role": "assistant", "content": first.output_text},
         {"role": "user", "content": follow}])
@@ -372,12 +362,12 @@ def test_previous_response_id_continues_the_conversation_the_queen_kept(queen, m
     assert gone.value.body["code"] == "response_not_found" and second.id in gone.value.message
 
 
-def test_store_false_keeps_nothing_to_continue_or_retrieve(queen, model):
+def test_store_false_keeps_nothing_to_continue_or_retrieve(queen, model_ref):
     api = client(queen)
-    unkept = api.responses.create(model=model, input="Say hi.", store=False, max_output_tokens=8)
+    unkept = api.responses.create(model=model_ref, input="Say hi.", store=False, max_output_tokens=8)
     assert unkept.output_text and unkept.store is False
     with pytest.raises(openai.NotFoundError) as missing:
-        api.responses.create(model=model, input="Again.", previous_response_id=unkept.id)
+        api.responses.create(model=model_ref, input="Again.", previous_response_id=unkept.id)
     assert missing.value.body["param"] == "previous_response_id" and unkept.id in missing.value.message
     assert missing.value.body["type"] == "invalid_request_error"
     with pytest.raises(openai.NotFoundError):
@@ -389,7 +379,7 @@ def test_store_false_keeps_nothing_to_continue_or_retrieve(queen, model):
         api.responses.create(model="no-such-model", input="hi")
     assert no_model.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as bad:
-        api.responses.create(model=model, input=[{"role": "wizard", "content": "hi"}])
+        api.responses.create(model=model_ref, input=[{"role": "wizard", "content": "hi"}])
     assert bad.value.body["param"] == "input[0].role"
     response, body = raw_call(port_of(queen), "GET", "/responses/resp_nope")
     assert response.status == 404 and body["error"]["code"] == "response_not_found"
@@ -400,16 +390,16 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "Get the cu
                           "additionalProperties": False}, "strict": True}
 
 
-def test_a_required_function_call_and_its_output_answered_in_text(queen, model):
+def test_a_required_function_call_and_its_output_answered_in_text(queen, model_ref):
     api = client(queen)
-    asked = api.responses.create(model=model, input="What is the weather in Paris?", tools=[WEATHER],
+    asked = api.responses.create(model=model_ref, input="What is the weather in Paris?", tools=[WEATHER],
                                  tool_choice="required", temperature=0, max_output_tokens=200)
     calls = [item for item in asked.output if item.type == "function_call"]
     assert calls and calls[0].name == "get_weather" and calls[0].call_id and calls[0].id.startswith("fc_")
     jsonschema.validate(json.loads(calls[0].arguments), WEATHER["parameters"])
     assert asked.status == "completed" and asked.tool_choice == "required"
     # streamed: the call's item, its argument fragments, the same call
-    events = list(api.responses.create(model=model, input="What is the weather in Paris?", tools=[WEATHER],
+    events = list(api.responses.create(model=model_ref, input="What is the weather in Paris?", tools=[WEATHER],
                                        tool_choice="required", temperature=0, max_output_tokens=200, stream=True))
     added = [e for e in events if e.type == "response.output_item.added" and e.item.type == "function_call"]
     fragments = [e for e in events if e.type == "response.function_call_arguments.delta"]
@@ -417,27 +407,36 @@ def test_a_required_function_call_and_its_output_answered_in_text(queen, model):
     assert added and added[0].item.name == "get_weather" and fragments and done
     assert "".join(e.delta for e in fragments if e.item_id == added[0].item.id) == done[0].arguments
     assert json.loads(done[0].arguments) == json.loads(calls[0].arguments) and events[-1].type == "response.completed"
-    # the tool's output in the next turn (the conversation kept), answered in text
-    answer = api.responses.create(model=model, previous_response_id=asked.id, tools=[WEATHER], tool_choice="none",
+    # the tool's output in the next turn (the conversation kept), answered in text (tool_choice none: the
+    # model may not call again; the 135M model's text may still echo the call's words)
+    result = "Sunny, 24 degrees, light wind"
+    answer = api.responses.create(model=model_ref, previous_response_id=asked.id, tools=[WEATHER], tool_choice="none",
                                   temperature=0, max_output_tokens=48, input=[
-                                      {"type": "function_call_output", "call_id": calls[0].call_id,
-                                       "output": json.dumps({"city": "Paris", "weather": "sunny, 24 C"})}])
-    assert answer.output_text.strip() and not [item for item in answer.output if item.type == "function_call"]
+                                      {"type": "function_call_output", "call_id": calls[0].call_id, "output": result}])
+    assert answer.output_text.strip() and [item.type for item in answer.output] == ["message"]
     # the same turn sent whole, as a client that keeps its own history (Codex: store=False) sends it
-    whole = api.responses.create(model=model, tools=[WEATHER], tool_choice="none", temperature=0,
+    whole = api.responses.create(model=model_ref, tools=[WEATHER], tool_choice="none", temperature=0,
                                  max_output_tokens=48, store=False, input=[
                                      {"role": "user", "content": "What is the weather in Paris?"}] + [
                                      item.model_dump(exclude_none=True) for item in asked.output] + [
-                                     {"type": "function_call_output", "call_id": calls[0].call_id,
-                                      "output": json.dumps({"city": "Paris", "weather": "sunny, 24 C"})}])
+                                     {"type": "function_call_output", "call_id": calls[0].call_id, "output": result}])
     assert whole.output_text == answer.output_text and whole.usage.input_tokens == answer.usage.input_tokens
+    # ... and as the chat API's messages: the worker saw the very conversation a chat client sends
+    chat = api.chat.completions.create(model=model_ref, temperature=0, max_tokens=48, tool_choice="none", tools=[
+        {"type": "function", "function": {k: WEATHER[k] for k in ("name", "description", "parameters")}}], messages=[
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": calls[0].call_id, "type": "function", "function": {
+            "name": "get_weather", "arguments": calls[0].arguments}}]},
+        {"role": "tool", "tool_call_id": calls[0].call_id, "content": result}])
+    assert chat.choices[0].message.content == answer.output_text
+    assert chat.usage.prompt_tokens == answer.usage.input_tokens
 
 
-def test_text_format_json_schema_and_the_sdks_parse(queen, model):
+def test_text_format_json_schema_and_the_sdks_parse(queen, model_ref):
     api = client(queen)
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
               "required": ["name", "age"], "additionalProperties": False}
-    answer = api.responses.create(model=model, input="Give me a person with a name and an age.", temperature=0,
+    answer = api.responses.create(model=model_ref, input="Give me a person with a name and an age.", temperature=0,
                                   max_output_tokens=200, text={"format": {"type": "json_schema", "name": "person",
                                                                           "schema": schema, "strict": True}})
     jsonschema.validate(json.loads(answer.output_text), schema)
@@ -446,18 +445,18 @@ def test_text_format_json_schema_and_the_sdks_parse(queen, model):
     class Person(pydantic.BaseModel):
         name: str
         age: int
-    parsed = api.responses.parse(model=model, input="Give me a person with a name and an age.", temperature=0,
+    parsed = api.responses.parse(model=model_ref, input="Give me a person with a name and an age.", temperature=0,
                                  max_output_tokens=200, text_format=Person)
     assert isinstance(parsed.output_parsed, Person)
-    anything = api.responses.create(model=model, instructions="You answer in JSON.", temperature=0,
+    anything = api.responses.create(model=model_ref, instructions="You answer in JSON.", temperature=0,
                                     input="Give me a person with name and age.", max_output_tokens=200,
                                     text={"format": {"type": "json_object"}})
     assert isinstance(json.loads(anything.output_text), dict)
 
 
-def test_an_error_after_the_stream_began_is_an_error_event_then_response_failed(queen, model, tmp_path):
+def test_an_error_after_the_stream_began_is_an_error_event_then_response_failed(queen, model_ref, tmp_path):
     api = client(queen)
-    stream = api.responses.create(model=model, input="Count to a thousand.", max_output_tokens=1500, temperature=0,
+    stream = api.responses.create(model=model_ref, input="Count to a thousand.", max_output_tokens=1500, temperature=0,
                                   stream=True)
     seen = []
     for event in stream:
