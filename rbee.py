@@ -48,7 +48,8 @@ Scheduler.release.
 Sections below follow the data: the Protocol (every route, event, control line, state and actor
 name, and the readers of requests), errors, small tools, narration, HTTP/SSE plumbing, the role
 clients (one per role, which every caller uses), processes, ssh, the model catalog, agents' turns
-(tools in templates, each family's tool-call format, grammars), worker, rpc server, hive, queen (nodes and hives, the scheduler, the apps' APIs, the front), keeper, CLI.
+(tools in templates, each family's tool-call format, grammars), worker, rpc server, hive, queen
+(nodes and hives, the scheduler, the apps' APIs, the front), keeper, CLI.
 "PROTOCOL.md §N" cites docs/PROTOCOL.md; the page is ui.html beside this file. Only the standard
 library is imported at top level; `backends/` (llama-cpp-python) and huggingface_hub are
 imported where they are needed.
