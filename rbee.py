@@ -13,8 +13,8 @@ Architecture (one file, five roles, each a subcommand; the contract is docs/PROT
 The queen is a front (Queen: routes, keys, CORS, status, its life) over parts that each own one
 thing: Hives (a hive session per node), the Scheduler (which worker serves each request: the
 warm one, else a placement by free memory and caps, a replica, an eviction, a Split over
-nodes), the apps' APIs (OpenAIApi, OllamaApi, LlamaCppApi, AnthropicApi), Metrics and the
-EventFeed of the page.
+nodes), the apps' APIs (OpenAIApi, ResponsesApi with the responses it keeps, OllamaApi, LlamaCppApi,
+AnthropicApi), Metrics and the EventFeed of the page.
 
 Every process narrates: JSON lines on stdout before it serves HTTP and after it stops, SSE events
 while it serves; every parent relays what its children say, so all of it reaches the user's shell.
@@ -48,7 +48,8 @@ Scheduler.release.
 Sections below follow the data: the Protocol (every route, event, control line, state and actor
 name, and the readers of requests), errors, small tools, narration, HTTP/SSE plumbing, the role
 clients (one per role, which every caller uses), processes, ssh, the model catalog, agents' turns
-(tools in templates, each family's tool-call format, grammars), worker, rpc server, hive, queen (nodes and hives, the scheduler, the apps' APIs, the front), keeper, CLI.
+(tools in templates, each family's tool-call format, grammars), worker, rpc server, hive, queen
+(nodes and hives, the scheduler, the apps' APIs, the front), keeper, CLI.
 "PROTOCOL.md §N" cites docs/PROTOCOL.md; the page is ui.html beside this file. Only the standard
 library is imported at top level; `backends/` (llama-cpp-python) and huggingface_hub are
 imported where they are needed.
@@ -91,6 +92,9 @@ __all__ = [
     # the role clients, nodes, ssh, placement, small tools
     "WorkerClient", "HiveClient", "QueenClient", "NodeRegistry", "SshTarget", "ssh_failure", "ssh_auth_failed",
     "node_view", "plan_placement", "KeyedLocks", "human_bytes", "human_duration", "masked_env", "env_pair",
+    # OpenAI's Responses API on the queen: its items as chat messages, its output, the kept responses
+    "response_request", "response_input_messages", "response_usage", "ResponseOutput", "ResponseStore",
+    "ResponseNotFound",
 ]
 __version__ = "0.4.0"
 API_VERSION = "v1"
@@ -116,6 +120,9 @@ DEFAULT_MAX_REPLICAS = 2           # workers of one model the queen starts when 
 PLACEMENT_WAIT = 300.0             # a task that waits for memory (busy workers) gives up after this
 HANDOUT_GRACE = 3.0                # a worker handed out counts as loaded this long (its job may not show yet)
 AUTO_NODE = "auto"                 # a task's node when the queen chooses it
+# the responses the queen keeps for OpenAI's Responses API (`store`, `previous_response_id`): the
+# newest this many, this much JSON in all, none older than this
+RESPONSES_KEPT, RESPONSES_KEPT_BYTES, RESPONSES_TTL = 1000, 64 << 20, 24 * 3600.0
 
 
 # ============================================================================================
@@ -150,6 +157,10 @@ OPENAI_CHAT, OPENAI_CHAT_BARE = ("POST", "/v1/chat/completions"), ("POST", "/cha
 OPENAI_COMPLETIONS, OPENAI_COMPLETIONS_BARE = ("POST", "/v1/completions"), ("POST", "/completions")
 OPENAI_MODELS, OPENAI_MODELS_BARE = ("GET", "/v1/models"), ("GET", "/models")
 OPENAI_MODEL, OPENAI_MODEL_BARE = ("GET", "/v1/models/{model_id...}"), ("GET", "/models/{model_id...}")
+OPENAI_RESPONSES, OPENAI_RESPONSES_BARE = ("POST", "/v1/responses"), ("POST", "/responses")
+OPENAI_RESPONSE, OPENAI_RESPONSE_BARE = ("GET", "/v1/responses/{response_id}"), ("GET", "/responses/{response_id}")
+OPENAI_RESPONSE_DELETE = ("DELETE", "/v1/responses/{response_id}")
+OPENAI_RESPONSE_DELETE_BARE = ("DELETE", "/responses/{response_id}")
 # ... Ollama's:
 OLLAMA_ROOT, OLLAMA_ROOT_HEAD, OLLAMA_VERSION = ("GET", "/"), ("HEAD", "/"), ("GET", "/api/version")
 OLLAMA_TAGS, OLLAMA_PS, OLLAMA_SHOW = ("GET", "/api/tags"), ("GET", "/api/ps"), ("POST", "/api/show")
@@ -161,7 +172,7 @@ ANTHROPIC_MESSAGES, ANTHROPIC_COUNT_TOKENS = ("POST", "/v1/messages"), ("POST", 
 # ... and the paths whose errors each API shapes its own way (Queen.error_body; llama.cpp's server
 # answers every error in OpenAI's shape; Anthropic's first: its paths are under OpenAI's /v1/ too)
 ANTHROPIC_PATHS = ("/v1/messages",)
-OPENAI_PATHS = ("/v1/", "/chat/", "/completions", "/models", LLAMACPP_INFILL[1])
+OPENAI_PATHS = ("/v1/", "/chat/", "/completions", "/models", "/responses", LLAMACPP_INFILL[1])
 OLLAMA_PATHS = ("/api/",)
 
 # SSE events. Every stream ends with exactly one of TERMINAL_EVENTS. The keeper's `--json` lines
@@ -172,6 +183,15 @@ EVENT_TOOL_CALL = "tool_call"        # a worker's job: a piece of a tool call th
 TERMINAL_EVENTS = (EVENT_END, EVENT_WORKER, EVENT_ERROR)
 EVENT_PING = "ping"                  # how iter_sse reports a `: ping` comment (no event of its own)
 SSE_CONTENT_TYPE, NDJSON_CONTENT_TYPE = "text/event-stream", "application/x-ndjson"
+# ... and those of OpenAI's Responses API on the queen (its own dialect: PROTOCOL.md §13)
+RESPONSE_CREATED, RESPONSE_IN_PROGRESS = "response.created", "response.in_progress"
+RESPONSE_COMPLETED, RESPONSE_INCOMPLETE = "response.completed", "response.incomplete"
+RESPONSE_FAILED, RESPONSE_ERROR = "response.failed", "error"
+RESPONSE_ITEM_ADDED, RESPONSE_ITEM_DONE = "response.output_item.added", "response.output_item.done"
+RESPONSE_PART_ADDED, RESPONSE_PART_DONE = "response.content_part.added", "response.content_part.done"
+RESPONSE_TEXT_DELTA, RESPONSE_TEXT_DONE = "response.output_text.delta", "response.output_text.done"
+RESPONSE_ARGUMENTS_DELTA = "response.function_call_arguments.delta"
+RESPONSE_ARGUMENTS_DONE = "response.function_call_arguments.done"
 
 # Control lines: JSON lines on a child's stdout beside its narration (which has an `actor`), read
 # by the parent. {"control": "ready", "role", "port", "version"}: the child serves on `port`.
@@ -278,6 +298,16 @@ def text_field(body, name, default=None, limit=1024):
         return default
     if not isinstance(value, str) or not value or len(value) > limit:
         raise invalid(name, "must be a non-empty string of at most %d characters" % limit)
+    return value
+
+
+def bool_field(body, name, default):
+    """The boolean `name` of a request body (`default` when absent or null): 400 for another type."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise invalid(name, "must be true or false")
     return value
 
 
@@ -540,6 +570,10 @@ ConnectionTimeout, RequestCancelled, PortInUse, StartFailed, WorkerNotFound = [
         ("START_FAILED", 502, "See the child's log under $RBEE_HOME/logs"),
         # no worker of that id on that node (gone meanwhile: its keep-alive, a crash, an eviction)
         ("WORKER_NOT_FOUND", 404, "See the workers: rbee.py workers list"))]
+# ... and the apps' own: a response (OpenAI's Responses API) the queen does not keep, or no longer
+ResponseNotFound = error_class("RESPONSE_NOT_FOUND", 404, "The queen keeps the last %d responses for %d h, never "
+                               "those sent with store: false; send the whole conversation as `input` instead" % (
+                                   RESPONSES_KEPT, RESPONSES_TTL // 3600))
 
 
 class InvalidRequest(RbeeError):
@@ -5607,6 +5641,412 @@ class OpenAIApi:
                     **({"alias_of": m["alias_of"]} if m.get("alias_of") else {}))
 
 
+# -- OpenAI's Responses API: its items as the chat messages a worker takes, its output as items ---
+
+RESPONSE_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+RESPONSE_TEXT_PARTS = ("input_text", "output_text")
+
+
+def _item_text(item, name, where, empty=False):
+    """The string field `name` of an input item (`where` names the item in a 400)."""
+    value = item.get(name)
+    if not isinstance(value, str) or not (value or empty):
+        raise invalid("%s.%s" % (where, name), "must be a %sstring" % ("" if empty else "non-empty "))
+    return value
+
+
+def response_text(content, where):
+    """The text of a Responses message's `content`: a string, or its input_text/output_text parts joined."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid(where, "must be a string or a list of input_text/output_text parts")
+    for k, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") not in RESPONSE_TEXT_PARTS or not isinstance(
+                part.get("text"), str):
+            raise invalid("%s[%d]" % (where, k), "must be an input_text or output_text part: the models read text only")
+    return "".join(part["text"] for part in content)
+
+
+def response_input_messages(value, earlier=()):
+    """The chat messages (the worker's shape) of a Responses `input`. A string is one user message;
+    a list holds items: messages (user, assistant, system, and developer, a system message), the
+    model's `function_call`s (joined to the assistant message just before them: a chat template
+    wants one assistant turn with its calls), `function_call_output`s (tool messages, named after
+    their call here or in `earlier`, the conversation before this input), `reasoning` (left out)."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise invalid("input", "must be a string or a non-empty list of items")
+    out = []
+    for k, item in enumerate(value):
+        where = "input[%d]" % k
+        if not isinstance(item, dict):
+            raise invalid(where, "must be an object")
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = RESPONSE_ROLES.get(item.get("role"))
+            if role is None:
+                raise invalid(where + ".role", "must be one of %s" % ", ".join(RESPONSE_ROLES))
+            out.append({"role": role, "content": response_text(item.get("content"), where + ".content")})
+        elif kind == "function_call":
+            call = {"id": _item_text(item, "call_id", where), "type": "function",
+                    "function": {"name": _item_text(item, "name", where),
+                                 "arguments": _item_text(item, "arguments", where, empty=True)}}
+            if out and out[-1]["role"] == "assistant":
+                out[-1].setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            call_id = _item_text(item, "call_id", where)
+            name = next((call["function"]["name"] for message in reversed(list(earlier) + out)
+                         for call in message.get("tool_calls") or () if call["id"] == call_id), None)
+            if name is None:
+                raise invalid(where + ".call_id", "no function_call with call_id %r comes before it" % call_id)
+            output = item.get("output")
+            out.append({"role": "tool", "tool_call_id": call_id, "name": name,
+                        "content": output if isinstance(output, str) else response_text(output, where + ".output")})
+        elif kind != "reasoning":   # (a model's reasoning: none of rbee's models reads it back)
+            raise invalid(where + ".type", "must be message, function_call or function_call_output (the models "
+                          "read text only; rbee runs no hosted tool)")
+    return out
+
+
+def response_tools(tools):
+    """The function tools of a Responses request ({type: "function", name, description, parameters,
+    strict}) in the chat shape a worker takes. The hosted tools (web_search, file_search, ...), which
+    rbee does not run, are left out, so that a client that offers them still gets an answer."""
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise invalid("tools", "must be a list of tools")
+    out = []
+    for k, tool in enumerate(tools):
+        where = "tools[%d]" % k
+        if not isinstance(tool, dict):
+            raise invalid(where, "must be an object")
+        if tool.get("type") != "function":
+            continue
+        function = {"name": _item_text(tool, "name", where)}
+        if not TOOL_NAME.match(function["name"]):   # (here, where the index is the request's own)
+            raise invalid(where + ".name", "must be letters, digits, _ . : - (at most 64)")
+        if tool.get("description") is not None:
+            function["description"] = _item_text(tool, "description", where, empty=True)
+        if tool.get("parameters") is not None:
+            if not isinstance(tool["parameters"], dict):
+                raise invalid(where + ".parameters", "must be a JSON schema (an object)")
+            function["parameters"] = tool["parameters"]
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def response_tool_choice(choice):
+    """A Responses `tool_choice` as a worker takes it (None: the worker's default, auto)."""
+    if choice is None or choice in ("auto", "none", "required"):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise invalid("tool_choice", "must be auto, none, required or {type: \"function\", name}")
+
+
+def response_format(text):
+    """The worker's fields for a Responses `text.format`: json_schema -> its schema (the answer is
+    one JSON value that matches it), json_object -> the JSON grammar, text (the default) -> none."""
+    if text is None:
+        return {}
+    if not isinstance(text, dict):
+        raise invalid("text", "must be an object: {format: {type, ...}}")
+    fmt = text.get("format")
+    kind = fmt.get("type") if isinstance(fmt, dict) else fmt
+    if kind in (None, "text"):
+        return {}
+    if kind == "json_object":
+        return {"grammar": "json"}
+    if kind == "json_schema":
+        if not isinstance(fmt.get("schema"), dict):
+            raise invalid("text.format.schema", "must be a JSON schema (an object)")
+        return {"json_schema": fmt["schema"]}
+    raise invalid("text.format", "must be {type: \"text\"}, {type: \"json_object\"} or {type: \"json_schema\", "
+                  "name, schema}")
+
+
+def response_request(body, earlier=()):
+    """A Responses request read: (the worker's /execute body, the messages its `input` adds to the
+    conversation). `instructions` become a system message first, never kept for a later turn (which
+    gives its own, as OpenAI has it); `earlier` is the conversation of `previous_response_id`. The
+    400s name their field, OpenAI's `param`."""
+    messages = response_input_messages(body.get("input"), earlier)
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise invalid("instructions", "must be a string")
+    system = [{"role": "system", "content": instructions}] if instructions else []
+    job = dict(sampling_of(body), messages=system + list(earlier) + messages,
+               max_tokens=number_field(body, "max_output_tokens", DEFAULT_N_CTX, 1, 1 << 20, integer=True),
+               parallel_tool_calls=bool_field(body, "parallel_tool_calls", False))
+    tools, choice = response_tools(body.get("tools")), response_tool_choice(body.get("tool_choice"))
+    if tools:
+        job["tools"] = tools
+    if choice is not None:
+        job["tool_choice"] = choice
+    job.update(response_format(body.get("text")))
+    return job, messages
+
+
+def response_object(body, job, store):
+    """The response object of a request read by response_request, before its output: OpenAI's
+    fields, the request's settings echoed (the ones rbee applies: temperature 0.8 unless given,
+    parallel_tool_calls false unless given, as the worker's)."""
+    fmt = (body.get("text") or {}).get("format") or {"type": "text"}
+    return {"id": "resp_" + random_id(24), "object": "response", "created_at": int(time.time()),
+            "status": "in_progress", "background": False, "error": None, "incomplete_details": None,
+            "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+            "max_tool_calls": None, "model": body.get("model"), "output": [],
+            "parallel_tool_calls": job["parallel_tool_calls"], "previous_response_id": body.get("previous_response_id"),
+            "reasoning": {"effort": None, "summary": None}, "store": store, "temperature": job["temperature"],
+            "text": {"format": fmt}, "tool_choice": body.get("tool_choice") or "auto",
+            "tools": [tool for tool in body.get("tools") or () if tool.get("type") == "function"],
+            "top_p": body.get("top_p"), "truncation": "disabled", "usage": None, "user": None,
+            "metadata": body.get("metadata") if isinstance(body.get("metadata"), dict) else {}}
+
+
+def response_usage(usage):
+    """AppJob.usage() (chat's names) in the Responses API's."""
+    return {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
+            "total_tokens": usage["total_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0}}
+
+
+class ResponsesStream(SSEStream):
+    """The Responses API's dialect of SSE, as OpenAI writes it: `event: response.*` frames whose
+    data repeats the event's `type` and numbers it (`sequence_number`, from 0); an error after the
+    start is an `error` event, then `response.failed` with the response so far. No [DONE]."""
+
+    def __init__(self, handler):
+        super().__init__(handler)
+        self.sequence = 0                 #: the next event's sequence_number (the request's thread alone)
+        self.so_far = None                #: () -> the response so far, for response.failed (its ResponseOutput's)
+
+    def event(self, kind, fields):
+        data = dict({"type": kind, "sequence_number": self.sequence}, **fields)
+        self.sequence += 1
+        self.send(kind, data)
+
+    def fail(self, err):
+        error = openai_error(err)["error"]
+        try:
+            self.event(RESPONSE_ERROR, {"code": error["code"], "message": error["message"], "param": error["param"]})
+            if self.so_far is not None:
+                self.event(RESPONSE_FAILED, {"response": dict(self.so_far(), status="failed", error={
+                    "code": "server_error", "message": err.message})})
+        finally:
+            self.close()
+
+
+class ResponseOutput:
+    """One response's output as the worker's pieces come (Token, ToolCallDelta): its items -- a
+    message with one output_text part, a function_call per call -- and, streamed, the events that
+    say so (`emit(kind, fields)`, ResponsesStream.event). An item is done when the next begins."""
+
+    def __init__(self, response, emit=None):
+        self.response = response          #: the response object (response_object), its output aside
+        self.emit = emit or (lambda kind, fields: None)   #: where its events go (nowhere: not streamed)
+        self.output = []                  #: the items so far, in order
+        self.open = None                  #: the index in `output` of the item still growing, or None
+        self.calls = {}                   #: a worker's call index -> the index of its item in `output`
+
+    def snapshot(self, status, **fields):
+        return dict(self.response, status=status, output=list(self.output), **fields)
+
+    def start(self):
+        self.emit(RESPONSE_CREATED, {"response": self.snapshot("in_progress")})
+        self.emit(RESPONSE_IN_PROGRESS, {"response": self.snapshot("in_progress")})
+
+    def feed(self, piece):
+        if isinstance(piece, Token) and piece.text:
+            k = self.open if self.open is not None and self.output[self.open]["type"] == "message" else self._message()
+            item = self.output[k]
+            item["content"][0]["text"] += piece.text
+            self.emit(RESPONSE_TEXT_DELTA, {"item_id": item["id"], "output_index": k, "content_index": 0,
+                                            "delta": piece.text, "logprobs": []})
+        elif isinstance(piece, ToolCallDelta):
+            k = self.calls.get(piece.index)
+            if k is None:
+                k = self.calls[piece.index] = self._add({
+                    "type": "function_call", "id": "fc_" + random_id(24), "call_id": piece.id, "name": piece.name,
+                    "arguments": "", "status": "in_progress"})
+            elif k != self.open:   # (the worker's parser ends a call before the next begins)
+                raise InternalError("A piece of tool call %d came after the next item began" % piece.index)
+            item = self.output[k]
+            if piece.arguments:
+                item["arguments"] += piece.arguments
+                self.emit(RESPONSE_ARGUMENTS_DELTA, {"item_id": item["id"], "output_index": k,
+                                                     "delta": piece.arguments})
+
+    def _message(self):
+        k = self._add({"type": "message", "id": "msg_" + random_id(24), "status": "in_progress", "role": "assistant",
+                       "content": []})
+        part = {"type": "output_text", "text": "", "annotations": []}
+        self.output[k]["content"].append(part)
+        self.emit(RESPONSE_PART_ADDED, {"item_id": self.output[k]["id"], "output_index": k, "content_index": 0,
+                                        "part": part})
+        return k
+
+    def _add(self, item):
+        self._close("completed")
+        self.output.append(item)
+        self.open = len(self.output) - 1
+        self.emit(RESPONSE_ITEM_ADDED, {"output_index": self.open, "item": item})
+        return self.open
+
+    def _close(self, status):
+        k, self.open = self.open, None
+        if k is None:
+            return
+        item = self.output[k]
+        item["status"] = status
+        if item["type"] == "message":
+            part = item["content"][0]
+            self.emit(RESPONSE_TEXT_DONE, {"item_id": item["id"], "output_index": k, "content_index": 0,
+                                           "text": part["text"], "logprobs": []})
+            self.emit(RESPONSE_PART_DONE, {"item_id": item["id"], "output_index": k, "content_index": 0, "part": part})
+        else:
+            self.emit(RESPONSE_ARGUMENTS_DONE, {"item_id": item["id"], "output_index": k,
+                                                "arguments": item["arguments"]})
+        self.emit(RESPONSE_ITEM_DONE, {"output_index": k, "item": item})
+
+    def result(self, finish_reason, usage):
+        """The whole response once the worker ended (`finish_reason` of AppJob): its last item done
+        (incomplete when the answer reached max_output_tokens), an empty message if there was none."""
+        incomplete = finish_reason == "length"
+        if not self.output:
+            self._message()
+        self._close("incomplete" if incomplete else "completed")
+        return self.snapshot("incomplete" if incomplete else "completed", usage=usage, completed_at=int(time.time()),
+                             incomplete_details={"reason": "max_output_tokens"} if incomplete else None)
+
+    def finish(self, response):
+        """The stream's last event: the whole response (result())."""
+        self.emit(RESPONSE_INCOMPLETE if response["status"] == "incomplete" else RESPONSE_COMPLETED,
+                  {"response": response})
+
+    def message(self):
+        """The output as one chat message (the worker's shape), for the conversation a later turn continues."""
+        text = "".join(item["content"][0]["text"] for item in self.output if item["type"] == "message")
+        calls = [{"id": item["call_id"], "type": "function", "function": {"name": item["name"],
+                                                                          "arguments": item["arguments"]}}
+                 for item in self.output if item["type"] == "function_call"]
+        return dict({"role": "assistant", "content": text if text or not calls else None},
+                    **({"tool_calls": calls} if calls else {}))
+
+
+KeptResponse = collections.namedtuple("KeptResponse", "at response conversation size")
+
+
+class ResponseStore:
+    """The responses the queen keeps (a request's `store`, true unless false): each with the whole
+    conversation it ended -- the one before it, its input, its output, as chat messages (its
+    `instructions` aside) -- for GET /v1/responses/{id} and a later `previous_response_id`.
+    Bounded: the newest `limit`, `max_bytes` of JSON in all (a conversation's earlier messages are
+    shared with the response before, so each counts what it adds), none older than `ttl` seconds;
+    the oldest go first."""
+
+    def __init__(self, limit=RESPONSES_KEPT, max_bytes=RESPONSES_KEPT_BYTES, ttl=RESPONSES_TTL):
+        self.limit, self.max_bytes, self.ttl = limit, max_bytes, ttl   #: the bounds: count, bytes, seconds
+        self.lock = threading.Lock()      #: guards both below (request threads)
+        self.kept = collections.OrderedDict()   #: response id -> KeptResponse, oldest first
+        self.size = 0                     #: the sizes of `kept`, summed
+
+    def put(self, response, conversation, size):
+        with self.lock:
+            self.kept[response["id"]] = KeptResponse(time.monotonic(), response, conversation, size)
+            self.size += size
+            while self.kept and (len(self.kept) > self.limit or self.size > self.max_bytes or self._expired()):
+                self.size -= self.kept.popitem(last=False)[1].size
+
+    def get(self, response_id):
+        """The KeptResponse of that id, or None (never kept, expired, deleted, or pushed out)."""
+        with self.lock:
+            while self._expired():
+                self.size -= self.kept.popitem(last=False)[1].size
+            return self.kept.get(response_id)
+
+    def delete(self, response_id):
+        """Forget one; False when it was not kept."""
+        with self.lock:
+            kept = self.kept.pop(response_id, None)
+            if kept is not None:
+                self.size -= kept.size
+            return kept is not None
+
+    def _expired(self):   # (under `lock`) is the oldest past its ttl?
+        return bool(self.kept) and time.monotonic() - next(iter(self.kept.values())).at > self.ttl
+
+
+class ResponsesApi:
+    """OpenAI's Responses API on the queen (what Codex and the `openai` package's `responses`
+    speak): its input as the chat messages a worker takes, the worker's text and tool calls as
+    output items (streamed as OpenAI's `response.*` events), and the responses it keeps for
+    `previous_response_id` and GET (ResponseStore)."""
+
+    def __init__(self, scheduler, models, metrics):
+        self.scheduler = scheduler        #: gives each request its worker
+        self.models = models              #: the models the apps name
+        self.metrics = metrics            #: counts the requests
+        self.store = ResponseStore()      #: the responses kept (its own lock)
+
+    def routes(self):
+        return ((OPENAI_RESPONSES, self.create), (OPENAI_RESPONSES_BARE, self.create),
+                (OPENAI_RESPONSE, self.retrieve), (OPENAI_RESPONSE_BARE, self.retrieve),
+                (OPENAI_RESPONSE_DELETE, self.delete), (OPENAI_RESPONSE_DELETE_BARE, self.delete))
+
+    def create(self, req):
+        body = req.json
+        if bool_field(body, "background", False):
+            raise invalid("background", "is not supported: the answer comes on the request's connection (or stream)")
+        keep, streamed = bool_field(body, "store", True), bool_field(body, "stream", False)
+        earlier = []
+        if body.get("previous_response_id") is not None:
+            previous = text_field(body, "previous_response_id", limit=200)
+            kept = self.store.get(previous)
+            if kept is None:
+                raise ResponseNotFound("Previous response with id %r not found." % previous,
+                                       {"field": "previous_response_id", "response_id": previous})
+            earlier = kept.conversation
+        job, messages = response_request(body, earlier)
+        response = response_object(body, job, keep)
+        with AppJob(self.scheduler, self.metrics, self.models.named(body.get("model")), job, None).open() as app:
+            stream = req.sse(ResponsesStream) if streamed else None
+            output = ResponseOutput(response, stream and stream.event)
+            if stream:
+                stream.so_far = lambda: output.snapshot("in_progress")
+            output.start()
+            for piece in app.pieces():
+                output.feed(piece)
+            final = output.result(app.finish_reason(), response_usage(app.usage()))
+        if keep:   # (before the answer leaves: a client may continue it at once)
+            added = messages + [output.message()]
+            self.store.put(final, earlier + added, len(json_text(final)) + len(json_text(added)))
+        if stream:
+            output.finish(final)
+            stream.close()
+        else:
+            req.send_json(200, final)
+
+    def _kept(self, response_id):
+        kept = self.store.get(response_id)
+        if kept is None:
+            raise ResponseNotFound("Response with id %r not found." % response_id, {"response_id": response_id})
+        return kept
+
+    def retrieve(self, req):
+        req.send_json(200, self._kept(req.params["response_id"]).response)
+
+    def delete(self, req):
+        response_id = self._kept(req.params["response_id"]).response["id"]
+        self.store.delete(response_id)
+        req.send_json(200, {"id": response_id, "object": "response", "deleted": True})
+
+
 class OllamaApi:
     """Ollama's API on the queen, for Open WebUI and the `ollama` package."""
 
@@ -6219,6 +6659,7 @@ class Queen(App):
         _taps.append(self.feed.publish)
         models = AppModels(self.scheduler, self.hives)
         self.openai = OpenAIApi(self.scheduler, models, self.metrics)              #: OpenAI's API
+        self.responses = ResponsesApi(self.scheduler, models, self.metrics)       #: OpenAI's Responses API
         self.ollama = OllamaApi(self.scheduler, self.hives, models, self.metrics)   #: Ollama's API
         self.llamacpp = LlamaCppApi(self.scheduler, models, self.metrics)          #: llama.cpp's /infill
         self.anthropic = AnthropicApi(self.scheduler, models, self.metrics)        #: Anthropic's Messages API
@@ -6229,8 +6670,8 @@ class Queen(App):
             (QUEEN_WORKER_SHUTDOWN, self.shutdown_worker), (QUEEN_MODELS, self.list_models),
             (QUEEN_DOWNLOAD, self.download_model), (QUEEN_REMOVE, self.remove_model), (QUEEN_STATUS, self.status),
             (QUEEN_SHUTDOWN, self.shutdown_request), (QUEEN_METRICS, self.serve_metrics),
-            (QUEEN_UI, self.serve_ui), (QUEEN_EVENTS, self.events)) + self.openai.routes() + self.ollama.routes()
-            + self.llamacpp.routes() + self.anthropic.routes())
+            (QUEEN_UI, self.serve_ui), (QUEEN_EVENTS, self.events)) + self.openai.routes() + self.responses.routes()
+            + self.ollama.routes() + self.llamacpp.routes() + self.anthropic.routes())
 
     def authorize(self, req, handler):
         if self.api_key is not None and handler not in self.open_routes:
@@ -6259,7 +6700,7 @@ class Queen(App):
     def dispatch(self, handler):
         if handler.command == "OPTIONS" and self.cors_origin(handler):   # a browser's preflight
             handler.send_response(204)
-            handler.send_header("Access-Control-Allow-Methods", "GET, POST, HEAD, OPTIONS")
+            handler.send_header("Access-Control-Allow-Methods", "GET, POST, DELETE, HEAD, OPTIONS")
             handler.send_header("Access-Control-Allow-Headers", handler.headers.get(
                 "Access-Control-Request-Headers") or "Authorization, Content-Type")
             handler.send_header("Access-Control-Max-Age", "600")

@@ -380,16 +380,6 @@ TEMPLATES = REPO / "tests" / "templates"   # each family's chat template (test_t
 GREEDY = {"temperature": 0}   # (this SDK has no temperature argument any more; older clients, Claude Code, send it)
 
 
-@pytest.fixture
-def model(model_path):
-    return "file:" + model_path
-
-
-@pytest.fixture
-def queen(roles, env):
-    return start_queen(roles, env)
-
-
 def client(queen, **kw):
     kw = kw or {"api_key": "unused"}
     return anthropic.Anthropic(base_url=queen.url, max_retries=0, **kw)
@@ -399,8 +389,8 @@ def openai_client(queen):
     return openai.OpenAI(base_url=queen.url + "/v1", api_key="unused", max_retries=0)
 
 
-def test_a_message_is_the_chat_llama_cpp_python_makes_of_the_same_conversation(queen, model, reference_llm):
-    answer = client(queen).messages.create(model=model, system=SYSTEM, messages=TWO_TURNS, max_tokens=32,
+def test_a_message_is_the_chat_llama_cpp_python_makes_of_the_same_conversation(queen, model_ref, reference_llm):
+    answer = client(queen).messages.create(model=model_ref, system=SYSTEM, messages=TWO_TURNS, max_tokens=32,
                                            extra_body=GREEDY, metadata={"user_id": "u-1"})
     conversation = [{"role": "system", "content": SYSTEM}, TWO_TURNS[0], TWO_TURNS[1],
                     {"role": "user", "content": "And of Italy?"}]
@@ -412,12 +402,12 @@ def test_a_message_is_the_chat_llama_cpp_python_makes_of_the_same_conversation(q
     assert answer.usage.input_tokens == expected["usage"]["prompt_tokens"]
     assert answer.usage.output_tokens == expected["usage"]["completion_tokens"]
     assert answer.id.startswith("msg_") and answer.type == "message" and answer.role == "assistant"
-    assert answer.model == model
+    assert answer.model == model_ref
 
 
-def test_a_stream_is_anthropics_event_by_event_and_the_sdk_makes_the_same_message_of_it(queen, model):
+def test_a_stream_is_anthropics_event_by_event_and_the_sdk_makes_the_same_message_of_it(queen, model_ref):
     api = client(queen)
-    asked = dict(model=model, system=SYSTEM, messages=TWO_TURNS, max_tokens=24, extra_body=GREEDY)
+    asked = dict(model=model_ref, system=SYSTEM, messages=TWO_TURNS, max_tokens=24, extra_body=GREEDY)
     whole = api.messages.create(**asked)
     with api.messages.stream(**asked) as stream:
         text = "".join(stream.text_stream)
@@ -426,9 +416,9 @@ def test_a_stream_is_anthropics_event_by_event_and_the_sdk_makes_the_same_messag
     assert final.content[0].text == text and final.stop_reason == whole.stop_reason
     assert final.usage.input_tokens == whole.usage.input_tokens
     assert final.usage.output_tokens == whole.usage.output_tokens
-    assert final.id.startswith("msg_") and final.model == model
+    assert final.id.startswith("msg_") and final.model == model_ref
     # on the wire: the event names and the order Anthropic's streams have, each data's type its event
-    body = {"model": model, "max_tokens": 24, "temperature": 0, "stream": True, "system": SYSTEM,
+    body = {"model": model_ref, "max_tokens": 24, "temperature": 0, "stream": True, "system": SYSTEM,
             "messages": TWO_TURNS}
     conn, resp = raw_request(int(queen.url.rsplit(":", 1)[1]), "POST", "/v1/messages", body)
     assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
@@ -447,32 +437,32 @@ def test_a_stream_is_anthropics_event_by_event_and_the_sdk_makes_the_same_messag
                                       "output_tokens": whole.usage.output_tokens}
 
 
-def test_a_stop_sequence_ends_the_message_and_is_named(queen, model):
+def test_a_stop_sequence_ends_the_message_and_is_named(queen, model_ref):
     api = client(queen)
-    free = api.messages.create(model=model, messages=PARIS, max_tokens=40, extra_body=GREEDY).content[0].text
+    free = api.messages.create(model=model_ref, messages=PARIS, max_tokens=40, extra_body=GREEDY).content[0].text
     words = free.split()
     assert len(words) > 3, free
     stop = " " + words[2]
-    stopped = api.messages.create(model=model, messages=PARIS, max_tokens=40, extra_body=GREEDY, stop_sequences=[
+    stopped = api.messages.create(model=model_ref, messages=PARIS, max_tokens=40, extra_body=GREEDY, stop_sequences=[
         "never in it", stop])
     assert stopped.content[0].text == free[:free.index(stop)]
     assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == stop
-    with api.messages.stream(model=model, messages=PARIS, max_tokens=40, extra_body=GREEDY,
+    with api.messages.stream(model=model_ref, messages=PARIS, max_tokens=40, extra_body=GREEDY,
                              stop_sequences=[stop]) as stream:
         final = stream.get_final_message()
     assert final.stop_reason == "stop_sequence" and final.stop_sequence == stop
 
 
-def test_any_tool_choice_is_a_tool_use_whose_input_matches_the_schema_whole_or_streamed(queen, model):
+def test_any_tool_choice_is_a_tool_use_whose_input_matches_the_schema_whole_or_streamed(queen, model_ref):
     api = client(queen)
-    answer = api.messages.create(model=model, messages=PARIS, max_tokens=80, extra_body=GREEDY, tools=[WEATHER],
+    answer = api.messages.create(model=model_ref, messages=PARIS, max_tokens=80, extra_body=GREEDY, tools=[WEATHER],
                                  tool_choice={"type": "any"})
     calls = [b for b in answer.content if b.type == "tool_use"]
     assert calls and answer.stop_reason == "tool_use", answer
     for call in calls:
         assert call.name == "get_weather" and call.id.startswith("toolu_")
         jsonschema.validate(call.input, WEATHER["input_schema"])
-    with api.messages.stream(model=model, messages=PARIS, max_tokens=80, extra_body=GREEDY, tools=[WEATHER],
+    with api.messages.stream(model=model_ref, messages=PARIS, max_tokens=80, extra_body=GREEDY, tools=[WEATHER],
                              tool_choice={"type": "any"}) as stream:
         events = list(stream)
         final = stream.get_final_message()
@@ -486,23 +476,24 @@ def test_any_tool_choice_is_a_tool_use_whose_input_matches_the_schema_whole_or_s
     assert {k: json.loads(text) for k, text in partial.items()} == {
         k: b.input for k, b in enumerate(final.content) if b.type == "tool_use"}
     # the named tool, and a single call when parallel use is off
-    named = api.messages.create(model=model, messages=PARIS, max_tokens=80, extra_body=GREEDY, tools=[CLOCK, WEATHER],
-                                tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True})
+    named = api.messages.create(model=model_ref, messages=PARIS, max_tokens=80, extra_body=GREEDY,
+                                tools=[CLOCK, WEATHER], tool_choice={"type": "tool", "name": "get_weather",
+                                                                     "disable_parallel_tool_use": True})
     assert [(b.type, b.name) for b in named.content if b.type == "tool_use"] == [("tool_use", "get_weather")]
 
 
-def test_a_tool_result_turn_is_answered_in_text_as_the_openai_api_answers_the_same_conversation(queen, model):
+def test_a_tool_result_turn_is_answered_in_text_as_the_openai_api_answers_the_same_conversation(queen, model_ref):
     turns = PARIS + [
         {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_call_01abc", "name": "get_weather",
                                            "input": {"city": "Paris"}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_call_01abc",
                                       "content": [{"type": "text", "text": "18 degrees and sunny"}]}]}]
-    answer = client(queen).messages.create(model=model, messages=turns, max_tokens=40, extra_body=GREEDY,
+    answer = client(queen).messages.create(model=model_ref, messages=turns, max_tokens=40, extra_body=GREEDY,
                                            tools=[WEATHER], tool_choice={"type": "none"})
     assert [b.type for b in answer.content] == ["text"] and answer.content[0].text
     assert answer.stop_reason in ("end_turn", "max_tokens")
     # the same conversation in OpenAI's words (the worker's lingua franca) is the same prompt and text
-    same = openai_client(queen).chat.completions.create(model=model, max_tokens=40, temperature=0, messages=[
+    same = openai_client(queen).chat.completions.create(model=model_ref, max_tokens=40, temperature=0, messages=[
         PARIS[0], {"role": "assistant", "content": None, "tool_calls": [
             {"id": "call_01abc", "type": "function", "function": {"name": "get_weather",
                                                                   "arguments": '{"city": "Paris"}'}}]},
@@ -535,27 +526,27 @@ def test_a_tool_use_goes_back_with_its_result_through_the_familys_own_template(f
     assert followed.usage.input_tokens > api.messages.count_tokens(messages=PARIS, **turn).input_tokens
 
 
-def test_structured_output_is_json_that_matches_the_schema(queen, model):
+def test_structured_output_is_json_that_matches_the_schema(queen, model_ref):
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
               "required": ["name", "age"]}
-    answer = client(queen).messages.create(model=model, max_tokens=60, extra_body=GREEDY, messages=[
+    answer = client(queen).messages.create(model=model_ref, max_tokens=60, extra_body=GREEDY, messages=[
         {"role": "user", "content": "Give me a person."}], output_config={"format": {"type": "json_schema",
                                                                                       "schema": schema}})
     jsonschema.validate(json.loads(answer.content[0].text), schema)
 
 
-def test_count_tokens_is_the_prompt_of_the_message_and_grows_with_a_tool(queen, model):
+def test_count_tokens_is_the_prompt_of_the_message_and_grows_with_a_tool(queen, model_ref):
     api = client(queen)
-    plain = api.messages.count_tokens(model=model, system=SYSTEM, messages=TWO_TURNS)
-    answer = api.messages.create(model=model, system=SYSTEM, messages=TWO_TURNS, max_tokens=1)
+    plain = api.messages.count_tokens(model=model_ref, system=SYSTEM, messages=TWO_TURNS)
+    answer = api.messages.create(model=model_ref, system=SYSTEM, messages=TWO_TURNS, max_tokens=1)
     assert plain.input_tokens == answer.usage.input_tokens > 10
-    with_tool = api.messages.count_tokens(model=model, system=SYSTEM, messages=TWO_TURNS, tools=[WEATHER])
+    with_tool = api.messages.count_tokens(model=model_ref, system=SYSTEM, messages=TWO_TURNS, tools=[WEATHER])
     assert with_tool.input_tokens > plain.input_tokens
     with pytest.raises(anthropic.NotFoundError):
         api.messages.count_tokens(model="claude-opus-4-1", messages=TWO_TURNS)
 
 
-def test_errors_are_anthropics_and_the_sdk_raises_its_own(queen, model, rbee_home):
+def test_errors_are_anthropics_and_the_sdk_raises_its_own(queen, model_ref, rbee_home):
     api = client(queen)
     with pytest.raises(anthropic.NotFoundError) as missing:
         api.messages.create(model="claude-sonnet-4-5", messages=PARIS, max_tokens=8)
@@ -564,17 +555,17 @@ def test_errors_are_anthropics_and_the_sdk_raises_its_own(queen, model, rbee_hom
         with api.messages.stream(model="claude-sonnet-4-5", messages=PARIS, max_tokens=8) as stream:
             list(stream)
     with pytest.raises(anthropic.BadRequestError) as image:
-        api.messages.create(model=model, max_tokens=8, messages=[{"role": "user", "content": [
+        api.messages.create(model=model_ref, max_tokens=8, messages=[{"role": "user", "content": [
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}])
     assert image.value.body["error"]["type"] == "invalid_request_error"
     assert "messages[0].content[0]" in image.value.body["error"]["message"]
     with pytest.raises(anthropic.BadRequestError) as long:
-        api.messages.create(model=model, max_tokens=8, messages=[{"role": "user", "content": "word " * 5000}],
+        api.messages.create(model=model_ref, max_tokens=8, messages=[{"role": "user", "content": "word " * 5000}],
                             stream=True)
     assert "a slot's context holds 2048" in long.value.body["error"]["message"]
     # max_tokens is required (the SDK checks it too: the wire, then), and unknown paths answer in the shape
     port = int(queen.url.rsplit(":", 1)[1])
-    resp, body = raw_call(port, "POST", "/v1/messages", {"model": model, "messages": PARIS})
+    resp, body = raw_call(port, "POST", "/v1/messages", {"model": model_ref, "messages": PARIS})
     assert resp.status == 400 and body == {"type": "error", "error": {
         "type": "invalid_request_error", "message": "max_tokens: is required: the most tokens to generate "
                                                     "(a positive integer)"}}
@@ -583,8 +574,8 @@ def test_errors_are_anthropics_and_the_sdk_raises_its_own(queen, model, rbee_hom
     assert tracebacks(queen.lines, rbee_home) == []
 
 
-def test_an_error_after_the_stream_began_is_an_error_event(queen, model, tmp_path):
-    with client(queen).messages.stream(model=model, messages=[{"role": "user", "content": "Count to a thousand."}],
+def test_an_error_after_the_stream_began_is_an_error_event(queen, model_ref, tmp_path):
+    with client(queen).messages.stream(model=model_ref, messages=[{"role": "user", "content": "Count to a thousand."}],
                                        max_tokens=1500, extra_body=GREEDY) as stream:
         events = iter(stream)
         next(events)
@@ -597,29 +588,29 @@ def test_an_error_after_the_stream_began_is_an_error_event(queen, model, tmp_pat
     assert died.value.body["type"] == "error" and died.value.body["error"]["type"] == "api_error"
 
 
-def test_an_alias_named_like_a_claude_model_is_that_model(queen, model, env):
-    assert run_rbee(["models", "alias", "claude-sonnet-4-5", model], env).returncode == 0
+def test_an_alias_named_like_a_claude_model_is_that_model(queen, model_ref, env):
+    assert run_rbee(["models", "alias", "claude-sonnet-4-5", model_ref], env).returncode == 0
     api = client(queen)
-    direct = api.messages.create(model=model, messages=PARIS, max_tokens=8, extra_body=GREEDY)
+    direct = api.messages.create(model=model_ref, messages=PARIS, max_tokens=8, extra_body=GREEDY)
     aliased = api.messages.create(model="claude-sonnet-4-5", messages=PARIS, max_tokens=8, extra_body=GREEDY)
     assert aliased.model == "claude-sonnet-4-5" and aliased.content[0].text == direct.content[0].text
     assert api.messages.count_tokens(model="claude-sonnet-4-5", messages=PARIS).input_tokens == (
         direct.usage.input_tokens)
 
 
-def test_the_key_as_x_api_key_or_bearer_is_asked_for_and_never_shown(roles, env, model, tmp_path):
+def test_the_key_as_x_api_key_or_bearer_is_asked_for_and_never_shown(roles, env, model_ref, tmp_path):
     key = "sk-rbee-test-anthropic-0123456789"
     queen = start_queen(roles, dict(env, RBEE_API_KEY=key))
     for wrong in ({"api_key": "wrong"}, {"auth_token": "wrong"}):
         with pytest.raises(anthropic.AuthenticationError) as refused:
-            client(queen, **wrong).messages.create(model=model, messages=PARIS, max_tokens=4)
+            client(queen, **wrong).messages.create(model=model_ref, messages=PARIS, max_tokens=4)
         assert refused.value.body["error"]["type"] == "authentication_error"
     resp, body = raw_call(int(queen.url.rsplit(":", 1)[1]), "POST", "/v1/messages/count_tokens",
-                          {"model": model, "messages": PARIS})
+                          {"model": model_ref, "messages": PARIS})
     assert resp.status == 401 and body["error"] == {"type": "authentication_error", "message": (
         "Missing API key (Authorization: Bearer ... or x-api-key: ...)")}
     for right in ({"api_key": key}, {"auth_token": key}):   # x-api-key, and a bearer (Claude Code's token)
-        assert client(queen, **right).messages.create(model=model, messages=PARIS, max_tokens=4).content
+        assert client(queen, **right).messages.create(model=model_ref, messages=PARIS, max_tokens=4).content
     assert openai_client(queen).with_options(api_key=key).models.list().data   # the other APIs: as before
     for pid, cmd in rbee_processes(str(tmp_path)):
         assert key not in cmd, cmd
