@@ -455,48 +455,67 @@ WEATHER_TOOL = {"type": "function", "function": {
 TOOL_ASK = [{"role": "user", "content": "What will the weather be in Paris for the next 3 days?"}]
 
 
-def tool_round_trip(base_url, model):
-    """The `openai` package asking for a call of get_weather (tool_choice names it: a grammar on
-    both servers), streamed: time to the first piece of the call, to the whole parsed call, and
-    the rate of the call's pieces after the first."""
+def tool_round_trip(base_url, model, as_schema=False):
+    """The `openai` package asking for get_weather's arguments, streamed: as a required tool call
+    (tool_choice "required": a grammar, where the server makes one), or (`as_schema`) as a
+    json_schema answer of the same schema, which every grammar-capable server constrains. Time to
+    the first piece, to the whole parsed object, the rate of the pieces after the first, and
+    whether a valid object came at all."""
     import openai
     client = openai.OpenAI(base_url=base_url, api_key="bench", max_retries=0)
-    t0, times, arguments = time.perf_counter(), [], ""
-    for chunk in client.chat.completions.create(model=model, messages=TOOL_ASK, tools=[WEATHER_TOOL], temperature=0,
-                                                tool_choice={"type": "function", "function": {"name": "get_weather"}},
-                                                max_tokens=TOKENS, stream=True):
-        for call in (chunk.choices[0].delta.tool_calls or ()) if chunk.choices else ():
+    schema = WEATHER_TOOL["function"]["parameters"]
+    ask = dict(response_format={"type": "json_schema", "json_schema": {"name": "weather", "schema": schema}}
+               ) if as_schema else dict(tools=[WEATHER_TOOL], tool_choice="required")
+    t0, times, text = time.perf_counter(), [], ""
+    for chunk in client.chat.completions.create(model=model, messages=TOOL_ASK, temperature=0, max_tokens=TOKENS,
+                                                stream=True, **ask):
+        delta = chunk.choices[0].delta if chunk.choices else None
+        pieces = [delta.content] if as_schema and delta and delta.content else [
+            c.function.arguments or "" for c in (delta.tool_calls or ())] if delta else []
+        for piece in pieces:
             times.append(time.perf_counter())
-            arguments += call.function.arguments or ""
-    call = json.loads(arguments)   # (a call that does not parse fails the run)
-    assert call["city"] in ("Paris", "London", "Rome") and isinstance(call["days"], int), call
-    return {"ttft_ms": (times[0] - t0) * 1000, "call_ms": (times[-1] - t0) * 1000, "tok_s": rate(times),
-            "pieces": len(times)}
+            text += piece
+    try:
+        value = json.loads(text)
+        valid = value.get("city") in ("Paris", "London", "Rome") and isinstance(value.get("days"), int)
+    except (ValueError, AttributeError):
+        valid = False
+    return {"valid": valid, "ttft_ms": (times[0] - t0) * 1000 if valid else None,
+            "call_ms": (times[-1] - t0) * 1000 if valid else None, "tok_s": rate(times) if valid else None}
 
 
 def tools_scenario(model, env):
-    """A tool-call round trip, request to parsed call: rbee's queen (its worker warm) against
-    llama.cpp's `llama-server --jinja` on the same model, threads and slots, runs alternated."""
+    """A tool call's round trip, request to parsed arguments: rbee's queen (its worker warm)
+    against llama.cpp's `llama-server --jinja` on the same model, threads and slots, runs
+    alternated; as a required tool call, and as a json_schema answer of the same schema."""
     qport = free_port()
     queen = role(["queen", "--port", str(qport)], env)
+    out = {}
     try:
         with llama_server(model, env, ["--jinja", "-np", "4", "-c", str(4 * N_CTX)]) as (port, skipped):
             if port is None:
                 return {"skipped": skipped}
-            servers = [("rbee_queen", lambda: tool_round_trip("http://127.0.0.1:%d/v1" % qport, "file:" + model)),
-                       ("llama_server_jinja", lambda: tool_round_trip("http://127.0.0.1:%d/v1" % port, model))]
-            for _, one in servers:   # warm-up: the queen places the model
-                one()
-            runs = {name: [] for name, _ in servers}
-            for i in range(RUNS):   # one first, then the other first: a drifting machine favours neither
-                for name, one in servers if i % 2 == 0 else servers[::-1]:
-                    runs[name].append(one())
+            for kind, as_schema in (("tool_call", False), ("json_schema", True)):
+                servers = [("rbee_queen", lambda s=as_schema: tool_round_trip(
+                                "http://127.0.0.1:%d/v1" % qport, "file:" + model, s)),
+                           ("llama_server_jinja", lambda s=as_schema: tool_round_trip(
+                               "http://127.0.0.1:%d/v1" % port, model, s))]
+                for _, one in servers:   # warm-up: the queen places the model
+                    one()
+                runs = {name: [] for name, _ in servers}
+                for i in range(RUNS):   # one first, then the other first: a drifting machine favours neither
+                    for name, one in servers if i % 2 == 0 else servers[::-1]:
+                        runs[name].append(one())
+                table = {name: dict({k: stats([r[k] for r in done]) for k in ("ttft_ms", "call_ms", "tok_s")},
+                                    valid="%d/%d" % (sum(r["valid"] for r in done), len(done)))
+                         for name, done in runs.items()}
+                rbee, peer = table["rbee_queen"], table["llama_server_jinja"]
+                if rbee["call_ms"] and peer["call_ms"]:
+                    table["call_ms_ratio"] = round(rbee["call_ms"]["median"] / peer["call_ms"]["median"], 3)
+                    table["tok_s_ratio"] = round(rbee["tok_s"]["median"] / peer["tok_s"]["median"], 3)
+                out[kind] = table
     finally:
         stop(queen)
-    out = {name: {k: stats([r[k] for r in done]) for k in done[0]} for name, done in runs.items()}
-    out["call_ms_ratio"] = round(out["rbee_queen"]["call_ms"]["median"] /
-                                 out["llama_server_jinja"]["call_ms"]["median"], 3)
-    out["tok_s_ratio"] = round(out["rbee_queen"]["tok_s"]["median"] / out["llama_server_jinja"]["tok_s"]["median"], 3)
     return out
 
 
@@ -685,16 +704,20 @@ def print_table(r):
         print_pair(api, ("rbee_queen", "llama_cpp_server"))
         print("rbee vs llama_cpp.server: tok/s x%.3f, ttft %+.1f ms" % (api["tok_s_ratio"], api["ttft_diff_ms"]))
     tools = r.get("tools") or {}
-    if "rbee_queen" in tools:
-        print("\ntools: a named tool call streamed by the openai package, request to parsed call, %d runs" % RUNS)
+    for kind, table in ((k, tools[k]) for k in ("tool_call", "json_schema") if k in tools):
+        print("\ntools, %s: get_weather's arguments streamed by the openai package, request to parsed object, "
+              "%d runs" % (kind, RUNS))
         for name in ("rbee_queen", "llama_server_jinja"):
-            s = tools[name]
-            print("%-20s first piece %.0f ms [%.0f-%.0f]  whole call %.0f ms [%.0f-%.0f]  pieces/s %.1f [%.1f-%.1f]" % (
-                name, *(s[k][m] for k in ("ttft_ms", "call_ms", "tok_s") for m in ("median", "min", "max"))))
-        print("rbee vs llama-server --jinja: whole call x%.3f (lower is faster), pieces/s x%.3f" % (
-            tools["call_ms_ratio"], tools["tok_s_ratio"]))
-    elif tools:
-        print("\ntools: %s" % tools.get("skipped"))
+            s = table[name]
+            cell = lambda k, f: (f % s[k]["median"] + " [" + f % s[k]["min"] + "-" + f % s[k]["max"] + "]"
+                                 ) if s.get(k) else "-"
+            print("%-20s valid %s  first piece ms %-18s whole object ms %-18s pieces/s %s" % (
+                name, s["valid"], cell("ttft_ms", "%.0f"), cell("call_ms", "%.0f"), cell("tok_s", "%.1f")))
+        if "call_ms_ratio" in table:
+            print("rbee vs llama-server --jinja: whole object x%.3f (lower is faster), pieces/s x%.3f" % (
+                table["call_ms_ratio"], table["tok_s_ratio"]))
+    if tools.get("skipped"):
+        print("\ntools: %s" % tools["skipped"])
     split = r.get("split") or {}
     if "one_node" in split:
         print("\nsplit: warm infer, the model on mac alone vs split mac (20 layers) + workstation (10), %d runs" % RUNS)
