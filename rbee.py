@@ -84,7 +84,7 @@ __all__ = [
     "ENGINE_ADMITTED", "ENGINE_TOKEN", "ENGINE_END", "ENGINE_ERROR", "ENGINE_LOGPROBS",
     "Token", "Narration", "JobEnded", "ToolCallDelta",
     # agents' turns: the tool-call formats of the model families, grammars from JSON schemas
-    "tool_format_of", "ToolCallParser", "schema_grammar", "tool_call_grammar",
+    "tool_format_of", "ToolCallParser", "schema_grammar", "tool_call_grammar", "marker_tokens",
     # errors (every class of PROTOCOL.md §7 is RbeeError.by_code's)
     "RbeeError", "InvalidRequest", "InvalidModelRef", "InvalidApiKey", "InternalError", "ConnectionTimeout",
     "SlotsBusy", "WorkerCrashed", "InsufficientRam", "VramExhausted", "BackendUnavailable", "DeviceNotFound",
@@ -2562,7 +2562,9 @@ GENERIC_TOOL_PREAMBLE = (
     '{"tool_call": {"name": "<function name>", "arguments": {<the arguments>}}}%s and nothing else. '
     "Otherwise answer in plain text.\n\nThe functions, as JSON schemas:\n%s")
 GENERIC_PARALLEL = ' (or {"tool_calls": [<several such calls>]})'
-TOOL_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# a tool's name, and how many a request may offer: the widest of the APIs' own rules (Anthropic's 128
+# characters and its 512 tools; OpenAI's are 64 and 128), so that each API's limit is its own
+TOOL_NAME, MAX_TOOLS = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$"), 512
 # a call's name, then its arguments' key: the arguments' JSON value starts right after
 _CALL_HEAD = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 
@@ -2578,6 +2580,12 @@ def tool_format_of(template):
     if "<|python_tag|>" in template or ("<|start_header_id|>" in template and '"parameters"' in template):
         return "llama3"
     return "generic"
+
+
+def marker_tokens(llm, markers):
+    """The ids of the markers that are one special token of the model's vocabulary."""
+    ids = [llm.tokenize(m.encode(), add_bos=False, special=True) for m in markers]
+    return [t[0] for t in ids if len(t) == 1]
 
 
 def template_knows_tools(template):
@@ -2602,9 +2610,9 @@ def schema_grammar(schema, field="json_schema", prefix="", suffix="", repeat=Non
     if not isinstance(schema, dict):
         raise invalid(field, "must be a JSON schema (an object)")
     converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
-    try:
-        value = converter.visit(converter.resolve_refs(schema, "input"), "answer")
-    except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
+    try:   # (resolve_refs rewrites the $refs it resolves: a copy, not the caller's schema)
+        value = converter.visit(converter.resolve_refs(json.loads(json.dumps(schema)), "input"), "answer")
+    except Exception as exc:   # (the converter's asserts, and what a schema of the wrong shapes trips over)
         raise invalid(field, "this schema cannot be made a grammar: %s" % (str(exc)[:300] or type(exc).__name__),
                       "Leave out the unsupported part (external $refs, `not`, unknown types, unanchored patterns)")
     block = " ".join(part for part in (gbnf_literal(prefix) if prefix else "", value,
@@ -2639,15 +2647,16 @@ def tools_of(body):
     tools = body.get("tools")
     if tools is None:
         return []
-    if not isinstance(tools, list) or len(tools) > 128:
-        raise invalid("tools", "must be a list of at most 128 {type: \"function\", function: {name, ...}} objects")
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise invalid("tools", "must be a list of at most %d {type: \"function\", function: {name, ...}} objects"
+                      % MAX_TOOLS)
     out = []
     for k, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not TOOL_NAME.match(
                 function["name"]):
             raise invalid("tools[%d]" % k, "must be {type: \"function\", function: {name, description, "
-                          "parameters}} with a name of letters, digits, _ . : - (at most 64)")
+                          "parameters}} with a name of letters, digits, _ . : - (at most 128)")
         parameters = function.get("parameters") or {"type": "object", "properties": {}}
         if not isinstance(parameters, dict):
             raise invalid("tools[%d].function.parameters" % k, "must be a JSON schema (an object)")
@@ -2660,7 +2669,8 @@ def tool_choice_of(body, tools):
     """"auto", "none", "required", or the name of the one function the model must call."""
     choice = body.get("tool_choice", "auto" if tools else "none")
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        function = choice.get("function") if choice.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
         if name not in [t["name"] for t in tools]:
             raise invalid("tool_choice", "names no function of `tools`", "Name one of: " + ", ".join(
                 t["name"] for t in tools) if tools else "Give `tools`")
@@ -2682,7 +2692,9 @@ class ToolCallParser:
     A marker (or, for the JSON formats, a `{`/`[` opening the output) switches to calls; from then
     on each "name" followed by "arguments"/"parameters" is a call, its value scanned as JSON. What
     turns out to hold no call is content after all. `calls`: [{id, name, arguments}] (arguments:
-    JSON text) of the calls whose arguments are complete."""
+    the JSON text), every call whose pieces went, as they went: a call is never taken back, and an
+    index never serves twice (a model may write bad JSON, as OpenAI warns of its own: the client
+    checks; a grammar-constrained call is always valid)."""
 
     def __init__(self, fmt, parallel=True):
         self.format = TOOL_FORMATS[fmt]     #: the format the model writes calls in
@@ -2695,7 +2707,7 @@ class ToolCallParser:
         self.position = 0                   #: how far `buffer` is read
         self.calls = []                     #: the calls, complete or not: {id, name, arguments}
         self.value = None                   #: the arguments being scanned: [start, depth, in_string, escaped]
-        self.cut_short = False              #: the output ended inside a call's arguments
+        self.cut_short = False              #: the output ended inside a call's arguments (no whole call)
 
     @property
     def done(self):
@@ -2753,9 +2765,6 @@ class ToolCallParser:
                 out.append(("call", len(self.calls) - 1, None, None, fragment))
             if self.value is not None:
                 break
-            if not isinstance(parsed_json(self.calls[-1]["arguments"]), dict):   # balanced, but no JSON object
-                self.calls.pop()
-                self.cut_short = True   # (its pieces went: the region is no content either)
         return out
 
     def _new_id(self):
@@ -2804,10 +2813,9 @@ class ToolCallParser:
         if not self.in_calls:
             held, self.held = self.held, ""
             return [("content", held)] if held else []
-        if self.value is not None:   # a call cut short (max_tokens): its pieces went, but it is no call
-            self.calls.pop()
+        if self.value is not None:   # a call cut short (max_tokens, a stop string): a call as it came
             self.value, self.cut_short = None, True
-        if self.calls or self.cut_short:
+        if self.calls:
             return []
         out = []
         for name, arguments in self._parsed_calls():
@@ -3027,6 +3035,9 @@ class ChatPrompt:
         template = llm.metadata["tokenizer.chat_template"]
         self.tool_format = tool_format_of(template)            #: how this model writes a tool call
         self.knows_tools = template_knows_tools(template)      #: its template renders `tools` itself
+        #: the special tokens that are its format's markers (Mistral's [TOOL_CALLS], Llama's <|python_tag|>):
+        #: a job with tools gets their text, which the parser looks for (llama-server's "preserved tokens")
+        self.marker_tokens = marker_tokens(llm, TOOL_FORMATS[self.tool_format].markers)
 
     @classmethod
     def for_model(cls, llm):
@@ -3324,7 +3335,8 @@ class Worker(App):
                           "Shorten the prompt, or give workers a larger context (rbee.py worker --ctx-size)")
         from backends.engine import EngineJob
         job.engine_job = EngineJob(prompt_tokens, job.max_tokens, job.temperature, job.top_p, job.top_k, job.seed,
-                                   self.grammar(job), job.logprobs)
+                                   self.grammar(job), job.logprobs,
+                                   self.chat.marker_tokens if job.offered_tools() else ())
         with self.jobs_lock:   # admission: the slots plus the queue, or 503
             if job.job_id in self.jobs:
                 raise InvalidRequest("job_id: %s is already running here" % job.job_id, {"field": "job_id"},
@@ -3402,7 +3414,7 @@ class Worker(App):
             if stop_reason != "cancelled":
                 output.send(held)
                 output.finish()
-                stop_reason = "tool_calls" if output.calls() else stop_reason
+                stop_reason = "tool_calls" if output.calls() and not output.parser.cut_short else stop_reason
             if stop_reason == "cancelled" and job.interrupted_by and self.lost_part:
                 raise WorkerCrashed("Worker %s lost its part on %s (%s) during job %s after %d tokens" % (
                     self.worker_id, self.lost_part["node"], self.lost_part["endpoint"], job.job_id, tokens_out),
@@ -5514,7 +5526,8 @@ def response_format_of(response_format):
     if kind == "json_object":
         return {"grammar": "json"}
     if kind == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema")
+        json_schema = response_format.get("json_schema")
+        schema = json_schema.get("schema") if isinstance(json_schema, dict) else None
         if not isinstance(schema, dict):
             raise invalid("response_format.json_schema.schema", "is required: the JSON schema of the answer")
         return {"json_schema": schema}
@@ -5946,9 +5959,9 @@ class ResponseStore:
     """The responses the queen keeps (a request's `store`, true unless false): each with the whole
     conversation it ended -- the one before it, its input, its output, as chat messages (its
     `instructions` aside) -- for GET /v1/responses/{id} and a later `previous_response_id`.
-    Bounded: the newest `limit`, `max_bytes` of JSON in all (a conversation's earlier messages are
-    shared with the response before, so each counts what it adds), none older than `ttl` seconds;
-    the oldest go first."""
+    Bounded: the newest `limit`, `max_bytes` of JSON in all (each counts its whole conversation:
+    the earlier messages it shares with the response before live as long as either is kept, so
+    the bound holds whichever goes first), none older than `ttl` seconds; the oldest go first."""
 
     def __init__(self, limit=RESPONSES_KEPT, max_bytes=RESPONSES_KEPT_BYTES, ttl=RESPONSES_TTL):
         self.limit, self.max_bytes, self.ttl = limit, max_bytes, ttl   #: the bounds: count, bytes, seconds
@@ -6025,7 +6038,8 @@ class ResponsesApi:
             final = output.result(app.finish_reason(), response_usage(app.usage()))
         if keep:   # (before the answer leaves: a client may continue it at once)
             added = messages + [output.message()]
-            self.store.put(final, earlier + added, len(json_text(final)) + len(json_text(added)))
+            # (each counts its whole conversation: its messages live as long as it does, whoever else holds them)
+            self.store.put(final, earlier + added, len(json_text(final)) + len(json_text(earlier + added)))
         if stream:
             output.finish(final)
             stream.close()
@@ -6427,8 +6441,8 @@ def anthropic_tools(body):
         if choice is not None and choice["type"] in ("any", "tool"):
             raise invalid("tool_choice", "needs tools to choose from")
         return {}
-    if not isinstance(tools, list) or len(tools) > 512:
-        raise invalid("tools", "must be a list of at most 512 {name, description, input_schema}")
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise invalid("tools", "must be a list of at most %d {name, description, input_schema}" % MAX_TOOLS)
     functions = []
     for k, tool in enumerate(tools):
         at = "tools[%d]" % k
@@ -6567,14 +6581,11 @@ class AnthropicContent:
         out = []
         for block in self.blocks:
             if block["type"] == "tool_use":
-                try:
-                    arguments = json.loads(block["input"] or "{}")
-                except ValueError:
-                    arguments = None
-                if not isinstance(arguments, dict):
-                    raise InternalError("The worker's tool call %s has arguments that are no JSON object: %.200r" % (
-                        block["name"], block["input"]))
-                block = dict(block, input=arguments)
+                arguments = parsed_json(block["input"] or "{}")
+                # a call the model wrote badly (unconstrained, or cut by max_tokens) is no tool_use:
+                # what it wrote stays, as text
+                block = dict(block, input=arguments) if isinstance(arguments, dict) else {
+                    "type": "text", "text": "%s(%s)" % (block["name"], block["input"])}
             out.append(block)
         return out
 

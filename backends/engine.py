@@ -36,12 +36,15 @@ class EngineJob:
     """
 
     def __init__(self, prompt_tokens, max_tokens, temperature=0.7, top_p=0.95, top_k=40, seed=None, grammar=None,
-                 logprobs=None):
+                 logprobs=None, preserved=()):
         self.prompt_tokens = list(prompt_tokens)   #: the whole prompt, BOS and template included
         self.max_tokens = max_tokens
         self.temperature, self.top_p, self.top_k, self.seed = temperature, top_p, top_k, seed
         self.grammar = grammar                     #: a GBNF grammar (root rule `root`) the text must follow, or None
         self.logprobs = logprobs                   #: None, or how many likeliest tokens to give with each token's
+        #: special tokens whose text it gets (a tool-call marker such as Mistral's [TOOL_CALLS]); the others
+        #: (control tokens) come as "", as llama-cpp-python gives them
+        self.preserved = frozenset(preserved)
         self.cancel = threading.Event()            #: set by anyone: the engine ends the job at its next step
         self.events = queue.Queue()                #: written by the engine's thread, read by the job's owner
         self.admitted = threading.Event()          #: it got a slot (the engine's thread)
@@ -127,12 +130,15 @@ class Engine:
 
     def grammar_refused(self, grammar):
         """Whether llama.cpp refuses a GBNF grammar (asked before a job may take a slot)."""
-        lc = self.llama_cpp
-        sampler = lc.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+        sampler = self._grammar_sampler(grammar)
         if not sampler:
             return True
-        lc.llama_sampler_free(sampler)
+        self.llama_cpp.llama_sampler_free(sampler)
         return False
+
+    def _grammar_sampler(self, grammar):
+        """A sampler of a GBNF grammar whose root rule is `root` (NULL: llama.cpp refused it)."""
+        return self.llama_cpp.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
 
     def load(self):
         """(jobs in slots, jobs waiting)."""
@@ -233,7 +239,7 @@ class Engine:
     def _grammar(self, job):
         if not job.grammar:
             return None
-        grammar = self.llama_cpp.llama_sampler_init_grammar(self.vocab, job.grammar.encode(), b"root")
+        grammar = self._grammar_sampler(job.grammar)
         if not grammar:
             raise ValueError("llama.cpp refused the grammar")
         return grammar
@@ -305,7 +311,7 @@ class Engine:
         slot.generated += 1
         if slot.job.logprobs is not None:
             slot.job.events.put((LOGPROBS, self._logprobs(index, token, slot.job.logprobs)))
-        slot.job.events.put((TOKEN, slot.decoder.decode(self._piece(token))))
+        slot.job.events.put((TOKEN, slot.decoder.decode(self._piece(token, token in slot.job.preserved))))
         if slot.generated >= slot.job.max_tokens or len(slot.cache) + 1 >= self.n_ctx_slot:
             return self._finish(slot, "max_tokens")
         slot.next_token = token
@@ -348,12 +354,12 @@ class Engine:
                            "bytes": list(self._piece(t))}
         return dict(entry(token), top=[entry(t) for t in sorted(best, key=lambda t: -logprobs[t])])
 
-    def _piece(self, token):
+    def _piece(self, token, special=False):
         buf = ctypes.create_string_buffer(64)
-        n = self.llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        n = self.llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = self.llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            n = self.llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
 
     def _finish(self, slot, reason, error=None, locked=False):
