@@ -106,8 +106,10 @@ def test_grammar_constrained_and_plain_requests_in_one_batch_each_get_their_solo
               "required": ["city", "country"]}
 
     def constrained():
-        return api.chat.completions.create(model=model_ref, messages=ask, temperature=0, max_tokens=40, response_format={
-            "type": "json_schema", "json_schema": {"name": "place", "schema": schema}}).choices[0].message.content
+        return api.chat.completions.create(
+            model=model_ref, messages=ask, temperature=0, max_tokens=40,
+            response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}}
+        ).choices[0].message.content
 
     def called():
         return api.chat.completions.create(model=model_ref, messages=ASK, tools=TOOLS, temperature=0, max_tokens=60,
