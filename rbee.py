@@ -55,6 +55,7 @@ library is imported at top level; `backends/` (llama-cpp-python) and huggingface
 imported where they are needed.
 """
 import argparse
+import base64
 import collections
 import contextlib
 import errno
@@ -68,6 +69,7 @@ import shlex
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -134,6 +136,8 @@ RESPONSES_KEPT, RESPONSES_KEPT_BYTES, RESPONSES_TTL = 1000, 64 << 20, 24 * 3600.
 WORKER_HEALTH, WORKER_EXECUTE = ("GET", "/health"), ("POST", "/execute")
 WORKER_CANCEL, WORKER_SHUTDOWN = ("POST", "/cancel"), ("POST", "/shutdown")
 WORKER_TOKENIZE = ("POST", "/tokenize")   # an /execute body's prompt, counted (Anthropic's count_tokens)
+WORKER_EMBED = ("POST", "/embed")         # {input: [text or tokens], truncate}: a normalised vector each
+MAX_EMBED_INPUTS = 2048                   # inputs in one embeddings request (OpenAI's own limit)
 
 HIVE_HEALTH, HIVE_WORKERS = ("GET", "/v1/health"), ("GET", "/v1/workers/list")
 HIVE_SPAWN, HIVE_READY = ("POST", "/v1/workers/spawn"), ("POST", "/v1/workers/ready")
@@ -157,6 +161,7 @@ OPENAI_CHAT, OPENAI_CHAT_BARE = ("POST", "/v1/chat/completions"), ("POST", "/cha
 OPENAI_COMPLETIONS, OPENAI_COMPLETIONS_BARE = ("POST", "/v1/completions"), ("POST", "/completions")
 OPENAI_MODELS, OPENAI_MODELS_BARE = ("GET", "/v1/models"), ("GET", "/models")
 OPENAI_MODEL, OPENAI_MODEL_BARE = ("GET", "/v1/models/{model_id...}"), ("GET", "/models/{model_id...}")
+OPENAI_EMBEDDINGS, OPENAI_EMBEDDINGS_BARE = ("POST", "/v1/embeddings"), ("POST", "/embeddings")
 OPENAI_RESPONSES, OPENAI_RESPONSES_BARE = ("POST", "/v1/responses"), ("POST", "/responses")
 OPENAI_RESPONSE, OPENAI_RESPONSE_BARE = ("GET", "/v1/responses/{response_id}"), ("GET", "/responses/{response_id}")
 OPENAI_RESPONSE_DELETE = ("DELETE", "/v1/responses/{response_id}")
@@ -165,6 +170,7 @@ OPENAI_RESPONSE_DELETE_BARE = ("DELETE", "/responses/{response_id}")
 OLLAMA_ROOT, OLLAMA_ROOT_HEAD, OLLAMA_VERSION = ("GET", "/"), ("HEAD", "/"), ("GET", "/api/version")
 OLLAMA_TAGS, OLLAMA_PS, OLLAMA_SHOW = ("GET", "/api/tags"), ("GET", "/api/ps"), ("POST", "/api/show")
 OLLAMA_CHAT, OLLAMA_GENERATE, OLLAMA_PULL = ("POST", "/api/chat"), ("POST", "/api/generate"), ("POST", "/api/pull")
+OLLAMA_EMBED, OLLAMA_EMBEDDINGS = ("POST", "/api/embed"), ("POST", "/api/embeddings")   # (the second: its older one)
 # ... llama.cpp's server's own fill-in-the-middle (code editors' autocomplete: llama.vim, llama.vscode):
 LLAMACPP_INFILL = ("POST", "/infill")
 # ... Anthropic's Messages API (what the `anthropic` package and Claude Code call):
@@ -1536,6 +1542,10 @@ class WorkerClient(RoleClient):
         """How many tokens the prompt of an /execute body is (its template and tools included)."""
         return self.call(WORKER_TOKENIZE, body, timeout=30.0, attempts=1)["tokens"]
 
+    def embed(self, body):
+        """{embeddings, prompt_tokens, dimensions} of an /embed body."""
+        return self.call(WORKER_EMBED, body, timeout=TOKEN_TIMEOUT * 4, attempts=1)
+
     def execute(self, body, on_busy=None, retries=BUSY_RETRIES):
         """Run a job: yields JobStarted, Narration, Token and ToolCallDelta, then JobEnded; raises the job's
         error. A busy worker (503) is retried after `retries` seconds (`on_busy(delay)` first).
@@ -2089,7 +2099,6 @@ def gguf_metadata(path, find_fim=True, enough=None):
     vocabulary whose text is one of FIM_TOKEN_TEXTS (the token list is read for nothing else).
     `enough(metadata)`: true once the caller has what it needs; the rest is not read (a vocabulary
     of 150k tokens takes a few hundred ms to read past)."""
-    import struct
     wanted = {text.encode(): name for name, texts in FIM_TOKEN_TEXTS.items() for text in texts}
     by_text, n_tokens = {}, None
 
@@ -3060,6 +3069,33 @@ class ChatPrompt:
         return tokens, result.stop
 
 
+EMBED_POOLING = {1: "mean", 2: "CLS", 3: "last", 4: "rank"}   # llama.cpp's LLAMA_POOLING_TYPE_*, named
+
+
+def embed_inputs(body, llm, n_ctx):
+    """An /embed body's inputs as token lists: `input` is a list of texts or of token lists (at most
+    MAX_EMBED_INPUTS); one longer than the context is cut with `truncate`, else a 400 naming it."""
+    items, truncate = body.get("input"), body.get("truncate", False)
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_EMBED_INPUTS:
+        raise invalid("input", "must be a list of 1 to %d texts (or token lists)" % MAX_EMBED_INPUTS)
+    if not isinstance(truncate, bool):
+        raise invalid("truncate", "must be true or false")
+    n_vocab, out = llm.n_vocab(), []
+    for k, item in enumerate(items):
+        if isinstance(item, str) and item:
+            tokens = llm.tokenize(item.encode("utf-8"), add_bos=True, special=False)
+        elif isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) and
+                                                      0 <= t < n_vocab for t in item):
+            tokens = item
+        else:
+            raise invalid("input[%d]" % k, "must be a non-empty text or a list of token ids (0..%d)" % (n_vocab - 1))
+        if len(tokens) > n_ctx and not truncate:
+            raise invalid("input[%d]" % k, "is %d tokens; the model's context holds %d" % (len(tokens), n_ctx),
+                          "Shorten it, or ask for truncation (OpenAI: no; Ollama: truncate: true)")
+        out.append(tokens[:n_ctx])
+    return out
+
+
 class JobOutput:
     """Where a job's text goes: to its stream as `token` events, or, when it may call tools,
     through the parser first, its calls as `tool_call` events."""
@@ -3170,7 +3206,8 @@ class Worker(App):
 
     def __init__(self, args, api_key):
         super().__init__(((WORKER_HEALTH, self.health), (WORKER_EXECUTE, self.execute), (WORKER_CANCEL, self.cancel),
-                          (WORKER_SHUTDOWN, self.shutdown_request), (WORKER_TOKENIZE, self.tokenize)))
+                          (WORKER_SHUTDOWN, self.shutdown_request), (WORKER_TOKENIZE, self.tokenize),
+                          (WORKER_EMBED, self.embed)))
         self.args = args                  #: the command line
         self.api_key = api_key            #: the bearer key of /execute, /cancel, /shutdown
         self.worker_id = args.worker_id or "worker-" + random_id(4)  #: the id its hive gave it (or a random one)
@@ -3188,6 +3225,8 @@ class Worker(App):
         self.engine = None                #: the slots and their decode loop (start; shutdown closes it)
         self.chat = None                  #: the model's chat template, or None (start)
         self.fim = None                   #: the model's fill-in-the-middle prompts (start)
+        self.embedder = None              #: its embeddings context, made by the first /embed (under `embedder_lock`)
+        self.embedder_lock = threading.Lock()   #: guards making `embedder`
         self.memory_mb = 0                #: what the model and its slots' context take (start)
         self.load_ms = None               #: how long the load took (start)
         self.url = None                   #: where the worker answers, for its hive (start)
@@ -3324,6 +3363,25 @@ class Worker(App):
     def tokenize(self, req):
         """The number of tokens of a job's prompt, as /execute would render it."""
         req.send_json(200, {"tokens": len(self.render(Job(req.json, self.args.ctx_size))[0])})
+
+    def embed(self, req):
+        """The L2-normalised embedding of each input, in its order, from a context of their own
+        (backends.engine.Embedder, made on first use: a chat model embeds too, as with Ollama)."""
+        inputs = embed_inputs(req.json, self.llm, self.args.ctx_size)
+        if self.state != WORKER_READY:
+            raise self.busy()
+        with self.embedder_lock:
+            if self.embedder is None:
+                from backends.engine import Embedder
+                self.embedder = Embedder(self.llm, self.args.ctx_size)
+                narrate(ACTOR_LOADER, "embeddings_ready", "Embeddings context ready (%d dimensions, %s pooling)" % (
+                    self.embedder.n_embd, EMBED_POOLING.get(self.embedder.pooling, "its own")), "🧭")
+        started = time.perf_counter()
+        vectors = self.embedder.embed(inputs)
+        self.last_activity = time.time()
+        req.send_json(200, {"embeddings": vectors, "prompt_tokens": sum(map(len, inputs)),
+                            "dimensions": self.embedder.n_embd, "duration_ms": round(
+                                (time.perf_counter() - started) * 1000, 1)})
 
     def execute(self, req):
         job = Job(req.json, self.args.ctx_size)
@@ -3466,6 +3524,8 @@ class Worker(App):
         self.stop_serving()
         narrate(ACTOR_DEVICES, "memory_free", "Freeing %d MB %s" % (
             self.memory_mb, "RAM" if self.args.backend == "cpu" else "VRAM"), "🧹")
+        if self.embedder is not None:
+            self.embedder.close()
         llm, self.llm = self.llm, None
         with contextlib.suppress(Exception):
             llm.close()
@@ -5283,10 +5343,17 @@ class AppJob:
     def count_tokens(self):
         """How many tokens the job's prompt is on a worker of its model (which it may load); no
         generation, no request of /metrics."""
+        return self._on_a_worker(lambda client: client.tokenize(self.body))
+
+    def embed(self):
+        """The worker's /embed answer to the job's body ({input, truncate}) on a worker of its model."""
+        return self._on_a_worker(lambda client: client.embed(self.body))
+
+    def _on_a_worker(self, call):
         with self.metrics.placing:
             assigned = self.scheduler.assign(self.ref, _current_sink(), keep_alive=self.keep_alive)
         try:
-            return self._client(assigned).tokenize(self.body)
+            return call(self._client(assigned))
         finally:
             self.scheduler.release(assigned.handout)
 
@@ -5559,6 +5626,17 @@ def openai_logprobs(pieces, chat):
             "top_logprobs": [{t["token"]: t["logprob"] for t in e["top"]} for e in entries], "text_offset": offsets}
 
 
+def shortened(answer, dimensions):
+    """A worker's /embed vectors cut to their first `dimensions` and normalised again (what a
+    Matryoshka-trained model allows; OpenAI's and Ollama's `dimensions`), or as they are (None)."""
+    if dimensions is None:
+        return answer["embeddings"]
+    if dimensions > answer["dimensions"]:
+        raise invalid("dimensions", "is more than the model's %d" % answer["dimensions"])
+    cut = [v[:dimensions] for v in answer["embeddings"]]
+    return [[x / norm for x in v] if norm else v for v, norm in ((v, sum(x * x for x in v) ** 0.5) for v in cut)]
+
+
 class OpenAIApi:
     """OpenAI's API on the queen: chat and legacy completions, streamed as llama.cpp's server
     streams them, and the models every reachable node has."""
@@ -5572,7 +5650,8 @@ class OpenAIApi:
         return ((OPENAI_CHAT, self.chat), (OPENAI_CHAT_BARE, self.chat),
                 (OPENAI_COMPLETIONS, self.completions), (OPENAI_COMPLETIONS_BARE, self.completions),
                 (OPENAI_MODELS, self.list_models), (OPENAI_MODELS_BARE, self.list_models),
-                (OPENAI_MODEL, self.model), (OPENAI_MODEL_BARE, self.model))
+                (OPENAI_MODEL, self.model), (OPENAI_MODEL_BARE, self.model),
+                (OPENAI_EMBEDDINGS, self.embeddings), (OPENAI_EMBEDDINGS_BARE, self.embeddings))
 
     def chat(self, req):
         body = req.json
@@ -5635,6 +5714,27 @@ class OpenAIApi:
             if stream_usage:
                 stream.data(dict(chunk, choices=[], usage=app.usage()))
             stream.done()
+
+    def embeddings(self, req):
+        """OpenAI's embeddings: `input` a text, a list of texts, a token list or a list of them;
+        `encoding_format` float or base64 (little-endian float32, what the `openai` package asks
+        for); `dimensions` keeps the first ones, normalised again. An input over the context is a 400."""
+        body = req.json
+        items = body.get("input")
+        if isinstance(items, str) or isinstance(items, list) and items and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in items):
+            items = [items]
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise invalid("encoding_format", 'must be "float" or "base64"')
+        app = AppJob(self.scheduler, self.metrics, self.models.named(body.get("model")), {"input": items}, None)
+        answer = app.embed()
+        vectors = shortened(answer, number_field(body, "dimensions", None, 1, 1 << 20, integer=True))
+        data = [{"object": "embedding", "index": k, "embedding": v if encoding == "float" else base64.b64encode(
+            struct.pack("<%df" % len(v), *v)).decode()} for k, v in enumerate(vectors)]
+        tokens = answer["prompt_tokens"]
+        req.send_json(200, {"object": "list", "data": data, "model": body["model"],
+                            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     def list_models(self, req):
         req.send_json(200, {"object": "list", "data": [self._model(m) for m in self.models.listing()]})
@@ -6073,7 +6173,8 @@ class OllamaApi:
     def routes(self):
         return ((OLLAMA_ROOT, self.root), (OLLAMA_ROOT_HEAD, self.root), (OLLAMA_VERSION, self.version),
                 (OLLAMA_TAGS, self.tags), (OLLAMA_PS, self.ps), (OLLAMA_SHOW, self.show), (OLLAMA_CHAT, self.chat),
-                (OLLAMA_GENERATE, self.generate), (OLLAMA_PULL, self.pull))
+                (OLLAMA_GENERATE, self.generate), (OLLAMA_PULL, self.pull), (OLLAMA_EMBED, self.embed),
+                (OLLAMA_EMBEDDINGS, self.embeddings))
 
     def root(self, req):
         write_body(req.handler, 200, "text/plain; charset=utf-8", b"rbee is running",
@@ -6213,6 +6314,31 @@ class OllamaApi:
                 stream.line(piece("", calls=app.tool_calls()))
             stream.line(piece("", True))
             stream.close()
+
+    def embed(self, req):
+        """Ollama's embed: `input` a text or a list of them, `truncate` (true: an input over the
+        context is cut, as Ollama does), `dimensions`, `keep_alive`."""
+        body = req.json
+        items = body.get("input")
+        truncate = body.get("truncate", True)
+        job = {"input": [items] if isinstance(items, str) else items, "truncate": truncate}
+        app = AppJob(self.scheduler, self.metrics, self.models.named(body.get("model")), job, keep_alive_of(body, None))
+        answer = app.embed()
+        ns = int((time.monotonic() - app.accepted) * 1e9)
+        req.send_json(200, {"model": body["model"], "embeddings": shortened(answer, number_field(
+            body, "dimensions", None, 1, 1 << 20, integer=True)), "total_duration": ns,
+            "load_duration": max(0, ns - int(answer.get("duration_ms", 0) * 1e6)),
+            "prompt_eval_count": answer["prompt_tokens"]})
+
+    def embeddings(self, req):
+        """Ollama's older embeddings: `prompt` -> `embedding` (normalised, as /api/embed's)."""
+        body = req.json
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise invalid("prompt", "must be a string")
+        app = AppJob(self.scheduler, self.metrics, self.models.named(body.get("model")),
+                     {"input": [prompt], "truncate": True}, keep_alive_of(body, None))
+        req.send_json(200, {"embedding": app.embed()["embeddings"][0]})
 
     def _load(self, req, body):
         ref, keep_alive = self.models.named(body.get("model")), keep_alive_of(body, None)

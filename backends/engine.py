@@ -391,3 +391,85 @@ def common_prefix(a, b):
             break
         n += 1
     return n
+
+
+class Embedder:
+    """Embeddings of a loaded model in a context of their own (embeddings on, no logits): the
+    generation slots go on undisturbed beside it. The pooling is the model's (mean, CLS, last,
+    rank); a model that declares none (a chat model) is pooled by mean. Inputs go into one batch,
+    a sequence each, as many as fit; vectors come L2-normalised. One request at a time (`lock`)."""
+
+    MAX_SEQUENCES = 16     # sequences in one decode
+
+    def __init__(self, llm, n_ctx):
+        import llama_cpp
+        self.llama_cpp = llama_cpp
+        self.model = llm._model.model
+        self.n_ctx = n_ctx                              #: the longest input, in tokens (the whole of it in one ubatch)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
+        params.n_seq_max = self.MAX_SEQUENCES
+        params.kv_unified = True                        # (the sequences share the cells: n_ctx tokens in all)
+        params.embeddings = True
+        params.n_threads = llm.context_params.n_threads
+        params.n_threads_batch = llm.context_params.n_threads_batch
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        params.no_perf = True
+        self.ctx = self._context(params)                #: its context (under `lock`)
+        if llama_cpp.llama_pooling_type(self.ctx) == llama_cpp.LLAMA_POOLING_TYPE_NONE:
+            llama_cpp.llama_free(self.ctx)
+            params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+            self.ctx = self._context(params)
+        self.pooling = llama_cpp.llama_pooling_type(self.ctx)   #: the pooling it uses (LLAMA_POOLING_TYPE_*)
+        self.n_embd = llama_cpp.llama_model_n_embd(self.model)   #: a vector's dimension
+        self.encoder_only = llama_cpp.llama_model_has_encoder(self.model) and not llama_cpp.llama_model_has_decoder(
+            self.model)                                 #: BERT-like: llama_encode, not llama_decode
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.batch = llama_cpp.llama_batch_init(n_ctx, 0, self.MAX_SEQUENCES)
+        self.lock = threading.Lock()                    #: one request at a time in the context
+
+    def _context(self, params):
+        ctx = self.llama_cpp.llama_init_from_model(self.model, params)
+        if not ctx:
+            raise RuntimeError("llama.cpp could not create an embeddings context of %d tokens" % params.n_ctx)
+        return ctx
+
+    def embed(self, inputs):
+        """The L2-normalised vector of each token list in `inputs` (each at most n_ctx tokens)."""
+        out = []
+        with self.lock:
+            group, size = [], 0
+            for tokens in inputs:
+                if group and (size + len(tokens) > self.n_ctx or len(group) == self.MAX_SEQUENCES):
+                    out += self._decode(group)
+                    group, size = [], 0
+                group.append(tokens)
+                size += len(tokens)
+            out += self._decode(group) if group else []
+        return out
+
+    def _decode(self, group):
+        import numpy
+        lc, batch = self.llama_cpp, self.batch
+        lc.llama_memory_clear(self.memory, True)
+        batch.n_tokens = 0
+        for seq, tokens in enumerate(group):
+            for pos, token in enumerate(tokens):
+                i = batch.n_tokens
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, True
+                batch.seq_id[i][0] = seq
+                batch.n_tokens = i + 1
+        code = (lc.llama_encode if self.encoder_only else lc.llama_decode)(self.ctx, batch)
+        if code != 0:
+            raise RuntimeError("llama.cpp's embedding decode returned %d" % code)
+        vectors = []
+        for seq in range(len(group)):
+            vector = numpy.ctypeslib.as_array(lc.llama_get_embeddings_seq(self.ctx, seq), shape=(self.n_embd,))
+            norm = float(numpy.linalg.norm(vector))
+            vectors.append((vector / norm if norm > 0 else vector).astype(float).tolist())
+        return vectors
+
+    def close(self):
+        with self.lock:
+            self.llama_cpp.llama_batch_free(self.batch)
+            self.llama_cpp.llama_free(self.ctx)
