@@ -7154,6 +7154,27 @@ class Keeper:
             self.show_timings(end)
         return 0
 
+    def embed(self):
+        """`rbee.py embed`: a worker of the model (placed by the queen, as infer's), then the
+        vector of each text, one JSON array a line on stdout (--json: {index, embedding, ...})."""
+        args = self.args
+        try:
+            ref = ModelRef.parse(args.model)
+        except InvalidModelRef:
+            ref = NodeRegistry().model_ref(args.model)
+        self.ensure_queen()
+        task = dict({"model": ref.text}, **{k: getattr(args, k) for k in ("node", "keep_alive")
+                                            if getattr(args, k) is not None})
+        worker = self.queen.task(task, self.show)
+        client = WorkerClient(worker["worker_url"], worker["api_key"], worker["worker_id"], worker.get("node"))
+        answer = client.embed({"input": args.texts, "truncate": args.truncate})
+        for k, vector in enumerate(answer["embeddings"]):
+            self.write_out(json.dumps(vector) + "\n", {"event": "embedding", "index": k, "embedding": vector,
+                                                       "dimensions": answer["dimensions"]})
+        self.say("embedded", "%d vectors of %d dimensions (%d tokens)" % (
+            len(answer["embeddings"]), answer["dimensions"], answer["prompt_tokens"]), "🧭")
+        return 0
+
     def execute(self, worker):
         """Run the job on the worker; text (or --json events) to stdout as it streams. Ctrl-C, a
         reader that goes away and errors cancel the job there (WorkerClient.execute)."""
@@ -7654,6 +7675,17 @@ def build_parser():
         if verb == "install":
             n.add_argument("--no-venv", action="store_true", help="copy the files only")
     s.set_defaults(func=cmd_nodes)
+
+    s = sub.add_parser("embed", help="the embedding of each text (a worker of the model, placed as infer's)")
+    s.add_argument("texts", nargs="+", metavar="TEXT")
+    s.add_argument("--model", required=True, help="hf:ORG/REPO[:FILE_OR_QUANT], file:/abs/path.gguf or an alias")
+    s.add_argument("--node", help="the node to run on (default: the queen chooses)")
+    s.add_argument("--truncate", action="store_true", help="cut a text longer than the context (default: an error)")
+    s.add_argument("--keep-alive", type=keep_alive_arg, help="how long the worker stays loaded when idle")
+    s.add_argument("--queen", help="queen URL (default %s, or $RBEE_QUEEN_URL)" % DEFAULT_QUEEN_URL)
+    s.add_argument("--quiet", action="store_true", help="no narration (errors stay)")
+    s.add_argument("--json", action="store_true", help="one JSON object a vector on stdout")
+    s.set_defaults(func=lambda a: _with_keeper(a, Keeper.embed))
 
     s = sub.add_parser("models", help="the model catalog of this machine or of --node")
     models = s.add_subparsers(dest="models_cmd", required=True, parser_class=ArgumentParser)

@@ -11,7 +11,7 @@ import ollama
 import openai
 import pytest
 
-from conftest import raw_request, worker_threads
+from conftest import assert_no_rbee_left, raw_request, run_rbee, worker_threads
 
 TEXTS = ["The cat sat on the mat.", "Paris is the capital of France.", "def add(a, b): return a + b",
          "A long sentence about the weather in the mountains, where it rains a lot in spring."]
@@ -86,3 +86,18 @@ def test_bad_input_is_a_400_in_each_apis_shape(queen, model_ref, value):
                                                                                         "input": value})
     assert resp.status == 400 and isinstance(json.loads(resp.read())["error"], str)
     conn.close()
+
+
+def test_the_embed_command_prints_a_vector_a_line_and_leaves_nothing(env, model_ref, reference_vectors, tmp_path):
+    done = run_rbee(["embed", "--model", model_ref, TEXTS[0], TEXTS[1]], env)
+    assert done.returncode == 0, done.stderr
+    vectors = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(vectors) == 2 and close(vectors[0], reference_vectors[0]) and close(vectors[1], reference_vectors[1])
+    assert "2 vectors of 576 dimensions" in done.stderr
+    as_json = run_rbee(["embed", "--model", model_ref, "--json", "--quiet", TEXTS[2]], env)
+    assert as_json.returncode == 0 and as_json.stderr == ""
+    event, = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert event["event"] == "embedding" and event["index"] == 0 and close(event["embedding"], reference_vectors[2])
+    refused = run_rbee(["embed", "--model", model_ref, "word " * 3000], env)
+    assert refused.returncode != 0 and "context" in refused.stderr and not refused.stdout
+    assert_no_rbee_left(str(tmp_path))   # (each command's ephemeral queen, its hive and worker: gone)
