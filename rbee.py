@@ -2176,6 +2176,27 @@ def gguf_layers(path):
     return metadata.get(key(metadata))
 
 
+# What a model is for, read from its GGUF: chat models generate (and embed too, pooled by mean);
+# embedding models (a pooling declared, or an encoder's architecture) only embed; rerankers (rank
+# pooling) only score pairs. The scheduler places them all alike; the worker refuses the others' requests.
+KIND_CHAT, KIND_EMBEDDING, KIND_RERANK = "chat", "embedding", "rerank"
+ENCODER_ARCHITECTURES = ("bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
+                         "neo-bert", "eurobert", "t5encoder")
+POOLING_RANK = 4                     # llama.cpp's LLAMA_POOLING_TYPE_RANK
+
+
+def model_kind(metadata):
+    """KIND_CHAT, KIND_EMBEDDING or KIND_RERANK of a GGUF's metadata (values typed, or strings as
+    llama-cpp-python's Llama.metadata has them)."""
+    architecture = str(metadata.get("general.architecture") or "")
+    pooling = str(metadata.get("%s.pooling_type" % architecture, ""))
+    if pooling == str(POOLING_RANK):
+        return KIND_RERANK
+    if pooling not in ("", "0") or architecture in ENCODER_ARCHITECTURES:
+        return KIND_EMBEDDING
+    return KIND_CHAT
+
+
 def choose_gguf(filenames, selector=None):
     """The file of a GGUF repo to download: the selector (an exact name or a quantisation tag),
     else the only .gguf, else by QUANT_PREFERENCE; never a split part other than the first."""
@@ -3225,6 +3246,7 @@ class Worker(App):
         self.engine = None                #: the slots and their decode loop (start; shutdown closes it)
         self.chat = None                  #: the model's chat template, or None (start)
         self.fim = None                   #: the model's fill-in-the-middle prompts (start)
+        self.kind = KIND_CHAT             #: what its model is for: chat, embedding or rerank (start)
         self.embedder = None              #: its embeddings context, made by the first /embed (under `embedder_lock`)
         self.embedder_lock = threading.Lock()   #: guards making `embedder`
         self.memory_mb = 0                #: what the model and its slots' context take (start)
@@ -3255,6 +3277,7 @@ class Worker(App):
         self.llm = self.backend.load(args.model, args.device, 64, **self.split_options())
         self.engine = Engine(self.llm, args.parallel, args.ctx_size)
         self.load_ms = int((time.monotonic() - started) * 1000)
+        self.kind = model_kind(self.llm.metadata)
         self.chat = ChatPrompt.for_model(self.llm)
         self.fim = FimPrompt(self.llm)
         # what exists now (llama_cpp, numpy, the model's objects) lives as long as the worker: keep
@@ -3311,7 +3334,7 @@ class Worker(App):
                             else 0,
                             "queue_length": waiting, "max_queue": self.args.max_queue, "jobs_total": self.jobs_total,
                             "ctx_per_slot": self.args.ctx_size, "ctx_total": self.args.ctx_size * self.args.parallel,
-                            "kv_cache_mb": self.engine.kv_mb if self.engine else 0,
+                            "kv_cache_mb": self.engine.kv_mb if self.engine else 0, "kind": self.kind,
                             "last_activity_unix": int(self.last_activity), "version": __version__})
 
     def cancel(self, req):
@@ -3362,7 +3385,16 @@ class Worker(App):
 
     def tokenize(self, req):
         """The number of tokens of a job's prompt, as /execute would render it."""
+        self.generates()
         req.send_json(200, {"tokens": len(self.render(Job(req.json, self.args.ctx_size))[0])})
+
+    def generates(self):
+        """400 for a generation asked of an embedding model or a reranker."""
+        if self.kind != KIND_CHAT:
+            raise invalid("model", "is %s model: it does not generate text" % (
+                "an embedding" if self.kind == KIND_EMBEDDING else "a reranking"),
+                "Ask it for embeddings (/v1/embeddings, /api/embed)" if self.kind == KIND_EMBEDDING
+                else "Ask it to rank documents (/v1/rerank)")
 
     def embed(self, req):
         """The L2-normalised embedding of each input, in its order, from a context of their own
@@ -3384,6 +3416,7 @@ class Worker(App):
                                 (time.perf_counter() - started) * 1000, 1)})
 
     def execute(self, req):
+        self.generates()
         job = Job(req.json, self.args.ctx_size)
         prompt_tokens, template_stop = self.render(job)
         job.stop = job.stop + [s for s in template_stop or [] if s not in job.stop]
@@ -6217,9 +6250,8 @@ class OllamaApi:
         else:
             if failed:
                 raise failed
-        architecture = metadata.get("general.architecture") or ""
         template = metadata.get("tokenizer.chat_template") or ""
-        if "%s.pooling_type" % architecture in metadata or "bert" in architecture:
+        if model_kind(metadata) != KIND_CHAT:
             capabilities = ["embedding"]
         else:   # (rbee gives tool calls to every model with a chat template)
             capabilities = ["completion"] + (["tools"] if template else []) + (

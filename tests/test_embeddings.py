@@ -11,6 +11,8 @@ import ollama
 import openai
 import pytest
 
+import rbee
+
 from conftest import assert_no_rbee_left, raw_request, run_rbee, worker_threads
 
 TEXTS = ["The cat sat on the mat.", "Paris is the capital of France.", "def add(a, b): return a + b",
@@ -101,3 +103,16 @@ def test_the_embed_command_prints_a_vector_a_line_and_leaves_nothing(env, model_
     refused = run_rbee(["embed", "--model", model_ref, "word " * 3000], env)
     assert refused.returncode != 0 and "context" in refused.stderr and not refused.stdout
     assert_no_rbee_left(str(tmp_path))   # (each command's ephemeral queen, its hive and worker: gone)
+
+
+@pytest.mark.parametrize("metadata, kind", [
+    ({"general.architecture": "llama"}, "chat"),                                    # the test model
+    ({"general.architecture": "llama", "llama.pooling_type": "0"}, "chat"),        # (pooling none: a chat model)
+    ({"general.architecture": "nomic-bert", "nomic-bert.pooling_type": 1}, "embedding"),
+    ({"general.architecture": "bert"}, "embedding"),
+    ({"general.architecture": "qwen3", "qwen3.pooling_type": "3"}, "embedding"),  # Qwen3-Embedding: last token
+    ({"general.architecture": "bert", "bert.pooling_type": 4}, "rerank"),          # bge-reranker
+])
+def test_what_a_model_is_for_comes_from_its_gguf(metadata, kind):
+    assert rbee.model_kind(metadata) == kind
+
