@@ -14,6 +14,7 @@ a start-up path would cost 10 s; a private sshd on loopback where namespaces are
 peer (`python -m llama_cpp.server`, streamed /v1/completions), footprint (resident memory of the
 queen, the hive, and the worker minus a process holding just the raw model).
 """
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -262,6 +263,9 @@ def main():
         if wanted("tools"):
             print("tools ...", file=sys.stderr)
             results["tools"] = tools_scenario(model, env)
+        if wanted("embeddings"):
+            print("embeddings ...", file=sys.stderr)
+            results["embeddings"] = embeddings_scenario(model, env)
         results["raw"] = summarize(baseline.runs[1:])
         results["raw"]["load_s"] = round(baseline.load_s, 3)
         baseline.close()
@@ -519,6 +523,68 @@ def tools_scenario(model, env):
     return out
 
 
+WORDS = ("river stone garden window music paper light winter market silver forest engine harbor planet "
+         "letter mountain kitchen thunder bridge candle ocean meadow castle pocket").split()
+
+
+def embedding_inputs(n=256, words=55):
+    """`n` distinct texts of about 60 tokens each, the same in every run."""
+    return [" ".join(WORDS[(k * 7 + j * (k % 5 + 1)) % len(WORDS)] for j in range(words)) + " %d." % k
+            for k in range(n)]
+
+
+def embed_over_http(port, model, texts, headers):
+    import urllib.request
+    body = json.dumps({"model": model, "input": texts, "encoding_format": "float"}).encode()
+    request = urllib.request.Request("http://127.0.0.1:%d/v1/embeddings" % port, body,
+                                     dict({"Content-Type": "application/json"}, **headers))
+    with urllib.request.urlopen(request, timeout=600) as resp:
+        data = json.loads(resp.read())["data"]
+    assert len(data) == len(texts), len(data)
+    return data
+
+
+def embeddings_scenario(model, env):
+    """Embeddings throughput, inputs a second: 256 inputs of about 60 tokens in one request, and
+    the same as 8 concurrent requests of 32; rbee's queen (its worker warm) against llama.cpp's
+    `llama-server --embeddings --pooling mean` (rbee's pooling of a chat model), the same model
+    and threads, runs alternated."""
+    texts = embedding_inputs()
+    qport = free_port()
+    queen = role(["queen", "--port", str(qport)], env)
+    try:
+        with llama_server(model, env, ["--embeddings", "--pooling", "mean", "-np", "8", "-c", str(8 * N_CTX),
+                                       "-b", str(N_CTX), "-ub", str(N_CTX)]) as (port, skipped):
+            if port is None:
+                return {"skipped": skipped}
+            servers = [("rbee_queen", qport, "file:" + model), ("llama_server", port, model)]
+
+            def one_request(port, name):
+                t0 = time.perf_counter()
+                embed_over_http(port, name, texts, {})
+                return len(texts) / (time.perf_counter() - t0)
+
+            def eight_requests(port, name):
+                t0 = time.perf_counter()
+                with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                    list(pool.map(lambda k: embed_over_http(port, name, texts[k::8], {}), range(8)))
+                return len(texts) / (time.perf_counter() - t0)
+            for _, port_, name in servers:   # warm-up: the queen places the model, both fill their caches
+                one_request(port_, name)
+            runs = {(server, how): [] for server, _, _ in servers for how in ("one_request", "eight_requests")}
+            for i in range(RUNS):   # one first, then the other first: a drifting machine favours neither
+                for server, port_, name in servers if i % 2 == 0 else servers[::-1]:
+                    runs[(server, "one_request")].append(one_request(port_, name))
+                    runs[(server, "eight_requests")].append(eight_requests(port_, name))
+    finally:
+        stop(queen)
+    out = {how: {server: stats(runs[(server, how)]) for server, _, _ in servers}
+           for how in ("one_request", "eight_requests")}
+    for how, table in out.items():
+        table["ratio"] = round(table["rbee_queen"]["median"] / table["llama_server"]["median"], 3)
+    return out
+
+
 def percentile(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
@@ -703,6 +769,16 @@ def print_table(r):
         print("\napi: the openai package streaming a chat completion, %d runs (median [min-max])" % RUNS)
         print_pair(api, ("rbee_queen", "llama_cpp_server"))
         print("rbee vs llama_cpp.server: tok/s x%.3f, ttft %+.1f ms" % (api["tok_s_ratio"], api["ttft_diff_ms"]))
+    embeddings = r.get("embeddings") or {}
+    if "one_request" in embeddings:
+        print("\nembeddings: 256 inputs of about 60 tokens, inputs a second, %d runs (median [min-max])" % RUNS)
+        for how in ("one_request", "eight_requests"):
+            table = embeddings[how]
+            print("%-16s rbee %.1f [%.1f-%.1f]  llama-server %.1f [%.1f-%.1f]  rbee x%.3f" % (
+                how, *(table[s][m] for s in ("rbee_queen", "llama_server") for m in ("median", "min", "max")),
+                table["ratio"]))
+    elif embeddings:
+        print("\nembeddings: %s" % embeddings.get("skipped"))
     tools = r.get("tools") or {}
     for kind, table in ((k, tools[k]) for k in ("tool_call", "json_schema") if k in tools):
         print("\ntools, %s: get_weather's arguments streamed by the openai package, request to parsed object, "
