@@ -9,6 +9,7 @@ Sections:
   4. authentication where the network reaches (item 13)
 """
 import collections
+import errno
 import json
 import os
 import random
@@ -648,16 +649,23 @@ def broken_gguf(tmp_path):
 
 
 def time_wait_on(port):
-    """Leave 127.0.0.1:`port` in TIME_WAIT (the server side closes first, as a worker's does)."""
+    """Leave 127.0.0.1:`port` in TIME_WAIT (the server side closes first, as a worker's does);
+    False when another process listens there now (another test's worker took it)."""
     with socket.socket() as server:
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.bind(("127.0.0.1", port))
+        try:
+            server.bind(("127.0.0.1", port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            return False
         server.listen(1)
         client = socket.create_connection(("127.0.0.1", port))
         conn, _ = server.accept()
         conn.close()   # active close: this end goes to TIME_WAIT
         time.sleep(0.05)
         client.close()
+    return True
     out = subprocess.run(["ss", "-Htan", "state", "time-wait", "( sport = :%d )" % port], capture_output=True,
                          text=True).stdout
     assert "127.0.0.1:%d" % port in out, out
@@ -667,8 +675,10 @@ def test_item7_a_worker_that_cannot_load_is_started_once_even_with_its_port_in_t
                                                                                          rbee_home):
     hive = start_role("hive")
     model = broken_gguf(tmp_path)
-    ports = []
-    for run in range(2):
+
+    def spawn_that_fails():
+        """A spawn of the model that cannot load: one worker start, its crash; the port it had."""
+        logs = len(list((rbee_home / "logs").glob("worker-*.log")))
         conn, resp = raw_request(hive.port, "POST", "/v1/workers/spawn",
                                  {"model_ref": "file:%s" % model, "backend": "cpu", "device": 0}, key=HIVE_TOKEN,
                                  timeout=120)
@@ -680,10 +690,17 @@ def test_item7_a_worker_that_cannot_load_is_started_once_even_with_its_port_in_t
         starts = [d for e, d in events if e == "narration" and d["human"].startswith("Worker starting on port")]
         assert len(starts) == 1, [d["human"] for e, d in events if e == "narration"]
         assert not [d for e, d in events if e == "narration" and d["action"] == "worker_port_taken"]
-        assert len(list((rbee_home / "logs").glob("worker-*.log"))) == run + 1   # one worker start per spawn
-        ports.append(int(starts[0]["human"].rsplit(" ", 1)[1]))
-        if run == 0:
-            time_wait_on(ports[0])   # the port the next worker will be given, now in TIME_WAIT
+        assert len(list((rbee_home / "logs").glob("worker-*.log"))) == logs + 1   # one worker start per spawn
+        return int(starts[0]["human"].rsplit(" ", 1)[1])
+    # the port the next worker will be given, put in TIME_WAIT (again if another test's worker
+    # took it between the crash and now: with two tests at a time that happens)
+    for _ in range(5):
+        ports = [spawn_that_fails()]
+        if time_wait_on(ports[0]):
+            break
+    else:
+        pytest.fail("another process held the crashed worker's port each of 5 times")
+    ports.append(spawn_that_fails())
     # TIME_WAIT is no lost port: the same one again, or a lower one another test's worker held
     # before and let go since, never one past it (unless another test's worker took it meanwhile)
     assert ports[1] <= ports[0] or port_open("127.0.0.1", ports[0]), ports
