@@ -138,6 +138,8 @@ WORKER_CANCEL, WORKER_SHUTDOWN = ("POST", "/cancel"), ("POST", "/shutdown")
 WORKER_TOKENIZE = ("POST", "/tokenize")   # an /execute body's prompt, counted (Anthropic's count_tokens)
 WORKER_EMBED = ("POST", "/embed")         # {input: [text or tokens], truncate}: a normalised vector each
 MAX_EMBED_INPUTS = 2048                   # inputs in one embeddings request (OpenAI's own limit)
+WORKER_RERANK = ("POST", "/rerank")       # {query, documents: [text], truncate}: a reranker's score each
+MAX_RERANK_DOCUMENTS = 1000               # documents in one rerank request (Cohere's own limit)
 
 HIVE_HEALTH, HIVE_WORKERS = ("GET", "/v1/health"), ("GET", "/v1/workers/list")
 HIVE_SPAWN, HIVE_READY = ("POST", "/v1/workers/spawn"), ("POST", "/v1/workers/ready")
@@ -171,6 +173,8 @@ OLLAMA_ROOT, OLLAMA_ROOT_HEAD, OLLAMA_VERSION = ("GET", "/"), ("HEAD", "/"), ("G
 OLLAMA_TAGS, OLLAMA_PS, OLLAMA_SHOW = ("GET", "/api/tags"), ("GET", "/api/ps"), ("POST", "/api/show")
 OLLAMA_CHAT, OLLAMA_GENERATE, OLLAMA_PULL = ("POST", "/api/chat"), ("POST", "/api/generate"), ("POST", "/api/pull")
 OLLAMA_EMBED, OLLAMA_EMBEDDINGS = ("POST", "/api/embed"), ("POST", "/api/embeddings")   # (the second: its older one)
+# ... reranking, in the shape Jina's and Cohere's clients, llama.cpp's server and Open WebUI's external reranker share:
+RERANK, RERANK_BARE = ("POST", "/v1/rerank"), ("POST", "/rerank")
 # ... llama.cpp's server's own fill-in-the-middle (code editors' autocomplete: llama.vim, llama.vscode):
 LLAMACPP_INFILL = ("POST", "/infill")
 # ... Anthropic's Messages API (what the `anthropic` package and Claude Code call):
@@ -178,7 +182,7 @@ ANTHROPIC_MESSAGES, ANTHROPIC_COUNT_TOKENS = ("POST", "/v1/messages"), ("POST", 
 # ... and the paths whose errors each API shapes its own way (Queen.error_body; llama.cpp's server
 # answers every error in OpenAI's shape; Anthropic's first: its paths are under OpenAI's /v1/ too)
 ANTHROPIC_PATHS = ("/v1/messages",)
-OPENAI_PATHS = ("/v1/", "/chat/", "/completions", "/models", "/responses", LLAMACPP_INFILL[1])
+OPENAI_PATHS = ("/v1/", "/chat/", "/completions", "/models", "/responses", LLAMACPP_INFILL[1], RERANK_BARE[1])
 OLLAMA_PATHS = ("/api/",)
 
 # SSE events. Every stream ends with exactly one of TERMINAL_EVENTS. The keeper's `--json` lines
@@ -1545,6 +1549,10 @@ class WorkerClient(RoleClient):
     def embed(self, body):
         """{embeddings, prompt_tokens, dimensions} of an /embed body."""
         return self.call(WORKER_EMBED, body, timeout=TOKEN_TIMEOUT * 4, attempts=1)
+
+    def rerank(self, body):
+        """{scores, prompt_tokens} of a /rerank body."""
+        return self.call(WORKER_RERANK, body, timeout=TOKEN_TIMEOUT * 4, attempts=1)
 
     def execute(self, body, on_busy=None, retries=BUSY_RETRIES):
         """Run a job: yields JobStarted, Narration, Token and ToolCallDelta, then JobEnded; raises the job's
@@ -3117,6 +3125,67 @@ def embed_inputs(body, llm, n_ctx):
     return out
 
 
+def rerank_request(body):
+    """(query, documents, truncate) of a /rerank body: 400 naming the field that is not a non-empty
+    query, a list of 1 to MAX_RERANK_DOCUMENTS texts, or true/false (the queen asks it first, so
+    that no model is loaded for a bad request)."""
+    query, documents, truncate = body.get("query"), body.get("documents"), body.get("truncate", False)
+    if not isinstance(query, str) or not query:
+        raise invalid("query", "must be a non-empty text")
+    if not isinstance(documents, list) or not 1 <= len(documents) <= MAX_RERANK_DOCUMENTS:
+        raise invalid("documents", "must be a list of 1 to %d texts" % MAX_RERANK_DOCUMENTS)
+    for k, document in enumerate(documents):
+        if not isinstance(document, str):
+            raise invalid("documents[%d]" % k, "must be a text (or, to the queen, an object with a text)")
+    if not isinstance(truncate, bool):
+        raise invalid("truncate", "must be true or false")
+    return query, documents, truncate
+
+
+def rerank_inputs(body, llm, n_ctx):
+    """A /rerank body's (query, document) pairs as token lists (rerank_tokens); a pair longer than
+    the context has its document cut with `truncate`, else a 400 naming it."""
+    query, documents, truncate = rerank_request(body)
+    out = []
+    for k, document in enumerate(documents):
+        tokens = rerank_tokens(llm, query, document)
+        if len(tokens) > n_ctx and truncate:
+            tokens = rerank_tokens(llm, query, document, n_ctx)
+        if len(tokens) > n_ctx:
+            raise invalid("query" if truncate else "documents[%d]" % k, "with the document is %d tokens; the "
+                          "model's context holds %d" % (len(tokens), n_ctx), "Shorten it" if truncate else
+                          "Shorten it, or ask for truncation (truncate: true)")
+        out.append(tokens)
+    return out
+
+
+def rerank_tokens(llm, query, document, n_ctx=None):
+    """A (query, document) pair as llama.cpp's server gives it to a reranker (format_prompt_rerank):
+    the GGUF's `tokenizer.chat_template.rerank` with {query} and {document} put in (special tokens
+    read), else `[BOS] query [EOS] [SEP] document [EOS]`, each special only where the vocabulary
+    asks for it (add_bos, add_eos, add_sep) and SEP for a missing EOS. With `n_ctx`, the document
+    is cut until the pair fits (when the rest leaves room for it)."""
+    import llama_cpp as lc
+    vocab = llm._model.vocab
+    tokenize = lambda text, special=False: llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+    eos, sep = lc.llama_vocab_eos(vocab), lc.llama_vocab_sep(vocab)
+    eos = sep if eos == lc.LLAMA_TOKEN_NULL else eos
+    bos, eos, sep = ([token] if asked(vocab) else [] for token, asked in (
+        (lc.llama_vocab_bos(vocab), lc.llama_vocab_get_add_bos), (eos, lc.llama_vocab_get_add_eos),
+        (sep, lc.llama_vocab_get_add_sep)))
+    template = llm.metadata.get("tokenizer.chat_template.rerank")
+    document_tokens = tokenize(document)
+    while True:
+        if template is not None:
+            tokens = tokenize(template.replace("{query}", query).replace("{document}", document), special=True)
+        else:
+            tokens = bos + tokenize(query) + eos + sep + document_tokens + eos
+        if n_ctx is None or len(tokens) <= n_ctx or not document_tokens:
+            return tokens
+        document_tokens = document_tokens[:max(0, len(document_tokens) - (len(tokens) - n_ctx))]
+        document = llm.detokenize(document_tokens).decode("utf-8", "ignore")
+
+
 class JobOutput:
     """Where a job's text goes: to its stream as `token` events, or, when it may call tools,
     through the parser first, its calls as `tool_call` events."""
@@ -3228,7 +3297,7 @@ class Worker(App):
     def __init__(self, args, api_key):
         super().__init__(((WORKER_HEALTH, self.health), (WORKER_EXECUTE, self.execute), (WORKER_CANCEL, self.cancel),
                           (WORKER_SHUTDOWN, self.shutdown_request), (WORKER_TOKENIZE, self.tokenize),
-                          (WORKER_EMBED, self.embed)))
+                          (WORKER_EMBED, self.embed), (WORKER_RERANK, self.rerank)))
         self.args = args                  #: the command line
         self.api_key = api_key            #: the bearer key of /execute, /cancel, /shutdown
         self.worker_id = args.worker_id or "worker-" + random_id(4)  #: the id its hive gave it (or a random one)
@@ -3247,8 +3316,11 @@ class Worker(App):
         self.chat = None                  #: the model's chat template, or None (start)
         self.fim = None                   #: the model's fill-in-the-middle prompts (start)
         self.kind = KIND_CHAT             #: what its model is for: chat, embedding or rerank (start)
-        self.embedder = None              #: its embeddings context, made by the first /embed (under `embedder_lock`)
+        self.embedder = None              #: its embeddings context, made on first use (under `embedder_lock`)
         self.embedder_lock = threading.Lock()   #: guards making `embedder`
+        #: the longest input it embeds or pair it ranks, in tokens: the slot's context, or the model's trained
+        #: one where shorter (a BERT has a position embedding for so many tokens, none past them) (start)
+        self.embed_ctx = args.ctx_size
         self.memory_mb = 0                #: what the model and its slots' context take (start)
         self.load_ms = None               #: how long the load took (start)
         self.url = None                   #: where the worker answers, for its hive (start)
@@ -3278,6 +3350,7 @@ class Worker(App):
         self.engine = Engine(self.llm, args.parallel, args.ctx_size)
         self.load_ms = int((time.monotonic() - started) * 1000)
         self.kind = model_kind(self.llm.metadata)
+        self.embed_ctx = min(args.ctx_size, self.llm._model.n_ctx_train())
         self.chat = ChatPrompt.for_model(self.llm)
         self.fim = FimPrompt(self.llm)
         # what exists now (llama_cpp, numpy, the model's objects) lives as long as the worker: keep
@@ -3399,21 +3472,43 @@ class Worker(App):
     def embed(self, req):
         """The L2-normalised embedding of each input, in its order, from a context of their own
         (backends.engine.Embedder, made on first use: a chat model embeds too, as with Ollama)."""
-        inputs = embed_inputs(req.json, self.llm, self.args.ctx_size)
+        if self.kind == KIND_RERANK:
+            raise invalid("model", "is a reranking model: it only ranks documents, it does not embed",
+                          "Ask it to rank documents (/v1/rerank), or embed with an embedding model")
+        inputs = embed_inputs(req.json, self.llm, self.embed_ctx)
+        started = time.perf_counter()
+        vectors = self._embedder().embed(inputs)
+        self.last_activity = time.time()
+        req.send_json(200, {"embeddings": vectors, "prompt_tokens": sum(map(len, inputs)),
+                            "dimensions": self.embedder.dimensions, "duration_ms": round(
+                                (time.perf_counter() - started) * 1000, 1)})
+
+    def rerank(self, req):
+        """A reranker's score of each (query, document) pair, in the documents' order: the model's
+        rank pooling (its classification head) on the pair as llama.cpp's server formats it, in the
+        embeddings context; raw scores (logits), as llama.cpp's server gives them."""
+        if self.kind != KIND_RERANK:
+            raise invalid("model", "is not a reranking model (its GGUF declares no rank pooling): it cannot rerank",
+                          "Rerank with a reranker such as bge-reranker-v2-m3 or jina-reranker-v2")
+        pairs = rerank_inputs(req.json, self.llm, self.embed_ctx)
+        started = time.perf_counter()
+        scores = [vector[0] for vector in self._embedder().embed(pairs)]
+        self.last_activity = time.time()
+        req.send_json(200, {"scores": scores, "prompt_tokens": sum(map(len, pairs)),
+                            "duration_ms": round((time.perf_counter() - started) * 1000, 1)})
+
+    def _embedder(self):
+        """The embeddings context, made on first use (a 503 while the worker is not ready)."""
         if self.state != WORKER_READY:
             raise self.busy()
         with self.embedder_lock:
             if self.embedder is None:
                 from backends.engine import Embedder
-                self.embedder = Embedder(self.llm, self.args.ctx_size)
-                narrate(ACTOR_LOADER, "embeddings_ready", "Embeddings context ready (%d dimensions, %s pooling)" % (
-                    self.embedder.n_embd, EMBED_POOLING.get(self.embedder.pooling, "its own")), "🧭")
-        started = time.perf_counter()
-        vectors = self.embedder.embed(inputs)
-        self.last_activity = time.time()
-        req.send_json(200, {"embeddings": vectors, "prompt_tokens": sum(map(len, inputs)),
-                            "dimensions": self.embedder.n_embd, "duration_ms": round(
-                                (time.perf_counter() - started) * 1000, 1)})
+                self.embedder = Embedder(self.llm, self.embed_ctx)
+                narrate(ACTOR_LOADER, "embeddings_ready", "Embeddings context ready (%d %s, %s pooling)" % (
+                    self.embedder.dimensions, "score" if self.embedder.ranks else "dimensions",
+                    EMBED_POOLING.get(self.embedder.pooling, "its own")), "🧭")
+        return self.embedder
 
     def execute(self, req):
         self.generates()
@@ -5382,6 +5477,10 @@ class AppJob:
         """The worker's /embed answer to the job's body ({input, truncate}) on a worker of its model."""
         return self._on_a_worker(lambda client: client.embed(self.body))
 
+    def rerank(self):
+        """The worker's /rerank answer to the job's body ({query, documents, truncate}) on a worker of its model."""
+        return self._on_a_worker(lambda client: client.rerank(self.body))
+
     def _on_a_worker(self, call):
         with self.metrics.placing:
             assigned = self.scheduler.assign(self.ref, _current_sink(), keep_alive=self.keep_alive)
@@ -6420,6 +6519,46 @@ class OllamaApi:
 LLAMACPP_STOP_TYPE = {"eos": "eos", "max_tokens": "limit", "stop": "word"}   # a worker's stop_reason, in its words
 
 
+class RerankApi:
+    """Reranking on the queen, /v1/rerank and /rerank, in the shape Jina's and Cohere's clients send
+    and llama.cpp's server answers (Open WebUI's external reranker is one of them): `documents` texts
+    or objects with a `text`, `top_n`, `return_documents`; `results` with each document's `index` and
+    `relevance_score` (the reranker's raw score, as llama.cpp's), best first."""
+
+    def __init__(self, scheduler, models, metrics):
+        self.scheduler = scheduler        #: gives each request its worker
+        self.models = models              #: the models the apps name
+        self.metrics = metrics            #: counts the requests
+
+    def routes(self):
+        return ((RERANK, self.rerank), (RERANK_BARE, self.rerank))
+
+    def rerank(self, req):
+        """Every document scored on a worker of the model, then sorted (equal scores in the documents'
+        order) and cut to `top_n`; each result carries its document unless `return_documents` is false
+        (Jina's default: true; llama.cpp's server never does). A document too long for the model's
+        context is cut, as Jina and Cohere do."""
+        body = req.json
+        documents = body.get("documents")
+        if isinstance(documents, list):
+            documents = [d["text"] if isinstance(d, dict) and isinstance(d.get("text"), str) else d for d in documents]
+        query, documents, _ = rerank_request({"query": body.get("query"), "documents": documents})
+        top_n = number_field(body, "top_n", None, 1, 1 << 31, integer=True)
+        return_documents = body.get("return_documents", True)
+        if not isinstance(return_documents, bool):
+            raise invalid("return_documents", "must be true or false")
+        app = AppJob(self.scheduler, self.metrics, self.models.named(body.get("model")),
+                     {"query": query, "documents": documents, "truncate": True}, None)
+        answer = app.rerank()
+        scores = answer["scores"]
+        ranked = sorted(range(len(documents)), key=lambda k: -scores[k])[:top_n]
+        results = [dict({"index": k, "relevance_score": scores[k]},
+                        **({"document": {"text": documents[k]}} if return_documents else {})) for k in ranked]
+        tokens = answer["prompt_tokens"]
+        req.send_json(200, {"id": "rerank-" + random_id(12), "object": "list", "model": body["model"],
+                            "results": results, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
 class LlamaCppApi:
     """llama.cpp's server's own fill-in-the-middle route, /infill (what llama.vim and llama.vscode
     call), on the queen: answered in the shape of llama.cpp's /completion, streamed or not."""
@@ -6832,6 +6971,7 @@ class Queen(App):
         self.ollama = OllamaApi(self.scheduler, self.hives, models, self.metrics)   #: Ollama's API
         self.llamacpp = LlamaCppApi(self.scheduler, models, self.metrics)          #: llama.cpp's /infill
         self.anthropic = AnthropicApi(self.scheduler, models, self.metrics)        #: Anthropic's Messages API
+        self.reranking = RerankApi(self.scheduler, models, self.metrics)           #: reranking (Jina's, Cohere's shape)
         #: what answers without the key
         self.open_routes = (self.health, self.ollama.root, self.ollama.version, self.serve_ui)
         super().__init__((
@@ -6840,7 +6980,7 @@ class Queen(App):
             (QUEEN_DOWNLOAD, self.download_model), (QUEEN_REMOVE, self.remove_model), (QUEEN_STATUS, self.status),
             (QUEEN_SHUTDOWN, self.shutdown_request), (QUEEN_METRICS, self.serve_metrics),
             (QUEEN_UI, self.serve_ui), (QUEEN_EVENTS, self.events)) + self.openai.routes() + self.responses.routes()
-            + self.ollama.routes() + self.llamacpp.routes() + self.anthropic.routes())
+            + self.ollama.routes() + self.llamacpp.routes() + self.anthropic.routes() + self.reranking.routes())
 
     def authorize(self, req, handler):
         if self.api_key is not None and handler not in self.open_routes:

@@ -397,7 +397,8 @@ class Embedder:
     """Embeddings of a loaded model in a context of their own (embeddings on, no logits): the
     generation slots go on undisturbed beside it. The pooling is the model's (mean, CLS, last,
     rank); a model that declares none (a chat model) is pooled by mean. Inputs go into one batch,
-    a sequence each, as many as fit; vectors come L2-normalised. One request at a time (`lock`)."""
+    a sequence each, as many as fit; vectors come L2-normalised, but a reranker's (rank pooling:
+    its classification head's outputs, a score each) as they are. One request at a time (`lock`)."""
 
     MAX_SEQUENCES = 16     # sequences in one decode
 
@@ -413,7 +414,12 @@ class Embedder:
         params.embeddings = True
         params.n_threads = llm.context_params.n_threads
         params.n_threads_batch = llm.context_params.n_threads_batch
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        # a BERT (attention not causal) attends over the whole batch, no KV cache, and with flash
+        # attention (K and V in f16) a sequence's result then depends on the others in the batch (the
+        # tests' tiny reranker's scores by 3e-3 of themselves); without it, batched and alone agree to 1e-5
+        bidirectional = llm.metadata.get("%s.attention.causal" % llm.metadata.get("general.architecture")) == "false"
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED if bidirectional
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO)
         params.no_perf = True
         self.ctx = self._context(params)                #: its context (under `lock`)
         if llama_cpp.llama_pooling_type(self.ctx) == llama_cpp.LLAMA_POOLING_TYPE_NONE:
@@ -421,9 +427,11 @@ class Embedder:
             params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
             self.ctx = self._context(params)
         self.pooling = llama_cpp.llama_pooling_type(self.ctx)   #: the pooling it uses (LLAMA_POOLING_TYPE_*)
-        self.n_embd = llama_cpp.llama_model_n_embd(self.model)   #: a vector's dimension
+        self.ranks = self.pooling == llama_cpp.LLAMA_POOLING_TYPE_RANK   #: a reranker's: scores, not vectors
+        #: a vector's dimension (a reranker's: its classifier's outputs)
+        self.dimensions = (llama_cpp.llama_model_n_cls_out if self.ranks else llama_cpp.llama_model_n_embd)(self.model)
         self.encoder_only = llama_cpp.llama_model_has_encoder(self.model) and not llama_cpp.llama_model_has_decoder(
-            self.model)                                 #: BERT-like: llama_encode, not llama_decode
+            self.model)                                 #: T5-like: llama_encode, not llama_decode
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(n_ctx, 0, self.MAX_SEQUENCES)
         self.lock = threading.Lock()                    #: one request at a time in the context
@@ -435,7 +443,8 @@ class Embedder:
         return ctx
 
     def embed(self, inputs):
-        """The L2-normalised vector of each token list in `inputs` (each at most n_ctx tokens)."""
+        """The vector of each token list in `inputs` (each at most n_ctx tokens): L2-normalised, or a
+        reranker's scores as they are."""
         out = []
         with self.lock:
             group, size = [], 0
@@ -464,8 +473,8 @@ class Embedder:
             raise RuntimeError("llama.cpp's embedding decode returned %d" % code)
         vectors = []
         for seq in range(len(group)):
-            vector = numpy.ctypeslib.as_array(lc.llama_get_embeddings_seq(self.ctx, seq), shape=(self.n_embd,))
-            norm = float(numpy.linalg.norm(vector))
+            vector = numpy.ctypeslib.as_array(lc.llama_get_embeddings_seq(self.ctx, seq), shape=(self.dimensions,))
+            norm = 0.0 if self.ranks else float(numpy.linalg.norm(vector))
             vectors.append((vector / norm if norm > 0 else vector).astype(float).tolist())
         return vectors
 

@@ -190,6 +190,24 @@ def model_copy(model_path):
 
 
 @pytest.fixture(scope="session")
+def tiny_reranker(model_path):
+    """tiny_reranker(rerank_template=None) -> the path of the tests' tiny reranker GGUF (tests/reranker.py),
+    with that `tokenizer.chat_template.rerank`; cached beside the test model under a digest of its
+    builder and template, made once for every session (a temporary name, then renamed)."""
+    import reranker
+
+    def make(rerank_template=None):
+        digest = hashlib.sha256(Path(reranker.__file__).read_bytes() + json.dumps(rerank_template).encode())
+        path = Path(model_path).parent / ("rbee-tiny-reranker.%s.gguf" % digest.hexdigest()[:12])
+        if not path.exists():
+            partial = path.with_name("%s.%d.partial" % (path.name, os.getpid()))
+            reranker.build(partial, rerank_template)
+            os.replace(partial, path)
+        return str(path)
+    return make
+
+
+@pytest.fixture(scope="session")
 def reference_llm(model_path):
     """llama-cpp-python's own Llama on the model, with the settings a worker's context has (the
     CPU's threads, flash attention as llama.cpp's default turns it on): the texts to compare with."""
