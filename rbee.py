@@ -3350,7 +3350,7 @@ class Worker(App):
         self.engine = Engine(self.llm, args.parallel, args.ctx_size)
         self.load_ms = int((time.monotonic() - started) * 1000)
         self.kind = model_kind(self.llm.metadata)
-        self.embed_ctx = min(args.ctx_size, self.llm._model.n_ctx_train())
+        self.embed_ctx = min(args.ctx_size, self.llm._model.n_ctx_train() or args.ctx_size)
         self.chat = ChatPrompt.for_model(self.llm)
         self.fim = FimPrompt(self.llm)
         # what exists now (llama_cpp, numpy, the model's objects) lives as long as the worker: keep
