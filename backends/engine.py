@@ -397,8 +397,9 @@ class Embedder:
     """Embeddings of a loaded model in a context of their own (embeddings on, no logits): the
     generation slots go on undisturbed beside it. The pooling is the model's (mean, CLS, last,
     rank); a model that declares none (a chat model) is pooled by mean. Inputs go into one batch,
-    a sequence each, as many as fit; vectors come L2-normalised, but a reranker's (rank pooling:
-    its classification head's outputs, a score each) as they are. One request at a time (`lock`)."""
+    a sequence each, as many as fit, and the inputs of requests that came meanwhile with them;
+    vectors come L2-normalised, but a reranker's (rank pooling: its classification head's outputs,
+    a score each) as they are."""
 
     MAX_SEQUENCES = 16     # sequences in one decode
 
@@ -434,7 +435,14 @@ class Embedder:
             self.model)                                 #: T5-like: llama_encode, not llama_decode
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(n_ctx, 0, self.MAX_SEQUENCES)
-        self.lock = threading.Lock()                    #: one request at a time in the context
+        #: sequences in one decode: an encoder's (no KV cache) gives each the vector it has alone; a
+        #: causal model's sequences share the KV cache's cells, and there a 60-token text's vector moved
+        #: by up to 4e-3 beside others (flash attention or not), for no speed: its output head, run on
+        #: every token, is most of the work (3.7 inputs/s here either way). One at a time, then.
+        self.max_sequences = self.MAX_SEQUENCES if bidirectional else 1
+        self.lock = threading.Lock()                    #: the context's holder: one decode at a time
+        self.waiting = []                               #: requests not embedded yet (under `waiting_lock`)
+        self.waiting_lock = threading.Lock()            #: guards `waiting` (held for a moment, never a decode)
 
     def _context(self, params):
         ctx = self.llama_cpp.llama_init_from_model(self.model, params)
@@ -444,18 +452,37 @@ class Embedder:
 
     def embed(self, inputs):
         """The vector of each token list in `inputs` (each at most n_ctx tokens): L2-normalised, or a
-        reranker's scores as they are."""
-        out = []
+        reranker's scores as they are. Requests that arrive while a decode runs wait for the
+        context; the first to get it embeds the inputs of all of them together (their sequences
+        share decodes), and each of the others finds its vectors done."""
+        request = {"inputs": list(inputs), "vectors": None}
+        with self.waiting_lock:
+            self.waiting.append(request)
         with self.lock:
-            group, size = [], 0
-            for tokens in inputs:
-                if group and (size + len(tokens) > self.n_ctx or len(group) == self.MAX_SEQUENCES):
-                    out += self._decode(group)
-                    group, size = [], 0
-                group.append(tokens)
-                size += len(tokens)
-            out += self._decode(group) if group else []
-        return out
+            if request["vectors"] is None:
+                with self.waiting_lock:
+                    requests, self.waiting = self.waiting, []
+                try:
+                    vectors = self._embed_all([tokens for r in requests for tokens in r["inputs"]])
+                except BaseException as exc:   # (each request raises it, none waits in vain)
+                    vectors = exc
+                for r in requests:
+                    r["vectors"] = vectors if isinstance(vectors, BaseException) else vectors[:len(r["inputs"])]
+                    vectors = vectors if isinstance(vectors, BaseException) else vectors[len(r["inputs"]):]
+        if isinstance(request["vectors"], BaseException):
+            raise request["vectors"]
+        return request["vectors"]
+
+    def _embed_all(self, inputs):
+        """(under `lock`) The inputs in decodes of up to `max_sequences` sequences and n_ctx tokens."""
+        out, group, size = [], [], 0
+        for tokens in inputs:
+            if group and (size + len(tokens) > self.n_ctx or len(group) == self.max_sequences):
+                out += self._decode(group)
+                group, size = [], 0
+            group.append(tokens)
+            size += len(tokens)
+        return out + (self._decode(group) if group else [])
 
     def _decode(self, group):
         import numpy

@@ -16,7 +16,9 @@ import rbee
 from conftest import assert_no_rbee_left, raw_request, run_rbee, worker_threads
 
 TEXTS = ["The cat sat on the mat.", "Paris is the capital of France.", "def add(a, b): return a + b",
-         "A long sentence about the weather in the mountains, where it rains a lot in spring."]
+         "A long text about the weather in the mountains, where it rains a lot in spring and snows in winter, "
+         "the paths are steep, the huts are small, and the shepherds bring their flocks down to the valley "
+         "before the first storms of the autumn come over the ridge."]   # (about 60 tokens)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def reference_vectors(model_path):
     import llama_cpp
     llm = llama_cpp.Llama(model_path=model_path, embedding=True, n_ctx=2048, n_threads=worker_threads(),
                           flash_attn=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, verbose=False)
-    vectors = llm.embed(TEXTS, normalize=True)
+    vectors = [llm.embed(text, normalize=True) for text in TEXTS]   # (each alone: rbee's vector of a text)
     llm.close()
     return vectors
 
