@@ -5919,6 +5919,15 @@ def response_text(content, where):
     return "".join(part["text"] for part in content)
 
 
+def objects_in(items, field):
+    """(where, item) for each item of the list `field` of a request: a 400 naming the first that is no object."""
+    for k, item in enumerate(items):
+        where = "%s[%d]" % (field, k)
+        if not isinstance(item, dict):
+            raise invalid(where, "must be an object")
+        yield where, item
+
+
 def response_input_messages(value, earlier=()):
     """The chat messages (the worker's shape) of a Responses `input`. A string is one user message;
     a list holds items: messages (user, assistant, system, and developer, a system message), the
@@ -5930,10 +5939,7 @@ def response_input_messages(value, earlier=()):
     if not isinstance(value, list) or not value:
         raise invalid("input", "must be a string or a non-empty list of items")
     out = []
-    for k, item in enumerate(value):
-        where = "input[%d]" % k
-        if not isinstance(item, dict):
-            raise invalid(where, "must be an object")
+    for where, item in objects_in(value, "input"):
         kind = item.get("type", "message")
         if kind == "message":
             role = RESPONSE_ROLES.get(item.get("role"))
@@ -5972,15 +5978,12 @@ def response_tools(tools):
     if not isinstance(tools, list):
         raise invalid("tools", "must be a list of tools")
     out = []
-    for k, tool in enumerate(tools):
-        where = "tools[%d]" % k
-        if not isinstance(tool, dict):
-            raise invalid(where, "must be an object")
+    for where, tool in objects_in(tools, "tools"):
         if tool.get("type") != "function":
             continue
         function = {"name": _item_text(tool, "name", where)}
         if not TOOL_NAME.match(function["name"]):   # (here, where the index is the request's own)
-            raise invalid(where + ".name", "must be letters, digits, _ . : - (at most 64)")
+            raise invalid(where + ".name", "must be letters, digits, _ . : - (at most 128)")
         if tool.get("description") is not None:
             function["description"] = _item_text(tool, "description", where, empty=True)
         if tool.get("parameters") is not None:
