@@ -569,8 +569,8 @@ def embeddings_scenario(model, env):
                 with concurrent.futures.ThreadPoolExecutor(8) as pool:
                     list(pool.map(lambda k: embed_over_http(port, name, texts[k::8], {}), range(8)))
                 return len(texts) / (time.perf_counter() - t0)
-            for _, port_, name in servers:   # warm-up: the queen places the model, both fill their caches
-                one_request(port_, name)
+            for _, port_, name in servers:   # warm-up: the queen places the model
+                embed_over_http(port_, name, texts[:8], {})
             runs = {(server, how): [] for server, _, _ in servers for how in ("one_request", "eight_requests")}
             for i in range(RUNS):   # one first, then the other first: a drifting machine favours neither
                 for server, port_, name in servers if i % 2 == 0 else servers[::-1]:
