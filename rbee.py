@@ -6302,6 +6302,12 @@ class ResponsesApi:
         req.send_json(200, {"id": response_id, "object": "response", "deleted": True})
 
 
+# The `template` /api/show gives a model with FIM tokens: Ollama's way of saying that a `suffix`
+# is filled in (a Go template's `.Suffix`; rbee builds the prompt from the GGUF's FIM tokens),
+# around the model's own chat template
+OLLAMA_FIM_TEMPLATE = "{{- if .Suffix }}{{ .Prompt }}{{ .Suffix }}{{- else }}%s{{- end }}"
+
+
 class OllamaApi:
     """Ollama's API on the queen, for Open WebUI and the `ollama` package."""
 
@@ -6364,6 +6370,8 @@ class OllamaApi:
         else:   # (rbee gives tool calls to every model with a chat template)
             capabilities = ["completion"] + (["tools"] if template else []) + (
                 ["insert"] if all(FIM_KEY % part in metadata for part in ("pre", "suf", "mid")) else [])
+        if "insert" in capabilities:   # (Continue's autocomplete waits for `.Suffix` in Ollama's template)
+            template = OLLAMA_FIM_TEMPLATE % template
         model_info = {k: v for k, v in metadata.items() if not k.startswith("tokenizer.chat_template")}
         model_info["rbee.nodes"] = m["nodes"]
         req.send_json(200, {"modelfile": "# rbee model %s\nFROM %s\n" % (m["id"], m["id"]), "parameters": "",

@@ -142,8 +142,11 @@ def test_ollama_show_reads_capabilities_template_and_model_info_from_the_gguf(qu
     fim, plain = api.show("file:" + fim_model), api.show("file:" + model_path)
     assert fim.capabilities == ["completion", "tools", "insert"]
     assert plain.capabilities == ["completion", "tools"]
+    assert plain.template == reference_llm.metadata["tokenizer.chat_template"]
+    # Continue's autocomplete asks for `.Suffix` in the template (as Ollama's FIM models have it)
+    assert ".Suffix" in fim.template and reference_llm.metadata["tokenizer.chat_template"] in fim.template
+    assert ".Suffix" not in plain.template
     for shown in (fim, plain):
-        assert shown.template == reference_llm.metadata["tokenizer.chat_template"]
         info = shown.modelinfo
         assert info["general.architecture"] == "llama" and info["llama.context_length"] == 8192
         assert info["llama.embedding_length"] == 576 and info["general.file_type"] == 3
