@@ -7312,12 +7312,17 @@ class Keeper:
 
     # -- infer ------------------------------------------------------------------------------------
 
+    def model_ref(self):
+        """--model as a reference: one already, else an alias of this machine's (models alias; the
+        registry is opened only then), else the same INVALID_MODEL_REF."""
+        try:
+            return ModelRef.parse(self.args.model)
+        except InvalidModelRef:
+            return NodeRegistry().model_ref(self.args.model)
+
     def infer(self):
         args = self.args
-        try:   # before any process or connection starts
-            ref = ModelRef.parse(args.model)
-        except InvalidModelRef:   # an alias of this machine's (models alias), else the same error
-            ref = NodeRegistry().model_ref(args.model)
+        ref = self.model_ref()   # (before any process or connection starts)
         started = time.monotonic()
         self.ensure_queen()
         task = {"model": ref.text, "prompt": args.prompt, "max_tokens": args.max_tokens,
@@ -7347,10 +7352,7 @@ class Keeper:
         """`rbee.py embed`: a worker of the model (placed by the queen, as infer's), then the
         vector of each text, one JSON array a line on stdout (--json: {index, embedding, ...})."""
         args = self.args
-        try:
-            ref = ModelRef.parse(args.model)
-        except InvalidModelRef:
-            ref = NodeRegistry().model_ref(args.model)
+        ref = self.model_ref()
         self.ensure_queen()
         task = dict({"model": ref.text}, **{k: getattr(args, k) for k in ("node", "keep_alive")
                                             if getattr(args, k) is not None})

@@ -333,20 +333,25 @@ class Engine:
         n_vocab = lc.llama_vocab_n_tokens(self.vocab)
         candidates = numpy.empty(n_vocab, dtype=[("id", numpy.int32), ("logit", numpy.float32), ("p", numpy.float32)])
         candidates["id"] = numpy.arange(n_vocab, dtype=numpy.int32)
-        candidates["logit"] = numpy.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx, index), shape=(n_vocab,))
+        candidates["logit"] = self._logits(index)
         candidates["p"] = 0.0
         array = lc.llama_token_data_array(candidates.ctypes.data_as(lc.llama_token_data_p), n_vocab, -1, False)
         lc.llama_sampler_apply(slot.grammar, ctypes.byref(array))
         lc.llama_sampler_apply(slot.sampler, ctypes.byref(array))
         return array.data[array.selected].id
 
+    def _logits(self, index):
+        """Batch row `index`'s logits, one a token of the vocabulary (a view of llama.cpp's buffer)."""
+        import numpy
+        lc = self.llama_cpp
+        return numpy.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx, index), shape=(lc.llama_vocab_n_tokens(
+            self.vocab),))
+
     def _logprobs(self, index, token, top):
         """The model's log-probability of `token` at batch row `index` (its distribution before
         sampling: no temperature, no grammar), and the `top` likeliest tokens with theirs."""
         import numpy
-        lc = self.llama_cpp
-        logits = numpy.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx, index),
-                                          shape=(lc.llama_vocab_n_tokens(self.vocab),))
+        logits = self._logits(index)
         shifted = logits - logits.max()
         logprobs = shifted - numpy.log(numpy.exp(shifted).sum())
         best = numpy.argpartition(-logprobs, top)[:top] if top else ()
