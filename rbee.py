@@ -59,6 +59,7 @@ import base64
 import collections
 import contextlib
 import errno
+import hashlib
 import itertools
 import json
 import os
@@ -83,7 +84,7 @@ __all__ = [
     "duration_s", "keep_alive_of", "size_mb", "ModelRef", "choose_gguf", "split_at_stop",
     # GGUF headers (Ollama's show) and the worker's fill-in-the-middle prompts
     "gguf_metadata", "gguf_layers", "FIM_KEY", "GGUF_FILE_TYPES", "Job", "FimPrompt",
-    "ENGINE_ADMITTED", "ENGINE_TOKEN", "ENGINE_END", "ENGINE_ERROR", "ENGINE_LOGPROBS",
+    "ENGINE_ADMITTED", "ENGINE_TOKEN", "ENGINE_END", "ENGINE_ERROR", "ENGINE_LOGPROBS", "ENGINE_WAITING",
     "Token", "Narration", "JobEnded", "ToolCallDelta",
     # agents' turns: the tool-call formats of the model families, grammars from JSON schemas
     "tool_format_of", "ToolCallParser", "schema_grammar", "tool_call_grammar", "marker_tokens",
@@ -114,7 +115,11 @@ SSH_ATTEMPTS, SSH_BACKOFF = 3, (0.0, 0.2, 0.4)
 HTTP_CONNECT_TIMEOUT, HTTP_ATTEMPTS = 5.0, 3
 DOWNLOAD_ATTEMPTS = 6
 BUSY_RETRIES = (1, 2, 4)           # a busy worker (503) is retried after 1, 2, 4 s
-DEFAULT_N_CTX = 2048               # tokens of context per slot
+DEFAULT_N_CTX = 2048               # an answer's length where the API's caller gives none
+KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")   # --cache-type-k/-v (backends.engine.KV_TYPES knows their sizes)
+MIN_CTX = 512                      # a worker's context when memory allows less than the model's
+EMBED_CTX_CAUSAL = 2048            # the longest input a causal model embeds (its logits fill a buffer per token)
+KV_RESERVE_MB = 256                # memory a worker leaves free beside its KV cache (compute buffers, the OS)
 DEFAULT_PARALLEL = 4               # a worker's slots
 DEFAULT_MAX_QUEUE = 64             # requests that may wait for a slot
 DEFAULT_KEEP_ALIVE = 300.0         # an idle worker stays loaded this long (Ollama's 5m); a hive with no worker too
@@ -246,6 +251,7 @@ WORKER_SERVING = (WORKER_IDLE, WORKER_BUSY)
 # The engine's events to the worker (backends/engine.py, EngineJob.events): (kind, data)
 ENGINE_ADMITTED, ENGINE_TOKEN, ENGINE_END, ENGINE_ERROR = "admitted", "token", "end", "error"
 ENGINE_LOGPROBS = "logprobs"         # (asked for) the next token's log-probability and its likeliest rivals
+ENGINE_WAITING = "waiting"           # it waits for room in the KV cache, or was paused for older jobs
 
 # Who narrates (the `actor` of every event, and the `component` of an error)
 ACTOR_KEEPER, ACTOR_QUEEN, ACTOR_HIVE, ACTOR_WORKER = "rbee-keeper", "queen-rbee", "rbee-hive", "llm-worker-rbee"
@@ -347,6 +353,34 @@ def duration_s(value):
         return None
     h, m, sec = (float(g or 0) for g in match.groups())
     return sign * (h * 3600 + m * 60 + sec)
+
+
+WorkerContext = collections.namedtuple("WorkerContext", "ctx_size cache_type_k cache_type_v")
+WorkerContext.__doc__ = """What a request asks of its worker's context: at least `ctx_size` tokens (0:
+any; a worker started for it takes the model's trained context, as far as memory holds it), its KV
+cache's element types (None: any; a worker started for it takes f16)."""
+
+
+def context_of(body, default=WorkerContext(0, None, None)):
+    """A request's WorkerContext (`ctx_size`, `cache_type_k`, `cache_type_v`), `default`'s where it has none."""
+    ctx_size = number_field(body, "ctx_size", default.ctx_size, 0, 1 << 22, integer=True)
+    types = []
+    for name, fallback in (("cache_type_k", default.cache_type_k), ("cache_type_v", default.cache_type_v)):
+        value = body.get(name, fallback)
+        if value is not None and value not in KV_CACHE_TYPES:
+            raise invalid(name, "must be one of %s" % ", ".join(KV_CACHE_TYPES))
+        types.append(value)
+    return WorkerContext(ctx_size, *types)
+
+
+def context_fits(worker, context):
+    """Whether a worker (its /health or listing: ctx_size, cache_type_k, cache_type_v) serves `context`:
+    as large a context at least, the same KV cache types where asked (one not known yet is taken to fit)."""
+    if context is None or not worker.get("ctx_size"):
+        return True
+    return worker["ctx_size"] >= context.ctx_size and all(
+        want in (None, worker.get(name, want)) for name, want in (("cache_type_k", context.cache_type_k),
+                                                                   ("cache_type_v", context.cache_type_v)))
 
 
 def keep_alive_of(body, default):
@@ -589,6 +623,11 @@ ResponseNotFound = error_class("RESPONSE_NOT_FOUND", 404, "The queen keeps the l
 class InvalidRequest(RbeeError):
     code, status = "INVALID_REQUEST", 400   # also an unknown path (404), a wrong method (405), a body over 1 MiB (413)
     default_suggestion = "Check the command's options: rbee.py infer --help"
+
+
+class ContextExceeded(InvalidRequest):
+    """A prompt longer than the whole KV cache of the worker that would run it (never cut short)."""
+    code = "CONTEXT_EXCEEDED"
 
 
 class MissingApiKey(RbeeError):
@@ -2184,10 +2223,37 @@ def gguf_metadata(path, find_fim=True, enough=None):
 def gguf_layers(path):
     """The number of transformer blocks of a GGUF model (`<arch>.block_count`; the queen splits a
     model by them), or None if not found."""
-    def key(metadata):
-        return "%s.block_count" % metadata.get("general.architecture")
-    metadata = gguf_metadata(path, find_fim=False, enough=lambda so_far: key(so_far) in so_far) or {}
-    return metadata.get(key(metadata))
+    return gguf_shape(path).get("layers")
+
+
+def gguf_shape(path):
+    """What placement reads of a GGUF's header: its transformer blocks (`layers`), the context it
+    was trained for (`context_length`), and one token's keys and values in a layer (`kv_width_k`,
+    `kv_width_v`: KV heads x head size), each None if not found. The header is read up to the
+    tokenizer's keys, which come after the architecture's."""
+    metadata = gguf_metadata(path, find_fim=False, enough=lambda so_far: "tokenizer.ggml.model" in so_far) or {}
+    arch = lambda key: metadata.get("%s.%s" % (metadata.get("general.architecture"), key))
+    n_embd, n_head = arch("embedding_length"), arch("attention.head_count")
+    n_head_kv = arch("attention.head_count_kv") or n_head
+    head = n_embd // n_head if isinstance(n_embd, int) and isinstance(n_head, int) and n_head else None
+
+    def width(key):
+        size = arch(key) or head
+        return size * n_head_kv if size and isinstance(n_head_kv, int) else None
+    return {"layers": arch("block_count"), "context_length": arch("context_length"),
+            "kv_width_k": width("attention.key_length"), "kv_width_v": width("attention.value_length")}
+
+
+def kv_need_mb(shape, context):
+    """The MB a worker's KV cache takes for `context` (WorkerContext) of a model of `shape` (gguf_shape):
+    its ctx_size, else the smaller of the trained context and DEFAULT_N_CTX (a default context fits
+    itself into the room there is, this much at least); 0 if the shape is not known."""
+    from backends.engine import kv_bytes_per_token, kv_cache_mb
+    if not shape or not all(shape.get(k) for k in ("layers", "kv_width_k", "kv_width_v")):
+        return 0
+    cells = context.ctx_size or min(shape.get("context_length") or DEFAULT_N_CTX, DEFAULT_N_CTX)
+    return kv_cache_mb(kv_bytes_per_token(shape["layers"], shape["kv_width_k"], shape["kv_width_v"],
+                                          context.cache_type_k or "f16", context.cache_type_v or "f16"), cells)
 
 
 # What a model is for, read from its GGUF: chat models generate (and embed too, pooled by mean);
@@ -2197,6 +2263,13 @@ KIND_CHAT, KIND_EMBEDDING, KIND_RERANK = "chat", "embedding", "rerank"
 ENCODER_ARCHITECTURES = ("bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
                          "neo-bert", "eurobert", "t5encoder")
 POOLING_RANK = 4                     # llama.cpp's LLAMA_POOLING_TYPE_RANK
+
+
+def fitting_context(trained, bytes_per_token, room_mb):
+    """A worker's default context: the one its model was trained for, or as many cells (a
+    multiple of 256; MIN_CTX at least) as `room_mb` holds beside KV_RESERVE_MB."""
+    cells = int(max(0, room_mb - KV_RESERVE_MB) * (1 << 20) // max(1, bytes_per_token)) // 256 * 256
+    return max(min(trained, cells), min(trained, MIN_CTX))
 
 
 def model_kind(metadata):
@@ -3326,7 +3399,8 @@ class Worker(App):
         self.embedder_lock = threading.Lock()   #: guards making `embedder`
         #: the longest input it embeds or pair it ranks, in tokens: the slot's context, or the model's trained
         #: one where shorter (a BERT has a position embedding for so many tokens, none past them) (start)
-        self.embed_ctx = args.ctx_size
+        self.embed_ctx = EMBED_CTX_CAUSAL
+        self.n_ctx = 0                    #: its KV cache's cells, the longest conversation it holds (start)
         self.memory_mb = 0                #: what the model and its slots' context take (start)
         self.load_ms = None               #: how long the load took (start)
         self.url = None                   #: where the worker answers, for its hive (start)
@@ -3353,10 +3427,15 @@ class Worker(App):
         started = time.monotonic()
         # the Llama's own context is never used for generation (the engine's is): keep it small
         self.llm = self.backend.load(args.model, args.device, 64, **self.split_options())
-        self.engine = Engine(self.llm, args.parallel, args.ctx_size)
+        self.n_ctx = self.context()
+        self.engine = Engine(self.llm, args.parallel, self.n_ctx, args.batch_size, args.ubatch_size,
+                             args.cache_type_k, args.cache_type_v, self.prompt_cache())
+        self.n_ctx = self.engine.n_ctx
         self.load_ms = int((time.monotonic() - started) * 1000)
         self.kind = model_kind(self.llm.metadata)
-        self.embed_ctx = min(args.ctx_size, self.llm._model.n_ctx_train() or args.ctx_size)
+        trained = self.llm._model.n_ctx_train() or self.n_ctx
+        causal = self.llm.metadata.get("%s.attention.causal" % self.llm.metadata.get("general.architecture")) != "false"
+        self.embed_ctx = min(self.n_ctx, trained, EMBED_CTX_CAUSAL if causal else trained)
         self.chat = ChatPrompt.for_model(self.llm)
         self.fim = FimPrompt(self.llm)
         # what exists now (llama_cpp, numpy, the model's objects) lives as long as the worker: keep
@@ -3367,10 +3446,12 @@ class Worker(App):
         self.memory_mb = max(self.backend.memory_used_mb(args.device),   # (KV pages count once touched)
                              (os.path.getsize(args.model) >> 20) + self.engine.kv_mb)
         where = "RAM" if args.backend == "cpu" else "VRAM"
-        narrate(ACTOR_LOADER, "model_loaded", "Model loaded! %d MB cozy in %s! (%d slots x %d tokens of context, "
-                "a KV cache of %d MB)" % (self.memory_mb, where, args.parallel, args.ctx_size, self.engine.kv_mb),
-                "🛏️", memory_mb=self.memory_mb, kv_cache_mb=self.engine.kv_mb, load_ms=self.load_ms,
-                slots=args.parallel, ctx_per_slot=args.ctx_size)
+        narrate(ACTOR_LOADER, "model_loaded", "Model loaded! %d MB cozy in %s! (%d slots sharing %s tokens of "
+                "context, a KV cache of %d MB in %s/%s)" % (
+                    self.memory_mb, where, args.parallel, "{:,}".format(self.n_ctx), self.engine.kv_mb,
+                    args.cache_type_k, args.cache_type_v), "🛏️", memory_mb=self.memory_mb,
+                kv_cache_mb=self.engine.kv_mb, load_ms=self.load_ms, slots=args.parallel, ctx_size=self.n_ctx,
+                cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
         port = self.serve(args.host, args.port)
         self.url = "http://%s:%d" % (local_address(args.host), port)
         self.state = WORKER_READY
@@ -3383,6 +3464,46 @@ class Worker(App):
             HiveClient(args.hive_url, os.environ.get(ENV_READY_TOKEN)).ready(
                 {"worker_id": self.worker_id, "url": self.url, "model_ref": self.model_ref, "backend": args.backend,
                  "device": args.device, "port": port, "load_ms": self.load_ms})
+
+    def context(self):
+        """The KV cache's cells: --ctx-size, else the context the model was trained for, as far as
+        the memory left beside the model holds its KV cache (--memory-limit-mb: what its hive lets
+        it take; else what the device has free now), narrated either way."""
+        from backends.engine import kv_bytes_per_token, model_kv_shape
+        import llama_cpp
+        args = self.args
+        trained = self.llm._model.n_ctx_train() or DEFAULT_N_CTX
+        per_token = kv_bytes_per_token(*model_kv_shape(llama_cpp, self.llm._model.model), args.cache_type_k,
+                                       args.cache_type_v)
+        if args.ctx_size:
+            if args.ctx_size > trained:
+                narrate(ACTOR_LOADER, "context", "A context of %s tokens, beyond the %s the model was trained for: "
+                        "its answers may degrade past them" % ("{:,}".format(args.ctx_size), "{:,}".format(trained)),
+                        "📏", level="warn", ctx_size=args.ctx_size, ctx_train=trained)
+            return args.ctx_size
+        model_mb = os.path.getsize(args.model) >> 20
+        if args.memory_limit_mb is not None:
+            room_mb = args.memory_limit_mb - model_mb
+        else:   # (a mapped model's pages count as free memory: take them off)
+            room_mb = self.backend.devices()[args.device]["memory_free_mb"] - (model_mb if args.backend == "cpu"
+                                                                              else 0)
+        n_ctx = fitting_context(trained, per_token, room_mb)
+        why = ("the model's trained context" if n_ctx == trained else "what %d MB of free memory holds beside the "
+               "model, of the %s it was trained for" % (max(0, room_mb), "{:,}".format(trained)))
+        narrate(ACTOR_LOADER, "context", "Context: %s tokens (%s)" % ("{:,}".format(n_ctx), why), "📏",
+                ctx_size=n_ctx, ctx_train=trained)
+        return n_ctx
+
+    def prompt_cache(self):
+        """The engine's PromptCache (None with --prompt-cache-mb 0): on disk too with --prompt-cache-dir,
+        under this model's and cache types' fingerprint."""
+        from backends.engine import PromptCache
+        args = self.args
+        if not args.prompt_cache_mb:
+            return None
+        fingerprint = hashlib.sha256(("%s:%d:%s:%s" % (os.path.basename(args.model), os.path.getsize(args.model),
+                                                       args.cache_type_k, args.cache_type_v)).encode()).hexdigest()
+        return PromptCache(args.prompt_cache_mb, args.prompt_cache_dir, fingerprint[:16])
 
     def split_options(self):
         """A split worker (--rpc): the remote devices registered, and the load's options that put
@@ -3412,8 +3533,10 @@ class Worker(App):
                             "slots_available": max(0, self.args.parallel - running) if self.state == WORKER_READY
                             else 0,
                             "queue_length": waiting, "max_queue": self.args.max_queue, "jobs_total": self.jobs_total,
-                            "ctx_per_slot": self.args.ctx_size, "ctx_total": self.args.ctx_size * self.args.parallel,
+                            "ctx_size": self.n_ctx, "cache_type_k": self.args.cache_type_k,
+                            "cache_type_v": self.args.cache_type_v,
                             "kv_cache_mb": self.engine.kv_mb if self.engine else 0, "kind": self.kind,
+                            "cache": self.engine.counters() if self.engine else {},
                             "last_activity_unix": int(self.last_activity), "version": __version__})
 
     def cancel(self, req):
@@ -3436,7 +3559,7 @@ class Worker(App):
         chat template), else its conversation through the model's template, tools included; with a
         `suffix`, fill-in-the-middle (FimPrompt)."""
         if job.suffix is not None:   # the model's FIM tokens, no template
-            return self.fim.render(job, self.args.ctx_size), []
+            return self.fim.render(job, self.n_ctx), []
         if (job.messages is not None or job.offered_tools()) and self.chat is None:
             raise invalid("messages" if job.messages is not None else "tools", "this model has no chat template",
                           "Send `prompt` instead, without tools")
@@ -3465,7 +3588,7 @@ class Worker(App):
     def tokenize(self, req):
         """The number of tokens of a job's prompt, as /execute would render it."""
         self.generates()
-        req.send_json(200, {"tokens": len(self.render(Job(req.json, self.args.ctx_size))[0])})
+        req.send_json(200, {"tokens": len(self.render(Job(req.json, self.n_ctx))[0])})
 
     def generates(self):
         """400 for a generation asked of an embedding model or a reranker."""
@@ -3518,13 +3641,16 @@ class Worker(App):
 
     def execute(self, req):
         self.generates()
-        job = Job(req.json, self.args.ctx_size)
+        job = Job(req.json, self.n_ctx)
         prompt_tokens, template_stop = self.render(job)
         job.stop = job.stop + [s for s in template_stop or [] if s not in job.stop]
-        if len(prompt_tokens) >= self.args.ctx_size:
-            too_long = "is %d tokens; a slot's context holds %d" % (len(prompt_tokens), self.args.ctx_size)
-            raise invalid("prompt", too_long,
-                          "Shorten the prompt, or give workers a larger context (rbee.py worker --ctx-size)")
+        if len(prompt_tokens) >= self.n_ctx:   # (never cut: the caller hears how large it is)
+            raise ContextExceeded("The prompt is %s tokens; the context of worker %s (%s) holds %s" % (
+                "{:,}".format(len(prompt_tokens)), self.worker_id, self.model_ref, "{:,}".format(self.n_ctx)),
+                {"field": "messages" if job.messages is not None else "prompt", "prompt_tokens": len(prompt_tokens),
+                 "ctx_size": self.n_ctx},
+                "Shorten the conversation, or ask for a larger context: num_ctx (Ollama's options), ctx_size "
+                "(OpenAI's API), --ctx-size (rbee.py infer)")
         from backends.engine import EngineJob
         job.engine_job = EngineJob(prompt_tokens, job.max_tokens, job.temperature, job.top_p, job.top_k, job.seed,
                                    self.grammar(job), job.logprobs,
@@ -3561,6 +3687,7 @@ class Worker(App):
                         job_id=job.job_id)
             events, tokens_out, held, stop_reason, stopped = job.engine_job.events, 0, "", None, None
             started = first_at = None
+            cached = 0
             output = JobOutput(stream, ToolCallParser(self.chat.tool_format, job.parallel_tool_calls)
                                if job.offered_tools() else None)
             while stop_reason is None:
@@ -3570,8 +3697,22 @@ class Worker(App):
                     if stream.client_gone():   # a client that left: its job ends (or never starts)
                         self.engine.cancel(job.engine_job)
                     continue
-                if kind == ENGINE_ADMITTED:
+                if kind == ENGINE_ADMITTED and data["resumed"]:
+                    narrate(ACTOR_BACKEND, "resumed", "Room in the KV cache again: going on after %d tokens%s" % (
+                        tokens_out, " (%s tokens restored from the prompt cache)" % "{:,}".format(data["restored"])
+                        if data["restored"] else ""), "▶️", job_id=job.job_id)
+                elif kind == ENGINE_WAITING:
+                    narrate(ACTOR_BACKEND, "kv_wait", (
+                        "The KV cache is full: paused after %d tokens while older requests go on (%s of %s cells "
+                        "free); it goes on when they end" % (tokens_out, "{:,}".format(data["free"]),
+                                                             "{:,}".format(data["n_ctx"]))
+                        if data["reason"] == "paused" else
+                        "Waiting for room in the KV cache: the prompt needs %s cells, %s of %s are free" % (
+                            "{:,}".format(data["need"]), "{:,}".format(max(0, data["free"])),
+                            "{:,}".format(data["n_ctx"]))), "⏳", job_id=job.job_id, **data)
+                elif kind == ENGINE_ADMITTED:
                     started = time.perf_counter()
+                    cached = data["reused"]
                     stream.send(EVENT_STARTED, {"job_id": job.job_id, "worker_id": self.worker_id,
                                                 "slot": data["slot"]})
                     chars = len(job.prompt) or sum(len(m["content"]) for m in job.messages or ())
@@ -3580,8 +3721,11 @@ class Worker(App):
                     narrate(ACTOR_TOKENIZER, "tokenize", "Tokenized prompt (%d tokens)" % n_prompt, "🍰",
                             job_id=job.job_id)
                     if data["reused"] > 1:   # a lone BOS in common is no reuse worth the name
-                        narrate(ACTOR_BACKEND, "cache_reuse", "Reusing KV cache for %d of %d prompt tokens" % (
-                            data["reused"], n_prompt), "♻️", job_id=job.job_id)
+                        narrate(ACTOR_BACKEND, "cache_reuse", "Reusing %s cached tokens of %s%s" % (
+                            "{:,}".format(data["reused"]), "{:,}".format(n_prompt),
+                            " (%s restored from the prompt cache)" % "{:,}".format(data["restored"])
+                            if data["restored"] else ""), "♻️", job_id=job.job_id, reused=data["reused"],
+                            restored=data["restored"])
                     else:
                         narrate(ACTOR_BACKEND, "cache_reset", "Reset KV cache for fresh start", "🧹",
                                 job_id=job.job_id)
@@ -3627,7 +3771,7 @@ class Worker(App):
         decode = ended - first_at if first_at else 0.0
         stream.finish(EVENT_END, {"job_id": job.job_id, "tokens_out": tokens_out, "stop_reason": stop_reason,
                                   "stop_sequence": stopped if stop_reason == "stop" else None,
-                                  "prompt_tokens": n_prompt, "tool_calls": output.calls(),
+                                  "prompt_tokens": n_prompt, "prompt_cached": cached, "tool_calls": output.calls(),
                                   "prompt_eval_ms": round(((first_at or ended) - started) * 1000, 1),
                                   "decode_time_ms": round(decode * 1000, 1),
                                   "tokens_per_sec": round((tokens_out - 1) / decode, 2) if decode > 0 else 0.0})
@@ -3751,6 +3895,8 @@ class WorkerProcess:
                 "last_activity_unix": int(self.last_activity), "memory_mb": health.get("memory_mb", 0),
                 "slots_total": health.get("slots_total", 0), "slots_available": health.get("slots_available", 0),
                 "queue_length": health.get("queue_length", 0), "jobs_total": health.get("jobs_total", 0),
+                "ctx_size": health.get("ctx_size", 0), "cache_type_k": health.get("cache_type_k"),
+                "cache_type_v": health.get("cache_type_v"), "kv_cache_mb": health.get("kv_cache_mb", 0),
                 "keep_alive_s": self.keep_alive, "split": self.split,
                 "expires_unix": None if self.expires() is None else int(self.expires())}
 
@@ -4050,9 +4196,9 @@ class Hive(App):
             size = row["size_bytes"] if row else (
                 os.path.getsize(ref.reference) if ref.provider == "file" and os.path.isfile(ref.reference) else None)
             path = row["local_path"] if row else (ref.reference if ref.provider == "file" else None)
-            layers = gguf_layers(path) if path and os.path.isfile(path) else None   # (a FIFO would block the read)
+            shape = gguf_shape(path) if path and os.path.isfile(path) else {}   # (a FIFO would block the read)
             answer["model"] = {"model_ref": ref.text, "cataloged": row is not None, "size_bytes": size,
-                               "layers": layers}
+                               "layers": shape.get("layers"), "shape": shape}
         req.send_json(200, answer)
 
     def model_info(self, req):
@@ -4124,20 +4270,29 @@ class Hive(App):
         keep_alive = keep_alive_of(body, self.keep_alive)
         limit_mb = number_field(body, "memory_limit_mb", None, 0, 1 << 40, integer=True)
         split = split_of(body)
+        context = context_of(body)
         stream = req.sse()
         with narration_to(stream.narration), self.working():
-            worker, timings = self.worker_for(ref, backend, device, parallel, keep_alive, limit_mb, max_queue, split)
+            worker, timings = self.worker_for(ref, backend, device, parallel, keep_alive, limit_mb, max_queue, split,
+                                              context)
+            if not worker.health.get("ctx_size"):   # (a worker just started: its context is its own choice)
+                self.poll_worker(worker)
         stream.finish(EVENT_WORKER, {"worker_id": worker.worker_id, "url": worker.url, "state": worker.state,
                                      "api_key": worker.api_key, "backend": backend, "device": device,
                                      "model_ref": ref.text, "timings": timings,
-                                     "slots_total": worker.health.get("slots_total")})
+                                     "slots_total": worker.health.get("slots_total"),
+                                     "ctx_size": worker.health.get("ctx_size"),
+                                     "cache_type_k": worker.health.get("cache_type_k"),
+                                     "cache_type_v": worker.health.get("cache_type_v")})
 
     # -- the pool -------------------------------------------------------------------------------
 
     def worker_for(self, ref, backend, device, parallel=DEFAULT_PARALLEL, keep_alive=None, limit_mb=None,
-                   max_queue=DEFAULT_MAX_QUEUE, split=None):
-        """An idle worker for (model, backend, device): reused, or provisioned and spawned. Its
-        keep-alive becomes this request's (as with Ollama); `limit_mb`: what the queen lets it take."""
+                   max_queue=DEFAULT_MAX_QUEUE, split=None, context=WorkerContext(0, None, None)):
+        """An idle worker for (model, backend, device) whose context serves `context`: reused, or
+        provisioned and spawned (an idle one of the model with too small a context stops first: it
+        is replaced). Its keep-alive becomes this request's (as with Ollama); `limit_mb`: what the
+        queen lets it take."""
         keep_alive = self.keep_alive if keep_alive is None else keep_alive
         key = (ref.text, backend, device)
         with self.spawn_locks.holding(key):   # concurrent spawns of one model make one worker
@@ -4145,12 +4300,25 @@ class Hive(App):
             # retried by the keeper) rather than a second copy in the same memory
             # (a split's worker serves that split only: its remote devices were lent for it)
             live = [w for w in self.pool.matching(*key, split=split) if self.poll_worker(w) in WORKER_SERVING]
+            too_small = [w for w in live if not context_fits(w.health, context)]
+            live = [w for w in live if w not in too_small]
             worker = next((w for w in sorted(live, key=lambda w: w.state != WORKER_IDLE)
                            if self.pool.hand_out(w, keep_alive)), None)   # (not the reaper's for a moment)
             if worker:
                 narrate(ACTOR_HIVE, "worker_reuse", "Reusing %s worker %s on port %d" % (
                     worker.state, worker.worker_id, worker.port), "♻️", worker_id=worker.worker_id)
                 return worker, {"reused": True}
+            for small in too_small:
+                narrate(ACTOR_HIVE, "worker_context", "Worker %s holds %s tokens of context (KV cache %s/%s); this "
+                        "request asks for %s%s: %s" % (
+                            small.worker_id, "{:,}".format(small.health["ctx_size"]), small.health.get("cache_type_k"),
+                            small.health.get("cache_type_v"), "{:,}".format(context.ctx_size),
+                            "" if context.cache_type_k is None else " in %s/%s" % (context.cache_type_k,
+                                                                                  context.cache_type_v or "f16"),
+                            "replacing it" if small.state == WORKER_IDLE else "starting another beside it (it is busy)"),
+                        "📏", worker_id=small.worker_id, ctx_size=small.health["ctx_size"], asked=context.ctx_size)
+                if small.state == WORKER_IDLE:
+                    self.stop_worker(small)
             import backends
             module = backends.require(backend, device)   # fail before any download
             started = time.monotonic()
@@ -4165,18 +4333,19 @@ class Hive(App):
                             {"required_mb": need, "available_mb": limit_mb, "node": self.node},
                             "Raise the node's limit (rbee.py nodes set %s --max-ram SIZE), unload a worker, or "
                             "choose a smaller model" % self.node)
-            worker = self.launch(ref, row, backend, device, (parallel, max_queue), split)
+            worker = self.launch(ref, row, backend, device, (parallel, max_queue), split, context=context,
+                                 limit_mb=limit_mb)
             self.pool.hand_out(worker, keep_alive)
             return worker, {"reused": False, "download_ms": download_ms, "load_ms": worker.load_ms}
 
-    def launch(self, ref, row, backend, device, slots, split=None, attempts=3):
+    def launch(self, ref, row, backend, device, slots, split=None, attempts=3, context=None, limit_mb=None):
         """Start a worker and wait until it is ready. A worker binds its port only after loading
         its model, so another program (another hive on this machine) can take the port meanwhile:
         a worker that says so (PORT_IN_USE, the error it exits with) is started again on the next
         free port. (The port is not probed after the fact: whoever took it may have let go by then.)"""
         port = WORKER_PORT
         for attempt in range(1, attempts + 1):
-            worker = self.start_worker(ref, row, backend, device, slots, port, split)
+            worker = self.start_worker(ref, row, backend, device, slots, port, split, context, limit_mb)
             try:
                 self.await_ready(worker)
                 return worker
@@ -4189,9 +4358,11 @@ class Hive(App):
             finally:
                 worker.listeners.clear()
 
-    def start_worker(self, ref, row, backend, device, slots, port=WORKER_PORT, split=None):
+    def start_worker(self, ref, row, backend, device, slots, port=WORKER_PORT, split=None, context=None,
+                     limit_mb=None):
         """Start a worker of `slots` (--parallel, --max-queue) on the first free port from `port`;
-        `split`: the remote devices that take part of its layers (split_of)."""
+        `split`: the remote devices that take part of its layers (split_of); `context`: its
+        WorkerContext (default: the model's trained context in f16, as far as `limit_mb` holds it)."""
         with self._ports_lock:   # choosing a port and registering its worker is one step
             port = free_port(self.args.host, port)
             while port in self.pool.ports():
@@ -4208,6 +4379,11 @@ class Hive(App):
                     str(port), "--host", self.args.host, "--worker-id", worker.worker_id, "--model-ref", ref.text,
                     "--hive-url", self.local_url, "--parallel", str(slots[0]), "--max-queue", str(slots[1]),
                     "--lifeline"]
+            if context:
+                args += ["--ctx-size", str(context.ctx_size), "--cache-type-k", context.cache_type_k or "f16",
+                         "--cache-type-v", context.cache_type_v or "f16"]
+            if limit_mb is not None:
+                args += ["--memory-limit-mb", str(limit_mb)]
             if split:
                 args += sum((["--rpc", e] for e in split["rpc"]), []) + ["--offload-layers",
                                                                          str(split["offload_layers"])]
@@ -4878,12 +5054,14 @@ def _best_device(need_mb, views, wanted, taken, evict):
     return min(options, key=lambda o: o[0])[1] if options else None
 
 
-def plan_placement(model_ref, need_mb, views, backend=None, device=None, max_replicas=DEFAULT_MAX_REPLICAS):
+def plan_placement(model_ref, need_mb, views, backend=None, device=None, max_replicas=DEFAULT_MAX_REPLICAS,
+                   context=None):
     """Where a task for `model_ref` (needing `need_mb`, 0 if unknown) runs, in the order of
     PROTOCOL.md §12: a worker of the model with a free slot (else the least loaded, unless a
     replica fits elsewhere); a node that has the model cataloged and room; the device with the
     most free memory where it fits, GPUs before the CPU; the same after stopping idle workers,
-    least recently used first; else wait for busy ones, or INSUFFICIENT_RAM / VRAM_EXHAUSTED."""
+    least recently used first; else wait for busy ones, or INSUFFICIENT_RAM / VRAM_EXHAUSTED. A
+    worker whose context is smaller than `context` asks (WorkerContext) is no worker of the model here."""
     wanted = lambda b, d: backend in (None, b) and device in (None, d)
     if not any(wanted(d["backend"], d["device"]) for v in views for d in v["devices"]):
         nodes = ", ".join(v["node"] for v in views)
@@ -4893,7 +5071,8 @@ def plan_placement(model_ref, need_mb, views, backend=None, device=None, max_rep
         raise DeviceNotFound("Device %s of %s is not on %s" % (device, backend or "any backend", nodes),
                              {"device": device}, "Leave --device out: the queen picks one", component=ACTOR_QUEEN)
     mine = [(v, w) for v in views for w in v["workers"] if w["model_ref"] == model_ref and wanted(w["backend"],
-                                                                                                   w["device"])]
+                                                                                                   w["device"])
+            and context_fits(w, context)]
     if mine:
         v, w = min(mine, key=lambda vw: (vw[1]["load"] / (vw[1]["slots_total"] or DEFAULT_PARALLEL), vw[1]["load"]))
         slots = w["slots_total"] or DEFAULT_PARALLEL
@@ -4933,9 +5112,11 @@ def plan_placement(model_ref, need_mb, views, backend=None, device=None, max_rep
         "(a lower quantisation)", component=ACTOR_QUEEN)
 
 
-SchedulerSettings = collections.namedtuple("SchedulerSettings", "keep_alive max_queue max_replicas")
+SchedulerSettings = collections.namedtuple("SchedulerSettings", "keep_alive max_queue max_replicas context")
+SchedulerSettings.__new__.__defaults__ = (WorkerContext(0, None, None),)
 SchedulerSettings.__doc__ = """The queen's settings that placement follows (queen --keep-alive,
---max-queue, --max-replicas)."""
+--max-queue, --max-replicas; --ctx-size and --cache-type-k/-v: the WorkerContext of a request
+that asks for none)."""
 
 Assignment = collections.namedtuple("Assignment", "session worker handout warm")
 Assignment.__doc__ = """Which worker serves a request: the hive session that runs it, its `worker`
@@ -5092,12 +5273,14 @@ class Scheduler:
     # -- the one answer ------------------------------------------------------------------------
 
     def assign(self, ref, sink, nodes=None, backend=None, device=None, parallel=DEFAULT_PARALLEL, keep_alive=None,
-               split=None, task=False, warm=True):
+               split=None, task=False, warm=True, context=None):
         """The worker that serves a request for `ref`: the warm one (its health asked first for a
         keeper's `task`), else where the nodes have room (`nodes`: the candidates, default every
-        node), or over the `split` nodes; narrated to `sink`, remembered for the next request."""
+        node), or over the `split` nodes; narrated to `sink`, remembered for the next request. Its
+        context serves `context` (WorkerContext; default: the queen's)."""
+        context = context or self.settings.context
         if warm and not split and keep_alive is None:
-            assigned = self.warm(ref, nodes, backend, device, task)
+            assigned = self.warm(ref, nodes, backend, device, task, context)
             if assigned and task:   # (an app's request to a warm worker is no news in the queen's log)
                 narrate(ACTOR_QUEEN, "placement", "Placing on %s %s:%s: its worker is warm" % (
                     assigned.session.name, assigned.worker.get("backend"), assigned.worker.get("device")), "📍",
@@ -5109,24 +5292,25 @@ class Scheduler:
         if split:
             session, worker = self.place_split(ref, split, parallel, keep_alive, sink)
             return Assignment(session, worker, None, False)
-        session, worker, handout = self.place(ref, nodes, backend, device, parallel, keep_alive, sink, task)
+        session, worker, handout = self.place(ref, nodes, backend, device, parallel, keep_alive, sink, task, context)
         if not worker.get("split"):
             with self.lock:
                 self.recent[ref.text] = (session, worker, handout.key,
                                          self.settings.keep_alive if keep_alive is None else keep_alive)
         return Assignment(session, worker, handout, False)
 
-    def warm(self, ref, nodes, backend, device, check):
+    def warm(self, ref, nodes, backend, device, check, context=None):
         """The worker of the last assignment for `ref`, with no survey and no spawn: while the
         requests it serves leave it a free slot, its hive runs, it fits `nodes`/`backend`/`device`,
-        nobody is evicting it, and it was kept alive long enough not to be going (with `check`, its
-        /health says so too)."""
+        nobody is evicting it, it was kept alive long enough not to be going, and its context serves
+        `context` (with `check`, its /health says so too)."""
         with self.lock:
             known = self.recent.get(ref.text)
             if not known:
                 return None
             session, worker, key, keep_alive = known
-            fits = (nodes is None or session.name in nodes) and backend in (None, key[2]) and device in (None, key[3])
+            fits = (nodes is None or session.name in nodes) and backend in (None, key[2]) and device in (
+                None, key[3]) and context_fits(worker, context)
             slots = worker.get("slots_total") or DEFAULT_PARALLEL
             going = worker["worker_id"] in self.leaving or session.exited.is_set() or 0 <= keep_alive < 60
             if not fits or going or self.load(key) >= slots:
@@ -5198,16 +5382,17 @@ class Scheduler:
 
     # -- placement ------------------------------------------------------------------------------
 
-    def place(self, ref, nodes, backend, device, parallel, keep_alive, sink, task=False):
+    def place(self, ref, nodes, backend, device, parallel, keep_alive, sink, task=False, context=None):
         """(the hive session, its `worker` event, the Handout) of a request placed on one of
         `nodes`; over several nodes when it fits on no single one."""
         deadline, said_wait, reservation = time.monotonic() + PLACEMENT_WAIT, False, None
         while True:
             answers = self.survey(ref, nodes, sink)   # (hive starts and ssh: outside the lock)
             with self.lock:
-                views, need_mb = self.views(ref, nodes, answers)
+                views, need_mb = self.views(ref, nodes, answers, context)
                 try:
-                    plan = plan_placement(ref.text, need_mb, views, backend, device, self.settings.max_replicas)
+                    plan = plan_placement(ref.text, need_mb, views, backend, device, self.settings.max_replicas,
+                                          context)
                 except (InsufficientRam, VramExhausted):
                     parts = split_nodes(views, need_mb) if len(nodes) > 1 and backend is None else None
                     if not parts:
@@ -5247,6 +5432,7 @@ class Scheduler:
             with session.listening(sink):
                 body = {"model_ref": ref.text, "backend": plan.backend, "device": plan.device, "parallel": parallel,
                         "keep_alive": keep_alive, "max_queue": self.settings.max_queue}
+                body.update(context._asdict() if context else {})
                 if plan.free_mb is not None:
                     body["memory_limit_mb"] = plan.free_mb
                 worker = session.client.spawn(body, session.tagged(sink))
@@ -5321,9 +5507,11 @@ class Scheduler:
             raise errors[0] if errors else NodeNotFound("No node to run on", {}, component=ACTOR_QUEEN)
         return results
 
-    def views(self, ref, nodes, results):
+    def views(self, ref, nodes, results, context=None):
         """(node views, MB the model needs: 0 if no node knows its size yet), with the spawns,
-        evictions and requests in progress (the caller holds `lock`)."""
+        evictions and requests in progress (the caller holds `lock`). The need is the file's size
+        x 1.2 and its KV cache at `context` (its size and types) before any worker ran it, then
+        what its workers take."""
         for name, res in results.items():   # the tasks that reached their workers are the workers' own load now
             listed = {w["worker_id"] for w in res.get("workers") or ()}
             for worker_id in [i for i, (node, _) in self.jobs_seen.items() if node == name and i not in listed]:
@@ -5335,9 +5523,11 @@ class Scheduler:
         import backends
         views = [node_view(results[name], self.nodes.limits(name), [p for p in self.pending if p["node"] == name],
                            self.load, self.leaving) for name in nodes if name in results]
-        # the file's size x 1.2 before any worker ran it; then what its workers take (slots' KV cache too)
-        seen = [w.get("memory_mb") or 0 for v in views for w in v["workers"] if w["model_ref"] == ref.text]
-        return views, max([backends.required_mb(max(sizes)) if sizes else 0] + seen)
+        shapes = [r["model"].get("shape") for r in results.values() if (r.get("model") or {}).get("shape")]
+        kv_mb = kv_need_mb(shapes[0], context or self.settings.context) if shapes else 0
+        seen = [w.get("memory_mb") or 0 for v in views for w in v["workers"] if w["model_ref"] == ref.text
+                and context_fits(w, context)]
+        return views, max([backends.required_mb(max(sizes)) + kv_mb if sizes else 0] + seen)
 
     def evict(self, evict, sink):
         """Stop these idle workers and wait until their hives no longer list them (GRACEFUL_TIMEOUT at most)."""
@@ -5362,7 +5552,8 @@ def openai_error(err):
     kind = {401: "authentication_error", 403: "permission_error", 503: "unavailable_error"}.get(
         err.status, "invalid_request_error" if err.status < 500 else "server_error")
     code = {"MODEL_NOT_FOUND": "model_not_found", "MISSING_API_KEY": "invalid_api_key",
-            "INVALID_API_KEY": "invalid_api_key"}.get(err.code, err.code.lower())
+            "INVALID_API_KEY": "invalid_api_key", "CONTEXT_EXCEEDED": "context_length_exceeded"}.get(
+        err.code, err.code.lower())
     return {"error": {"message": err.message, "type": kind, "code": code, "param": err.details.get("field")}}
 
 
@@ -5450,9 +5641,11 @@ class AppJob:
         """Get a worker and start the job: every error the app should get as a status (a prompt
         over the context, a full queue, an unknown model) raises here, before the answer starts.
         A warm worker that fails at once is forgotten, and the job placed again."""
+        context = context_of(self.body, self.scheduler.settings.context)
         with self.metrics.placing:
             for warm in (True, False):
-                assigned = self.scheduler.assign(self.ref, _current_sink(), keep_alive=self.keep_alive, warm=warm)
+                assigned = self.scheduler.assign(self.ref, _current_sink(), keep_alive=self.keep_alive, warm=warm,
+                                                 context=context)
                 try:
                     return self._start(assigned)
                 except BaseException as err:
@@ -5545,8 +5738,11 @@ class AppJob:
         return list(self.stats.get("tool_calls") or ())
 
     def usage(self):
+        """OpenAI's usage: the prompt's tokens (`cached_tokens` of them came from the worker's KV or
+        prompt cache, not evaluated again) and the answer's."""
         prompt, completion = self.stats.get("prompt_tokens", 0), self.stats.get("tokens_out", 0)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": self.stats.get("prompt_cached", 0)}}
 
 
 class Metrics:
@@ -5817,6 +6013,8 @@ class OpenAIApi:
         stream_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         job["max_tokens"] = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_N_CTX
         job.update(logprobs_of(body, chat))
+        if body.get("ctx_size") is not None:   # (rbee's extension: the context its worker must hold at least)
+            job["ctx_size"] = body["ctx_size"]
         with AppJob(self.scheduler, self.metrics, self.models.named(body.get("model")), job, None).open() as app:
             answer = {"id": id_prefix + random_id(12), "object": kind, "created": int(time.time()),
                       "model": body["model"], "system_fingerprint": "rbee-" + __version__}
@@ -6067,7 +6265,8 @@ def response_usage(usage):
     """AppJob.usage() (chat's names) in the Responses API's."""
     return {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
             "total_tokens": usage["total_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
-            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0}}
+            "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
+                                     "cache_write_tokens": 0}}
 
 
 class ResponsesStream(SSEStream):
@@ -6343,7 +6542,9 @@ class OllamaApi:
                         "quantization_level": quantization_of(w["model_ref"])},
             "expires_at": iso_time(w["expires_unix"]) if w.get("expires_unix") else iso_time(
                 time.time() + (10 * 365 * 86400 if w["keep_alive_s"] < 0 else max(0, w["keep_alive_s"]))),
-            "size_vram": (w["memory_mb"] << 20) if w["backend"] != "cpu" else 0,
+            "size_vram": (w["memory_mb"] << 20) if w["backend"] != "cpu" else 0, "context_length": w.get("ctx_size", 0),
+            "kv_cache_mb": w.get("kv_cache_mb", 0), "cache_type_k": w.get("cache_type_k"),
+            "cache_type_v": w.get("cache_type_v"),
             "node": w["node"], "device": "%s:%s" % (w["backend"], w["device"])} for w in workers]})
 
     def show(self, req):
@@ -6374,7 +6575,13 @@ class OllamaApi:
             template = OLLAMA_FIM_TEMPLATE % template
         model_info = {k: v for k, v in metadata.items() if not k.startswith("tokenizer.chat_template")}
         model_info["rbee.nodes"] = m["nodes"]
-        req.send_json(200, {"modelfile": "# rbee model %s\nFROM %s\n" % (m["id"], m["id"]), "parameters": "",
+        # the context in use: its largest running worker's, else the one it was trained for (a worker's default)
+        running = [w.get("ctx_size") or 0 for w in self.hives.cluster()[1] if w["model_ref"] in (m["id"], m.get(
+            "alias_of"))]
+        num_ctx = max(running) if any(running) else metadata.get("%s.context_length" % metadata.get(
+            "general.architecture"))
+        req.send_json(200, {"modelfile": "# rbee model %s\nFROM %s\n" % (m["id"], m["id"]),
+                            "parameters": "num_ctx %d" % num_ctx if num_ctx else "",
                             "template": template, "details": self._details(m, metadata),
                             "modified_at": iso_time(m["created"]), "model_info": model_info,
                             "capabilities": capabilities})
@@ -6426,6 +6633,8 @@ class OllamaApi:
         job.update(sampling_of(options))
         predict = options.get("num_predict")
         job["max_tokens"] = predict if isinstance(predict, int) and predict > 0 else DEFAULT_N_CTX
+        if options.get("num_ctx") is not None:   # (a worker of at least this context; never a cut prompt)
+            job["ctx_size"] = options["num_ctx"]
         if isinstance(body.get("format"), dict):
             job["json_schema"] = body["format"]
         elif body.get("format") == "json":
@@ -6949,8 +7158,10 @@ class AnthropicApi:
         """How the ended job's answer ends: stop_reason, stop_sequence, usage."""
         stop_reason, stop_sequence = anthropic_stop(app.stats, job.get("stop"))
         usage = app.usage()
+        cached = usage["prompt_tokens_details"]["cached_tokens"]   # (Anthropic counts them apart from input_tokens)
         return {"stop_reason": stop_reason, "stop_sequence": stop_sequence,
-                "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]}}
+                "usage": {"input_tokens": usage["prompt_tokens"] - cached, "cache_read_input_tokens": cached,
+                          "cache_creation_input_tokens": 0, "output_tokens": usage["completion_tokens"]}}
 
     def count_tokens(self, req):
         body = req.json
@@ -6978,7 +7189,8 @@ class Queen(App):
         self.hives = Hives(self.nodes, random_id(24), args.keep_alive)   #: a hive per node, started on demand
         #: which worker serves each request: placement, replicas, eviction, splits
         self.scheduler = Scheduler(self.hives, self.nodes,
-                                   SchedulerSettings(args.keep_alive, args.max_queue, args.max_replicas))
+                                   SchedulerSettings(args.keep_alive, args.max_queue, args.max_replicas,
+                                                     WorkerContext(args.ctx_size, args.cache_type_k, args.cache_type_v)))
         self.metrics = Metrics()          #: /metrics: the apps' requests (its own lock)
         self.feed = EventFeed()           #: /v2/events: every narration the queen sees (its own lock)
         _taps.append(self.feed.publish)
@@ -7059,6 +7271,7 @@ class Queen(App):
         if "device" not in body:
             device = None   # (any device of the chosen backend)
         parallel = parallel_of(body)
+        context = context_of(body, self.scheduler.settings.context)
         keep_alive = keep_alive_of(body, None)   # (None: the hive's, which is this queen's --keep-alive)
         nodes = self.hives.candidates() if node == AUTO_NODE else [self.nodes.resolve(node)["node_name"]]
         split = body.get("split")
@@ -7069,7 +7282,7 @@ class Queen(App):
         stream = req.sse()   # (NODE_NOT_FOUND and every 400 before the stream starts)
         with narration_to(stream.narration):
             session, worker, _, _ = self.scheduler.assign(ref, stream.narration, nodes, backend, device, parallel,
-                                                          keep_alive, split, task=True)
+                                                          keep_alive, split, task=True, context=context)
         timings = dict(session.timings, **(worker.get("timings") or {}))
         session.timings = {}   # the hive start is paid once
         stream.finish(EVENT_WORKER, {"worker_id": worker["worker_id"], "worker_url": session.worker_url(worker["url"]),
@@ -7327,8 +7540,9 @@ class Keeper:
         self.ensure_queen()
         task = {"model": ref.text, "prompt": args.prompt, "max_tokens": args.max_tokens,
                 "temperature": args.temperature, "parallel": args.parallel}
-        task.update((k, getattr(args, k)) for k in ("node", "backend", "device", "keep_alive")
-                    if getattr(args, k) is not None)
+        task.update((k, getattr(args, k)) for k in ("node", "backend", "device", "keep_alive", "cache_type_k",
+                                                    "cache_type_v") if getattr(args, k) is not None)
+        task.update({"ctx_size": args.ctx_size} if args.ctx_size else {})
         if args.split:
             task["split"] = [n for n in args.split.split(",") if n]
         worker = self.queen.task(task, self.show)
@@ -7748,6 +7962,18 @@ def _bounded(kind, low, high):
     return convert
 
 
+def add_context_options(parser, whose, cache_type=None):
+    """--ctx-size and the KV cache's types, of a worker (`whose`: "its", types f16 by default) or of
+    the workers a command starts (a running worker serves it if its context is as large)."""
+    parser.add_argument("--ctx-size", type=_bounded(int, 0, 1 << 22), default=0, help="tokens of context of %s "
+                        "worker, shared by its slots (default 0: the model's trained context, as far as memory "
+                        "holds its KV cache)" % whose)
+    for part in ("k", "v"):
+        parser.add_argument("--cache-type-" + part, choices=KV_CACHE_TYPES, default=cache_type,
+                            help="the KV cache's %s: q8_0 holds twice the context, q4_0 four times (default %s)" % (
+                                "keys" if part == "k" else "values", cache_type or "f16, or any running worker's"))
+
+
 def build_parser():
     import backends   # the registry of adapters names the --backend choices (stdlib only: no llama_cpp)
     p = ArgumentParser(prog="rbee.py", description="rbee: your machines as one LLM inference service")
@@ -7771,6 +7997,7 @@ def build_parser():
     s.add_argument("--device", type=_bounded(int, 0, 1024), help="default: the backend's device with most room")
     s.add_argument("--parallel", type=_bounded(int, 1, 256), default=DEFAULT_PARALLEL,
                    help="slots of a worker this command starts (a running one keeps its own)")
+    add_context_options(s, "the")
     s.add_argument("--split", metavar="NODE,NODE", help="one model over several nodes: the one with most room loads "
                    "it, the others lend their device over llama.cpp's RPC backend (LAN transport)")
     s.add_argument("--keep-alive", type=keep_alive_arg, help="how long the worker stays loaded when idle: 30s, 10m, "
@@ -7795,6 +8022,7 @@ def build_parser():
                    "APIs (https://chat.lan; repeat it; * for any): preflight OPTIONS and Access-Control headers")
     s.add_argument("--max-replicas", type=_bounded(int, 1, 64), default=DEFAULT_MAX_REPLICAS,
                    help="workers of one model started when every slot of its workers is taken (default 2)")
+    add_context_options(s, "each")
     s.set_defaults(func=run_queen)
 
     s = sub.add_parser("hive", help="run a node's pool manager")
@@ -7818,9 +8046,19 @@ def build_parser():
     s.add_argument("--worker-id")
     s.add_argument("--model-ref")
     s.add_argument("--hive-url")
-    s.add_argument("--ctx-size", type=_bounded(int, 16, 1 << 20), default=DEFAULT_N_CTX, help="tokens per slot")
+    add_context_options(s, "its", "f16")
     s.add_argument("--parallel", type=_bounded(int, 1, 256), default=DEFAULT_PARALLEL,
-                   help="slots: requests served at once, batched together")
+                   help="slots: requests served at once, batched together, sharing the context's KV cache")
+    s.add_argument("--batch-size", type=_bounded(int, 32, 1 << 16), default=512, help="tokens decoded in one step, "
+                   "all slots together: a long prompt is evaluated in chunks of it between the others' tokens")
+    s.add_argument("--ubatch-size", type=_bounded(int, 32, 1 << 16), help="tokens llama.cpp computes at once "
+                   "(default: --batch-size)")
+    s.add_argument("--prompt-cache-mb", type=_bounded(int, 0, 1 << 24), default=2048, help="host memory for the KV "
+                   "cache of conversations whose slot went to another one (0: none)")
+    s.add_argument("--prompt-cache-dir", default=os.environ.get("RBEE_PROMPT_CACHE_DIR"), help="keep that prompt "
+                   "cache on disk too, for the next worker of the model (default $RBEE_PROMPT_CACHE_DIR, else none)")
+    s.add_argument("--memory-limit-mb", type=_bounded(int, 0, 1 << 40), help="memory it may take (its hive's "
+                   "room for it): a default context fits its KV cache in what the model leaves of it")
     s.add_argument("--max-queue", type=_bounded(int, 0, 1 << 16), default=DEFAULT_MAX_QUEUE,
                    help="requests that may wait for a slot; beyond them, 503")
     s.add_argument("--rpc", action="append", metavar="HOST:PORT", help="a split: a remote device (rbee.py rpc) that "

@@ -1,33 +1,55 @@
-"""Continuous batching over one loaded model: N slots share one llama.cpp context.
+"""Continuous batching over one loaded model: N slots share one llama.cpp context and its KV cache.
 
-Each slot is a sequence id with its own part of the KV cache (`--ctx-size` tokens each) and its
-own sampler chain. One thread owns the context: at every step it lets waiting jobs into free
-slots, puts into one `llama_batch` the next token of every generating slot and as much of the
-new prompts as the batch holds, decodes once, and samples each slot's token from its own row of
-logits. A job that joins starts at the next step; one that ends or is cancelled frees its slot
-at once, the others decoding on. A slot keeps the KV cache of its last prompt, and a new job
-goes to the free slot that shares the longest prefix with it (as llama.cpp's server does), so
-only the rest of its prompt is evaluated.
+Each slot is a sequence id with its own sampler chain; the slots share one KV cache of n_ctx cells
+(llama.cpp's unified cache, as llama-server's): one conversation may fill all of it while the
+others idle, many short ones share it. One thread owns the context: at every step it lets waiting
+jobs into free slots, puts into one `llama_batch` the next token of every generating slot and as
+much of the new prompts as the batch holds (a long prompt is evaluated in chunks between the
+others' tokens), decodes once, and samples each slot's token from its own row of logits.
+
+The cells are counted here, not found out by a failed decode: a job's whole prompt is committed
+when it takes a slot, and a job waits in the queue while the cells its prompt needs are not free
+(after dropping what idle slots keep). When the generating slots need more cells than there are,
+the newest job is paused: its tokens so far go back to the head of the queue, and it resumes where
+it was once room frees (nothing it streamed is taken back).
+
+A slot keeps the KV cache of its last conversation; a new job goes to the free slot that shares
+the longest prefix with it (as llama.cpp's server does), so only the rest of its prompt is
+evaluated. When a slot's cache is about to be dropped (another conversation takes the slot, the
+cells are needed), it is copied into a PromptCache in host memory first; a later prompt that
+shares a longer prefix with an entry there than with any slot gets the entry restored into its
+slot instead of evaluating that prefix again.
 
 Not an adapter (it is in no backend's PREFERENCE): every backend's worker runs on it.
 """
 import codecs
 import collections
 import ctypes
+import hashlib
+import json
+import os
 import queue
 import threading
 import time
 
-N_BATCH = 512          # tokens in one decode step, all slots together
+N_BATCH = 512          # tokens in one decode step, all slots together (--batch-size; --ubatch-size the same)
 MIN_P = 0.05           # the min-p that llama-cpp-python's create_completion uses by default
+MIN_SAVED = 64         # a slot's cache shorter than this is not worth a place in the prompt cache
+PROMPT_CACHE_MB = 2048  # the prompt cache's default bound in host memory (--prompt-cache-mb)
+# the KV cache's element types (--cache-type-k/--cache-type-v): ggml's type id and bytes per element
+KV_TYPES = {"f16": (1, 2.0), "q8_0": (8, 34 / 32), "q4_0": (2, 18 / 32)}
 # the kinds of an EngineJob's events; rbee.py's Protocol section names them ENGINE_* (a test keeps both equal)
-ADMITTED, TOKEN, END, ERROR, LOGPROBS = "admitted", "token", "end", "error", "logprobs"
+ADMITTED, TOKEN, END, ERROR, LOGPROBS, WAITING = "admitted", "token", "end", "error", "logprobs", "waiting"
 
 
 class EngineJob:
     """One generation: its prompt tokens, sampling settings, cancel flag, and the events the
     engine's thread puts for the request's thread, in order:
-        ("admitted", {"slot", "reused"})  it has a slot; `reused` prompt tokens came from its cache
+        ("waiting", {reason, need, free, n_ctx})  it waits for room in the KV cache (`reason` "room"),
+                                           or was paused to give its cells to older jobs ("paused")
+        ("admitted", {slot, reused, restored, resumed})  it has a slot; `reused` prompt tokens came
+                                           from the caches (`restored` of them from the prompt cache);
+                                           `resumed`: it was paused and goes on
         ("logprobs", {token, logprob, bytes, top})  (asked for) the next token's log-probability and the
                                            `logprobs` likeliest tokens with theirs, before its ("token", ...)
         ("token", text)                    text of one sampled token ("" while a UTF-8 character is split)
@@ -48,6 +70,9 @@ class EngineJob:
         self.cancel = threading.Event()            #: set by anyone: the engine ends the job at its next step
         self.events = queue.Queue()                #: written by the engine's thread, read by the job's owner
         self.admitted = threading.Event()          #: it got a slot (the engine's thread)
+        #: a paused job's state (its tokens so far, samplers, decoder, count, start), or None (the engine's thread)
+        self.paused = None
+        self.told_waiting = False                  #: its "waiting" event for room went out (the engine's thread)
 
 
 class Slot:
@@ -57,7 +82,7 @@ class Slot:
         self.seq_id = seq_id       #: its sequence id in the context
         self.job = None            #: the job it runs, or None: free
         self.cache = []            #: the tokens whose KV it holds, from position 0
-        self.pending = []          #: prompt tokens still to evaluate
+        self.pending = []          #: prompt tokens still to evaluate (their cells are committed)
         self.next_token = None     #: the token sampled last, to evaluate at the next step
         self.sampler = None        #: its sampler chain (llama_sampler pointer)
         self.grammar = None        #: its job's grammar sampler, apart from the chain (see Engine._sample), or None
@@ -67,46 +92,59 @@ class Slot:
         self.last_used = 0.0       #: when its last job ended (the least recently used is reused first)
 
 
-class Engine:
-    """N slots over one model, one decode loop. `submit(job)` queues a job (FIFO); the caller
-    reads `job.events`. `close()` ends every job and frees the context."""
+def context_params(llama_cpp, llm, n_ctx, n_seq, n_batch, n_ubatch=None, flash_attn=True):
+    """The params of a context on `llm`'s model: its threads, `n_ctx` cells shared by `n_seq`
+    sequences (a unified KV cache), batches of `n_batch` tokens."""
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_seq_max, params.kv_unified = n_ctx, n_seq, True
+    params.n_batch, params.n_ubatch = n_batch, n_ubatch or n_batch
+    params.n_threads = llm.context_params.n_threads
+    params.n_threads_batch = llm.context_params.n_threads_batch
+    params.offload_kqv = llm.context_params.offload_kqv
+    # llama.cpp's own default (llama-server's too), where llama-cpp-python's Llama turns it off:
+    # flash attention where the backend has it; about 14 % more tokens a second with four
+    # clients on 2 CPU cores here, and still the same greedy text alone or beside others
+    params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn
+                              else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    params.no_perf = True
+    return params
 
-    def __init__(self, llm, n_slots, n_ctx_slot, n_batch=N_BATCH):
+
+class Engine:
+    """N slots over one model and one KV cache of `n_ctx` cells, one decode loop. `submit(job)`
+    queues a job (FIFO); the caller reads `job.events`. `close()` ends every job and frees the context."""
+
+    def __init__(self, llm, n_slots, n_ctx, n_batch=N_BATCH, n_ubatch=None, cache_type_k="f16", cache_type_v="f16",
+                 prompt_cache=None):
         import llama_cpp
         self.llama_cpp = llama_cpp
         self.llm = llm                                  #: the loaded Llama (its model; its own context is unused)
-        self.n_slots, self.n_ctx_slot = n_slots, n_ctx_slot
-        self.n_batch = n_batch
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_slots * n_ctx_slot
-        params.n_seq_max = n_slots
-        # each sequence its own stream of n_ctx_slot cells, laid out as when it runs alone: a unified
-        # cache (about 6 % faster with four clients here) interleaves the sequences' cells, which
-        # changes the order of llama.cpp's reductions, and a text could differ from its solo run
-        params.kv_unified = False
-        params.n_batch = params.n_ubatch = n_batch
-        params.n_threads = llm.context_params.n_threads
-        params.n_threads_batch = llm.context_params.n_threads_batch
-        params.offload_kqv = llm.context_params.offload_kqv
-        # llama.cpp's own default (llama-server's too), where llama-cpp-python's Llama turns it off:
-        # flash attention where the backend has it; about 14 % more tokens a second with four
-        # clients on 2 CPU cores here, and still the same greedy text alone or beside others
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
-        params.no_perf = True
+        self.n_slots, self.n_batch = n_slots, n_batch
+        self.cache_types = (cache_type_k, cache_type_v)   #: the KV cache's element types (KV_TYPES' names)
+        params = context_params(llama_cpp, llm, n_ctx, n_slots, n_batch, n_ubatch)
+        params.type_k, params.type_v = KV_TYPES[cache_type_k][0], KV_TYPES[cache_type_v][0]
         self.model = llm._model.model
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)   #: the context (the loop's thread)
         if not self.ctx:
-            raise RuntimeError("llama.cpp could not create a context of %d x %d tokens" % (n_slots, n_ctx_slot))
+            raise RuntimeError("llama.cpp could not create a context of %d tokens (KV cache %s/%s)" % (
+                n_ctx, cache_type_k, cache_type_v))
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)   #: the KV cache's cells, shared by every slot
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.slots = [Slot(i) for i in range(n_slots)]  #: the sequences (the loop's thread)
+        self.prompt_cache = prompt_cache                #: a PromptCache, or None (the loop's thread)
         self.waiting = collections.deque()             #: jobs without a slot yet, FIFO (under `cond`)
         self.cond = threading.Condition()               #: guards `waiting` and `running`; wakes the loop
         self.running = 0                                #: jobs in slots (under `cond`)
         self.closing = False                            #: close() was called (under `cond`)
         self.dead = None                                #: why the loop ended unexpectedly, if it did (under `cond`)
-        self.kv_mb = kv_cache_mb(llama_cpp, self.model, llama_cpp.llama_n_ctx(self.ctx))   #: its KV cache, f16
+        #: its KV cache at its element types
+        self.kv_mb = kv_cache_mb(kv_bytes_per_token(*model_kv_shape(llama_cpp, self.model), cache_type_k, cache_type_v),
+                                 self.n_ctx)
+        self.evaluated = 0                              #: prompt tokens evaluated since the start (the loop's thread)
+        self.cached = 0                                 #: prompt tokens that came from a cache instead (the loop's)
+        self.paused = 0                                 #: jobs paused for room since the start (the loop's thread)
         self.thread = threading.Thread(target=self._loop, daemon=True, name="engine")
         self.thread.start()
 
@@ -145,6 +183,14 @@ class Engine:
         with self.cond:
             return self.running, len(self.waiting)
 
+    def counters(self):
+        """What the cache saved: prompt tokens evaluated and taken from a cache, jobs paused, the
+        prompt cache's entries and MB (read without a lock: each a number one thread writes)."""
+        cache = self.prompt_cache
+        return {"prompt_tokens_evaluated": self.evaluated, "prompt_tokens_cached": self.cached,
+                "jobs_paused": self.paused, "prompt_cache_entries": len(cache.entries) if cache else 0,
+                "prompt_cache_mb": round(cache.size / (1 << 20), 1) if cache else 0.0}
+
     def close(self, timeout=15.0):
         """End every job (`cancelled`), stop the loop, free the context. False: a step did not
         end within `timeout` (llama.cpp still runs; nothing is freed under it)."""
@@ -157,9 +203,7 @@ class Engine:
         if self.thread.is_alive():
             return False
         for slot in self.slots:
-            for sampler in (slot.sampler, slot.grammar):
-                if sampler:
-                    self.llama_cpp.llama_sampler_free(sampler)
+            self._free_samplers(slot.sampler, slot.grammar)
         self.llama_cpp.llama_batch_free(self.batch)
         self.llama_cpp.llama_free(self.ctx)
         return True
@@ -170,12 +214,17 @@ class Engine:
         try:
             while True:
                 with self.cond:
-                    self._admit()
+                    self._drop_cancelled()
                     if self.closing and not self.running:
                         return
-                    if not self.running:
+                    if not self.running and not self.waiting:
                         self.cond.wait(0.5)
                         continue
+                self._admit()   # (outside `cond`: copying a cache in or out takes a while)
+                if not self.running:
+                    with self.cond:   # (waiting for room that only a job's end frees: none runs, so none will)
+                        self.cond.wait(0.05)
+                    continue
                 try:
                     self._step()
                 except Exception as exc:   # llama.cpp failed: the running jobs end with the error
@@ -198,43 +247,150 @@ class Engine:
             self.llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
             slot.cache = []
 
-    def _admit(self):
-        """Waiting jobs into free slots, in order; cancelled ones leave the queue at once."""
+    def _drop_cancelled(self):
+        """(under `cond`) Cancelled jobs leave the queue at once (a paused one frees its samplers)."""
         for job in [j for j in self.waiting if j.cancel.is_set() or self.closing]:
             self.waiting.remove(job)
+            if job.paused:
+                self._free_samplers(*job.paused["samplers"])
+                job.paused = None
             job.events.put((END, "cancelled"))
-        while self.waiting:
-            free = [s for s in self.slots if s.job is None]
-            if not free:
-                return
-            job = self.waiting.popleft()
-            slot = max(free, key=lambda s: (common_prefix(s.cache, job.prompt_tokens), -s.last_used))
-            self.running += 1
-            try:
-                self._start(slot, job)
-            except Exception as exc:   # (this job alone)
-                self._finish(slot, None, "%s: %s" % (type(exc).__name__, exc), locked=True)
 
-    def _start(self, slot, job):
+    def _committed(self):
+        """Cells held or promised: every slot's cache and the prompt tokens it still evaluates."""
+        return sum(len(s.cache) + len(s.pending) for s in self.slots)
+
+    def _admit(self):
+        """Waiting jobs into free slots, in order, while the KV cache has room for their prompts;
+        the first that does not fit waits (and the ones behind it: first come, first served)."""
+        while True:
+            with self.cond:
+                job = self.waiting[0] if self.waiting else None
+            free = [s for s in self.slots if s.job is None]
+            if job is None or not free:
+                return
+            tokens = job.paused["tokens"] if job.paused else job.prompt_tokens
+            slot = max(free, key=lambda s: (common_prefix(s.cache, tokens), -s.last_used))
+            if not self._room_for(slot, tokens):
+                return
+            with self.cond:
+                if not self.waiting or self.waiting[0] is not job:   # (cancelled meanwhile)
+                    continue
+                self.waiting.popleft()
+                self.running += 1
+            try:
+                self._start(slot, job, tokens)
+            except Exception as exc:   # (this job alone)
+                self._finish(slot, None, "%s: %s" % (type(exc).__name__, exc))
+
+    def _room_for(self, slot, tokens):
+        """Whether `tokens` fit in the KV cache in `slot` (its prefix in common is kept), after
+        dropping what other idle slots keep (least recently used first, copied into the prompt
+        cache); else the job is told it waits."""
+        kept = min(common_prefix(slot.cache, tokens), len(tokens) - 1)
+        need = len(tokens) + 1 - kept
+        free = self.n_ctx - self._committed() + len(slot.cache) - kept
+        for idle in sorted((s for s in self.slots if s.job is None and s is not slot and s.cache),
+                           key=lambda s: s.last_used):
+            if free >= need:
+                break
+            free += len(idle.cache)
+            self._drop_cache(idle)
+        if free >= need:
+            return True
+        job = self.waiting[0]
+        if not job.told_waiting:
+            job.told_waiting = True
+            job.events.put((WAITING, {"reason": "room", "need": need, "free": free, "n_ctx": self.n_ctx}))
+        return False
+
+    def _drop_cache(self, slot, keep=0):
+        """Cut `slot`'s cache to its first `keep` tokens; what goes, if it is worth it, is kept in
+        the prompt cache first (the whole sequence: a later prompt finds its prefix there)."""
+        if self.prompt_cache is not None and len(slot.cache) - keep >= MIN_SAVED:
+            self.prompt_cache.put(slot.cache, self._state_of(slot))
+        if not self.llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, keep, -1):   # (a cache that cannot be cut)
+            self.llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+            keep = 0
+        slot.cache = slot.cache[:keep]
+
+    def _state_of(self, slot):
+        """The bytes of `slot`'s sequence in the KV cache (llama_state_seq_get_data)."""
         lc = self.llama_cpp
-        prompt = job.prompt_tokens
-        slot.job, slot.next_token, slot.generated, slot.started = job, None, 0, time.monotonic()
-        if not prompt:
+        size = lc.llama_state_seq_get_size(self.ctx, slot.seq_id)
+        data = (ctypes.c_uint8 * size)()
+        written = lc.llama_state_seq_get_data(self.ctx, data, size, slot.seq_id)
+        return bytes(data)[:written]
+
+    def _restore(self, slot, tokens):
+        """Put into `slot` the prompt cache's entry that shares the longest prefix with `tokens`,
+        where it shares more than the slot does and fits; returns the tokens it brought."""
+        if self.prompt_cache is None:
+            return 0
+        kept = common_prefix(slot.cache, tokens)
+        entry, shared = self.prompt_cache.best(tokens)
+        if entry is None or shared <= kept or len(entry) > self.n_ctx - self._committed() + len(slot.cache):
+            return 0
+        data = self.prompt_cache.get(entry)
+        if data is None:
+            return 0
+        self._drop_cache(slot)
+        buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if not self.llama_cpp.llama_state_seq_set_data(self.ctx, buffer, len(data), slot.seq_id):
+            self.llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+            self.prompt_cache.discard(entry)   # (another model's, or another cache type's)
+            return 0
+        slot.cache = list(entry)
+        return shared
+
+    def _start(self, slot, job, tokens):
+        if not tokens:
             raise ValueError("an empty prompt")
-        reused = min(common_prefix(slot.cache, prompt), len(prompt) - 1)   # the last one is evaluated again
-        if not lc.llama_memory_seq_rm(self.memory, slot.seq_id, reused, -1):   # (a cache that cannot be cut)
-            lc.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
-            reused = 0
-        slot.cache, slot.pending = prompt[:reused], prompt[reused:]
+        restored = self._restore(slot, tokens)
+        reused = min(common_prefix(slot.cache, tokens), len(tokens) - 1)   # the last one is evaluated again
+        self._drop_cache(slot, reused)
+        reused = len(slot.cache)
+        slot.job, slot.next_token, slot.pending = job, None, tokens[reused:]
+        self._free_samplers(slot.sampler, slot.grammar)
+        if job.paused:   # it goes on as it was: its samplers, its decoder, its count, its age
+            paused, job.paused = job.paused, None
+            slot.sampler, slot.grammar = paused["samplers"]
+            slot.decoder, slot.generated, slot.started = paused["decoder"], paused["generated"], paused["started"]
+            job.events.put((ADMITTED, {"slot": slot.seq_id, "reused": reused, "restored": min(restored, reused),
+                                       "resumed": True}))
+            return
+        slot.generated, slot.started = 0, time.monotonic()
         slot.decoder = codecs.getincrementaldecoder("utf-8")("ignore")
-        for sampler in (slot.sampler, slot.grammar):
-            if sampler:
-                lc.llama_sampler_free(sampler)
         slot.sampler, slot.grammar = None, None
         slot.grammar = self._grammar(job)
         slot.sampler = self._sampler(job)
+        self.cached += reused
         job.admitted.set()
-        job.events.put((ADMITTED, {"slot": slot.seq_id, "reused": reused}))
+        job.events.put((ADMITTED, {"slot": slot.seq_id, "reused": reused, "restored": min(restored, reused),
+                                   "resumed": False}))
+
+    def _free_samplers(self, *samplers):
+        for sampler in samplers:
+            if sampler:
+                self.llama_cpp.llama_sampler_free(sampler)
+
+    def _pause(self, slot):
+        """Give `slot`'s cells to older jobs: its job goes back to the head of the queue with what
+        it has so far (its cache is kept in the prompt cache, to come back from there)."""
+        job = slot.job
+        tokens = slot.cache + ([slot.next_token] if slot.next_token is not None else []) + slot.pending
+        job.paused = {"tokens": tokens, "samplers": (slot.sampler, slot.grammar), "decoder": slot.decoder,
+                      "generated": slot.generated, "started": slot.started}
+        slot.sampler = slot.grammar = slot.decoder = None
+        slot.job, slot.next_token, slot.pending, slot.last_used = None, None, [], time.monotonic()
+        self._drop_cache(slot)
+        self.paused += 1
+        job.told_waiting = True   # (this says it waits)
+        job.events.put((WAITING, {"reason": "paused", "need": len(tokens) + 1, "free": self.n_ctx - self._committed(),
+                                  "n_ctx": self.n_ctx}))
+        with self.cond:
+            self.running -= 1
+            self.waiting.appendleft(job)
 
     def _grammar(self, job):
         if not job.grammar:
@@ -258,6 +414,23 @@ class Engine:
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
         return chain
 
+    def _make_room_to_generate(self, active):
+        """Cells for each generating slot's next token: idle slots' caches go first, then the
+        newest jobs pause (never the oldest: it always goes on)."""
+        while True:
+            generating = [s for s in active if s.job and s.next_token is not None]
+            short = len(generating) - (self.n_ctx - self._committed())
+            if short <= 0:
+                return
+            idle = sorted((s for s in self.slots if s.job is None and s.cache), key=lambda s: s.last_used)
+            if idle:
+                self._drop_cache(idle[0])
+                continue
+            running = sorted((s for s in active if s.job), key=lambda s: s.started)
+            if len(running) < 2:   # (one job holds every cell: its context is full, as its own check says)
+                return
+            self._pause(running[-1])
+
     def _step(self):
         """One decode: each generating slot's next token first, then prompt chunks in the rest."""
         batch, outputs = self.batch, []
@@ -266,6 +439,7 @@ class Engine:
         for slot in active:
             if slot.job.cancel.is_set() or self.closing:
                 self._finish(slot, "cancelled")
+        self._make_room_to_generate(active)
         for slot in (s for s in active if s.job and s.next_token is not None):
             outputs.append((slot, self._add(slot, [slot.next_token], True)))
             slot.next_token = None
@@ -274,6 +448,7 @@ class Engine:
             if room <= 0:
                 break
             chunk, slot.pending = slot.pending[:room], slot.pending[room:]
+            self.evaluated += len(chunk)
             index = self._add(slot, chunk, not slot.pending)
             if not slot.pending:
                 outputs.append((slot, index))
@@ -312,10 +487,9 @@ class Engine:
         if slot.job.logprobs is not None:
             slot.job.events.put((LOGPROBS, self._logprobs(index, token, slot.job.logprobs)))
         slot.job.events.put((TOKEN, slot.decoder.decode(self._piece(token, token in slot.job.preserved))))
-        if slot.generated >= slot.job.max_tokens or len(slot.cache) + 1 >= self.n_ctx_slot:
+        if slot.generated >= slot.job.max_tokens or len(slot.cache) + 1 >= self.n_ctx:
             return self._finish(slot, "max_tokens")
         slot.next_token = token
-
     def _allowed(self, grammar, token):
         """Whether `grammar` allows `token` next: one candidate, not the whole vocabulary (the
         grammar's cost is per candidate: applied to all of them first, it made constrained jobs
@@ -367,26 +541,33 @@ class Engine:
             n = self.llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
 
-    def _finish(self, slot, reason, error=None, locked=False):
+    def _finish(self, slot, reason, error=None):
         job, slot.job, slot.next_token, slot.pending = slot.job, None, None, []
         slot.last_used = time.monotonic()
-        if locked:   # (the caller holds `cond`)
+        with self.cond:
             self.running -= 1
-        else:
-            with self.cond:
-                self.running -= 1
         tail = slot.decoder.decode(b"", final=True) if slot.decoder else ""
         if tail and error is None:
             job.events.put((TOKEN, tail))
         job.events.put((ERROR, error) if error is not None else (END, reason))
 
 
-def kv_cache_mb(llama_cpp, model, n_ctx):
-    """What a KV cache of `n_ctx` cells takes (f16 keys and values, every layer)."""
+def kv_bytes_per_token(n_layer, n_embd_k, n_embd_v, cache_type_k="f16", cache_type_v="f16"):
+    """Bytes one cell of the KV cache takes: every layer's keys and values (`n_embd_k`/`n_embd_v`:
+    one token's keys/values in a layer, KV heads x head size) at the cache's element types."""
+    return n_layer * (n_embd_k * KV_TYPES[cache_type_k][1] + n_embd_v * KV_TYPES[cache_type_v][1])
+
+
+def model_kv_shape(llama_cpp, model):
+    """(layers, keys' width, values' width) of a loaded model's KV cache cell."""
     n_embd, n_head = llama_cpp.llama_model_n_embd(model), llama_cpp.llama_model_n_head(model)
-    n_head_kv = llama_cpp.llama_model_n_head_kv(model)
-    per_token = 2 * llama_cpp.llama_model_n_layer(model) * (n_embd // max(1, n_head)) * n_head_kv * 2
-    return int(per_token * n_ctx / (1 << 20))
+    width = n_embd // max(1, n_head) * llama_cpp.llama_model_n_head_kv(model)
+    return llama_cpp.llama_model_n_layer(model), width, width
+
+
+def kv_cache_mb(bytes_per_token, n_ctx):
+    """What a KV cache of `n_ctx` cells takes, in MB."""
+    return int(bytes_per_token * n_ctx / (1 << 20))
 
 
 def common_prefix(a, b):
@@ -396,6 +577,118 @@ def common_prefix(a, b):
             break
         n += 1
     return n
+
+
+class PromptCache:
+    """KV cache states of conversations whose slot went to another one, in host memory (as
+    llama-server's --cache-ram): keyed by the tokens they hold, least recently used out beyond
+    `limit_mb`. With `directory` (--prompt-cache-dir), every entry is written there too, under the
+    model's `fingerprint`, and a later worker of the same model finds them (an entry is read back
+    on its first use). Used by the engine's thread alone."""
+
+    SUFFIX = ".kv"
+
+    def __init__(self, limit_mb=PROMPT_CACHE_MB, directory=None, fingerprint=""):
+        self.limit = int(limit_mb * (1 << 20))          #: the bound of `size`, in bytes
+        self.entries = collections.OrderedDict()        #: tuple of tokens -> its state bytes, None: on disk only
+        self.size = 0                                   #: bytes of the states held in memory
+        #: where entries also live (one file each), or None
+        self.directory = os.path.join(directory, fingerprint) if directory else None
+        if self.directory:
+            os.makedirs(self.directory, exist_ok=True)
+            files = sorted((e for e in os.scandir(self.directory) if e.name.endswith(self.SUFFIX)),
+                           key=lambda e: e.stat().st_mtime)
+            for entry in files:
+                tokens = self._read(entry.path, header_only=True)
+                if tokens:
+                    self.entries[tokens] = None
+
+    def best(self, tokens):
+        """(the entry sharing the longest prefix with `tokens`, how many tokens it shares); (None, 0)."""
+        best, shared = None, 0
+        for key in self.entries:
+            n = common_prefix(key, tokens)
+            if n > shared:
+                best, shared = key, n
+        return best, shared
+
+    def get(self, key):
+        """An entry's state (read from disk if need be), now the most recently used; None if it is gone."""
+        data = self.entries.get(key)
+        if data is None and key in self.entries and self.directory:
+            data = self._read(self._path(key))
+            if data is None:
+                self.discard(key)
+                return None
+            self.size += len(data)
+            self.entries[key] = data
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            self._trim()
+        return data
+
+    def put(self, tokens, data):
+        """Keep `tokens`' state; an entry it extends goes (this one serves every prompt that one did)."""
+        key = tuple(tokens)
+        if not data or len(data) > self.limit:
+            return
+        for old in [k for k in self.entries if len(k) <= len(key) and key[:len(k)] == k]:
+            self.discard(old)
+        self.entries[key] = data
+        self.size += len(data)
+        if self.directory:
+            path = self._path(key)
+            with open(path + ".part", "wb") as f:   # (never half a file under an entry's name)
+                header = json.dumps(list(key)).encode()
+                f.write(len(header).to_bytes(8, "little") + header + data)
+            os.replace(path + ".part", path)
+        self._trim()
+
+    def discard(self, key):
+        data = self.entries.pop(key, None)
+        self.size -= len(data or b"")
+        if self.directory:
+            try:
+                os.unlink(self._path(key))
+            except OSError:
+                pass
+
+    def _trim(self):
+        """Out of memory, least recently used first, until the states fit the bound (on disk they stay,
+        as many as the same bound holds there)."""
+        for key in list(self.entries):
+            if self.size <= self.limit:
+                break
+            data = self.entries[key]
+            if data is None:
+                continue
+            self.size -= len(data)
+            if self.directory:
+                self.entries[key] = None
+            else:
+                del self.entries[key]
+        if self.directory:
+            on_disk = [(k, os.path.getsize(self._path(k))) for k in self.entries if os.path.exists(self._path(k))]
+            total = sum(size for _, size in on_disk)
+            for key, size in on_disk:
+                if total <= self.limit:
+                    break
+                total -= size
+                self.discard(key)
+
+    def _path(self, key):
+        return os.path.join(self.directory, hashlib.sha256(json.dumps(list(key)).encode()).hexdigest()[:32] +
+                            self.SUFFIX)
+
+    @staticmethod
+    def _read(path, header_only=False):
+        """An entry file's tokens (header_only) or state; None if it cannot be read."""
+        try:
+            with open(path, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+                return tuple(header) if header_only else f.read()
+        except (OSError, ValueError):
+            return None
 
 
 class Embedder:
@@ -413,20 +706,13 @@ class Embedder:
         self.llama_cpp = llama_cpp
         self.model = llm._model.model
         self.n_ctx = n_ctx                              #: the longest input, in tokens (the whole of it in one ubatch)
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
-        params.n_seq_max = self.MAX_SEQUENCES
-        params.kv_unified = True                        # (the sequences share the cells: n_ctx tokens in all)
-        params.embeddings = True
-        params.n_threads = llm.context_params.n_threads
-        params.n_threads_batch = llm.context_params.n_threads_batch
         # a BERT (attention not causal) attends over the whole batch, no KV cache, and with flash
         # attention (K and V in f16) a sequence's result then depends on the others in the batch (the
         # tests' tiny reranker's scores by 3e-3 of themselves); without it, batched and alone agree to 1e-5
         bidirectional = llm.metadata.get("%s.attention.causal" % llm.metadata.get("general.architecture")) == "false"
-        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED if bidirectional
-                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO)
-        params.no_perf = True
+        # (the sequences share the cells: n_ctx tokens in all)
+        params = context_params(llama_cpp, llm, n_ctx, self.MAX_SEQUENCES, n_ctx, flash_attn=not bidirectional)
+        params.embeddings = True
         self.ctx = self._context(params)                #: its context (under `lock`)
         if llama_cpp.llama_pooling_type(self.ctx) == llama_cpp.LLAMA_POOLING_TYPE_NONE:
             llama_cpp.llama_free(self.ctx)

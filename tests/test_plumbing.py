@@ -628,7 +628,7 @@ def test_every_documented_code_has_its_class_and_status():
              "MODEL_NOT_FOUND ACCESS_DENIED DOWNLOAD_FAILED CHECKSUM_MISMATCH INSUFFICIENT_DISK INSUFFICIENT_RAM "
              "VRAM_EXHAUSTED BACKEND_UNAVAILABLE DEVICE_NOT_FOUND WORKER_CRASHED LOADING_TIMEOUT ALL_SLOTS_BUSY "
              "MISSING_API_KEY INVALID_API_KEY REQUEST_CANCELLED INTERNAL PORT_IN_USE START_FAILED "
-             "WORKER_NOT_FOUND RESPONSE_NOT_FOUND").split()
+             "WORKER_NOT_FOUND RESPONSE_NOT_FOUND CONTEXT_EXCEEDED").split()
     assert sorted(rbee.RbeeError.by_code) == sorted(codes)
     for code in codes:
         assert 400 <= rbee.RbeeError.by_code[code].status < 600 and rbee.RbeeError.by_code[code].code == code
