@@ -3401,6 +3401,7 @@ class Worker(App):
         #: one where shorter (a BERT has a position embedding for so many tokens, none past them) (start)
         self.embed_ctx = EMBED_CTX_CAUSAL
         self.n_ctx = 0                    #: its KV cache's cells, the longest conversation it holds (start)
+        self.context_why = "the model's trained context"   #: why `n_ctx` is what it is, for the narration (start)
         self.memory_mb = 0                #: what the model and its slots' context take (start)
         self.load_ms = None               #: how long the load took (start)
         self.url = None                   #: where the worker answers, for its hive (start)
@@ -3429,8 +3430,8 @@ class Worker(App):
         self.llm = self.backend.load(args.model, args.device, 64, **self.split_options())
         self.n_ctx = self.context()
         self.engine = Engine(self.llm, args.parallel, self.n_ctx, args.batch_size, args.ubatch_size,
-                             args.cache_type_k, args.cache_type_v, self.prompt_cache())
-        self.n_ctx = self.engine.n_ctx
+                             args.cache_type_k, args.cache_type_v, self.prompt_cache(), not args.kv_split)
+        self.n_ctx = self.engine.seq_cells
         self.load_ms = int((time.monotonic() - started) * 1000)
         self.kind = model_kind(self.llm.metadata)
         trained = self.llm._model.n_ctx_train() or self.n_ctx
@@ -3446,10 +3447,11 @@ class Worker(App):
         self.memory_mb = max(self.backend.memory_used_mb(args.device),   # (KV pages count once touched)
                              (os.path.getsize(args.model) >> 20) + self.engine.kv_mb)
         where = "RAM" if args.backend == "cpu" else "VRAM"
-        narrate(ACTOR_LOADER, "model_loaded", "Model loaded! %d MB cozy in %s! (%d slots sharing %s tokens of "
-                "context, a KV cache of %d MB in %s/%s)" % (
-                    self.memory_mb, where, args.parallel, "{:,}".format(self.n_ctx), self.engine.kv_mb,
-                    args.cache_type_k, args.cache_type_v), "🛏️", memory_mb=self.memory_mb,
+        narrate(ACTOR_LOADER, "model_loaded", "Model loaded! %d MB cozy in %s! (%d slots %s %s tokens of "
+                "context: %s; a KV cache of %d MB in %s/%s)" % (
+                    self.memory_mb, where, args.parallel, "each with" if args.kv_split else "sharing",
+                    "{:,}".format(self.n_ctx), self.context_why,
+                    self.engine.kv_mb, args.cache_type_k, args.cache_type_v), "🛏️", memory_mb=self.memory_mb,
                 kv_cache_mb=self.engine.kv_mb, load_ms=self.load_ms, slots=args.parallel, ctx_size=self.n_ctx,
                 cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
         port = self.serve(args.host, args.port)
@@ -3468,7 +3470,7 @@ class Worker(App):
     def context(self):
         """The KV cache's cells: --ctx-size, else the context the model was trained for, as far as
         the memory left beside the model holds its KV cache (--memory-limit-mb: what its hive lets
-        it take; else what the device has free now), narrated either way."""
+        it take; else what the device has free now); `context_why` says which."""
         from backends.engine import kv_bytes_per_token, model_kv_shape
         import llama_cpp
         args = self.args
@@ -3477,9 +3479,10 @@ class Worker(App):
                                        args.cache_type_v)
         if args.ctx_size:
             if args.ctx_size > trained:
-                narrate(ACTOR_LOADER, "context", "A context of %s tokens, beyond the %s the model was trained for: "
-                        "its answers may degrade past them" % ("{:,}".format(args.ctx_size), "{:,}".format(trained)),
-                        "📏", level="warn", ctx_size=args.ctx_size, ctx_train=trained)
+                self.context_why = ("--ctx-size, beyond the %s the model was trained for: its answers may degrade "
+                                    "past them" % "{:,}".format(trained))
+            else:
+                self.context_why = "--ctx-size"
             return args.ctx_size
         model_mb = os.path.getsize(args.model) >> 20
         if args.memory_limit_mb is not None:
@@ -3488,10 +3491,9 @@ class Worker(App):
             room_mb = self.backend.devices()[args.device]["memory_free_mb"] - (model_mb if args.backend == "cpu"
                                                                               else 0)
         n_ctx = fitting_context(trained, per_token, room_mb)
-        why = ("the model's trained context" if n_ctx == trained else "what %d MB of free memory holds beside the "
-               "model, of the %s it was trained for" % (max(0, room_mb), "{:,}".format(trained)))
-        narrate(ACTOR_LOADER, "context", "Context: %s tokens (%s)" % ("{:,}".format(n_ctx), why), "📏",
-                ctx_size=n_ctx, ctx_train=trained)
+        if n_ctx < trained:
+            self.context_why = "what %d MB of free memory holds beside the model, of the %s it was trained for" % (
+                max(0, room_mb), "{:,}".format(trained))
         return n_ctx
 
     def prompt_cache(self):
@@ -3533,7 +3535,8 @@ class Worker(App):
                             "slots_available": max(0, self.args.parallel - running) if self.state == WORKER_READY
                             else 0,
                             "queue_length": waiting, "max_queue": self.args.max_queue, "jobs_total": self.jobs_total,
-                            "ctx_size": self.n_ctx, "cache_type_k": self.args.cache_type_k,
+                            "ctx_size": self.n_ctx, "kv_split": self.args.kv_split,
+                            "cache_type_k": self.args.cache_type_k,
                             "cache_type_v": self.args.cache_type_v,
                             "kv_cache_mb": self.engine.kv_mb if self.engine else 0, "kind": self.kind,
                             "cache": self.engine.counters() if self.engine else {},
@@ -8049,6 +8052,9 @@ def build_parser():
     add_context_options(s, "its", "f16")
     s.add_argument("--parallel", type=_bounded(int, 1, 256), default=DEFAULT_PARALLEL,
                    help="slots: requests served at once, batched together, sharing the context's KV cache")
+    s.add_argument("--kv-split", action="store_true", help="give each slot its own 1/--parallel of the context "
+                   "(llama.cpp's non-unified cache): a text at temperature 0 is the same beside others as alone, but "
+                   "no conversation may use the others' idle cells")
     s.add_argument("--batch-size", type=_bounded(int, 32, 1 << 16), default=512, help="tokens decoded in one step, "
                    "all slots together: a long prompt is evaluated in chunks of it between the others' tokens")
     s.add_argument("--ubatch-size", type=_bounded(int, 32, 1 << 16), help="tokens llama.cpp computes at once "

@@ -92,11 +92,11 @@ class Slot:
         self.last_used = 0.0       #: when its last job ended (the least recently used is reused first)
 
 
-def context_params(llama_cpp, llm, n_ctx, n_seq, n_batch, n_ubatch=None, flash_attn=True):
+def context_params(llama_cpp, llm, n_ctx, n_seq, n_batch, n_ubatch=None, flash_attn=True, unified=True):
     """The params of a context on `llm`'s model: its threads, `n_ctx` cells shared by `n_seq`
-    sequences (a unified KV cache), batches of `n_batch` tokens."""
+    sequences (a unified KV cache; else n_ctx / n_seq each), batches of `n_batch` tokens."""
     params = llama_cpp.llama_context_default_params()
-    params.n_ctx, params.n_seq_max, params.kv_unified = n_ctx, n_seq, True
+    params.n_ctx, params.n_seq_max, params.kv_unified = n_ctx, n_seq, unified
     params.n_batch, params.n_ubatch = n_batch, n_ubatch or n_batch
     params.n_threads = llm.context_params.n_threads
     params.n_threads_batch = llm.context_params.n_threads_batch
@@ -115,13 +115,13 @@ class Engine:
     queues a job (FIFO); the caller reads `job.events`. `close()` ends every job and frees the context."""
 
     def __init__(self, llm, n_slots, n_ctx, n_batch=N_BATCH, n_ubatch=None, cache_type_k="f16", cache_type_v="f16",
-                 prompt_cache=None):
+                 prompt_cache=None, unified=True):
         import llama_cpp
         self.llama_cpp = llama_cpp
         self.llm = llm                                  #: the loaded Llama (its model; its own context is unused)
         self.n_slots, self.n_batch = n_slots, n_batch
         self.cache_types = (cache_type_k, cache_type_v)   #: the KV cache's element types (KV_TYPES' names)
-        params = context_params(llama_cpp, llm, n_ctx, n_slots, n_batch, n_ubatch)
+        params = context_params(llama_cpp, llm, n_ctx, n_slots, n_batch, n_ubatch, unified=unified)
         params.type_k, params.type_v = KV_TYPES[cache_type_k][0], KV_TYPES[cache_type_v][0]
         self.model = llm._model.model
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)   #: the context (the loop's thread)
@@ -129,6 +129,13 @@ class Engine:
             raise RuntimeError("llama.cpp could not create a context of %d tokens (KV cache %s/%s)" % (
                 n_ctx, cache_type_k, cache_type_v))
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)   #: the KV cache's cells, shared by every slot
+        #: the cells one conversation may fill: all of them, or (--kv-split) its own stream's share; a
+        #: split cache keeps each sequence's cells apart, laid out as when it runs alone, so that its
+        #: text at temperature 0 is the same beside others (in the unified cache, llama.cpp's attention
+        #: runs over every sequence's cells, in kernels chosen by their number: a text may differ at a
+        #: near tie); the cost is that no conversation may use the others' idle cells
+        self.unified = unified
+        self.seq_cells = self.n_ctx if unified else self.n_ctx // n_slots
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
@@ -289,6 +296,8 @@ class Engine:
         cache); else the job is told it waits."""
         kept = min(common_prefix(slot.cache, tokens), len(tokens) - 1)
         need = len(tokens) + 1 - kept
+        if not self.unified:   # (its own stream: room for whatever is shorter than it)
+            return len(tokens) < self.seq_cells
         free = self.n_ctx - self._committed() + len(slot.cache) - kept
         for idle in sorted((s for s in self.slots if s.job is None and s is not slot and s.cache),
                            key=lambda s: s.last_used):
@@ -329,7 +338,8 @@ class Engine:
             return 0
         kept = common_prefix(slot.cache, tokens)
         entry, shared = self.prompt_cache.best(tokens)
-        if entry is None or shared <= kept or len(entry) > self.n_ctx - self._committed() + len(slot.cache):
+        room = self.n_ctx - self._committed() + len(slot.cache) if self.unified else self.seq_cells
+        if entry is None or shared <= kept or len(entry) > room:
             return 0
         data = self.prompt_cache.get(entry)
         if data is None:
@@ -416,8 +426,9 @@ class Engine:
 
     def _make_room_to_generate(self, active):
         """Cells for each generating slot's next token: idle slots' caches go first, then the
-        newest jobs pause (never the oldest: it always goes on)."""
-        while True:
+        newest jobs pause (never the oldest: it always goes on). A split cache's streams are each
+        their own: a slot's check in _sample ends a job whose stream is full."""
+        while self.unified:
             generating = [s for s in active if s.job and s.next_token is not None]
             short = len(generating) - (self.n_ctx - self._committed())
             if short <= 0:
@@ -487,7 +498,7 @@ class Engine:
         if slot.job.logprobs is not None:
             slot.job.events.put((LOGPROBS, self._logprobs(index, token, slot.job.logprobs)))
         slot.job.events.put((TOKEN, slot.decoder.decode(self._piece(token, token in slot.job.preserved))))
-        if slot.generated >= slot.job.max_tokens or len(slot.cache) + 1 >= self.n_ctx:
+        if slot.generated >= slot.job.max_tokens or len(slot.cache) + 1 >= self.seq_cells:
             return self._finish(slot, "max_tokens")
         slot.next_token = token
     def _allowed(self, grammar, token):

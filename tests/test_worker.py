@@ -313,7 +313,7 @@ def malformed_requests():
                   {"top_p": -1}, {"top_p": "x"}, {"top_k": -5}, {"top_k": 2.5}, {"seed": "x"}, {"seed": -7},
                   {"seed": 1.5}, {"stop": 5}, {"stop": [1, 2]}, {"stop": [""]}, {"stop": ["a"] * 17},
                   {"job_id": 5}, {"job_id": "j" * 500}, {"temperature": float("inf")},
-                  {"prompt": "word " * 5000}, {"max_tokens": 100000}, {"temperature": [1]},
+                  {"prompt": "word " * 9000}, {"max_tokens": 100000}, {"temperature": [1]},
                   {"top_k": "5"}, {"job_id": ["a"]}]
     for fields in bad_fields:
         body = {"prompt": "hello", "max_tokens": 5}
@@ -538,7 +538,15 @@ def run_together(port, bodies):
     return results
 
 
-def test_four_slots_stream_each_text_as_alone_and_start_together(worker):
+@pytest.fixture
+def split_worker(start_worker):
+    """A worker whose slots each have their own part of the KV cache (--kv-split): a text is the same beside
+    others as alone, bit for bit (in the unified cache, llama.cpp's attention kernels depend on every slot's cells)."""
+    return start_worker("--kv-split")
+
+
+def test_four_slots_stream_each_text_as_alone_and_start_together(split_worker):
+    worker = split_worker
     bodies = [dict(prompt=p, max_tokens=48, job_id="job-%d" % k) for k, p in enumerate(DISTINCT)]
     alone = [text_of(run_job(worker.port, **body)) for body in bodies]
     together = run_together(worker.port, bodies)
@@ -578,7 +586,7 @@ def test_sixteen_requests_on_four_slots_queue_then_all_complete(worker):
     assert len(queued_narration) == 12 and all(h.startswith("Waiting for a free slot (position ") for h in queued_narration)
     assert max(seen_queue) >= 1 and call(worker.port, "GET", "/health", key=None)[1]["queue_length"] == 0
     health = call(worker.port, "GET", "/health", key=None)[1]
-    assert health["slots_total"] == 4 and health["slots_available"] == 4 and health["ctx_total"] == 4 * 2048
+    assert health["slots_total"] == 4 and health["slots_available"] == 4 and health["ctx_size"] == 8192 and health["cache_type_k"] == "f16"
 
 
 def test_a_full_queue_answers_503_with_retry_after_then_serves(start_worker):
