@@ -2244,14 +2244,15 @@ def gguf_shape(path):
             "kv_width_k": width("attention.key_length"), "kv_width_v": width("attention.value_length")}
 
 
-def kv_need_mb(shape, context):
+def kv_need_mb(shape, context, full=False):
     """The MB a worker's KV cache takes for `context` (WorkerContext) of a model of `shape` (gguf_shape):
-    its ctx_size, else the smaller of the trained context and DEFAULT_N_CTX (a default context fits
-    itself into the room there is, this much at least); 0 if the shape is not known."""
+    its ctx_size, else the trained context (`full`) or the smaller of it and DEFAULT_N_CTX (a default
+    context fits itself into the room there is, this much at least); 0 if the shape is not known."""
     from backends.engine import kv_bytes_per_token, kv_cache_mb
     if not shape or not all(shape.get(k) for k in ("layers", "kv_width_k", "kv_width_v")):
         return 0
-    cells = context.ctx_size or min(shape.get("context_length") or DEFAULT_N_CTX, DEFAULT_N_CTX)
+    trained = shape.get("context_length") or DEFAULT_N_CTX
+    cells = context.ctx_size or (trained if full else min(trained, DEFAULT_N_CTX))
     return kv_cache_mb(kv_bytes_per_token(shape["layers"], shape["kv_width_k"], shape["kv_width_v"],
                                           context.cache_type_k or "f16", context.cache_type_v or "f16"), cells)
 
@@ -2267,8 +2268,8 @@ POOLING_RANK = 4                     # llama.cpp's LLAMA_POOLING_TYPE_RANK
 
 def fitting_context(trained, bytes_per_token, room_mb):
     """A worker's default context: the one its model was trained for, or as many cells (a
-    multiple of 256; MIN_CTX at least) as `room_mb` holds beside KV_RESERVE_MB."""
-    cells = int(max(0, room_mb - KV_RESERVE_MB) * (1 << 20) // max(1, bytes_per_token)) // 256 * 256
+    multiple of 256; MIN_CTX at least) as `room_mb` holds."""
+    cells = int(max(0, room_mb) * (1 << 20) // max(1, bytes_per_token)) // 256 * 256
     return max(min(trained, cells), min(trained, MIN_CTX))
 
 
@@ -3484,12 +3485,13 @@ class Worker(App):
             else:
                 self.context_why = "--ctx-size"
             return args.ctx_size
+        import backends
         model_mb = os.path.getsize(args.model) >> 20
-        if args.memory_limit_mb is not None:
-            room_mb = args.memory_limit_mb - model_mb
-        else:   # (a mapped model's pages count as free memory: take them off)
-            room_mb = self.backend.devices()[args.device]["memory_free_mb"] - (model_mb if args.backend == "cpu"
-                                                                              else 0)
+        if args.memory_limit_mb is not None:   # (the room placement counted: the model x 1.2, then the cache)
+            room_mb = args.memory_limit_mb - backends.required_mb(os.path.getsize(args.model))
+        else:   # (a mapped model's pages count as free memory: take them off, and leave some for the rest)
+            room_mb = self.backend.devices()[args.device]["memory_free_mb"] - KV_RESERVE_MB - (
+                model_mb if args.backend == "cpu" else 0)
         n_ctx = fitting_context(trained, per_token, room_mb)
         if n_ctx < trained:
             self.context_why = "what %d MB of free memory holds beside the model, of the %s it was trained for" % (
@@ -5272,6 +5274,7 @@ class Scheduler:
         self.splits = {}                  #: worker_id -> its running Split (under `lock`)
         #: model_ref -> (session, worker event, worker key, keep-alive) of its last assignment (under `lock`)
         self.recent = {}
+        self.kv_need_mb = 0               #: the KV cache the last placement counted in its need (under `lock`)
 
     # -- the one answer ------------------------------------------------------------------------
 
@@ -5392,10 +5395,11 @@ class Scheduler:
         while True:
             answers = self.survey(ref, nodes, sink)   # (hive starts and ssh: outside the lock)
             with self.lock:
-                views, need_mb = self.views(ref, nodes, answers, context)
+                plan = self.full_context_plan(ref, nodes, answers, backend, device, context)
+                views, need_mb = self.views(ref, nodes, answers, context, full=bool(plan))
                 try:
-                    plan = plan_placement(ref.text, need_mb, views, backend, device, self.settings.max_replicas,
-                                          context)
+                    plan = plan or plan_placement(ref.text, need_mb, views, backend, device,
+                                                  self.settings.max_replicas, context)
                 except (InsufficientRam, VramExhausted):
                     parts = split_nodes(views, need_mb) if len(nodes) > 1 and backend is None else None
                     if not parts:
@@ -5411,6 +5415,7 @@ class Scheduler:
                     for model_ref in [m for m, known in self.recent.items() if known[1]["worker_id"] in self.leaving]:
                         del self.recent[model_ref]   # (no warm reuse of a worker on its way out)
                     handout = self._hand_out((plan.node, ref.text, plan.backend, plan.device), task)
+                    kv_mb = self.kv_need_mb
                     break
             if plan is None:
                 narrate(ACTOR_QUEEN, "split_auto", "%s fits on no single node; together %s can hold it" % (
@@ -5429,7 +5434,10 @@ class Scheduler:
             time.sleep(0.5)
         try:
             narrate(ACTOR_QUEEN, "placement", "Placing on %s" % plan.reason, "📍", node=plan.node,
-                    backend=plan.backend, device=plan.device, decision=plan.action)
+                    backend=plan.backend, device=plan.device, decision=plan.action, need_mb=need_mb,
+                    kv_cache_mb=kv_mb, ctx_size=(context or self.settings.context).ctx_size,
+                    cache_type_k=(context or self.settings.context).cache_type_k or "f16",
+                    cache_type_v=(context or self.settings.context).cache_type_v or "f16")
             self.evict(plan.evict, sink)   # (outside the lock: a worker slow to stop holds up this request alone)
             session = self.hives.get(plan.node, sink)
             with session.listening(sink):
@@ -5449,6 +5457,20 @@ class Scheduler:
                 if reservation:
                     self.pending.remove(reservation)
                 self.leaving.difference_update(worker_id for _, worker_id, _ in plan.evict)
+
+    def full_context_plan(self, ref, nodes, answers, backend, device, context):
+        """(the caller holds `lock`) A request that asks for no context size: the Placement that gives
+        its worker the context its model was trained for (idle workers stopped for it if need be),
+        else None: then it is placed with the least a context takes, and fits itself into the room
+        there is (a model trained for 128k tokens may never hold them all on a node)."""
+        if (context or self.settings.context).ctx_size:
+            return None
+        views, need_mb = self.views(ref, nodes, answers, context, full=True)
+        try:
+            plan = plan_placement(ref.text, need_mb, views, backend, device, self.settings.max_replicas, context)
+        except (InsufficientRam, VramExhausted):
+            return None
+        return plan if plan.action != "wait" else None
 
     def place_split(self, ref, names, parallel, keep_alive, sink):
         """(the primary's hive session, the split's `worker` event): the running split of `ref`
@@ -5510,11 +5532,11 @@ class Scheduler:
             raise errors[0] if errors else NodeNotFound("No node to run on", {}, component=ACTOR_QUEEN)
         return results
 
-    def views(self, ref, nodes, results, context=None):
+    def views(self, ref, nodes, results, context=None, full=False):
         """(node views, MB the model needs: 0 if no node knows its size yet), with the spawns,
         evictions and requests in progress (the caller holds `lock`). The need is the file's size
-        x 1.2 and its KV cache at `context` (its size and types) before any worker ran it, then
-        what its workers take."""
+        x 1.2 and its KV cache at `context` (its size and types; `full`: a default context at the
+        model's trained size) before any worker ran it, then what its workers take."""
         for name, res in results.items():   # the tasks that reached their workers are the workers' own load now
             listed = {w["worker_id"] for w in res.get("workers") or ()}
             for worker_id in [i for i, (node, _) in self.jobs_seen.items() if node == name and i not in listed]:
@@ -5527,9 +5549,10 @@ class Scheduler:
         views = [node_view(results[name], self.nodes.limits(name), [p for p in self.pending if p["node"] == name],
                            self.load, self.leaving) for name in nodes if name in results]
         shapes = [r["model"].get("shape") for r in results.values() if (r.get("model") or {}).get("shape")]
-        kv_mb = kv_need_mb(shapes[0], context or self.settings.context) if shapes else 0
+        kv_mb = kv_need_mb(shapes[0], context or self.settings.context, full) if shapes else 0
         seen = [w.get("memory_mb") or 0 for v in views for w in v["workers"] if w["model_ref"] == ref.text
                 and context_fits(w, context)]
+        self.kv_need_mb = kv_mb
         return views, max([backends.required_mb(max(sizes)) + kv_mb if sizes else 0] + seen)
 
     def evict(self, evict, sink):
@@ -6016,8 +6039,8 @@ class OpenAIApi:
         stream_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         job["max_tokens"] = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_N_CTX
         job.update(logprobs_of(body, chat))
-        if body.get("ctx_size") is not None:   # (rbee's extension: the context its worker must hold at least)
-            job["ctx_size"] = body["ctx_size"]
+        # (rbee's extensions: the context its worker must hold at least, its KV cache's types)
+        job.update({k: body[k] for k in ("ctx_size", "cache_type_k", "cache_type_v") if body.get(k) is not None})
         with AppJob(self.scheduler, self.metrics, self.models.named(body.get("model")), job, None).open() as app:
             answer = {"id": id_prefix + random_id(12), "object": kind, "created": int(time.time()),
                       "model": body["model"], "system_fingerprint": "rbee-" + __version__}
@@ -6268,7 +6291,7 @@ def response_usage(usage):
     """AppJob.usage() (chat's names) in the Responses API's."""
     return {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
             "total_tokens": usage["total_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
-            "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
+            "input_tokens_details": {"cached_tokens": usage.get("prompt_tokens_details", {}).get("cached_tokens", 0),
                                      "cache_write_tokens": 0}}
 
 

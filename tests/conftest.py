@@ -378,3 +378,60 @@ def kill_queen_and_await_lifelines(queen, marker, within=5.0):
     os.kill(queen.proc.pid, signal.SIGKILL)
     wait_until(lambda: not [p for p, c in rbee_processes(marker) if " hive " in c or " worker " in c], within,
                what="hives and workers to exit by their lifelines")
+
+
+# -- a worker alone (PROTOCOL.md §5.1): its key in the environment, jobs over /execute -------------
+
+WORKER_KEY = "test-key-0123456789"
+WORKER_PROMPT = "Once upon a time, in a small village by the sea, there lived"
+
+
+@pytest.fixture
+def start_worker(roles, env, model_path):
+    """Start a worker (cpu, device 0, extra options such as --parallel) with its key in the
+    environment, never on argv; returns it once it serves."""
+    def start(*options):
+        port = free_port()
+        started = time.monotonic()
+        role = roles("worker", "--model", model_path, "--backend", "cpu", "--device", "0", "--port", str(port),
+                     "--host", "127.0.0.1", "--lifeline", *options, env=dict(env, RBEE_WORKER_API_KEY=WORKER_KEY))
+        role.wait_event("http_ready", timeout=60)
+        role.port = port
+        role.start_s = time.monotonic() - started   # its start-up (the model's load) at this machine's pace now
+        return role
+    return start
+
+
+def execute(port, **body):
+    body.setdefault("job_id", "job-test")
+    body.setdefault("prompt", WORKER_PROMPT)
+    body.setdefault("max_tokens", 16)
+    body.setdefault("temperature", 0)
+    body.setdefault("raw", True)   # a plain continuation; the chat template has its own test
+    conn, resp = raw_request(port, "POST", "/execute", body, key=WORKER_KEY)
+    return conn, resp
+
+
+def run_job(port, **body):
+    conn, resp = execute(port, **body)
+    assert resp.status == 200, resp.read()
+    assert resp.getheader("Content-Type") == "text/event-stream"
+    events = list(sse_frames(resp))
+    conn.close()
+    return events
+
+
+def run_together(port, bodies):
+    """Run the jobs at once (one thread each); returns their events in the bodies' order."""
+    results = [None] * len(bodies)
+
+    def one(k):
+        results[k] = run_job(port, **bodies[k])
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return results
+
+

@@ -414,7 +414,9 @@ def test_a_stream_is_anthropics_event_by_event_and_the_sdk_makes_the_same_messag
         final = stream.get_final_message()
     assert text == whole.content[0].text and text
     assert final.content[0].text == text and final.stop_reason == whole.stop_reason
-    assert final.usage.input_tokens == whole.usage.input_tokens
+    # (the second asks the same: its prompt comes from the worker's cache, which Anthropic counts apart)
+    assert final.usage.input_tokens + final.usage.cache_read_input_tokens == whole.usage.input_tokens
+    assert final.usage.cache_read_input_tokens == whole.usage.input_tokens - 1
     assert final.usage.output_tokens == whole.usage.output_tokens
     assert final.id.startswith("msg_") and final.model == model_ref
     # on the wire: the event names and the order Anthropic's streams have, each data's type its event
@@ -433,8 +435,8 @@ def test_a_stream_is_anthropics_event_by_event_and_the_sdk_makes_the_same_messag
     assert start["content"] == [] and start["stop_reason"] is None and start["role"] == "assistant"
     assert "".join(data["delta"]["text"] for event, data in frames if event == "content_block_delta") == text
     assert frames[-2][1]["delta"] == {"stop_reason": whole.stop_reason, "stop_sequence": None}
-    assert frames[-2][1]["usage"] == {"input_tokens": whole.usage.input_tokens,
-                                      "output_tokens": whole.usage.output_tokens}
+    assert frames[-2][1]["usage"] == {"input_tokens": 1, "cache_read_input_tokens": whole.usage.input_tokens - 1,
+                                      "cache_creation_input_tokens": 0, "output_tokens": whole.usage.output_tokens}
 
 
 def test_a_stop_sequence_ends_the_message_and_is_named(queen, model_ref):
@@ -556,9 +558,9 @@ def test_errors_are_anthropics_and_the_sdk_raises_its_own(queen, model_ref, rbee
     assert image.value.body["error"]["type"] == "invalid_request_error"
     assert "messages[0].content[0]" in image.value.body["error"]["message"]
     with pytest.raises(anthropic.BadRequestError) as long:
-        api.messages.create(model=model_ref, max_tokens=8, messages=[{"role": "user", "content": "word " * 5000}],
+        api.messages.create(model=model_ref, max_tokens=8, messages=[{"role": "user", "content": "word " * 9000}],
                             stream=True)
-    assert "a slot's context holds 2048" in long.value.body["error"]["message"]
+    assert "holds 8,192" in long.value.body["error"]["message"]
     # max_tokens is required (the SDK checks it too: the wire, then), and unknown paths answer in the shape
     port = int(queen.url.rsplit(":", 1)[1])
     resp, body = raw_call(port, "POST", "/v1/messages", {"model": model_ref, "messages": PARIS})

@@ -122,10 +122,10 @@ def test_errors_raise_the_sdks_own_exceptions(queen, model, rbee_home):
     with pytest.raises(openai.BadRequestError) as bad:
         api.chat.completions.create(model=model, messages=[{"role": "wizard", "content": "hi"}])
     assert bad.value.body["param"] == "messages[0]"
-    # a prompt over a slot's context: 400 before any stream starts
+    # a prompt over the worker's whole context: 400 before any stream starts, both sizes said
     with pytest.raises(openai.BadRequestError) as long:
-        api.chat.completions.create(model=model, messages=[{"role": "user", "content": "word " * 5000}], stream=True)
-    assert "a slot's context holds 2048" in long.value.message
+        api.chat.completions.create(model=model, messages=[{"role": "user", "content": "word " * 9000}], stream=True)
+    assert "holds 8,192" in long.value.message and long.value.body["code"] == "context_length_exceeded"
     # none of it was a bug: no traceback in what the queen printed nor in its hive's and worker's logs
     assert tracebacks(queen.lines, rbee_home) == []
 

@@ -822,17 +822,17 @@ def workers_by_host(sim, tmp_path):
 def test_the_queen_places_by_free_memory_reuses_and_prefers_a_node_with_the_model(sim, ssh_env, tmp_path, roles,
                                                                                    model_path):
     assert sim.netns, "two nodes need network namespaces (run as root)"
-    add_node(sim, ssh_env, tmp_path, "mac", "--max-ram", "40M")   # (113 MB fits in neither, nor in both: no split)
+    add_node(sim, ssh_env, tmp_path, "mac", "--max-ram", "40M")   # (158 MB fits in neither, nor in both: no split)
     add_node(sim, ssh_env, tmp_path, "workstation", "--max-ram", "60M")
     cap(ssh_env, "localhost", "1M")
     queen = start_queen(roles, ssh_env)
-    local_model = "file:" + model_path   # 94 MB: a worker needs 113 MB, whose size every node can tell
+    local_model = "file:" + model_path   # 94 MB: a worker needs 158 MB (x 1.2, a KV cache of 2,048 tokens), whose size every node can tell
     # no node fits: each node's free memory in the details, nothing started anywhere
     none = run_rbee(auto_infer(queen, model=local_model), ssh_env, timeout=300)
     assert none.returncode == 1, none.stderr
     error = next(e for e in json_events(none.stdout) if e["event"] == "error")["error"]
     assert error["code"] == "INSUFFICIENT_RAM"
-    assert error["details"] == {"required_mb": 113, "free_mb": {"localhost": {"cpu:0": 1}, "mac": {"cpu:0": 40},
+    assert error["details"] == {"required_mb": 158, "free_mb": {"localhost": {"cpu:0": 1}, "mac": {"cpu:0": 40},
                                                                 "workstation": {"cpu:0": 60}}}
     assert_error(none.stderr, "INSUFFICIENT_RAM", "mac: cpu:0 40 MB free", "workstation: cpu:0 60 MB free")
     assert "worker" not in role_pids(tmp_path)

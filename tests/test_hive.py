@@ -668,6 +668,9 @@ def test_handshake_secrets_reach_the_hub_but_never_argv(repo, start_hive, rbee_h
     assert secret.encode() not in cmdline and TOKEN.encode() not in cmdline
 
 
+SHAPE = {"layers": 30, "context_length": 8192, "kv_width_k": 192, "kv_width_v": 192}   # SmolLM2-135M's GGUF: 3 KV heads of 64
+
+
 def test_resources_say_memory_devices_workers_and_the_models_size(start_hive, repo, model_path):
     """GET /v1/resources: what the queen places by, read now (PROTOCOL.md §12)."""
     hive = start_hive(lifeline=True)
@@ -677,15 +680,15 @@ def test_resources_say_memory_devices_workers_and_the_models_size(start_hive, re
     assert empty["memory"]["cpu"] == "ram" and empty["devices"]["cpu"][0]["index"] == 0
     assert empty["workers"] == [] and empty["models"] == []
     # not known before a download
-    assert empty["model"] == {"model_ref": REF, "cataloged": False, "size_bytes": None, "layers": None}
+    assert empty["model"] == {"model_ref": REF, "cataloged": False, "size_bytes": None, "layers": None, "shape": {}}
     local = "file:" + model_path
     _, sized = call(hive.port, "GET", "/v1/resources?model=" + urllib.parse.quote(local), token=hive.token)
     assert sized["model"] == {"model_ref": local, "cataloged": False, "size_bytes": os.path.getsize(model_path),
-                              "layers": 30}
+                              "layers": 30, "shape": SHAPE}
     worker = spawned(stream(hive, "/v1/workers/spawn", {"model_ref": REF, "backend": "cpu", "keep_alive": "-1"}))
     _, loaded = call(hive.port, "GET", "/v1/resources?model=" + urllib.parse.quote(REF), token=hive.token)
     assert loaded["model"] == {"model_ref": REF, "cataloged": True, "size_bytes": os.path.getsize(model_path),
-                               "layers": 30}
+                               "layers": 30, "shape": SHAPE}
     [row] = loaded["workers"]
     assert row["worker_id"] == worker["worker_id"] and row["state"] == "idle"
     assert (row["slots_total"], row["slots_available"], row["queue_length"]) == (4, 4, 0)

@@ -307,7 +307,7 @@ def test_a_bad_keep_alive_is_a_usage_error_and_a_400(queen, env, model_ref, tmp_
 
 
 def test_no_node_fits_is_insufficient_ram_before_anything_loads(env, model_ref, tmp_path):
-    """localhost capped at 50 MB, the model needs 113: exit 1 with the node's free memory."""
+    """localhost capped at 50 MB, the model needs 158 (113 and the KV cache of 2,048 tokens): exit 1 with the node's free memory."""
     capped = run_rbee(["nodes", "set", "localhost", "--max-ram", "50M"], env)
     assert capped.returncode == 0, capped.stderr
     assert capped.stdout == "Node localhost: rbee may use at most 50 MB of RAM\n"
@@ -315,8 +315,8 @@ def test_no_node_fits_is_insufficient_ram_before_anything_loads(env, model_ref, 
     assert result.returncode == 1
     error = next(e for e in json_events(result.stdout) if e["event"] == "error")["error"]
     assert error["code"] == "INSUFFICIENT_RAM" and error["component"] == "queen-rbee"
-    assert error["details"] == {"required_mb": 113, "free_mb": {"localhost": {"cpu:0": 50}}}
-    message = "No node has room for %s: it needs 113 MB (localhost: cpu:0 50 MB free)" % model_ref
+    assert error["details"] == {"required_mb": 158, "free_mb": {"localhost": {"cpu:0": 50}}}
+    message = "No node has room for %s: it needs 158 MB (localhost: cpu:0 50 MB free)" % model_ref
     assert "[queen-rbee] ❌ Error: " + message in result.stderr
     assert not any(e.get("action") == "model_load" for e in json_events(result.stdout))
     assert_no_rbee_left(str(tmp_path), within=5)

@@ -9,26 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import free_port, raw_call, raw_request, sse_frames, wait_until
+from conftest import (WORKER_KEY as KEY, WORKER_PROMPT as PROMPT, execute, free_port, raw_call, raw_request,
+                      run_job, run_together, sse_frames, wait_until)
 
-KEY = "test-key-0123456789"
-PROMPT = "Once upon a time, in a small village by the sea, there lived"
-
-
-@pytest.fixture
-def start_worker(roles, env, model_path):
-    """Start a worker (cpu, device 0, extra options such as --parallel) with its key in the
-    environment, never on argv; returns it once it serves."""
-    def start(*options):
-        port = free_port()
-        started = time.monotonic()
-        role = roles("worker", "--model", model_path, "--backend", "cpu", "--device", "0", "--port", str(port),
-                     "--host", "127.0.0.1", "--lifeline", *options, env=dict(env, RBEE_WORKER_API_KEY=KEY))
-        role.wait_event("http_ready", timeout=60)
-        role.port = port
-        role.start_s = time.monotonic() - started   # its start-up (the model's load) at this machine's pace now
-        return role
-    return start
 
 
 @pytest.fixture
@@ -79,25 +62,6 @@ def call(port, method, path, body=None, key=KEY, **kw):
 
 
 sse_events = sse_frames
-
-
-def execute(port, **body):
-    body.setdefault("job_id", "job-test")
-    body.setdefault("prompt", PROMPT)
-    body.setdefault("max_tokens", 16)
-    body.setdefault("temperature", 0)
-    body.setdefault("raw", True)   # a plain continuation; the chat template has its own test
-    conn, resp = request(port, "POST", "/execute", body)
-    return conn, resp
-
-
-def run_job(port, **body):
-    conn, resp = execute(port, **body)
-    assert resp.status == 200, resp.read()
-    assert resp.getheader("Content-Type") == "text/event-stream"
-    events = list(sse_events(resp))
-    conn.close()
-    return events
 
 
 def test_streamed_text_equals_in_process_llama_cpp(worker, reference_llm):
@@ -524,20 +488,6 @@ def text_of(events):
     return "".join(d["t"] for e, d, _ in events if e == "token")
 
 
-def run_together(port, bodies):
-    """Run the jobs at once (one thread each); returns their events in the bodies' order."""
-    results = [None] * len(bodies)
-
-    def one(k):
-        results[k] = run_job(port, **bodies[k])
-    threads = [threading.Thread(target=one, args=(k,)) for k in range(len(bodies))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    return results
-
-
 @pytest.fixture
 def split_worker(start_worker):
     """A worker whose slots each have their own part of the KV cache (--kv-split): a text is the same beside
@@ -644,7 +594,8 @@ def test_queued_clients_that_leave_never_start(start_worker):
                what="the worker idle: the job that left never started")
 
 
-def test_cancelling_one_job_leaves_the_others_texts_as_alone(worker):
+def test_cancelling_one_job_leaves_the_others_texts_as_alone(split_worker):
+    worker = split_worker
     bodies = [dict(prompt=p, max_tokens=40, job_id="keep-%d" % k) for k, p in enumerate(DISTINCT[:3])]
     alone = [text_of(run_job(worker.port, **body)) for body in bodies]
     conn, resp = execute(worker.port, prompt=DISTINCT[3], max_tokens=1500, job_id="doomed")
