@@ -454,7 +454,9 @@ class Engine:
         for slot in (s for s in active if s.job and s.next_token is not None):
             outputs.append((slot, self._add(slot, [slot.next_token], True)))
             slot.next_token = None
-        for slot in sorted((s for s in active if s.job and s.pending), key=lambda s: s.started):   # oldest first
+        # the shortest prompts first (the oldest among equals): a new short prompt starts at the next
+        # step, a long one takes what they leave of the batch, chunk after chunk
+        for slot in sorted((s for s in active if s.job and s.pending), key=lambda s: (len(s.pending), s.started)):
             room = self.n_batch - batch.n_tokens
             if room <= 0:
                 break

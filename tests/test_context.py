@@ -111,9 +111,9 @@ def test_a_default_worker_holds_the_trained_context_and_refuses_only_a_larger_pr
     assert "4 slots sharing 8,192 tokens of context: the model's trained context" in loaded["human"]
     too_long = "word " * 9000
     tokens = raw_call(worker.port, "POST", "/tokenize", {"prompt": too_long, "raw": True}, key=WORKER_KEY)[1]["tokens"]
-    status, body = raw_call(worker.port, "POST", "/execute", {"prompt": too_long, "raw": True, "max_tokens": 4},
-                            key=WORKER_KEY)
-    assert status == 400 and body["error"]["code"] == "CONTEXT_EXCEEDED"
+    resp, body = raw_call(worker.port, "POST", "/execute", {"prompt": too_long, "raw": True, "max_tokens": 4},
+                          key=WORKER_KEY)
+    assert resp.status == 400 and body["error"]["code"] == "CONTEXT_EXCEEDED"
     assert body["error"]["details"] == {"field": "prompt", "prompt_tokens": tokens, "ctx_size": 8192}
     assert "{:,} tokens".format(tokens) in body["error"]["message"] and "holds 8,192" in body["error"]["message"]
 
@@ -219,11 +219,14 @@ def test_ollamas_num_ctx_gets_a_worker_with_that_context_and_ps_says_it(roles, e
                                                                                           "num_predict": 4})
     assert first["done"]
     ps = client.ps()["models"]
-    assert len(ps) == 1 and ps[0].model_dump().get("context_length") == 8192   # the default worker holds more
+    assert len(ps) == 1 and ps[0].context_length == 4096   # (a worker started for it: what it asked for)
+    again = client.chat(model=name, messages=[{"role": "user", "content": "Hi"}], options={"num_ctx": 1024,
+                                                                                          "num_predict": 4})
+    assert again["done"] and [m.context_length for m in client.ps()["models"]] == [4096]   # (it holds more)
     client.chat(model=name, messages=[{"role": "user", "content": "Hi"}], options={"num_ctx": 12288,
                                                                                    "num_predict": 4})
-    wait_until(lambda: [m.model_dump().get("context_length") for m in client.ps()["models"]] == [12288], 30,
-               what="the 8,192-token worker replaced by a 12,288-token one")
+    wait_until(lambda: [m.context_length for m in client.ps()["models"]] == [12288], 30,
+               what="the 4,096-token worker replaced by a 12,288-token one")
     show = client.show(name)
     assert "num_ctx 12288" in (show.parameters or "")
 
@@ -241,7 +244,8 @@ def test_a_q8_0_kv_cache_is_placed_smaller_and_streams(roles, env, model_ref):
     chunks = list(api.chat.completions.create(stream=True, **ask))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     placed = [e for e in queen.events if e.get("action") == "placement"]
-    assert placed and placed[0]["kv_cache_mb"] == 22 and placed[0]["cache_type_k"] == "q8_0"   # 2,048 cells
+    # the model's trained context, 8,192 cells, at 34 bytes a block of 32 values: 95 MB, not f16's 180
+    assert placed and placed[0]["kv_cache_mb"] == 95 and placed[0]["cache_type_k"] == "q8_0"
     (model,) = api_ps(queen)
     assert (model["context_length"], model["kv_cache_mb"], model["cache_type_k"], model["cache_type_v"]) == (
         8192, 95, "q8_0", "q8_0")
