@@ -12,7 +12,9 @@ localhost), cold_ssh (the same over real ssh to a simulated air-gapped host: a n
 whose own hostname does not resolve and whose nameserver never answers, where any DNS lookup on
 a start-up path would cost 10 s; a private sshd on loopback where namespaces are unavailable),
 peer (`python -m llama_cpp.server`, streamed /v1/completions), footprint (resident memory of the
-queen, the hive, and the worker minus a process holding just the raw model).
+queen, the hive, and the worker minus a process holding just the raw model). Beside them, each with
+its own runs: api, concurrency, tools, embeddings and agent (multi-turn sessions on a shared system
+prompt against llama-server's prompt caches, BENCH_AGENT_RUNS runs of about 10 minutes each here).
 """
 import concurrent.futures
 import contextlib
@@ -56,9 +58,10 @@ def stats(values):
     return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
 
 
-def rss_mb(pid):
+def rss_mb(pid, field="VmRSS"):
+    """A process's resident memory now (VmHWM: at its peak) in MB."""
     with open("/proc/%d/status" % pid) as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
 
 
 def free_port():
@@ -152,7 +155,8 @@ def sse_tokens(port, path, body, headers=None, marker=RBEE_TOKEN):
     from the arrival time of each token's bytes."""
     data = json.dumps(body).encode()
     head = "POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\n" \
-           "Content-Length: %d\r\n%s\r\n" % (path, len(data), "".join("%s: %s\r\n" % h for h in (headers or {}).items()))
+           "Content-Length: %d\r\n%s\r\n" % (path, len(data),
+                                              "".join("%s: %s\r\n" % h for h in (headers or {}).items()))
     t0 = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -266,6 +270,8 @@ def main():
         if wanted("embeddings"):
             print("embeddings ...", file=sys.stderr)
             results["embeddings"] = embeddings_scenario(model, env)
+        if wanted("agent"):
+            results["agent"] = agent_scenario(model, env)
         results["raw"] = summarize(baseline.runs[1:])
         results["raw"]["load_s"] = round(baseline.load_s, 3)
         baseline.close()
@@ -659,28 +665,284 @@ def concurrency(model, env):
     return table
 
 
+# -- an agent's sessions: multi-turn chats on one long system prompt, rbee against llama-server --------
+
+AGENT_SESSIONS = (4, 8)
+AGENT_TURNS, AGENT_ANSWER = 6, 64
+AGENT_CTX_A_SESSION = 3072   # a session's whole history (2,804 prompt tokens at its 6th turn, + 64): S x holds all
+AGENT_RUNS = int(os.environ.get("BENCH_AGENT_RUNS", "3"))
+LONG_PROMPTS = (2000, 4000, 6000, 8000, 12000, 16000)
+TOOL_VERBS = "read write list search open close move copy rename delete create update fetch check".split()
+
+
+class Refused(Exception):
+    """A server's answer that is no whole stream: its status or error event and the start of its text."""
+
+
+def agent_system_prompt(n_tools=23):
+    """About 1,500 tokens, the same in every run: an agent's instructions and a catalogue of tools."""
+    def tool(k):
+        verb, noun, what = TOOL_VERBS[k % len(TOOL_VERBS)], WORDS[k * 5 % len(WORDS)], WORDS[(k * 3 + 1) % len(WORDS)]
+        return {"name": "%s_%s" % (verb, noun),
+                "description": "%s a %s by its path; the %s comes back as text" % (verb.capitalize(), noun, what),
+                "parameters": {"type": "object", "required": ["path"], "properties": {
+                    "path": {"type": "string"}, WORDS[(k * 7 + 2) % len(WORDS)]: {"type": "integer"}}}}
+    return "You are a coding agent. These are your tools:\n" + "\n".join(json.dumps(tool(k)) for k in range(n_tools))
+
+
+def agent_user_message(session, turn, words=140):
+    """About 150 tokens, distinct for each session and turn, the same in every run."""
+    return "Task %d, step %d: " % (session, turn) + " ".join(
+        WORDS[(session * 7 + turn * 3 + j * (session % 5 + 1) + j * j * turn) % len(WORDS)] for j in range(words))
+
+
+def long_text(words):
+    return " ".join(WORDS[(j * 7 + j // len(WORDS)) % len(WORDS)] + ("." if j % 12 == 11 else "")
+                    for j in range(words))
+
+
+def post_json(port, path, body, headers):
+    import urllib.request
+    request = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path), json.dumps(body).encode(),
+                                     dict({"Content-Type": "application/json"}, **headers))
+    with urllib.request.urlopen(request, timeout=120) as resp:
+        return json.loads(resp.read())
+
+
+def sse_events(port, path, body, headers):
+    """POST and yield each server-sent event as (arrival time, event name, data); Refused for a
+    status other than 200, with the start of the body."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        conn.request("POST", path, json.dumps(body), dict({"Content-Type": "application/json"}, **headers))
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise Refused("%d %s" % (resp.status, resp.read().decode(errors="replace")[:200]))
+        event, data = "message", []
+        for line in resp:   # (http.client undoes a chunked encoding)
+            line = line.decode().rstrip("\r\n")
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+            elif not line and data:
+                yield time.perf_counter(), event, "\n".join(data)
+                event, data = "message", []
+    finally:
+        conn.close()
+
+
+def turn_result(t0, first, text, tokens, prompt_tokens, prompt_cached):
+    return {"ttft_ms": (first - t0) * 1000 if first else None, "text": text, "tokens": tokens,
+            "prompt_tokens": prompt_tokens, "prompt_cached": prompt_cached}
+
+
+def rbee_turn(port, headers, messages, max_tokens):
+    """A chat turn on rbee's worker: POST /execute, its token events, and its end event's counts
+    (prompt_cached: the prompt tokens its caches spared it; None from a worker without the field)."""
+    t0, first, text, end = time.perf_counter(), None, [], None
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    for now, event, data in sse_events(port, "/execute", body, headers):
+        if event == "token":
+            first = first or now
+            text.append(json.loads(data)["t"])
+        elif event == "end":
+            end = json.loads(data)
+        elif event == "error":
+            raise Refused("event: error %s" % data[:200])
+    if end is None:
+        raise Refused("the stream ended with no end event")
+    return turn_result(t0, first, "".join(text), end["tokens_out"], end["prompt_tokens"], end.get("prompt_cached"))
+
+
+def llama_turn(port, headers, messages, max_tokens):
+    """A chat turn on llama-server: streamed /v1/chat/completions with its prompt cache, and the
+    last chunk's timings (prompt_n: the prompt tokens it evaluated, cache_n: those it reused)."""
+    t0, first, text, timings = time.perf_counter(), None, [], None
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True, "cache_prompt": True}
+    for now, _, data in sse_events(port, "/v1/chat/completions", body, headers or {}):
+        if data == "[DONE]":
+            break
+        chunk = json.loads(data)
+        if "error" in chunk:
+            raise Refused("error %s" % json.dumps(chunk["error"])[:200])
+        for choice in chunk.get("choices") or ():
+            piece = (choice.get("delta") or {}).get("content")
+            if piece:
+                first = first or now
+                text.append(piece)
+        timings = chunk.get("timings") or timings
+    if timings is None:
+        raise Refused("the stream ended with no timings")
+    return turn_result(t0, first, "".join(text), timings["predicted_n"], timings["prompt_n"] + timings["cache_n"],
+                       timings["cache_n"])
+
+
+def agent_sessions(turn, n, system):
+    """`n` agents at once (a thread each), each one's turns in sequence, its history growing by its
+    answer and the next user message: time to first token over every turn and by turn, aggregate
+    tokens a second over the wall time, and the prompt tokens evaluated against those each turn added."""
+    sessions, t0 = [None] * n, time.perf_counter()
+
+    def run(k):
+        messages, done = [{"role": "system", "content": system}], []
+        try:
+            for t in range(1, AGENT_TURNS + 1):
+                messages.append({"role": "user", "content": agent_user_message(k, t)})
+                answer = turn(messages, AGENT_ANSWER)
+                messages.append({"role": "assistant", "content": answer.pop("text")})
+                done.append(answer)
+        except Exception as exc:   # the session stops at its first refused or broken turn
+            done.append({"error": str(exc)[:200]})
+        sessions[k] = done
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - t0
+    errors = [r["error"] for done in sessions for r in done if "error" in r]
+    sessions = [[r for r in done if "error" not in r] for done in sessions]
+    turns = [r for done in sessions for r in done]
+    by_turn = [[done[t]["ttft_ms"] for done in sessions if len(done) > t and done[t]["ttft_ms"] is not None]
+               for t in range(AGENT_TURNS)]
+    ttft = [ms for at_turn in by_turn for ms in at_turn]
+    later = [r for done in sessions for r in done[1:]]
+    cached = [r["prompt_tokens"] - r["prompt_cached"] for r in later if r["prompt_cached"] is not None]
+    added = [now["prompt_tokens"] - before["prompt_tokens"] for done in sessions for before, now in zip(done, done[1:])]
+    mean = lambda values: statistics.mean(values) if values else None
+    return {"ttft_p50_ms": percentile(ttft, 0.5) if ttft else None,
+            "ttft_p95_ms": percentile(ttft, 0.95) if ttft else None,
+            "ttft_p50_ms_by_turn": [percentile(ms, 0.5) if ms else None for ms in by_turn],
+            "agg_tok_s": sum(r["tokens"] for r in turns) / wall, "tokens": sum(r["tokens"] for r in turns),
+            "turns": len(turns), "first_prompt_tokens": mean([done[0]["prompt_tokens"] for done in sessions if done]),
+            "last_prompt_tokens": max([r["prompt_tokens"] for r in turns], default=None),
+            "evaluated_a_later_turn": mean(cached), "added_a_later_turn": mean(added),
+            "errors": len(errors), "first_error": errors[0] if errors else None}
+
+
+def agent_scenario(model, env):
+    """An agent's workload: S sessions at once (4, then 8), 6 turns each on one shared system prompt
+    of about 1,500 tokens, each turn adding a user message of about 150 tokens (and the last answer)
+    and asking for 64 tokens; rbee's worker against llama.cpp's llama-server with its prompt caches
+    (unified KV, --cache-reuse, the host-memory prompt cache), the same model, threads, S slots and
+    S x 3072 tokens of context in all. A fresh server for every run (what a cache kept from the
+    last run would give is not the workload's), the servers alternated. Then the longest prompt
+    each answers with its defaults."""
+    if not os.path.exists(llama_server_binary()):
+        return {"skipped": "no llama-server at %s (make bench builds it)" % llama_server_binary()}
+    help_text = subprocess.run([llama_server_binary(), "--help"], capture_output=True, text=True).stdout
+    host_cache = ["--cache-ram", "8192"] if "--cache-ram" in help_text else []   # (this build's default too)
+    system = agent_system_prompt()
+    servers = [("rbee_worker", rbee_turn, lambda n: rbee_worker_process(
+                    model, env, ["--parallel", str(n), "--ctx-size", str(n * AGENT_CTX_A_SESSION)])),
+               ("llama_server", llama_turn, lambda n: llama_server_process(
+                   model, env, ["--jinja", "-np", str(n), "-c", str(n * AGENT_CTX_A_SESSION), "--kv-unified",
+                                "--cache-reuse", "256"] + host_cache))]
+    runs = {(name, n): [] for name, _, _ in servers for n in AGENT_SESSIONS}
+    for i in range(AGENT_RUNS):
+        for n in AGENT_SESSIONS:
+            for name, turn, start in servers if i % 2 == 0 else servers[::-1]:   # neither always goes first
+                print("agent: %s, %d sessions, run %d ..." % (name, n, i + 1), file=sys.stderr)
+                with start(n) as (port, headers, proc):
+                    turn(port, headers, [{"role": "user", "content": "Hello"}], 1)   # warm-up, sharing nothing
+                    result = agent_sessions(lambda messages, tokens: turn(port, headers, messages, tokens), n, system)
+                    result["peak_rss_mb"] = rss_mb(proc.pid, "VmHWM")
+                runs[(name, n)].append(result)
+    out = {"config": {"sessions": list(AGENT_SESSIONS), "turns": AGENT_TURNS, "max_tokens": AGENT_ANSWER,
+                      "ctx_a_session": AGENT_CTX_A_SESSION, "runs": AGENT_RUNS, "threads": THREADS,
+                      "llama_server_options": "--jinja -np S -c S*%d --kv-unified --cache-reuse 256 %s" % (
+                          AGENT_CTX_A_SESSION, " ".join(host_cache))}}
+    for (name, n), done in runs.items():
+        row = {k: stats([r[k] for r in done]) for k in done[0] if k not in ("first_error", "ttft_p50_ms_by_turn")}
+        row["ttft_p50_ms_by_turn"] = [stats([r["ttft_p50_ms_by_turn"][t] for r in done]) for t in range(AGENT_TURNS)]
+        row["first_error"] = next((r["first_error"] for r in done if r["first_error"]), None)
+        out.setdefault(name, {})[str(n)] = row
+    out["longest_prompt"] = longest_prompts(model, env)
+    return out
+
+
+def sized_prompts(port, headers):
+    """LONG_PROMPTS as one user message each, sized with rbee's /tokenize (chat template included):
+    (target, messages, its tokens)."""
+    def measured(words):
+        messages = [{"role": "user", "content": long_text(words)}]
+        return messages, post_json(port, "/tokenize", {"messages": messages}, headers)["tokens"]
+    _, sample = measured(1000)
+    prompts = []
+    for target in LONG_PROMPTS:
+        words = target * 1000 // sample
+        words = words * target // measured(words)[1]   # one correction
+        prompts.append((target, *measured(words)))
+    return prompts
+
+
+def longest_prompts(model, env):
+    """Each server with no context flags, only 4 slots: which of LONG_PROMPTS it answers (a single
+    request for 8 tokens each), and how it refuses the others."""
+    servers = [("rbee_worker", rbee_turn, lambda: rbee_worker_process(model, env, ["--parallel", "4"])),
+               ("llama_server", llama_turn, lambda: llama_server_process(model, env, ["-np", "4"]))]
+    prompts, out = None, {}
+    for name, turn, start in servers:
+        print("agent: the longest prompt %s answers with its defaults ..." % name, file=sys.stderr)
+        tried = []
+        with start() as (port, headers, _):
+            prompts = prompts or sized_prompts(port, headers)   # (rbee's worker first)
+            for target, messages, tokens in prompts:
+                try:
+                    answer = turn(port, headers, messages, 8)
+                    tried.append({"target": target, "prompt_tokens": answer["prompt_tokens"],
+                                  "answered": answer["tokens"] > 0})
+                except Exception as exc:   # (a refusal, or a stream cut short)
+                    tried.append({"target": target, "prompt_tokens": tokens, "answered": False,
+                                  "error": str(exc)[:200]})
+        answered = [t["prompt_tokens"] for t in tried if t["answered"]]
+        out[name] = {"longest_answered": max(answered, default=None), "tried": tried,
+                     "first_failure": next((t for t in tried if not t["answered"]), None)}
+    return out
+
+
 @contextlib.contextmanager
 def rbee_worker_server(model, env):
+    with rbee_worker_process(model, env, ["--ctx-size", str(N_CTX)]) as (port, headers, _):
+        yield port, headers
+
+
+@contextlib.contextmanager
+def rbee_worker_process(model, env, options):
+    """`rbee.py worker` on the model with `options`: its port, the headers its /execute wants, its process."""
     port = free_port()
     worker = role(["worker", "--model", model, "--backend", "cpu", "--device", "0", "--port", str(port),
-                   "--host", "127.0.0.1", "--ctx-size", str(N_CTX)], dict(env, RBEE_WORKER_API_KEY="bench"))
+                   "--host", "127.0.0.1"] + options, dict(env, RBEE_WORKER_API_KEY="bench"))
     try:
-        yield port, {"Authorization": "Bearer bench"}
+        yield port, {"Authorization": "Bearer bench"}, worker
     finally:
         stop(worker)
 
 
+def llama_server_binary():
+    return os.environ.get("LLAMA_SERVER") or str(REPO / ".cache" / "llama.cpp-build" / "bin" / "llama-server")
+
+
 @contextlib.contextmanager
 def llama_server(model, env, options):
-    """llama.cpp's own server (make bench builds it from the sdist's llama.cpp), on the model."""
-    binary = os.environ.get("LLAMA_SERVER") or str(REPO / ".cache" / "llama.cpp-build" / "bin" / "llama-server")
+    with llama_server_process(model, env, options) as (port, skipped, _):
+        yield port, skipped
+
+
+@contextlib.contextmanager
+def llama_server_process(model, env, options):
+    """llama.cpp's own server (make bench builds it from the sdist's llama.cpp), on the model: its
+    port (None, then why, when there is no such binary), and its process."""
+    binary = llama_server_binary()
     if not os.path.exists(binary):
-        yield None, "no llama-server at %s (make bench builds it)" % binary
+        yield None, "no llama-server at %s (make bench builds it)" % binary, None
         return
     port = free_port()
     with served([binary, "-m", model, "-t", str(THREADS), "-tb", str(THREADS), "-ngl", "0", "--host", "127.0.0.1",
-                 "--port", str(port)] + options, env, lambda: wait_until_serving(port)):
-        yield port, None
+                 "--port", str(port)] + options, env, lambda: wait_until_serving(port)) as proc:
+        yield port, None, proc
 
 
 @contextlib.contextmanager
@@ -722,12 +984,53 @@ def peer_server(model, env):
         yield port, None
 
 
+def span(s, fmt):
+    """A stats() figure as "median [min-max]"."""
+    return "%s [%s-%s]" % (fmt % s["median"], fmt % s["min"], fmt % s["max"]) if s else "-"
+
+
 def print_pair(scenario, names):
     for name in names:
         s = scenario[name]
         print("%-18s ttft %.1f ms [%.1f-%.1f]  tok/s %.1f [%.1f-%.1f]" % (
             name, s["ttft_ms"]["median"], s["ttft_ms"]["min"], s["ttft_ms"]["max"], s["tok_s"]["median"],
             s["tok_s"]["min"], s["tok_s"]["max"]))
+
+
+def print_agent(agent):
+    if "skipped" in agent:
+        print("\nagent: %s" % agent["skipped"])
+        return
+    c = agent["config"]
+    first = stats([agent[name][str(n)]["first_prompt_tokens"]["median"] for name in ("rbee_worker", "llama_server")
+                   for n in c["sessions"] if agent[name][str(n)]["first_prompt_tokens"]])
+    print("\nagent: S sessions at once x %d turns, a shared system prompt (turn 1's prompt: %s tokens), each turn "
+          "adding ~150 user tokens and the last answer, %d tokens an answer; S slots, S x %d tokens of context in all "
+          "(every session's whole history at once); %d runs, median [min-max]" % (
+              c["turns"], first and "%d" % first["median"], c["max_tokens"], c["ctx_a_session"], c["runs"]))
+    print("llama-server %s; rbee worker --parallel S --ctx-size S*%d" % (c["llama_server_options"], c["ctx_a_session"]))
+    print("%-13s %-2s %-20s %-20s %-26s %-26s %-18s %s" % (
+        "server", "S", "first token p50 ms", "first token p95 ms", "aggregate tok/s (tokens)",
+        "turns 2-6: evaluated/added", "peak RSS MB", "errors"))
+    for n in c["sessions"]:
+        for name in ("rbee_worker", "llama_server"):
+            row = agent[name][str(n)]
+            evaluated, added = row["evaluated_a_later_turn"], row["added_a_later_turn"]
+            print("%-13s %-2d %-20s %-20s %-26s %-26s %-18s %s" % (
+                name, n, span(row["ttft_p50_ms"], "%.0f"), span(row["ttft_p95_ms"], "%.0f"),
+                "%s (%d)" % (span(row["agg_tok_s"], "%.1f"), row["tokens"]["median"]),
+                "%s / %s" % tuple("%.0f" % s["median"] if s else "?" for s in (evaluated, added)),
+                span(row["peak_rss_mb"], "%.0f"), "%d %s" % (row["errors"]["max"], row["first_error"] or "")))
+    for n in c["sessions"]:
+        for name in ("rbee_worker", "llama_server"):
+            print("first token p50 ms by turn, %s, S=%d: %s" % (name, n, "  ".join(
+                "%d: %s" % (t + 1, "%.0f" % s["median"] if s else "-")
+                for t, s in enumerate(agent[name][str(n)]["ttft_p50_ms_by_turn"]))))
+    print("the longest prompt answered with each server's defaults (4 slots, no context flags; 8 tokens):")
+    for name, longest in agent["longest_prompt"].items():
+        failure = longest["first_failure"]
+        print("%-13s %s tokens; %s" % (name, longest["longest_answered"], "refused %d tokens: %s" % (
+            failure["prompt_tokens"], failure.get("error") or "no tokens") if failure else "answered them all"))
 
 
 def print_table(r):
@@ -741,11 +1044,11 @@ def print_table(r):
         if "ttft_ms" not in s:
             print("%-18s %s" % (name, s.get("skipped", "-")))
             continue
-        cell = lambda k, f: (f % s[k]["median"] + " [" + f % s[k]["min"] + "-" + f % s[k]["max"] + "]") if s.get(k) else "-"
         ratio = s.get("ratio_to_raw", {})
-        print("%-18s %-26s %-26s %-22s %s" % (name, cell("ttft_ms", "%.1f"), cell("tok_s", "%.1f"), cell("wall_s", "%.2f"),
-                                              "ttft %+.1f ms, tok/s x%.3f" % (s["ttft_over_raw_ms"], ratio.get("tok_s", 1))
-                                              if ratio else "(all raw runs; load %.2f s)" % s.get("load_s", 0)))
+        print("%-18s %-26s %-26s %-22s %s" % (
+            name, span(s.get("ttft_ms"), "%.1f"), span(s.get("tok_s"), "%.1f"), span(s.get("wall_s"), "%.2f"),
+            "ttft %+.1f ms, tok/s x%.3f" % (s["ttft_over_raw_ms"], ratio.get("tok_s", 1))
+            if ratio else "(all raw runs; load %.2f s)" % s.get("load_s", 0)))
     if r.get("warm_ssh_transport", {}).get("tok_s_vs_lan"):
         print("ssh transport: warm tok/s x%.3f of the lan transport to the same host" % (
             r["warm_ssh_transport"]["tok_s_vs_lan"]))
@@ -785,15 +1088,16 @@ def print_table(r):
               "%d runs" % (kind, RUNS))
         for name in ("rbee_queen", "llama_server_jinja"):
             s = table[name]
-            cell = lambda k, f: (f % s[k]["median"] + " [" + f % s[k]["min"] + "-" + f % s[k]["max"] + "]"
-                                 ) if s.get(k) else "-"
             print("%-20s valid %s  first piece ms %-18s whole object ms %-18s pieces/s %s" % (
-                name, s["valid"], cell("ttft_ms", "%.0f"), cell("call_ms", "%.0f"), cell("tok_s", "%.1f")))
+                name, s["valid"], span(s.get("ttft_ms"), "%.0f"), span(s.get("call_ms"), "%.0f"),
+                span(s.get("tok_s"), "%.1f")))
         if "call_ms_ratio" in table:
             print("rbee vs llama-server --jinja: whole object x%.3f (lower is faster), pieces/s x%.3f" % (
                 table["call_ms_ratio"], table["tok_s_ratio"]))
     if tools.get("skipped"):
         print("\ntools: %s" % tools["skipped"])
+    if r.get("agent"):
+        print_agent(r["agent"])
     split = r.get("split") or {}
     if "one_node" in split:
         print("\nsplit: warm infer, the model on mac alone vs split mac (20 layers) + workstation (10), %d runs" % RUNS)
