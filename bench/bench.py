@@ -905,7 +905,7 @@ def longest_prompts(model, env):
 
 @contextlib.contextmanager
 def rbee_worker_server(model, env):
-    with rbee_worker_process(model, env, ["--ctx-size", str(N_CTX)]) as (port, headers, _):
+    with rbee_worker_process(model, env, ["--ctx-size", str(4 * N_CTX)]) as (port, headers, _):   # (-np 4 -c 4N)
         yield port, headers
 
 
