@@ -4320,7 +4320,8 @@ class Hive(App):
                             small.health.get("cache_type_v"), "{:,}".format(context.ctx_size),
                             "" if context.cache_type_k is None else " in %s/%s" % (context.cache_type_k,
                                                                                   context.cache_type_v or "f16"),
-                            "replacing it" if small.state == WORKER_IDLE else "starting another beside it (it is busy)"),
+                            "replacing it" if small.state == WORKER_IDLE else
+                            "starting another beside it (it is busy)"),
                         "📏", worker_id=small.worker_id, ctx_size=small.health["ctx_size"], asked=context.ctx_size)
                 if small.state == WORKER_IDLE:
                     self.stop_worker(small)
@@ -7215,8 +7216,8 @@ class Queen(App):
         self.hives = Hives(self.nodes, random_id(24), args.keep_alive)   #: a hive per node, started on demand
         #: which worker serves each request: placement, replicas, eviction, splits
         self.scheduler = Scheduler(self.hives, self.nodes,
-                                   SchedulerSettings(args.keep_alive, args.max_queue, args.max_replicas,
-                                                     WorkerContext(args.ctx_size, args.cache_type_k, args.cache_type_v)))
+                                   SchedulerSettings(args.keep_alive, args.max_queue, args.max_replicas, WorkerContext(
+                                       args.ctx_size, args.cache_type_k, args.cache_type_v)))
         self.metrics = Metrics()          #: /metrics: the apps' requests (its own lock)
         self.feed = EventFeed()           #: /v2/events: every narration the queen sees (its own lock)
         _taps.append(self.feed.publish)
