@@ -4276,10 +4276,11 @@ class Hive(App):
         limit_mb = number_field(body, "memory_limit_mb", None, 0, 1 << 40, integer=True)
         split = split_of(body)
         context = context_of(body)
+        kv_split = bool_field(body, "kv_split", False)
         stream = req.sse()
         with narration_to(stream.narration), self.working():
             worker, timings = self.worker_for(ref, backend, device, parallel, keep_alive, limit_mb, max_queue, split,
-                                              context)
+                                              context, kv_split)
             if not worker.health.get("ctx_size"):   # (a worker just started: its context is its own choice)
                 self.poll_worker(worker)
         stream.finish(EVENT_WORKER, {"worker_id": worker.worker_id, "url": worker.url, "state": worker.state,
@@ -4293,11 +4294,11 @@ class Hive(App):
     # -- the pool -------------------------------------------------------------------------------
 
     def worker_for(self, ref, backend, device, parallel=DEFAULT_PARALLEL, keep_alive=None, limit_mb=None,
-                   max_queue=DEFAULT_MAX_QUEUE, split=None, context=WorkerContext(0, None, None)):
+                   max_queue=DEFAULT_MAX_QUEUE, split=None, context=WorkerContext(0, None, None), kv_split=False):
         """An idle worker for (model, backend, device) whose context serves `context`: reused, or
         provisioned and spawned (an idle one of the model with too small a context stops first: it
         is replaced). Its keep-alive becomes this request's (as with Ollama); `limit_mb`: what the
-        queen lets it take."""
+        queen lets it take; `kv_split`: a new one gives each slot its own part of the KV cache."""
         keep_alive = self.keep_alive if keep_alive is None else keep_alive
         key = (ref.text, backend, device)
         with self.spawn_locks.holding(key):   # concurrent spawns of one model make one worker
@@ -4340,18 +4341,19 @@ class Hive(App):
                             "Raise the node's limit (rbee.py nodes set %s --max-ram SIZE), unload a worker, or "
                             "choose a smaller model" % self.node)
             worker = self.launch(ref, row, backend, device, (parallel, max_queue), split, context=context,
-                                 limit_mb=limit_mb)
+                                 limit_mb=limit_mb, kv_split=kv_split)
             self.pool.hand_out(worker, keep_alive)
             return worker, {"reused": False, "download_ms": download_ms, "load_ms": worker.load_ms}
 
-    def launch(self, ref, row, backend, device, slots, split=None, attempts=3, context=None, limit_mb=None):
+    def launch(self, ref, row, backend, device, slots, split=None, attempts=3, context=None, limit_mb=None,
+               kv_split=False):
         """Start a worker and wait until it is ready. A worker binds its port only after loading
         its model, so another program (another hive on this machine) can take the port meanwhile:
         a worker that says so (PORT_IN_USE, the error it exits with) is started again on the next
         free port. (The port is not probed after the fact: whoever took it may have let go by then.)"""
         port = WORKER_PORT
         for attempt in range(1, attempts + 1):
-            worker = self.start_worker(ref, row, backend, device, slots, port, split, context, limit_mb)
+            worker = self.start_worker(ref, row, backend, device, slots, port, split, context, limit_mb, kv_split)
             try:
                 self.await_ready(worker)
                 return worker
@@ -4365,7 +4367,7 @@ class Hive(App):
                 worker.listeners.clear()
 
     def start_worker(self, ref, row, backend, device, slots, port=WORKER_PORT, split=None, context=None,
-                     limit_mb=None):
+                     limit_mb=None, kv_split=False):
         """Start a worker of `slots` (--parallel, --max-queue) on the first free port from `port`;
         `split`: the remote devices that take part of its layers (split_of); `context`: its
         WorkerContext (default: the model's trained context in f16, as far as `limit_mb` holds it)."""
@@ -4390,6 +4392,7 @@ class Hive(App):
                          "--cache-type-v", context.cache_type_v or "f16"]
             if limit_mb is not None:
                 args += ["--memory-limit-mb", str(limit_mb)]
+            args += ["--kv-split"] if kv_split else []
             if split:
                 args += sum((["--rpc", e] for e in split["rpc"]), []) + ["--offload-layers",
                                                                          str(split["offload_layers"])]
@@ -5118,11 +5121,11 @@ def plan_placement(model_ref, need_mb, views, backend=None, device=None, max_rep
         "(a lower quantisation)", component=ACTOR_QUEEN)
 
 
-SchedulerSettings = collections.namedtuple("SchedulerSettings", "keep_alive max_queue max_replicas context")
-SchedulerSettings.__new__.__defaults__ = (WorkerContext(0, None, None),)
+SchedulerSettings = collections.namedtuple("SchedulerSettings", "keep_alive max_queue max_replicas context kv_split")
+SchedulerSettings.__new__.__defaults__ = (WorkerContext(0, None, None), False)
 SchedulerSettings.__doc__ = """The queen's settings that placement follows (queen --keep-alive,
 --max-queue, --max-replicas; --ctx-size and --cache-type-k/-v: the WorkerContext of a request
-that asks for none)."""
+that asks for none; --kv-split: the workers it starts give each slot its own part of the cache)."""
 
 Assignment = collections.namedtuple("Assignment", "session worker handout warm")
 Assignment.__doc__ = """Which worker serves a request: the hive session that runs it, its `worker`
@@ -5444,7 +5447,8 @@ class Scheduler:
             with session.listening(sink):
                 body = {"model_ref": ref.text, "backend": plan.backend, "device": plan.device, "parallel": parallel,
                         "keep_alive": keep_alive, "max_queue": self.settings.max_queue}
-                body.update(context._asdict() if context else {})
+                body.update(context._asdict() if context else {}, **({"kv_split": True} if self.settings.kv_split
+                                                                     else {}))
                 if plan.free_mb is not None:
                     body["memory_limit_mb"] = plan.free_mb
                 worker = session.client.spawn(body, session.tagged(sink))
@@ -7217,7 +7221,7 @@ class Queen(App):
         #: which worker serves each request: placement, replicas, eviction, splits
         self.scheduler = Scheduler(self.hives, self.nodes,
                                    SchedulerSettings(args.keep_alive, args.max_queue, args.max_replicas, WorkerContext(
-                                       args.ctx_size, args.cache_type_k, args.cache_type_v)))
+                                       args.ctx_size, args.cache_type_k, args.cache_type_v), args.kv_split))
         self.metrics = Metrics()          #: /metrics: the apps' requests (its own lock)
         self.feed = EventFeed()           #: /v2/events: every narration the queen sees (its own lock)
         _taps.append(self.feed.publish)
@@ -8050,6 +8054,8 @@ def build_parser():
     s.add_argument("--max-replicas", type=_bounded(int, 1, 64), default=DEFAULT_MAX_REPLICAS,
                    help="workers of one model started when every slot of its workers is taken (default 2)")
     add_context_options(s, "each")
+    s.add_argument("--kv-split", action="store_true", help="the workers it starts give each slot its own part of "
+                   "the KV cache: a text at temperature 0 is the same beside others as alone (worker --kv-split)")
     s.set_defaults(func=run_queen)
 
     s = sub.add_parser("hive", help="run a node's pool manager")

@@ -10,6 +10,8 @@ import ollama
 import openai
 import pytest
 
+from conftest import start_queen
+
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "London", "Rome"]},
                                             "days": {"type": "integer"}},
@@ -98,7 +100,10 @@ def test_a_strict_json_schema_answer_validates_and_a_schema_with_no_grammar_is_a
     assert "tool_choice" in str(unknown.value)
 
 
-def test_grammar_constrained_and_plain_requests_in_one_batch_each_get_their_solo_text(queen, model_ref):
+def test_grammar_constrained_and_plain_requests_in_one_batch_each_get_their_solo_text(roles, env, model_ref):
+    # (--kv-split: each slot its own part of the KV cache; in the shared one, a text is its solo text up to a
+    # near tie, docs/PROTOCOL.md §18)
+    queen = start_queen(roles, env, "--kv-split")
     api = client(queen)
     ask = [{"role": "user", "content": "Name a large city and its country as JSON."}]
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
@@ -123,6 +128,8 @@ def test_grammar_constrained_and_plain_requests_in_one_batch_each_get_their_solo
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         together = [pool.submit(f) for f in (constrained, called, plain)]
     assert [f.result() for f in together] == alone and all(alone)
+    loaded = [e["human"] for e in queen.events if e.get("action") == "model_loaded"]
+    assert loaded and all("4 slots each with 2,048 tokens" in human for human in loaded), loaded
 
 
 def test_ollama_chat_with_tools_and_a_format_schema(queen, model_ref):
