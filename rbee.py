@@ -7921,15 +7921,17 @@ def cmd_ps(args):
         return 0
     if status is None:
         print("No queen runs at %s: nothing is loaded" % Keeper(args).queen.url, file=sys.stderr)
-    print("%-44s %-14s %-8s %-7s %-5s %-9s %s" % ("MODEL", "NODE", "DEVICE", "SLOTS", "QUEUE", "MEMORY", "UNTIL"))
+    print("%-44s %-14s %-8s %-7s %-5s %-9s %-14s %s" % ("MODEL", "NODE", "DEVICE", "SLOTS", "QUEUE", "MEMORY",
+                                                        "CONTEXT", "UNTIL"))
     for w in workers:
         until = ("forever" if w["keep_alive_s"] < 0 else WORKER_BUSY if w["state"] == WORKER_BUSY else
                  w["state"] if w.get("expires_unix") is None else
                  "in %s" % human_duration(max(0, w["expires_unix"] - time.time())))
-        print("%-44s %-14s %-8s %-7s %-5d %-9s %s" % (
+        context = "%d %s" % (w.get("ctx_size") or 0, w.get("cache_type_k") or "") if w.get("ctx_size") else "-"
+        print("%-44s %-14s %-8s %-7s %-5d %-9s %-14s %s" % (
             w["model_ref"], w["node"], "%s:%s" % (w["backend"], w["device"]),
             "%d/%d" % (w["slots_total"] - w["slots_available"], w["slots_total"]), w["queue_length"],
-            human_bytes((w["memory_mb"] or 0) << 20), until))
+            human_bytes((w["memory_mb"] or 0) << 20), context, until))
     return 0
 
 

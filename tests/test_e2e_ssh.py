@@ -867,7 +867,7 @@ def test_the_queen_places_by_free_memory_reuses_and_prefers_a_node_with_the_mode
     limits = {n["node_name"]: n["limits"]["max_ram_mb"] for n in status["nodes"]}
     assert limits == {"localhost": 1, "mac": 300, "workstation": 2048}
     table = run_rbee(["ps", "--queen", queen.url], ssh_env).stdout
-    assert re.search(r"^%s\s+workstation\s+cpu:0\s+0/4\s+0\s+\d+ MB\s+in \d+m" % re.escape(MODEL), table, re.M), table
+    assert re.search(r"^%s\s+workstation\s+cpu:0\s+0/4\s+0\s+\d+ MB\s+8192 f16\s+in \d+m" % re.escape(MODEL), table, re.M), table
     queen.proc.send_signal(signal.SIGTERM)
     assert queen.proc.wait(40) == 0
     assert_no_rbee_left(str(tmp_path), within=5)
