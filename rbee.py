@@ -3099,7 +3099,8 @@ class Job:
         self.parallel_tool_calls = parallel   #: whether the model may call several at once
         self.json_schema = schema         #: the schema the answer's JSON must match, or None
         # the generation's length and sampling, validated
-        self.max_tokens = number_field(body, "max_tokens", 20, 1, n_ctx, integer=True)
+        # (an app's default answer may be longer than the context: it ends where the context does)
+        self.max_tokens = min(number_field(body, "max_tokens", 20, 1, 1 << 30, integer=True), n_ctx)
         self.temperature = number_field(body, "temperature", 0.7, 0, 2)
         self.top_p = number_field(body, "top_p", 0.95, 0, 1)
         self.top_k = number_field(body, "top_k", 40, 0, 1 << 20, integer=True)
@@ -3505,8 +3506,9 @@ class Worker(App):
         args = self.args
         if not args.prompt_cache_mb:
             return None
-        fingerprint = hashlib.sha256(("%s:%d:%s:%s" % (os.path.basename(args.model), os.path.getsize(args.model),
-                                                       args.cache_type_k, args.cache_type_v)).encode()).hexdigest()
+        fingerprint = hashlib.sha256(("%s:%d:%s:%s:%s" % (
+            os.path.basename(args.model), os.path.getsize(args.model), args.cache_type_k, args.cache_type_v,
+            "split %d" % args.parallel if args.kv_split else "unified")).encode()).hexdigest()
         return PromptCache(args.prompt_cache_mb, args.prompt_cache_dir, fingerprint[:16])
 
     def split_options(self):
@@ -4387,8 +4389,9 @@ class Hive(App):
                     str(port), "--host", self.args.host, "--worker-id", worker.worker_id, "--model-ref", ref.text,
                     "--hive-url", self.local_url, "--parallel", str(slots[0]), "--max-queue", str(slots[1]),
                     "--lifeline"]
-            if context:
-                args += ["--ctx-size", str(context.ctx_size), "--cache-type-k", context.cache_type_k or "f16",
+            if context:   # (split: each slot holds the context asked for, so the worker holds `slots` of them)
+                args += ["--ctx-size", str(context.ctx_size * (slots[0] if kv_split else 1)),
+                         "--cache-type-k", context.cache_type_k or "f16",
                          "--cache-type-v", context.cache_type_v or "f16"]
             if limit_mb is not None:
                 args += ["--memory-limit-mb", str(limit_mb)]
@@ -5467,7 +5470,8 @@ class Scheduler:
         """(the caller holds `lock`) A request that asks for no context size: the Placement that gives
         its worker the context its model was trained for (idle workers stopped for it if need be),
         else None: then it is placed with the least a context takes, and fits itself into the room
-        there is (a model trained for 128k tokens may never hold them all on a node)."""
+        there is (a model trained for 128k tokens may never hold them all on a node); no worker is
+        stopped for a context nobody asked for."""
         if (context or self.settings.context).ctx_size:
             return None
         views, need_mb = self.views(ref, nodes, answers, context, full=True)
@@ -5475,7 +5479,7 @@ class Scheduler:
             plan = plan_placement(ref.text, need_mb, views, backend, device, self.settings.max_replicas, context)
         except (InsufficientRam, VramExhausted):
             return None
-        return plan if plan.action != "wait" else None
+        return plan if plan.action != "wait" and not plan.evict else None
 
     def place_split(self, ref, names, parallel, keep_alive, sink):
         """(the primary's hive session, the split's `worker` event): the running split of `ref`

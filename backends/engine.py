@@ -24,11 +24,13 @@ Not an adapter (it is in no backend's PREFERENCE): every backend's worker runs o
 """
 import codecs
 import collections
+import contextlib
 import ctypes
 import hashlib
 import json
 import os
 import queue
+import tempfile
 import threading
 import time
 
@@ -129,13 +131,12 @@ class Engine:
             raise RuntimeError("llama.cpp could not create a context of %d tokens (KV cache %s/%s)" % (
                 n_ctx, cache_type_k, cache_type_v))
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)   #: the KV cache's cells, shared by every slot
-        #: the cells one conversation may fill: all of them, or (--kv-split) its own stream's share; a
-        #: split cache keeps each sequence's cells apart, laid out as when it runs alone, so that its
-        #: text at temperature 0 is the same beside others (in the unified cache, llama.cpp's attention
-        #: runs over every sequence's cells, in kernels chosen by their number: a text may differ at a
-        #: near tie); the cost is that no conversation may use the others' idle cells
-        self.unified = unified
-        self.seq_cells = self.n_ctx if unified else self.n_ctx // n_slots
+        # a split cache (--kv-split) keeps each sequence's cells apart, laid out as when it runs alone,
+        # so that its text at temperature 0 is the same beside others (in the unified cache, llama.cpp's
+        # attention runs over every sequence's cells, in kernels chosen by their number: a text may
+        # differ at a near tie); the cost is that no conversation may use the others' idle cells
+        self.unified = unified                          #: one cache for all slots, else a stream each
+        self.seq_cells = self.n_ctx if unified else self.n_ctx // n_slots   #: the cells one conversation may fill
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
@@ -278,7 +279,7 @@ class Engine:
                 return
             tokens = job.paused["tokens"] if job.paused else job.prompt_tokens
             slot = max(free, key=lambda s: (common_prefix(s.cache, tokens), -s.last_used))
-            if not self._room_for(slot, tokens):
+            if not self._room_for(slot, tokens, job):
                 return
             with self.cond:
                 if not self.waiting or self.waiting[0] is not job:   # (cancelled meanwhile)
@@ -288,9 +289,13 @@ class Engine:
             try:
                 self._start(slot, job, tokens)
             except Exception as exc:   # (this job alone)
+                if job.paused:
+                    self._free_samplers(*job.paused["samplers"])
+                    job.paused = None
+                slot.job = job
                 self._finish(slot, None, "%s: %s" % (type(exc).__name__, exc))
 
-    def _room_for(self, slot, tokens):
+    def _room_for(self, slot, tokens, job):
         """Whether `tokens` fit in the KV cache in `slot` (its prefix in common is kept), after
         dropping what other idle slots keep (least recently used first, copied into the prompt
         cache); else the job is told it waits."""
@@ -298,7 +303,9 @@ class Engine:
         need = len(tokens) + 1 - kept
         if not self.unified:   # (its own stream: room for whatever is shorter than it)
             return len(tokens) < self.seq_cells
-        free = self.n_ctx - self._committed() + len(slot.cache) - kept
+        # (the generating slots' next tokens take a cell each at the next step: not for this job)
+        free = self.n_ctx - self._committed() + len(slot.cache) - kept - sum(
+            1 for s in self.slots if s.job and s.next_token is not None)
         for idle in sorted((s for s in self.slots if s.job is None and s is not slot and s.cache),
                            key=lambda s: s.last_used):
             if free >= need:
@@ -307,7 +314,6 @@ class Engine:
             self._drop_cache(idle)
         if free >= need:
             return True
-        job = self.waiting[0]
         if not job.told_waiting:
             job.told_waiting = True
             job.events.put((WAITING, {"reason": "room", "need": need, "free": free, "n_ctx": self.n_ctx}))
@@ -316,17 +322,23 @@ class Engine:
     def _drop_cache(self, slot, keep=0):
         """Cut `slot`'s cache to its first `keep` tokens; what goes, if it is worth it, is kept in
         the prompt cache first (the whole sequence: a later prompt finds its prefix there)."""
-        if self.prompt_cache is not None and len(slot.cache) - keep >= MIN_SAVED:
-            self.prompt_cache.put(slot.cache, self._state_of(slot))
+        cache = self.prompt_cache
+        if cache is not None and len(slot.cache) - keep >= MIN_SAVED and tuple(slot.cache) not in cache.entries:
+            state = self._state_of(slot, cache.limit)
+            if state:
+                cache.put(slot.cache, state)
         if not self.llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, keep, -1):   # (a cache that cannot be cut)
             self.llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
             keep = 0
         slot.cache = slot.cache[:keep]
 
-    def _state_of(self, slot):
-        """The bytes of `slot`'s sequence in the KV cache (llama_state_seq_get_data)."""
+    def _state_of(self, slot, limit):
+        """The bytes of `slot`'s sequence in the KV cache (llama_state_seq_get_data); None if they
+        would be more than `limit`."""
         lc = self.llama_cpp
         size = lc.llama_state_seq_get_size(self.ctx, slot.seq_id)
+        if size > limit:
+            return None
         data = (ctypes.c_uint8 * size)()
         written = lc.llama_state_seq_get_data(self.ctx, data, size, slot.seq_id)
         return bytes(data)[:written]
@@ -354,6 +366,7 @@ class Engine:
         return shared
 
     def _start(self, slot, job, tokens):
+        slot.job = job   # (first: a failure below ends this job, in its slot)
         if not tokens:
             raise ValueError("an empty prompt")
         restored = self._restore(slot, tokens)
@@ -607,14 +620,22 @@ class PromptCache:
         self.size = 0                                   #: bytes of the states held in memory
         #: where entries also live (one file each), or None
         self.directory = os.path.join(directory, fingerprint) if directory else None
-        if self.directory:
-            os.makedirs(self.directory, exist_ok=True)
-            files = sorted((e for e in os.scandir(self.directory) if e.name.endswith(self.SUFFIX)),
-                           key=lambda e: e.stat().st_mtime)
-            for entry in files:
-                tokens = self._read(entry.path, header_only=True)
-                if tokens:
-                    self.entries[tokens] = None
+        try:
+            files = self._files()
+        except OSError:   # (a directory it cannot make or read: memory only)
+            self.directory, files = None, []
+        for entry in files:
+            tokens = self._read(entry.path, header_only=True)
+            if tokens:
+                self.entries[tokens] = None
+
+    def _files(self):
+        """The entry files already in the directory, oldest first."""
+        if not self.directory:
+            return []
+        os.makedirs(self.directory, exist_ok=True)
+        return sorted((e for e in os.scandir(self.directory) if e.name.endswith(self.SUFFIX)),
+                      key=lambda e: e.stat().st_mtime)
 
     def best(self, tokens):
         """(the entry sharing the longest prefix with `tokens`, how many tokens it shares); (None, 0)."""
@@ -650,12 +671,21 @@ class PromptCache:
         self.entries[key] = data
         self.size += len(data)
         if self.directory:
-            path = self._path(key)
-            with open(path + ".part", "wb") as f:   # (never half a file under an entry's name)
+            self._write(key, data)
+        self._trim()
+
+    def _write(self, key, data):
+        """An entry's file: written under a name of its own, then renamed (never half a file under
+        an entry's name, whoever else writes there); a disk that refuses keeps it in memory only."""
+        try:
+            fd, part = tempfile.mkstemp(dir=self.directory, suffix=".part")
+            with os.fdopen(fd, "wb") as f:
                 header = json.dumps(list(key)).encode()
                 f.write(len(header).to_bytes(8, "little") + header + data)
-            os.replace(path + ".part", path)
-        self._trim()
+            os.replace(part, self._path(key))
+        except OSError:
+            with contextlib.suppress(OSError, UnboundLocalError):
+                os.unlink(part)
 
     def discard(self, key):
         data = self.entries.pop(key, None)
@@ -681,7 +711,10 @@ class PromptCache:
             else:
                 del self.entries[key]
         if self.directory:
-            on_disk = [(k, os.path.getsize(self._path(k))) for k in self.entries if os.path.exists(self._path(k))]
+            on_disk = []
+            for k in self.entries:
+                with contextlib.suppress(OSError):   # (another worker of the model may have taken it away)
+                    on_disk.append((k, os.path.getsize(self._path(k))))
             total = sum(size for _, size in on_disk)
             for key, size in on_disk:
                 if total <= self.limit:
