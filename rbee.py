@@ -116,6 +116,7 @@ HTTP_CONNECT_TIMEOUT, HTTP_ATTEMPTS = 5.0, 3
 DOWNLOAD_ATTEMPTS = 6
 BUSY_RETRIES = (1, 2, 4)           # a busy worker (503) is retried after 1, 2, 4 s
 DEFAULT_N_CTX = 2048               # an answer's length where the API's caller gives none
+MAX_TOKENS = 1 << 20                # the longest answer a request may ask for (cut at its worker's context)
 KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")   # --cache-type-k/-v (backends.engine.KV_TYPES knows their sizes)
 MIN_CTX = 512                      # a worker's context when memory allows less than the model's
 EMBED_CTX_CAUSAL = 2048            # the longest input a causal model embeds (its logits fill a buffer per token)
@@ -3100,7 +3101,7 @@ class Job:
         self.json_schema = schema         #: the schema the answer's JSON must match, or None
         # the generation's length and sampling, validated
         # (an app's default answer may be longer than the context: it ends where the context does)
-        self.max_tokens = min(number_field(body, "max_tokens", 20, 1, 1 << 30, integer=True), n_ctx)
+        self.max_tokens = min(number_field(body, "max_tokens", 20, 1, MAX_TOKENS, integer=True), n_ctx)
         self.temperature = number_field(body, "temperature", 0.7, 0, 2)
         self.top_p = number_field(body, "top_p", 0.95, 0, 1)
         self.top_k = number_field(body, "top_k", 40, 0, 1 << 20, integer=True)

@@ -280,7 +280,7 @@ def test_keep_alive_zero_unloads_after_the_request_and_negative_keeps_the_worker
     assert worker["keep_alive_s"] == -1 and worker["expires_unix"] is None and worker["state"] == "idle"
     assert [worker["pid"]] == worker_pids(tmp_path)
     table = run_rbee(["ps", "--queen", queen.url], env).stdout
-    row = r"^%s\s+localhost\s+cpu:0\s+0/4\s+0\s+\d+ MB\s+forever$" % re.escape(model_ref)
+    row = r"^%s\s+localhost\s+cpu:0\s+0/4\s+0\s+\d+ MB\s+8192 f16\s+forever$" % re.escape(model_ref)
     assert re.search(row, table, re.M), table
     # a later request with its own keep-alive changes it, as with Ollama
     later = run_rbee(infer_args(model_ref, "--keep-alive", "1s", "--queen", queen.url), env)

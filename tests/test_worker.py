@@ -277,7 +277,7 @@ def malformed_requests():
                   {"top_p": -1}, {"top_p": "x"}, {"top_k": -5}, {"top_k": 2.5}, {"seed": "x"}, {"seed": -7},
                   {"seed": 1.5}, {"stop": 5}, {"stop": [1, 2]}, {"stop": [""]}, {"stop": ["a"] * 17},
                   {"job_id": 5}, {"job_id": "j" * 500}, {"temperature": float("inf")},
-                  {"prompt": "word " * 9000}, {"max_tokens": 100000}, {"temperature": [1]},
+                  {"prompt": "word " * 9000}, {"max_tokens": (1 << 20) + 1}, {"temperature": [1]},
                   {"top_k": "5"}, {"job_id": ["a"]}]
     for fields in bad_fields:
         body = {"prompt": "hello", "max_tokens": 5}
