@@ -5282,7 +5282,6 @@ class Scheduler:
         self.splits = {}                  #: worker_id -> its running Split (under `lock`)
         #: model_ref -> (session, worker event, worker key, keep-alive) of its last assignment (under `lock`)
         self.recent = {}
-        self.kv_need_mb = 0               #: the KV cache the last placement counted in its need (under `lock`)
 
     # -- the one answer ------------------------------------------------------------------------
 
@@ -5404,7 +5403,7 @@ class Scheduler:
             answers = self.survey(ref, nodes, sink)   # (hive starts and ssh: outside the lock)
             with self.lock:
                 plan = self.full_context_plan(ref, nodes, answers, backend, device, context)
-                views, need_mb = self.views(ref, nodes, answers, context, full=bool(plan))
+                views, need_mb, kv_mb = self.views(ref, nodes, answers, context, full=bool(plan))
                 try:
                     plan = plan or plan_placement(ref.text, need_mb, views, backend, device,
                                                   self.settings.max_replicas, context)
@@ -5423,7 +5422,6 @@ class Scheduler:
                     for model_ref in [m for m, known in self.recent.items() if known[1]["worker_id"] in self.leaving]:
                         del self.recent[model_ref]   # (no warm reuse of a worker on its way out)
                     handout = self._hand_out((plan.node, ref.text, plan.backend, plan.device), task)
-                    kv_mb = self.kv_need_mb
                     break
             if plan is None:
                 narrate(ACTOR_QUEEN, "split_auto", "%s fits on no single node; together %s can hold it" % (
@@ -5475,7 +5473,7 @@ class Scheduler:
         stopped for a context nobody asked for."""
         if (context or self.settings.context).ctx_size:
             return None
-        views, need_mb = self.views(ref, nodes, answers, context, full=True)
+        views, need_mb, _ = self.views(ref, nodes, answers, context, full=True)
         try:
             plan = plan_placement(ref.text, need_mb, views, backend, device, self.settings.max_replicas, context)
         except (InsufficientRam, VramExhausted):
@@ -5501,7 +5499,7 @@ class Scheduler:
             raise SshFailed("A split needs every node it names; %s did not answer" % ", ".join(missing),
                             {"nodes": missing}, "Check them: rbee.py nodes check NODE", ACTOR_QUEEN)
         with self.lock:
-            views, need_mb = self.views(ref, names, answers)
+            views, need_mb, _ = self.views(ref, names, answers)
         split, worker = Split.start(self.hives, ref, names, views, need_mb, parallel, keep_alive,
                                     self.settings.max_queue, sink)
         with self.lock:
@@ -5518,7 +5516,7 @@ class Scheduler:
         nodes = self.hives.candidates()
         answers = self.survey(ref, nodes, sink)
         with self.lock:
-            views, need_mb = self.views(ref, nodes, answers)
+            views, need_mb, _ = self.views(ref, nodes, answers)
             return plan_placement(ref.text, need_mb, views, max_replicas=self.settings.max_replicas).node
 
     def survey(self, ref, nodes, sink):
@@ -5543,9 +5541,9 @@ class Scheduler:
         return results
 
     def views(self, ref, nodes, results, context=None, full=False):
-        """(node views, MB the model needs: 0 if no node knows its size yet), with the spawns,
-        evictions and requests in progress (the caller holds `lock`). The need is the file's size
-        x 1.2 and its KV cache at `context` (its size and types; `full`: a default context at the
+        """(node views, MB the model needs: 0 if no node knows its size yet, the MB of its KV cache in
+        that), with the spawns, evictions and requests in progress (the caller holds `lock`). The need
+        is the file's size x 1.2 and its KV cache at `context` (its size and types; `full`: a default context at the
         model's trained size) before any worker ran it, then what its workers take."""
         for name, res in results.items():   # the tasks that reached their workers are the workers' own load now
             listed = {w["worker_id"] for w in res.get("workers") or ()}
@@ -5562,8 +5560,7 @@ class Scheduler:
         kv_mb = kv_need_mb(shapes[0], context or self.settings.context, full) if shapes else 0
         seen = [w.get("memory_mb") or 0 for v in views for w in v["workers"] if w["model_ref"] == ref.text
                 and context_fits(w, context)]
-        self.kv_need_mb = kv_mb
-        return views, max([backends.required_mb(max(sizes)) + kv_mb if sizes else 0] + seen)
+        return views, max([backends.required_mb(max(sizes)) + kv_mb if sizes else 0] + seen), kv_mb
 
     def evict(self, evict, sink):
         """Stop these idle workers and wait until their hives no longer list them (GRACEFUL_TIMEOUT at most)."""
