@@ -33,7 +33,9 @@ Threads, and what each owns:
     hive         request threads: spawns (one per model and device: spawn_locks), downloads;
                  `idle-reaper`: polls workers, stops expired ones; WorkerPool: every worker state
     queen        request threads: decisions one at a time under Scheduler.lock, from surveys made
-                 outside it (a thread per node); `split-ID`: a split's supervisor; Hives: sessions
+                 outside it (a thread per node); `split-ID`: a split's supervisor; Hives: sessions;
+                 `node-retry`: tries the down nodes again (the registry's rows say when); an
+                 `out-hive-NODE` whose session ends tells the scheduler, which cuts its requests there
     keeper       the main thread writes the text; `out-queen` relays an ephemeral queen
 
 The way of a request (an OpenAI chat): App.dispatch -> Queen.authorize -> OpenAIApi.chat ->
@@ -43,7 +45,8 @@ HiveClient.spawn -> Hive.spawn -> Hive.worker_for -> WorkerPool.hand_out, or Hiv
 Child) -> AppJob._start -> WorkerClient.execute -> Worker.execute (Worker.render: the model's
 template, its tools; Worker.grammar) -> Engine.submit -> Worker._stream (JobOutput: text, or
 through a ToolCallParser, tool calls) -> AppJob.pieces -> OpenAIStream.data -> AppJob.close ->
-Scheduler.release.
+Scheduler.release. A node that fails it before its first token: AppJob._next_event ->
+AppJob._place (Hives.others: the nodes left) -> Scheduler.assign again.
 
 Sections below follow the data: the Protocol (every route, event, control line, state and actor
 name, and the readers of requests), errors, small tools, narration, HTTP/SSE plumbing, the role
@@ -97,13 +100,14 @@ __all__ = [
     "node_view", "plan_placement", "KeyedLocks", "human_bytes", "human_duration", "masked_env", "env_pair",
     # OpenAI's Responses API on the queen: its items as chat messages, its output, the kept responses
     "response_request", "response_input_messages", "response_usage", "ResponseOutput", "ResponseStore",
-    "ResponseNotFound",
+    "ResponseNotFound", "NodeDown", "NodeLost",
 ]
 __version__ = "0.4.0"
 API_VERSION = "v1"
 HERE = os.path.dirname(os.path.abspath(__file__))
 RBEE_PY = os.path.join(HERE, "rbee.py")
 QUEEN_PORT, HIVE_PORT, WORKER_PORT, RPC_PORT = 8080, 9200, 8001, 50052
+RPC_CACHE_DIR = "rpc-cache"        # under $RBEE_HOME: a node's RPC server keeps the large weights splits sent it
 DEFAULT_QUEEN_URL = "http://127.0.0.1:%d" % QUEEN_PORT
 MAX_BODY = 1 << 20                 # request bodies over 1 MiB get 413
 MAX_JSON_DEPTH = 32                # deeper request bodies get 400
@@ -111,7 +115,7 @@ BODY_TIMEOUT = 10.0                # a request's body must arrive within this (a
 PING_INTERVAL = 10.0               # a silent SSE stream sends ": ping" this often
 LOADING_TIMEOUT = 300.0            # a worker must report ready within 5 min
 GRACEFUL_TIMEOUT = 30.0            # graceful shutdown, then SIGKILL
-SSH_ATTEMPTS, SSH_BACKOFF = 3, (0.0, 0.2, 0.4)
+SSH_ATTEMPTS, SSH_BACKOFF = 3, (0.0, 0.2, 0.4)   # one attempt where no person named the node
 HTTP_CONNECT_TIMEOUT, HTTP_ATTEMPTS = 5.0, 3
 DOWNLOAD_ATTEMPTS = 6
 BUSY_RETRIES = (1, 2, 4)           # a busy worker (503) is retried after 1, 2, 4 s
@@ -121,12 +125,18 @@ KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")   # --cache-type-k/-v (backends.engine.
 MIN_CTX = 512                      # a worker's context when memory allows less than the model's
 EMBED_CTX_CAUSAL = 2048            # the longest input a causal model embeds (its logits fill a buffer per token)
 KV_RESERVE_MB = 256                # memory a worker leaves free beside its KV cache (compute buffers, the OS)
+WORKER_RUNTIME_MB = 90             # a worker's memory beside its model's: Python, rbee, llama_cpp, numpy, its threads
+LOADER_CELLS = 256                 # the cells of the loader's own small context (64 tokens, rounded up by llama.cpp)
 DEFAULT_PARALLEL = 4               # a worker's slots
 DEFAULT_MAX_QUEUE = 64             # requests that may wait for a slot
 DEFAULT_KEEP_ALIVE = 300.0         # an idle worker stays loaded this long (Ollama's 5m); a hive with no worker too
 DEFAULT_MAX_REPLICAS = 2           # workers of one model the queen starts when every slot is taken
 PLACEMENT_WAIT = 300.0             # a task that waits for memory (busy workers) gives up after this
 HANDOUT_GRACE = 3.0                # a worker handed out counts as loaded this long (its job may not show yet)
+NODE_RETRY_S = (15, 30, 60, 120, 300)   # a node down (no ssh) is tried again after these, per failure in a row
+LISTING_TIMEOUT = 0.5              # a model listing asks a running hive this long, then answers from what it knew
+STATUS_TIMEOUT = 5.0               # /v2/status, /metrics and /api/ps ask a running hive this long
+FAILOVER_DEADLINE = PLACEMENT_WAIT   # a request that lost its node is placed again within this of its arrival
 AUTO_NODE = "auto"                 # a task's node when the queen chooses it
 # the responses the queen keeps for OpenAI's Responses API (`store`, `previous_response_id`): the
 # newest this many, this much JSON in all, none older than this
@@ -219,6 +229,7 @@ HELLO_KEEP_ALIVE = "keep_alive"      # seconds a hive lives with no worker (and 
 # How the queen's machine reaches a node's hive and workers: straight over the network (lan), or
 # only through the node's ssh connection (ssh: they listen on the node's 127.0.0.1, forwarded).
 TRANSPORT_LAN, TRANSPORT_SSH = "lan", "ssh"
+NODE_REACHABLE, NODE_UNREACHABLE = "reachable", "unreachable"   # a registered node's status (down: unreachable)
 TRANSPORTS = (TRANSPORT_LAN, TRANSPORT_SSH)
 LOCAL_NODE = "localhost"             # the queen's own machine: its hive is a local child, no ssh
 
@@ -655,6 +666,18 @@ class InternalError(RbeeError):
 
 class HiveFailed(StartFailed):
     """A hive that did not come up (its process exited, or never said it was ready)."""
+
+
+class NodeDown(SshFailed):
+    """A node that did not answer ssh and is not due for another try yet (Hives.down): a request
+    for it among others leaves it out without a word over ssh."""
+    code, status = "NODE_DOWN", 503
+
+
+class NodeLost(WorkerCrashed):
+    """The node of a request's worker went away while it ran (its hive's ssh connection was lost,
+    or the hive died): the request, if it streamed nothing yet, is placed again elsewhere."""
+    code = "NODE_LOST"
 
 
 # ============================================================================================
@@ -1188,8 +1211,9 @@ class RoleRequestHandling:
         pass
 
 
-def role_server(address, app):
-    """A threaded HTTP server for `app`. http.server is imported here, on first use: it brings
+def role_server(address, app, listening=None):
+    """A threaded HTTP server for `app` on `address`, or on `listening`: a socket its parent bound
+    and listens on (a hive's worker). http.server is imported here, on first use: it brings
     http.client and the email package (about 15 ms), which a keeper command never needs."""
     import socketserver
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -1202,7 +1226,11 @@ def role_server(address, app):
         def server_bind(self):
             # not HTTPServer.server_bind: it asks DNS for our own name (socket.getfqdn), which
             # blocks for 10 s on a host whose name does not resolve and whose DNS is unreachable
-            socketserver.TCPServer.server_bind(self)
+            if listening is None:
+                socketserver.TCPServer.server_bind(self)
+            else:
+                self.socket.close()
+                self.socket, self.server_address = listening, listening.getsockname()
             self.server_name, self.server_port = self.server_address[:2]
 
     server = RoleHTTPServer(address, type("RoleRequestHandler", (RoleRequestHandling, BaseHTTPRequestHandler), {}))
@@ -1279,10 +1307,11 @@ class App:
             if req is not None and req.stream is not None:
                 req.stream.close()
 
-    def serve(self, host, port):
-        """Bind (port 0: any free port) and serve in a background thread; returns the bound port."""
+    def serve(self, host, port, listening=None):
+        """Bind (port 0: any free port), or take `listening` (bound by the parent), and serve in a
+        background thread; returns the bound port."""
         try:
-            self.server = role_server((host, port), self)
+            self.server = role_server((host, port), self, listening)
         except OSError as exc:
             raise PortInUse("%s cannot listen on %s:%d: %s" % (self.component, host, port, exc.strerror),
                             {"host": host, "port": port}, component=self.component)
@@ -1337,7 +1366,12 @@ class HttpResponse:
         self.length = int(length) if length and length.isdigit() else None   #: None: read to the close
 
     def read(self):
-        return self.fp.read(self.length) if self.length is not None else self.fp.read()
+        if self.length is None:
+            return self.fp.read()
+        body = self.fp.read(self.length)
+        if len(body) < self.length:   # (the connection was closed or cut in the middle of it)
+            raise OSError("the answer ended after %d of its %d bytes" % (len(body), self.length))
+        return body
 
     def readline(self):
         return self.fp.readline()
@@ -1348,8 +1382,10 @@ class HttpResponse:
             self.sock.close()
 
 
-def http_call(method, url, body=None, headers=None, timeout=30.0, attempts=HTTP_ATTEMPTS, component=None):
+def http_call(method, url, body=None, headers=None, timeout=30.0, attempts=HTTP_ATTEMPTS, component=None,
+              on_connect=None):
     """Send one request; returns the open response (connect retried per PROTOCOL.md §9).
+    `on_connect(sock)`: told its socket once connected, for another thread that may have to cut it.
 
     An error status raises RbeeError from the envelope.
     """
@@ -1372,30 +1408,44 @@ def http_call(method, url, body=None, headers=None, timeout=30.0, attempts=HTTP_
         sock.settimeout(timeout)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if on_connect:
+            on_connect(sock)
         try:
             sock.sendall(head.encode("latin-1") + data)
             resp = HttpResponse(sock)
         except OSError as exc:
             sock.close()
-            kind = ConnectionTimeout if isinstance(exc, socket.timeout) else InternalError
-            raise kind("%s %s failed: %s" % (method, url, exc), {"url": url}, component=component)
+            raise hop_failed(method, url, exc, component)
         if resp.status >= 400:
-            raw = resp.read()
-            resp.close()
             try:
-                payload = json.loads(raw)
-            except ValueError:
+                payload = json.loads(resp.read())
+            except (OSError, ValueError):
                 payload = {"error": {"code": "INTERNAL", "message": "HTTP %d from %s" % (resp.status, url)}}
+            finally:
+                resp.close()
             raise RbeeError.from_envelope(payload, resp.status, component)
         return resp
     raise ConnectionTimeout("Cannot connect to %s: %s" % (url, last), {"url": url},
                             component=component)
 
 
-def http_json(method, url, body=None, headers=None, timeout=30.0, attempts=HTTP_ATTEMPTS, component=None):
-    resp = http_call(method, url, body, headers, timeout, attempts, component)
+def hop_failed(method, url, exc, component):
+    """The error of a request that got no whole answer: it timed out, or the hop closed, reset or
+    cut the connection (an ssh forward whose worker is gone; a node the queen saw go)."""
+    host, port, _ = _split_url(url)
+    kind = ConnectionTimeout if isinstance(exc, socket.timeout) else WorkerCrashed
+    return kind("%s %s failed: %s" % (method, url, exc), {"url": url},
+                "Run the command again; if it repeats, see the logs under $RBEE_HOME/logs on the machine "
+                "that serves %s:%d" % (host, port), component=component)
+
+
+def http_json(method, url, body=None, headers=None, timeout=30.0, attempts=HTTP_ATTEMPTS, component=None,
+              on_connect=None):
+    resp = http_call(method, url, body, headers, timeout, attempts, component, on_connect)
     try:
         raw = resp.read()
+    except OSError as exc:
+        raise hop_failed(method, url, exc, component)
     finally:
         resp.close()
     return json.loads(raw) if raw else {}
@@ -1429,9 +1479,9 @@ def iter_sse(resp):
                 data.append(value)
 
 
-def sse_call(method, url, body=None, headers=None, timeout=TOKEN_TIMEOUT, component=None):
+def sse_call(method, url, body=None, headers=None, timeout=TOKEN_TIMEOUT, component=None, on_connect=None):
     """Open an SSE endpoint; returns (response, iterator of (event, data))."""
-    resp = http_call(method, url, body, headers, timeout=timeout, component=component)
+    resp = http_call(method, url, body, headers, timeout=timeout, component=component, on_connect=on_connect)
     return resp, iter_sse(resp)
 
 
@@ -1520,6 +1570,22 @@ class RoleClient:
         self.url = url.rstrip("/")    #: the role's base URL, as this caller reaches it
         self.token = token            #: its bearer token or key (None: it asks for none)
         self.node = node              #: the node it runs on, for messages (None: not known)
+        #: the socket of its latest request, for a thread that must cut it (the calling thread)
+        self.connection = None
+        self.cut_off = False          #: cut() was called: its requests fail at once (the cutting thread)
+
+    # Each side writes its own field before it reads the other's, so whichever comes second
+    # shuts the socket down: a request that connects while it is cut off does not get through.
+    def connected(self, sock):
+        self.connection = sock
+        if self.cut_off:
+            self.cut()
+
+    def cut(self):
+        """End its request in flight and any later one, from another thread: their reads fail (OSError)."""
+        self.cut_off = True
+        with contextlib.suppress(OSError, AttributeError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def gone(self, route):
         """The role stopped in the middle of its answer: which one, where, and what to do."""
@@ -1535,12 +1601,13 @@ class RoleClient:
         path = path.format(**{k: urllib.parse.quote(str(v), safe="") for k, v in params.items()})
         if query:
             path += "?" + urllib.parse.urlencode(query)
-        return http_json(method, self.url + path, body, bearer(self.token), timeout, attempts, self.component)
+        return http_json(method, self.url + path, body, bearer(self.token), timeout, attempts, self.component,
+                         self.connected)
 
     def open_stream(self, route, body, timeout=TOKEN_TIMEOUT):
         """(response, iterator of (event, data)) of a streaming endpoint."""
         return sse_call(route[0], self.url + route[1], body, bearer(self.token), timeout=timeout,
-                        component=self.component)
+                        component=self.component, on_connect=self.connected)
 
     def relay(self, route, body, sink, timeout=TOKEN_TIMEOUT):
         """POST to a streaming endpoint: its narration goes to `sink`, its `error` is raised, and
@@ -1653,7 +1720,8 @@ class WorkerClient(RoleClient):
             if not ended:
                 self.cancel(body["job_id"])
             resp.close()
-        raise WorkerCrashed("Worker %s stopped mid-stream after %d tokens" % (self.worker_id, tokens),
+        raise WorkerCrashed("Worker %s%s stopped mid-stream after %d tokens" % (
+            self.worker_id, " on %s" % self.node if self.node else "", tokens),
                             {"tokens_generated": tokens, "worker_id": self.worker_id, "node": self.node},
                             "Run the command again; if it repeats, see the worker's log on %s under "
                             "$RBEE_HOME/logs" % (self.node or "its node"), self.component)
@@ -1688,12 +1756,14 @@ class HiveClient(RoleClient):
         """{model_ref, filename, metadata}: a cataloged model's GGUF header (gguf_metadata)."""
         return self.call(HIVE_MODEL_INFO, query={"model": model_ref}, timeout=30)
 
-    def resources(self, model_ref=None, build=False):
+    def resources(self, model_ref=None, build=False, timeout=None):
         query = dict({"model": model_ref} if model_ref else {}, **({"build": "1"} if build else {}))
-        return self.call(HIVE_RESOURCES, query=query or None, timeout=60 if build else 15, attempts=1)
+        return self.call(HIVE_RESOURCES, query=query or None, timeout=timeout or (60 if build else 15), attempts=1)
 
-    def rpc_start(self, body):
-        return self.call(HIVE_RPC_START, body, timeout=90, attempts=1)
+    def rpc_start(self, body, sink):
+        """A part lent to a split: its start-up narrated to `sink`, then its {rpc_id, endpoint, ...}
+        (a part that seeds its tensor cache from its own copy of the model reads it all first)."""
+        return self.relay(HIVE_RPC_START, body, sink, timeout=LOADING_TIMEOUT + 60 if body.get("model_ref") else 90)
 
     def rpc_stop(self, rpc_id):
         return self.call(HIVE_RPC_STOP, {"rpc_id": rpc_id}, timeout=15)
@@ -1798,11 +1868,12 @@ def open_log(name):
     return os.fdopen(fd, "a")
 
 
-def spawn_child(argv, env=None, cwd=None):
+def spawn_child(argv, env=None, cwd=None, pass_fds=()):
     """A child with its stdin as lifeline, stdout+stderr captured, in its own process group
-    (a Ctrl-C meant for the keeper must not reach it; the parent stops it on purpose)."""
+    (a Ctrl-C meant for the keeper must not reach it; the parent stops it on purpose); `pass_fds`:
+    the descriptors besides those it inherits (a worker's listening socket)."""
     return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=env, cwd=cwd, start_new_session=True, bufsize=0)
+                            env=env, cwd=cwd, start_new_session=True, bufsize=0, pass_fds=pass_fds)
 
 
 # A role that rbee starts runs from the cached bytecode of rbee.py (its __pycache__, written by
@@ -1854,14 +1925,15 @@ class Child:
     its ready line kept, `on_exit` at its end); it is waited for with a deadline, and stopped
     gracefully, then killed."""
 
-    def __init__(self, name, argv, on_event, on_exit=None, env=None, cwd=None, hello=None, on_ready=None):
+    def __init__(self, name, argv, on_event, on_exit=None, env=None, cwd=None, hello=None, on_ready=None,
+                 pass_fds=()):
         self.name = name                  #: what it is, for its log's name and for messages
         self.on_exit = on_exit            #: called (in the output thread) with its exit code, once it ended
         self.on_ready = on_ready          #: called (in the output thread) with its ready line, once it came
         self.ready = threading.Event()    #: its ready control line came (output thread)
         self.exited = threading.Event()   #: its process ended (output thread, before on_exit)
         self.ready_line = {}              #: that line: port, version, ... (output thread, before `ready`)
-        self.proc = spawn_child(argv, env, cwd)   #: its process (stdin: its lifeline)
+        self.proc = spawn_child(argv, env, cwd, pass_fds)   #: its process (stdin: its lifeline)
         if hello is not None:   # the first line on its stdin (a hive's handshake), then the lifeline
             with contextlib.suppress(OSError):
                 self.proc.stdin.write((json.dumps(hello) + "\n").encode())
@@ -1910,8 +1982,14 @@ class Child:
 
 
 def in_parallel(function, items):
-    """Call function(item) for every item at once and wait for all (children stop together)."""
-    threads = [threading.Thread(target=function, args=(item,), daemon=True) for item in items]
+    """Call function(item) for every item at once and wait for all (children stop together); what
+    they narrate goes where the caller's narration goes."""
+    sink = _current_sink()
+
+    def call(item):
+        with narration_to(sink):
+            function(item)
+    threads = [threading.Thread(target=call, args=(item,), daemon=True) for item in items]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -1959,16 +2037,23 @@ def run_role(role, lifeline):
     os._exit(0)   # daemon threads may still hold sockets; the role has already cleaned up
 
 
-def free_port(host, start):
+def bound_socket(host, start):
+    """A TCP socket bound, as our servers bind, to the first free port from `start` (0: any free port)."""
     for port in range(start, start + 1000):
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as our servers bind
-            try:
-                s.bind((host, port))
-                return s.getsockname()[1]   # (`start` 0: any free port)
-            except OSError:
-                continue
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            return sock
+        except OSError:
+            sock.close()
     raise PortInUse("No free port from %d on %s" % (start, host), {"host": host, "port": start})
+
+
+def free_port(host, start):
+    """A port that was free a moment ago (a child that binds it itself may find it taken by then)."""
+    with bound_socket(host, start) as sock:
+        return sock.getsockname()[1]
 
 
 # ============================================================================================
@@ -2061,14 +2146,14 @@ def ssh_failure(target, stderr, node=None, attempts=SSH_ATTEMPTS, component=ACTO
                      hint + (" (then `rbee.py nodes check %s`)" % node if node else ""), component=component)
 
 
-def with_ssh_retries(target, node, attempt, actor=ACTOR_QUEEN):
+def with_ssh_retries(target, node, attempt, actor=ACTOR_QUEEN, attempts=SSH_ATTEMPTS):
     """Call `attempt()` until ssh gets through, PROTOCOL.md §9: 3 attempts, 0/200/400 ms apart, the
     backoff narrated. `attempt` returns (result, None), or (None, ssh's words) when ssh itself
     failed. A refused key is final at once: retrying cannot help."""
-    for number in range(1, SSH_ATTEMPTS + 1):
+    for number in range(1, attempts + 1):
         if number > 1:
             narrate(actor, "ssh_retry", "SSH to %s failed (attempt %d/%d), retrying in %d ms" % (
-                node or target, number - 1, SSH_ATTEMPTS, SSH_BACKOFF[number - 1] * 1000), "🔁", node=node)
+                node or target, number - 1, attempts, SSH_BACKOFF[number - 1] * 1000), "🔁", node=node)
             time.sleep(SSH_BACKOFF[number - 1])
         result, said = attempt()
         if said is None:
@@ -2078,7 +2163,7 @@ def with_ssh_retries(target, node, attempt, actor=ACTOR_QUEEN):
     raise ssh_failure(target, said, node, number, actor)
 
 
-def ssh_run(target, command, timeout=60, node=None, stdin_data=None, actor=ACTOR_QUEEN):
+def ssh_run(target, command, timeout=60, node=None, stdin_data=None, actor=ACTOR_QUEEN, attempts=SSH_ATTEMPTS):
     """Run `command` on the node; ssh's own failures (exit 255) are retried per PROTOCOL.md §9."""
     def attempt():
         try:
@@ -2088,7 +2173,7 @@ def ssh_run(target, command, timeout=60, node=None, stdin_data=None, actor=ACTOR
             raise ConnectionTimeout("SSH command on %s took over %d s" % (target, timeout),
                                     {"node": node}, "Check the node's load and network", actor)
         return (None, out.stderr.decode("utf-8", "replace")) if out.returncode == 255 else (out, None)
-    return with_ssh_retries(target, node, attempt, actor)
+    return with_ssh_retries(target, node, attempt, actor, attempts)
 
 
 def shell_path(path):
@@ -2145,14 +2230,15 @@ GGUF_FILE_TYPES = {number: name for number, name in enumerate((
     if name != "-"}
 
 
-def gguf_metadata(path, find_fim=True, enough=None):
+def gguf_metadata(path, find_fim=True, enough=None, lengths=None):
     """The metadata of a GGUF file's header, read with the standard library: {key: value} of every
     number, bool and string in it (arrays are read past), or None when it is no GGUF this can read.
     The FIM tokens' ids (FIM_KEY % pre|suf|mid|pad|rep|sep) are there as llama.cpp's vocabulary
     finds them: declared (or under their old names), else, with `find_fim`, the first token of the
     vocabulary whose text is one of FIM_TOKEN_TEXTS (the token list is read for nothing else).
     `enough(metadata)`: true once the caller has what it needs; the rest is not read (a vocabulary
-    of 150k tokens takes a few hundred ms to read past)."""
+    of 150k tokens takes a few hundred ms to read past). `lengths`: a dict that gets the number of
+    items of every array read past, by its key (asked before the items are read past)."""
     wanted = {text.encode(): name for name, texts in FIM_TOKEN_TEXTS.items() for text in texts}
     by_text, n_tokens = {}, None
 
@@ -2175,14 +2261,16 @@ def gguf_metadata(path, find_fim=True, enough=None):
         if kind == GGUF_STRING:
             f.seek(read(f, "<Q"), 1)
         elif kind == GGUF_ARRAY:
-            item, count = read(f, "<I"), read(f, "<Q")
-            if item in GGUF_SCALARS:
-                f.seek(struct.calcsize(GGUF_SCALARS[item]) * count, 1)
-            else:
-                for _ in range(count):
-                    skip(f, item)
+            skip_items(f, read(f, "<I"), read(f, "<Q"))
         else:
             f.seek(struct.calcsize(GGUF_SCALARS[kind]), 1)
+
+    def skip_items(f, item, count):
+        if item in GGUF_SCALARS:
+            f.seek(struct.calcsize(GGUF_SCALARS[item]) * count, 1)
+        else:
+            for _ in range(count):
+                skip(f, item)
     metadata = {}
     try:
         with open(path, "rb") as f:
@@ -2204,6 +2292,11 @@ def gguf_metadata(path, find_fim=True, enough=None):
                         name = wanted.get(raw_text(f))
                         if name:
                             by_text.setdefault(name, token_id)
+                elif kind == GGUF_ARRAY and lengths is not None:
+                    item, lengths[key] = read(f, "<I"), read(f, "<Q")
+                    if enough and enough(metadata):
+                        break
+                    skip_items(f, item, lengths[key])
                 else:
                     skip(f, kind)
                 if enough and enough(metadata):
@@ -2229,10 +2322,13 @@ def gguf_layers(path):
 
 def gguf_shape(path):
     """What placement reads of a GGUF's header: its transformer blocks (`layers`), the context it
-    was trained for (`context_length`), and one token's keys and values in a layer (`kv_width_k`,
-    `kv_width_v`: KV heads x head size), each None if not found. The header is read up to the
-    tokenizer's keys, which come after the architecture's."""
-    metadata = gguf_metadata(path, find_fim=False, enough=lambda so_far: "tokenizer.ggml.model" in so_far) or {}
+    was trained for (`context_length`), one token's keys and values in a layer (`kv_width_k`,
+    `kv_width_v`: KV heads x head size), and what sizes its compute buffers (`embedding_length`,
+    `feed_forward_length`, `vocab_size`: declared, else the tokens' count), each None if not found;
+    and the file's `size_bytes`. The header is read up to the tokens' count, after the architecture's keys."""
+    lengths = {}
+    metadata = gguf_metadata(path, find_fim=False, lengths=lengths,
+                             enough=lambda so_far: GGUF_TOKENS in lengths) or {}
     arch = lambda key: metadata.get("%s.%s" % (metadata.get("general.architecture"), key))
     n_embd, n_head = arch("embedding_length"), arch("attention.head_count")
     n_head_kv = arch("attention.head_count_kv") or n_head
@@ -2242,7 +2338,9 @@ def gguf_shape(path):
         size = arch(key) or head
         return size * n_head_kv if size and isinstance(n_head_kv, int) else None
     return {"layers": arch("block_count"), "context_length": arch("context_length"),
-            "kv_width_k": width("attention.key_length"), "kv_width_v": width("attention.value_length")}
+            "kv_width_k": width("attention.key_length"), "kv_width_v": width("attention.value_length"),
+            "embedding_length": n_embd, "feed_forward_length": arch("feed_forward_length"),
+            "vocab_size": arch("vocab_size") or lengths.get(GGUF_TOKENS), "size_bytes": os.path.getsize(path)}
 
 
 def kv_need_mb(shape, context, full=False):
@@ -2256,6 +2354,27 @@ def kv_need_mb(shape, context, full=False):
     cells = context.ctx_size or (trained if full else min(trained, DEFAULT_N_CTX))
     return kv_cache_mb(kv_bytes_per_token(shape["layers"], shape["kv_width_k"], shape["kv_width_v"],
                                           context.cache_type_k or "f16", context.cache_type_v or "f16"), cells)
+
+
+def memory_need_mb(size_bytes, shape, context=None, full=False, n_ubatch=None, slots=DEFAULT_PARALLEL):
+    """The MB a worker of a model takes, estimated from its GGUF before any worker of it has run
+    (`size_bytes`: the file's; `shape`: gguf_shape's, {} if unknown): the worker's own runtime
+    (WORKER_RUNTIME_MB), the file (its tensors, and the vocabulary its tokenizer keeps), the KV
+    cache of `context` (kv_need_mb; none without one: what a default context fits itself beside),
+    the loader's own context (LOADER_CELLS cells in f16) and the compute buffers of `n_ubatch`
+    tokens a step. llama.cpp reserves logits for each of those tokens (n_vocab x n_ubatch x 4
+    bytes) but a worker asks one row a slot (its output buffer), so of the rest only the
+    activations are ever touched: two n_ff-wide tensors (the FFN's) and four n_embd-wide ones
+    (the attention's Q, K, V and output) a token, in f32. Measured against the workers' RSS: §18."""
+    from backends.engine import N_BATCH, kv_bytes_per_token
+    shape = shape or {}
+    layers, width_k, width_v = (shape.get(k) or 0 for k in ("layers", "kv_width_k", "kv_width_v"))
+    loader_kv = int(kv_bytes_per_token(layers, width_k, width_v) * LOADER_CELLS)
+    outputs = (shape.get("vocab_size") or 0) * slots * 4
+    activations = (n_ubatch or N_BATCH) * (2 * (shape.get("feed_forward_length") or 0)
+                                           + 4 * (shape.get("embedding_length") or 0)) * 4
+    cache_mb = kv_need_mb(shape, context, full) if context else 0
+    return WORKER_RUNTIME_MB + cache_mb + -(-(size_bytes + loader_kv + outputs + activations) // (1 << 20))
 
 
 # What a model is for, read from its GGUF: chat models generate (and embed too, pooled by mean);
@@ -3457,7 +3576,9 @@ class Worker(App):
                     self.engine.kv_mb, args.cache_type_k, args.cache_type_v), "🛏️", memory_mb=self.memory_mb,
                 kv_cache_mb=self.engine.kv_mb, load_ms=self.load_ms, slots=args.parallel, ctx_size=self.n_ctx,
                 cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
-        port = self.serve(args.host, args.port)
+        # (a hive's worker: the port its hive bound for it when it chose it, held since)
+        listening = None if args.listen_fd is None else socket.socket(fileno=args.listen_fd)
+        port = self.serve(args.host, args.port, listening)
         self.url = "http://%s:%d" % (local_address(args.host), port)
         self.state = WORKER_READY
         narrate(ACTOR_HTTP, "http_ready", "HTTP server ready on port %d" % port, "🚀", port=port)
@@ -3468,7 +3589,7 @@ class Worker(App):
         if args.hive_url:
             HiveClient(args.hive_url, os.environ.get(ENV_READY_TOKEN)).ready(
                 {"worker_id": self.worker_id, "url": self.url, "model_ref": self.model_ref, "backend": args.backend,
-                 "device": args.device, "port": port, "load_ms": self.load_ms})
+                 "device": args.device, "port": port, "load_ms": self.load_ms, "health": self.health_now()})
 
     def context(self):
         """The KV cache's cells: --ctx-size, else the context the model was trained for, as far as
@@ -3487,10 +3608,11 @@ class Worker(App):
             else:
                 self.context_why = "--ctx-size"
             return args.ctx_size
-        import backends
         model_mb = os.path.getsize(args.model) >> 20
-        if args.memory_limit_mb is not None:   # (the room placement counted: the model x 1.2, then the cache)
-            room_mb = args.memory_limit_mb - backends.required_mb(os.path.getsize(args.model))
+        if args.memory_limit_mb is not None:   # (the room placement counted: the worker's estimate, then the cache)
+            room_mb = args.memory_limit_mb - memory_need_mb(os.path.getsize(args.model), gguf_shape(args.model),
+                                                            n_ubatch=args.ubatch_size or args.batch_size,
+                                                            slots=args.parallel)
         else:   # (a mapped model's pages count as free memory: take them off, and leave some for the rest)
             room_mb = self.backend.devices()[args.device]["memory_free_mb"] - KV_RESERVE_MB - (
                 model_mb if args.backend == "cpu" else 0)
@@ -3521,7 +3643,9 @@ class Worker(App):
         rpc.add_servers(self.args.rpc)
         narrate(ACTOR_LOADER, "rpc_devices", "Splitting: %d layers on %d remote device(s) at %s" % (
             self.args.offload_layers, len(self.args.rpc), ", ".join(self.args.rpc)), "🧩", rpc=self.args.rpc)
-        options = {"n_gpu_layers": self.args.offload_layers}
+        # llama.cpp offloads the output layer first (it counts n_layer + 1): one more, so that the
+        # parts hold their planned blocks (and the output layer, on the last of them)
+        options = {"n_gpu_layers": self.args.offload_layers + 1}
         if len(self.args.rpc) > 1:
             options["tensor_split"] = [float(x) for x in self.args.tensor_split.split(",")]
         if self.args.backend != "cpu":   # this node's GPU keeps its share: every layer is offloaded somewhere
@@ -3532,20 +3656,21 @@ class Worker(App):
     # -- endpoints ------------------------------------------------------------------------------
 
     def health(self, req):
+        req.send_json(200, self.health_now())
+
+    def health_now(self):
+        """/health's answer: its state, load, memory and context now."""
         running, waiting = self.engine.load() if self.engine else (0, 0)
         state = self.state if self.state != WORKER_READY else (WORKER_BUSY if running else WORKER_IDLE)
-        req.send_json(200, {"status": "ok", "state": state, "worker_id": self.worker_id,
-                            "model_ref": self.model_ref, "backend": self.args.backend, "device": self.args.device,
-                            "memory_mb": self.memory_mb, "slots_total": self.args.parallel,
-                            "slots_available": max(0, self.args.parallel - running) if self.state == WORKER_READY
-                            else 0,
-                            "queue_length": waiting, "max_queue": self.args.max_queue, "jobs_total": self.jobs_total,
-                            "ctx_size": self.n_ctx, "kv_split": self.args.kv_split,
-                            "cache_type_k": self.args.cache_type_k,
-                            "cache_type_v": self.args.cache_type_v,
-                            "kv_cache_mb": self.engine.kv_mb if self.engine else 0, "kind": self.kind,
-                            "cache": self.engine.counters() if self.engine else {},
-                            "last_activity_unix": int(self.last_activity), "version": __version__})
+        return {"status": "ok", "state": state, "worker_id": self.worker_id, "model_ref": self.model_ref,
+                "backend": self.args.backend, "device": self.args.device, "memory_mb": self.memory_mb,
+                "slots_total": self.args.parallel,
+                "slots_available": max(0, self.args.parallel - running) if self.state == WORKER_READY else 0,
+                "queue_length": waiting, "max_queue": self.args.max_queue, "jobs_total": self.jobs_total,
+                "ctx_size": self.n_ctx, "kv_split": self.args.kv_split, "cache_type_k": self.args.cache_type_k,
+                "cache_type_v": self.args.cache_type_v, "kv_cache_mb": self.engine.kv_mb if self.engine else 0,
+                "kind": self.kind, "cache": self.engine.counters() if self.engine else {},
+                "last_activity_unix": int(self.last_activity), "version": __version__}
 
     def cancel(self, req):
         job_id = req.json.get("job_id")
@@ -3850,35 +3975,107 @@ def run_rpc(args):
         watch_lifeline(lambda reason: os._exit(0))
     build, free = rpc.build(), rpc.free_mb(device)
 
-    def announce():   # ready once it accepts connections
+    # the tensor cache: a split loaded again sends the hashes of its large weights, not their bytes
+    cache = rbee_home(RPC_CACHE_DIR)
+    os.makedirs(cache, mode=0o700, exist_ok=True)
+
+    def accepts():
+        try:
+            socket.create_connection((args.host, args.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def announce():   # ready once it accepts connections (and its cache is seeded)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection((args.host, args.port), timeout=1):
-                narrate(ACTOR_RPC, "rpc_ready", "RPC server ready on %s:%d (%s, %d MB free)" % (
-                    args.host, args.port, build, free), "🚀", port=args.port)
-                announce_ready(ACTOR_RPC, args.port, build=build, free_mb=free)
+        while not accepts():
+            if time.monotonic() > deadline:
                 return
             time.sleep(0.05)
+        if args.seed:
+            seed_rpc_cache(args, cache)
+        narrate(ACTOR_RPC, "rpc_ready", "RPC server ready on %s:%d (%s, %d MB free)" % (
+            args.host, args.port, build, free), "🚀", port=args.port)
+        announce_ready(ACTOR_RPC, args.port, build=build, free_mb=free)
     threading.Thread(target=announce, daemon=True).start()
-    rpc.serve("%s:%d" % (args.host, args.port), device, backends.threads())
+    rpc.serve("%s:%d" % (args.host, args.port), device, backends.threads(), cache)
+
+
+def seed_rpc_cache(args, cache):
+    """Fill this server's tensor cache from this node's own copy of the split's model (`--seed`),
+    once per file (a marker under the cache names its path, size and mtime): ggml's client, in a
+    child process (the server takes one connection at a time, and the child's ends with it), sets
+    every large tensor once, and the server keeps each under its hash (backends/rpc.py seed)."""
+    try:
+        stat = os.stat(args.seed)
+    except OSError as exc:
+        narrate(ACTOR_RPC, "rpc_seed", "Not seeding the tensor cache: %s" % exc, "⚠️", level="warn")
+        return
+    marker = os.path.join(cache, "seeded", hashlib.sha256(("%s:%d:%d" % (
+        os.path.realpath(args.seed), stat.st_size, stat.st_mtime_ns)).encode()).hexdigest()[:16])
+    if os.path.exists(marker):
+        return
+    started, out = time.monotonic(), None
+    probe = ("import sys; sys.path.insert(0, %r); from backends import rpc; print(*rpc.seed(%r, %r))" % (
+        HERE, "%s:%d" % (args.host, args.port), args.seed))
+    try:
+        # (within the hive's wait for this part: a seed cut short keeps what it cached, and the next one
+        # sends the hashes of those and the bytes of the rest)
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                             timeout=LOADING_TIMEOUT - 60)
+        tensors, sent = (int(x) for x in out.stdout.split()[-2:])
+    except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+        said = (out.stderr if out is not None else "") or str(exc)
+        narrate(ACTOR_RPC, "rpc_seed", "Could not seed the tensor cache from %s: %s" % (args.seed, said.strip()[-300:]),
+                "⚠️", level="warn")
+        return
+    os.makedirs(os.path.dirname(marker), mode=0o700, exist_ok=True)
+    with open(marker, "w") as f:
+        f.write(args.seed + "\n")
+    narrate(ACTOR_RPC, "rpc_seed", "Seeded the tensor cache from this node's %s: %d tensors, %s in %.1f s" % (
+        os.path.basename(args.seed), tensors, human_bytes(sent), time.monotonic() - started), "🌱",
+        tensors=tensors, bytes=sent)
 
 
 # ============================================================================================
 # Hive (rbee.py hive): the pool manager of one node -- catalog, provisioning, preflight, workers
 # ============================================================================================
 
-class WorkerProcess:
+class HiveChildProcess:
+    """A process this hive started (a worker, a split's part) and the spawns waiting for it: its
+    narration goes to them as it comes, on their own streams, and not after their answer as the
+    hive's stdout could carry it (the queen reads that over ssh, a channel of its own)."""
+
+    def __init__(self, label):
+        self.label = label                #: {its id field: its id}, put on each event it narrates
+        self.child = None                 #: its process (set once, by the starting thread, before it is listed)
+        self.listeners = []               #: narration sinks of the spawns waiting for it (their threads)
+
+    def relay(self, event):
+        """Its narration goes to whoever waits for it and to the hive's stdout (its log); a line
+        already delivered to a listener is marked `relayed`, so that a queen reading that stdout
+        does not show it twice. A failed start's own error (run_role narrates it) is kept."""
+        for key, value in self.label.items():
+            event.setdefault(key, value)
+        listeners = list(self.listeners)
+        for listener in listeners:
+            with contextlib.suppress(ClientGone):
+                listener(event)
+        emit_line(dict(event, relayed=True) if listeners else event)
+
+
+class WorkerProcess(HiveChildProcess):
     """A worker this hive started: its process (a Child), its narration listeners, its readiness.
     Its state is written by the hive's WorkerPool alone (the fields it guards say so)."""
 
     def __init__(self, worker_id, model_ref, backend, device, host, port, api_key, ready_token):
+        super().__init__({"worker_id": worker_id})
         self.worker_id = worker_id        #: the id the hive gave it
         self.model_ref = model_ref        #: the reference it was asked for
         self.backend, self.device = backend, device  #: where it runs the model
         self.port = port                  #: the port it was told to bind
         self.api_key = api_key            #: its bearer key, handed to whoever gets this worker
         self.ready_token = ready_token    #: the secret its ready callback must carry
-        self.child = None                 #: its process (set once, by the spawning thread, before it is listed)
         self.client = WorkerClient("http://%s:%d" % (local_address(host), port), api_key, worker_id)
         self.url = None                   #: where it answers (set with its ready callback, by the pool)
         #: loading -> idle <-> busy -> draining -> exited (WorkerPool, under its lock)
@@ -3893,14 +4090,12 @@ class WorkerProcess:
         #: its last /health (memory_mb, slots_total, slots_available, queue_length, jobs_total) (WorkerPool)
         self.health = {}
         self.called_back = threading.Event()   #: its ready callback came (the /v1/workers/ready thread)
-        self.listeners = []               #: narration sinks of the spawns waiting for it (their threads)
-        self.failed_with = None           #: the code of the error it said it failed to start with (output thread)
 
     def public(self):
         health = self.health
         return {"worker_id": self.worker_id, "url": self.url, "model_ref": self.model_ref, "backend": self.backend,
                 "device": self.device, "state": self.state, "pid": self.child.proc.pid, "port": self.port,
-                "last_activity_unix": int(self.last_activity), "memory_mb": health.get("memory_mb", 0),
+                "last_activity_unix": int(self.last_activity), "memory_mb": self.memory_mb(),
                 "slots_total": health.get("slots_total", 0), "slots_available": health.get("slots_available", 0),
                 "queue_length": health.get("queue_length", 0), "jobs_total": health.get("jobs_total", 0),
                 "ctx_size": health.get("ctx_size", 0), "cache_type_k": health.get("cache_type_k"),
@@ -3908,34 +4103,29 @@ class WorkerProcess:
                 "keep_alive_s": self.keep_alive, "split": self.split,
                 "expires_unix": None if self.expires() is None else int(self.expires())}
 
+    def memory_mb(self):
+        """What it takes: its /health's memory_mb; before it has one (it loads), a CPU worker's RSS so far
+        (0 where that cannot be read; a VRAM worker's model goes to its device), so that the queen's
+        reservation for its spawn counts only the rest (node_view)."""
+        if "memory_mb" in self.health or self.backend != "cpu":
+            return self.health.get("memory_mb", 0)
+        import backends
+        return backends.proc_rss_mb(self.child.proc.pid) or 0
+
     def expires(self):
         """When the reaper will stop it if it stays idle (None: never, or it is busy)."""
         if self.keep_alive < 0 or self.state != WORKER_IDLE:
             return None
         return max(self.last_activity + self.keep_alive, self.handed_out + HANDOUT_GRACE)
 
-    def relay(self, event):
-        """Worker narration goes to whoever waits for this worker and to the hive's stdout (its
-        log); a line already delivered to a listener is marked `relayed`, so that a queen reading
-        that stdout does not show it twice. A failed start's own error (run_role narrates it) is kept."""
-        event.setdefault("worker_id", self.worker_id)
-        if event.get("action") == "error" and isinstance(event.get("error"), dict):
-            self.failed_with = event["error"].get("code")
-        listeners = list(self.listeners)
-        for listener in listeners:
-            with contextlib.suppress(ClientGone):
-                listener(event)
-        emit_line(dict(event, relayed=True) if listeners else event)
-
-
-class RpcProcess:
+class RpcProcess(HiveChildProcess):
     """An RPC server this hive started for a split (rbee.py rpc): one device lent to a primary."""
 
     def __init__(self, rpc_id, backend, device, host, port):
+        super().__init__({"rpc_id": rpc_id})
         self.rpc_id = rpc_id              #: the id the hive gave it
         self.backend, self.device = backend, device   #: the device it serves
         self.host, self.port = host, port   #: where it listens: the interface facing its primary
-        self.child = None                 #: its process (set once, by the starting thread)
 
     def public(self):
         info = self.child.ready_line
@@ -3982,14 +4172,11 @@ class WorkerPool:
         return [w for w in self.ready() if (w.model_ref, w.backend, w.device) == (model_ref, backend, device)
                 and w.split == split and w.state in WORKER_SERVING]
 
-    def ports(self):
-        return {w.port for w in self.all()}
-
-    def called_back(self, worker, url, load_ms):
-        """Its ready callback: loading -> idle."""
+    def called_back(self, worker, url, load_ms, health):
+        """Its ready callback (with its /health then: its slots and context): loading -> idle."""
         with self.lock:
             if worker.state == WORKER_LOADING:
-                worker.url, worker.load_ms = url, load_ms
+                worker.url, worker.load_ms, worker.health = url, load_ms, health
                 worker.state, worker.last_activity = WORKER_IDLE, time.time()
         worker.called_back.set()
 
@@ -4055,7 +4242,7 @@ class Hive(App):
         self.provisioner = ModelProvisioner(self.catalog)  #: downloads into the catalog (one per model at a time)
         self.pool = WorkerPool()          #: the workers it started, and the one writer of their state
         self.spawn_locks = KeyedLocks()   #: one spawn of a (model, backend, device) at a time
-        self._ports_lock = threading.Lock()         #: choosing a worker's port and registering it is one step
+        self._ports_lock = threading.Lock()         #: choosing an RPC server's port and registering it is one step
         self._backends = None             #: backends.detect(), asked once (the first health or spawn)
         #: a worker's keep-alive when its spawn names none; a queen's hive also ends after this long
         #: without a worker (the handshake's, else --keep-alive)
@@ -4143,24 +4330,50 @@ class Hive(App):
             host = facing(peer)
         except OSError as exc:
             raise invalid("peer", "no route to %s: %s" % (peer, exc))
+        seed = self.local_copy(body.get("model_ref"))   # this node's own copy of the split's model, if any
+        stream = req.sse()
+        with narration_to(stream.narration):
+            server = self.start_rpc(backend or "cpu", device, host, seed)
+        stream.finish(EVENT_END, server.public())
+
+    def start_rpc(self, backend, device, host, seed):
+        """Start a part on the first free port from RPC_PORT on `host`, its start-up narrated to this
+        thread's sink, and wait until it takes connections (after seeding its cache from `seed`)."""
         with self._ports_lock:
             port = free_port(host, RPC_PORT)
             rpc_id = "rpc-" + random_id(4)
-            server = RpcProcess(rpc_id, backend or "cpu", device, host, port)
+            server = RpcProcess(rpc_id, backend, device, host, port)
             server.child = Child(rpc_id, role_argv(["rpc", "--host", host, "--port", str(port), "--backend",
-                                                    backend or "cpu", "--device", str(device), "--lifeline"]),
-                                 emit_line, lambda code: self.rpc_exited(server, code))
+                                                    backend, "--device", str(device), "--lifeline"]
+                                                   + (["--seed", seed] if seed else [])),
+                                 server.relay, lambda code: self.rpc_exited(server, code))
             with self._progress_lock:
                 self.rpcs[rpc_id] = server
-        server.child.listen()
-        if not server.child.wait(60):
-            self.stop_rpc(server)
-            raise StartFailed("The RPC server on %s did not start (exit %s)" % (self.node, server.child.proc.poll()),
-                              {"node": self.node, "last_output": server.child.last_words()},
-                              "See %s" % rbee_home("logs", rpc_id + ".log"), self.component)
-        narrate(ACTOR_HIVE, "rpc_start", "Lending %s:%d to a split at %s:%d" % (backend or "cpu", device, host, port),
+        server.listeners.append(_current_sink())
+        try:
+            server.child.listen()
+            if not server.child.wait(LOADING_TIMEOUT if seed else 60):
+                self.stop_rpc(server)
+                raise StartFailed("The RPC server on %s did not start (exit %s)" % (
+                    self.node, server.child.proc.poll()), {"node": self.node, "last_output": server.child.last_words()},
+                    "See %s" % rbee_home("logs", rpc_id + ".log"), self.component)
+        finally:
+            server.listeners.clear()
+        narrate(ACTOR_HIVE, "rpc_start", "Lending %s:%d to a split at %s:%d" % (backend, device, host, port),
                 "🧩", node=self.node, rpc_id=rpc_id)
-        req.send_json(200, server.public())
+        return server
+
+    def local_copy(self, model_ref):
+        """The path of this node's own copy of `model_ref` (its catalog's, or a file: path here), or None."""
+        if not isinstance(model_ref, str) or not model_ref:
+            return None
+        try:
+            ref = ModelRef.parse(model_ref)
+        except RbeeError:
+            return None
+        row = self.catalog.find(ref)
+        path = row["local_path"] if row else (ref.reference if ref.provider == "file" else None)
+        return path if path and os.path.isfile(path) else None
 
     def rpc_stop(self, req):
         with self._progress_lock:
@@ -4246,9 +4459,10 @@ class Hive(App):
         body = req.json
         worker = self.pool.get(text_field(body, "worker_id", limit=200))
         req.require_bearer(worker.ready_token if worker else None)
-        load_ms = body.get("load_ms")
+        load_ms, health = body.get("load_ms"), body.get("health")
         self.pool.called_back(worker, worker.client.url,   # (where the hive told it to listen)
-                              load_ms if isinstance(load_ms, int) and not isinstance(load_ms, bool) else None)
+                              load_ms if isinstance(load_ms, int) and not isinstance(load_ms, bool) else None,
+                              health if isinstance(health, dict) else {})
         req.send_json(200, {"ok": True})
 
     def shutdown_worker(self, req):
@@ -4284,8 +4498,6 @@ class Hive(App):
         with narration_to(stream.narration), self.working():
             worker, timings = self.worker_for(ref, backend, device, parallel, keep_alive, limit_mb, max_queue, split,
                                               context, kv_split)
-            if not worker.health.get("ctx_size"):   # (a worker just started: its context is its own choice)
-                self.poll_worker(worker)
         stream.finish(EVENT_WORKER, {"worker_id": worker.worker_id, "url": worker.url, "state": worker.state,
                                      "api_key": worker.api_key, "backend": backend, "device": device,
                                      "model_ref": ref.text, "timings": timings,
@@ -4335,9 +4547,10 @@ class Hive(App):
             row = self.provisioner.provision(ref)
             download_ms = int((time.monotonic() - started) * 1000)
             self.catalog.touch(row["id"])
-            module.preflight(row["size_bytes"], device)
-            if limit_mb is not None and backends.required_mb(row["size_bytes"]) > limit_mb:
-                need = backends.required_mb(row["size_bytes"])
+            need = memory_need_mb(row["size_bytes"], gguf_shape(row["local_path"]),   # (a default context: fits)
+                                  context if context.ctx_size else None, slots=parallel)
+            module.preflight(need, device)
+            if limit_mb is not None and need > limit_mb:
                 error = VramExhausted if module.MEMORY == "vram" else InsufficientRam
                 raise error("%s needs %d MB; rbee may use %d MB more on %s" % (ref.text, need, limit_mb, self.node),
                             {"required_mb": need, "available_mb": limit_mb, "node": self.node},
@@ -4348,36 +4561,28 @@ class Hive(App):
             self.pool.hand_out(worker, keep_alive)
             return worker, {"reused": False, "download_ms": download_ms, "load_ms": worker.load_ms}
 
-    def launch(self, ref, row, backend, device, slots, split=None, attempts=3, context=None, limit_mb=None,
-               kv_split=False):
-        """Start a worker and wait until it is ready. A worker binds its port only after loading
-        its model, so another program (another hive on this machine) can take the port meanwhile:
-        a worker that says so (PORT_IN_USE, the error it exits with) is started again on the next
-        free port. (The port is not probed after the fact: whoever took it may have let go by then.)"""
-        port = WORKER_PORT
-        for attempt in range(1, attempts + 1):
-            worker = self.start_worker(ref, row, backend, device, slots, port, split, context, limit_mb, kv_split)
-            try:
-                self.await_ready(worker)
-                return worker
-            except WorkerCrashed:
-                if attempt == attempts or worker.failed_with != PortInUse.code:
-                    raise
-                narrate(ACTOR_HIVE, "worker_port_taken", "Port %d was taken while worker %s loaded; starting it "
-                        "again on another port" % (worker.port, worker.worker_id), "🔁", worker_id=worker.worker_id)
-                port = worker.port + 1
-            finally:
-                worker.listeners.clear()
+    def launch(self, ref, row, backend, device, slots, split=None, context=None, limit_mb=None, kv_split=False):
+        """Start a worker and wait until it is ready."""
+        worker = self.start_worker(ref, row, backend, device, slots, split, context, limit_mb, kv_split)
+        try:
+            self.await_ready(worker)
+            return worker
+        finally:
+            worker.listeners.clear()
 
-    def start_worker(self, ref, row, backend, device, slots, port=WORKER_PORT, split=None, context=None,
-                     limit_mb=None, kv_split=False):
-        """Start a worker of `slots` (--parallel, --max-queue) on the first free port from `port`;
+    def start_worker(self, ref, row, backend, device, slots, split=None, context=None, limit_mb=None,
+                     kv_split=False):
+        """Start a worker of `slots` (--parallel, --max-queue) on the first free port from 8001;
         `split`: the remote devices that take part of its layers (split_of); `context`: its
-        WorkerContext (default: the model's trained context in f16, as far as `limit_mb` holds it)."""
-        with self._ports_lock:   # choosing a port and registering its worker is one step
-            port = free_port(self.args.host, port)
-            while port in self.pool.ports():
-                port = free_port(self.args.host, port + 1)
+        WorkerContext (default: the model's trained context in f16, as far as `limit_mb` holds it).
+        The hive binds the port and hands the listening socket to the worker (--listen-fd): a
+        worker that bound it itself, after loading its model, found it taken now and then by
+        another program that had seen it free meanwhile (another hive's worker, on this machine)."""
+        # (the hive's copy of the socket closes here, once the worker has its own: the port is
+        # free again as soon as the worker ends)
+        with bound_socket(self.args.host, WORKER_PORT) as listening:
+            listening.listen(128)   # requests wait in its backlog until the worker serves
+            port = listening.getsockname()[1]
             worker = WorkerProcess("worker-" + random_id(4), ref.text, backend, device, self.args.host, port,
                                    random_id(24), random_id(24))
             worker.health = {"slots_total": slots[0], "slots_available": slots[0]}   # (until it answers /health)
@@ -4389,7 +4594,7 @@ class Hive(App):
             args = ["worker", "--model", row["local_path"], "--backend", backend, "--device", str(device), "--port",
                     str(port), "--host", self.args.host, "--worker-id", worker.worker_id, "--model-ref", ref.text,
                     "--hive-url", self.local_url, "--parallel", str(slots[0]), "--max-queue", str(slots[1]),
-                    "--lifeline"]
+                    "--listen-fd", str(listening.fileno()), "--lifeline"]
             if context:   # (split: each slot holds the context asked for, so the worker holds `slots` of them)
                 args += ["--ctx-size", str(context.ctx_size * (slots[0] if kv_split else 1)),
                          "--cache-type-k", context.cache_type_k or "f16",
@@ -4402,7 +4607,8 @@ class Hive(App):
                                                                          str(split["offload_layers"])]
                 args += ["--tensor-split", split["tensor_split"]] if split.get("tensor_split") else []
             worker.child = Child(worker.worker_id, role_argv(args), worker.relay,
-                                 lambda code: self.worker_exited(worker, code), env=env)
+                                 lambda code: self.worker_exited(worker, code), env=env,
+                                 pass_fds=(listening.fileno(),))
             self.pool.add(worker)
         worker.child.listen()
         return worker
@@ -4527,8 +4733,12 @@ class NodeRegistry:
     """$RBEE_HOME/beehives.db on the queen's machine. The CLI writes it; the queen reads it."""
 
     COLUMNS = ("node_name", "ssh_host", "ssh_port", "ssh_user", "ssh_key_path", "rbee_dir", "python", "env",
-               "backends", "devices", "last_connected_unix", "status", "last_error", "transport")
+               "backends", "devices", "last_connected_unix", "status", "last_error", "transport",
+               "down_since_unix", "retry_unix", "failures")
     JSON_COLUMNS = ("env", "backends", "devices")
+    #: columns later versions added, each with its type (an older beehives.db gets them)
+    ADDED_COLUMNS = (("transport", "TEXT NOT NULL DEFAULT 'lan'"), ("down_since_unix", "REAL"), ("retry_unix", "REAL"),
+                     ("failures", "INTEGER NOT NULL DEFAULT 0"))
 
     def __init__(self, path=None):
         self.path = path or rbee_home("beehives.db")   #: the SQLite file (each call opens its own connection)
@@ -4538,15 +4748,19 @@ class NodeRegistry:
                 node_name TEXT PRIMARY KEY, ssh_host TEXT NOT NULL, ssh_port INTEGER NOT NULL DEFAULT 22,
                 ssh_user TEXT, ssh_key_path TEXT, rbee_dir TEXT NOT NULL, python TEXT NOT NULL, env TEXT,
                 backends TEXT, devices TEXT, last_connected_unix INTEGER,
-                status TEXT NOT NULL DEFAULT 'unknown', last_error TEXT,
-                transport TEXT NOT NULL DEFAULT 'lan')""")
-            if "transport" not in [row[1] for row in db.execute("PRAGMA table_info(beehives)")]:   # rbee 0.1
-                db.execute("ALTER TABLE beehives ADD COLUMN transport TEXT NOT NULL DEFAULT 'lan'")
+                status TEXT NOT NULL DEFAULT 'unknown', last_error TEXT)""")
+            present = [row[1] for row in db.execute("PRAGMA table_info(beehives)")]
+            for column, kind in self.ADDED_COLUMNS:
+                if column not in present:
+                    db.execute("ALTER TABLE beehives ADD COLUMN %s %s" % (column, kind))
             # what rbee may use of a node's memory (nodes add/set --max-ram/--max-vram), localhost's too
             db.execute("""CREATE TABLE IF NOT EXISTS limits (
                 node_name TEXT PRIMARY KEY, max_ram_mb INTEGER, max_vram_mb INTEGER)""")
             # names people type for a model (`models alias NAME REF`): qwen2.5-coder:1.5b, a client's fixed name
             db.execute("CREATE TABLE IF NOT EXISTS aliases (name TEXT PRIMARY KEY, model_ref TEXT NOT NULL)")
+            # what each node's catalog held when the queen last asked its hive: listings answer from it
+            db.execute("CREATE TABLE IF NOT EXISTS catalogs (node_name TEXT PRIMARY KEY, models TEXT NOT NULL, "
+                       "seen_unix REAL NOT NULL)")
 
     _db = ModelCatalog._db
 
@@ -4568,7 +4782,7 @@ class NodeRegistry:
         return [self._decode(r) for r in rows]
 
     def save(self, node):
-        node = dict({"transport": TRANSPORT_LAN}, **{k: v for k, v in node.items() if v is not None})
+        node = dict({"transport": TRANSPORT_LAN, "failures": 0}, **{k: v for k, v in node.items() if v is not None})
         values = [json.dumps(node.get(c)) if c in self.JSON_COLUMNS and node.get(c) is not None else node.get(c)
                   for c in self.COLUMNS]
         with self._db() as db:
@@ -4586,7 +4800,42 @@ class NodeRegistry:
     def remove(self, name):
         with self._db() as db:
             db.execute("DELETE FROM limits WHERE node_name = ?", (name,))
+            db.execute("DELETE FROM catalogs WHERE node_name = ?", (name,))
             return db.execute("DELETE FROM beehives WHERE node_name = ?", (name,)).rowcount
+
+    def mark_down(self, name, reason, retry_s=None):
+        """Node `name` did not answer ssh: down for `reason`, tried again NODE_RETRY_S later (longer
+        for each failure in a row; `retry_s`: then); its row afterwards (None: not registered)."""
+        node = self.get(name)
+        if not node:
+            return None
+        failures = (node["failures"] or 0) + 1
+        wait = NODE_RETRY_S[min(failures, len(NODE_RETRY_S)) - 1] if retry_s is None else retry_s
+        self.update(name, status=NODE_UNREACHABLE, last_error=reason, failures=failures,
+                    down_since_unix=node["down_since_unix"] or time.time(), retry_unix=time.time() + wait)
+        return self.get(name)
+
+    def mark_up(self, name, **fields):
+        """Node `name` answered ssh: reachable, no failure counted (and the other `fields` written)."""
+        self.update(name, status=NODE_REACHABLE, last_connected_unix=int(time.time()), last_error=None, failures=0,
+                    down_since_unix=None, retry_unix=None, **fields)
+
+    @staticmethod
+    def is_down(node):
+        """Whether a node's row says it is down: it did not answer ssh, and no check since said otherwise."""
+        return node.get("status") == NODE_UNREACHABLE and node.get("retry_unix") is not None
+
+    def remember_catalog(self, name, models):
+        """Keep node `name`'s catalog as its hive just listed it (`models`: its rows)."""
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO catalogs (node_name, models, seen_unix) VALUES (?, ?, ?)",
+                       (name, json.dumps(models), time.time()))
+
+    def catalogs(self):
+        """{node: (its catalog's rows as last seen, when: unix time)}."""
+        with self._db() as db:
+            rows = db.execute("SELECT node_name, models, seen_unix FROM catalogs").fetchall()
+        return {name: (json.loads(models), seen) for name, models, seen in rows}
 
     def limits(self, name):
         """{"max_ram_mb", "max_vram_mb"} of a node (None: no cap)."""
@@ -4726,19 +4975,24 @@ class HiveSession:
         with self.forwards_lock:
             if port not in self.forwards:
                 local = free_port("127.0.0.1", 0)
-                spec = "127.0.0.1:%d:127.0.0.1:%d" % (local, port)
-                try:
-                    out = subprocess.run(SshTarget.for_node(self.node).control("forward", "-L", spec),
-                                         capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
-                except subprocess.TimeoutExpired:
-                    out = None
-                if out is None or out.returncode:
-                    raise SshFailed("Cannot forward port %d of %s through its ssh connection: %s" % (
-                        port, self.name, out.stderr.strip() if out else "ssh -O forward took over 10 s"),
-                        {"node": self.name, "port": port}, "Check the node: rbee.py nodes check %s" % self.name,
-                        ACTOR_QUEEN)
+                self.forward("forward", "-L", "127.0.0.1:%d:127.0.0.1:%d" % (local, port))
                 self.forwards[port] = local
             return "http://127.0.0.1:%d" % self.forwards[port]
+
+    def forward(self, operation, kind, spec):
+        """`ssh -O forward|cancel -L|-R spec` on the node's ssh connection (that of its hive's
+        session): what ssh printed (a remote forward to port 0: the port the node allocated)."""
+        try:
+            out = subprocess.run(SshTarget.for_node(self.node).control(operation, kind, spec),
+                                 capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            out = None
+        if out is None or out.returncode:
+            raise SshFailed("Cannot %s %s %s through the ssh connection of %s: %s" % (
+                operation, kind, spec, self.name, out.stderr.strip() if out else "ssh -O took over 10 s"),
+                {"node": self.name, "forward": "%s %s" % (kind, spec)},
+                "Check the node: rbee.py nodes check %s" % self.name, ACTOR_QUEEN)
+        return out.stdout.strip()
 
     def tagged(self, sink):
         """`sink` for narration relayed from this hive's streams, each event marked with the node."""
@@ -4769,17 +5023,17 @@ class HiveSession:
         return SshTarget.for_node(self.node).argv(remote_command(
             self.node.get("rbee_dir"), self.node.get("python"), args, plain))
 
-    def start(self):
-        """Start the hive and wait until it serves (ssh retried per PROTOCOL.md §9)."""
+    def start(self, attempts=SSH_ATTEMPTS):
+        """Start the hive and wait until it serves (ssh tried `attempts` times, PROTOCOL.md §9)."""
         try:
-            self._start()
+            self._start(attempts)
         except HiveFailed:
             # A hive of this queen whose ssh session was lost (a network partition: ssh's
             # ServerAlive gave up, but the node never saw the connection close) may still run
             # there and hold the port. It takes our token: stop it, then start a fresh one.
             if self.local or self.tunnelled or not self._stop_leftover():   # (a tunnelled hive holds no fixed port)
                 raise
-            self._start()
+            self._start(attempts)
 
     def _stop_leftover(self):
         """Stop a hive of this node that answers on its port and accepts this queen's token."""
@@ -4801,14 +5055,14 @@ class HiveSession:
             time.sleep(0.1)
         return False
 
-    def _start(self):
+    def _start(self, attempts):
         how = "as a local process" if self.local else "over ssh (%s)" % SshTarget.for_node(self.node)
         narrate(ACTOR_QUEEN, "hive_start", "Starting rbee-hive on %s %s" % (self.name, how), "🐝", node=self.name)
         started = time.monotonic()
         if self.local:
             self._attempt()
         else:
-            with_ssh_retries(SshTarget.for_node(self.node), self.name, self._attempt)
+            with_ssh_retries(SshTarget.for_node(self.node), self.name, self._attempt, attempts=attempts)
         self.timings["hive_start_ms"] = int((time.monotonic() - started) * 1000)
         if self.hive_version != __version__:
             version = self.hive_version
@@ -4866,19 +5120,27 @@ class HiveSession:
 
 class Hives:
     """The queen's hive sessions, one per node: started on demand (one start of a node's hive at
-    a time), listed, asked for what runs where, and stopped together when the queen stops."""
+    a time), listed, asked for what runs where, and stopped together when the queen stops. A node
+    that does not answer ssh is down (its row in the registry says why and when it is tried again,
+    in the background): no request waits on it until then, and a listing never starts a hive."""
 
     def __init__(self, nodes, token, keep_alive):
         self.nodes = nodes                #: the node registry (beehives.db; the CLI writes it)
         self.token = token                #: the bearer token of every hive the queen starts
         self.keep_alive = keep_alive      #: each hive's workers' default keep-alive, and its own with no worker
-        self.lock = threading.Lock()      #: guards `sessions`
+        self.lock = threading.Lock()      #: guards `sessions` and `answers`
         self.sessions = {}                #: node name -> its running HiveSession (under `lock`)
+        #: node name -> (its hive's last /v1/resources answer, when: unix time) (under `lock`)
+        self.answers = {}
         self.start_locks = KeyedLocks()   #: one start of a node's hive at a time (held across the start)
         self.closing = Once()             #: claimed when the queen stops: hives that end then are no news
+        #: called with (node, reason) when a node's hive goes away unasked (the scheduler's node_lost)
+        self.on_lost = []
+        self.retrying = Once()            #: claimed when the thread that tries down nodes again starts
 
-    def get(self, name, sink=None):
-        """The running hive of node `name`, started (narrated to `sink`) if there is none."""
+    def get(self, name, sink=None, attempts=SSH_ATTEMPTS):
+        """The running hive of node `name`, started (narrated to `sink`, ssh tried `attempts` times)
+        if there is none; a node whose ssh fails is marked down."""
         node = self.nodes.resolve(name)
         with self.start_locks.holding(name):
             with self.lock:
@@ -4888,23 +5150,129 @@ class Hives:
             session = HiveSession(node, self.token, self._exited, self.keep_alive)
             with narration_to(sink or _current_sink()), session.listening(sink or emit_line):
                 try:
-                    session.start()
+                    session.start(attempts)
                 except RbeeError as err:
-                    self.nodes.update(name, status="unreachable" if isinstance(err, SshFailed) else "reachable",
-                                      last_error=err.message)
+                    if isinstance(err, SshFailed):
+                        self.mark_down(name, err.message)
+                    else:
+                        self.nodes.update(name, status=NODE_REACHABLE, last_error=err.message)
                     raise
-            self.nodes.update(name, status="reachable", last_connected_unix=int(time.time()), last_error=None)
+            self.nodes.mark_up(name)
             with self.lock:
                 self.sessions[name] = session
             return session
+
+    def others(self, failed):
+        """The nodes a request that `failed` (node names) failed may go to now: the candidates but
+        those, and none that is down (a node named by nobody gets one ssh attempt, never three)."""
+        rows = {n["node_name"]: n for n in self.nodes.list()}
+        return [n for n in self.candidates(rows.values()) if n not in failed and not self._is_down(rows.get(n))]
+
+    def _is_down(self, node):
+        """Whether a node (its registry row; None: localhost) is down for this queen: its row says
+        so, and no hive of it runs here (one that runs answers now, whatever the row says)."""
+        return bool(node) and self.nodes.is_down(node) and not self.running_on(node["node_name"])
+
+    def down(self, name):
+        """NODE_DOWN when node `name` is down and not due for another try; else None. A due node is
+        tried in the background, never by the request that asks."""
+        node = self.nodes.get(name)
+        if not self._is_down(node):
+            return None
+        self._retry_in_background()   # (marked down by `nodes check`, or by a queen before this one)
+        since, retry = time.time() - node["down_since_unix"], max(0.0, node["retry_unix"] - time.time())
+        return NodeDown("%s is down (%s ago): %s" % (name, human_duration(since), node["last_error"]),
+                        {"node": name, "down_s": int(since), "retry_in_s": int(retry), "reason": node["last_error"]},
+                        "rbee tries it again in %s; check it now: rbee.py nodes check %s" % (
+                            human_duration(retry), name), ACTOR_QUEEN)
+
+    def mark_down(self, name, reason, retry_s=None):
+        """Node `name` is down for `reason` (its row says until when); the background tries begin."""
+        node = self.nodes.mark_down(name, reason, retry_s)
+        if node:
+            wait = node["retry_unix"] - time.time()
+            narrate(ACTOR_QUEEN, "node_down", "%s is down: %s; trying it again %s" % (
+                name, reason, "in " + human_duration(wait) if wait >= 1 else "now"), "🔌", node=name, level="warn")
+        self._retry_in_background()
+
+    def _retry_in_background(self):
+        """Start the thread that tries the down nodes again (once: it runs until the queen stops)."""
+        if self.retrying.claim():
+            threading.Thread(target=self._retry_down_nodes, daemon=True, name="node-retry").start()
+
+    def _retry_down_nodes(self):
+        """Each down node, once its time comes: one ssh round trip (no hive started); an answer marks it up."""
+        def retry(node):
+            try:
+                ssh_run(SshTarget.for_node(node), "true", timeout=30, node=node["node_name"], attempts=1)
+            except Exception as exc:   # (an ssh binary gone is no reason to try every second)
+                self.mark_down(node["node_name"], RbeeError.wrap(exc, ACTOR_QUEEN).message)
+                return
+            self.nodes.mark_up(node["node_name"])
+            narrate(ACTOR_QUEEN, "node_up", "%s answers ssh again" % node["node_name"], "🔌", node=node["node_name"])
+        while not self.closing.claimed:
+            try:
+                due = [n for n in self.nodes.list() if self.nodes.is_down(n) and n["retry_unix"] <= time.time()]
+            except Exception:   # (the registry busy a moment: the CLI writes it too)
+                due = []
+            in_parallel(retry, due)
+            time.sleep(1.0)
 
     def _exited(self, session, code):
         with self.lock:
             if self.sessions.get(session.name) is session:
                 del self.sessions[session.name]
-        if session.ready.is_set() and not self.closing.claimed:
-            narrate(ACTOR_QUEEN, "hive_exit", "rbee-hive on %s exited (code %s)" % (session.name, code), "🪦",
-                    node=session.name)
+        if not session.ready.is_set() or self.closing.claimed:
+            return
+        narrate(ACTOR_QUEEN, "hive_exit", "rbee-hive on %s exited (code %s)" % (session.name, code), "🪦",
+                node=session.name)
+        if code == 0:   # (its own end: no worker left for its keep-alive)
+            return
+        # ssh's own exit (255): the connection was lost (ServerAlive gave up), or the hive died of a
+        # signal; tried again at once, in the background: a node that answers is up again in a second
+        reason = "its ssh connection was lost" if code == 255 and not session.local else "its hive exited (code %s)" % (
+            code)
+        if code == 255 and not session.local:
+            self.mark_down(session.name, reason, retry_s=0)
+        for callback in list(self.on_lost):
+            callback(session.name, reason)
+
+    def remember(self, name, answer):
+        """A hive's /v1/resources answer, for the listings (its catalog kept on disk when it changed)."""
+        with self.lock:
+            before = self.answers.get(name)
+            self.answers[name] = (answer, time.time())
+        if before is None or before[0].get("models") != answer.get("models"):
+            self.nodes.remember_catalog(name, answer.get("models") or [])
+
+    def known(self):
+        """{node: {models, workers, age_s, state}} from what the queen knows, asking nothing but the
+        running hives (LISTING_TIMEOUT each, together): a node's catalog as its hive last listed it
+        (localhost's read from its own file when its hive is not running), `state` up, down or idle
+        (no hive runs there now). Nothing is started and no ssh is waited on."""
+        def ask(session):
+            with contextlib.suppress(RbeeError, OSError):
+                self.remember(session.name, session.client.resources(timeout=LISTING_TIMEOUT))
+        running = self.running()
+        in_parallel(ask, running)
+        with self.lock:
+            answers = dict(self.answers)
+        running = {s.name for s in running}
+        rows = {n["node_name"]: n for n in self.nodes.list()}   # (one read of the registry)
+        saved, now, known = self.nodes.catalogs(), time.time(), {}
+        for name in self.candidates(rows.values()):
+            answer, seen = answers.get(name) or ({"models": saved[name][0]} if name in saved else None,
+                                                 saved[name][1] if name in saved else None)
+            if name == LOCAL_NODE and name not in running:   # (the queen's own machine: its catalog is a file here)
+                answer, seen = {"models": ModelCatalog().list()}, now
+            down = self._is_down(rows.get(name))
+            known[name] = {"models": (answer or {}).get("models") or [],
+                           "workers": (answer or {}).get("workers") or [] if name in running else [],
+                           "age_s": round(now - seen, 1) if seen else None,
+                           "state": "down" if down else "up" if name in running else "idle"}
+            if down:
+                known[name]["reason"] = rows[name]["last_error"]
+        return known
 
     def running(self):
         with self.lock:
@@ -4914,9 +5282,11 @@ class Hives:
         """The running hive of node `name`, or None (nothing is started)."""
         return next((s for s in self.running() if s.name == name), None)
 
-    def candidates(self):
-        """The nodes a task without one may go to: localhost and every registered node."""
-        return [LOCAL_NODE] + [n["node_name"] for n in self.nodes.list() if n["node_name"] != LOCAL_NODE]
+    def candidates(self, rows=None):
+        """The nodes a task without one may go to: localhost and every registered node (`rows`: the
+        registry's, when the caller has read them)."""
+        rows = self.nodes.list() if rows is None else rows
+        return [LOCAL_NODE] + [n["node_name"] for n in rows if n["node_name"] != LOCAL_NODE]
 
     @staticmethod
     def workers_of(session):
@@ -4933,8 +5303,8 @@ class Hives:
 
         def ask(session):
             entry = {"node": session.name, "url": session.url, "limits": self.nodes.limits(session.name)}
-            try:
-                found = session.client.resources()
+            try:   # (a hive on a node cut off but not yet seen to go holds nobody up long)
+                found = session.client.resources(timeout=STATUS_TIMEOUT)
                 for w in found["workers"]:
                     w.update(node=session.name, url=session.worker_url(w["url"]) if w.get("url") else None)
                 entry.update((k, found[k]) for k in ("ram_total_mb", "ram_free_mb", "devices", "workers", "models",
@@ -4979,7 +5349,8 @@ def _pool(memory, backend, device):
 def node_view(resources, limits, pending=(), loads=None, leaving=()):
     """A node as placement sees it, from its hive's /v1/resources, its caps (nodes set) and the
     queen's own spawns in progress (`pending`: dicts of node, model_ref, backend, device, need_mb,
-    parallel): every device with the memory rbee may still take there, and every worker with its
+    parallel; each reserves what its worker, a fresh one of its model there once listed, has not
+    taken yet): every device with the memory rbee may still take there, and every worker with its
     load. `loads(key)` adds the requests the queen handed out that a worker's health may not show
     yet; the workers in `leaving` (being evicted) are as good as gone."""
     memory = resources.get("memory") or {}
@@ -5001,8 +5372,11 @@ def node_view(resources, limits, pending=(), loads=None, leaving=()):
         if loads:
             w["load"] = max(w["load"], loads((resources["node"], w["model_ref"], w["backend"], w["device"])))
     reserved = collections.Counter()
-    for p in pending:
-        reserved[_pool(memory, p["backend"], p["device"])] += p["need_mb"]
+    for p in pending:   # less what its worker, listed already, has taken: that is gone from ram_free_mb and in `used`
+        taken = sum(w.get("memory_mb") or 0 for w in workers if w.get("worker_id") and w.get("state") in (
+            WORKER_LOADING, WORKER_IDLE) and not w.get("jobs_total") and (w["model_ref"], w["backend"], w["device"])
+            == (p["model_ref"], p["backend"], p["device"]))
+        reserved[_pool(memory, p["backend"], p["device"])] += max(0, p["need_mb"] - taken)
     used = collections.Counter()
     for w in workers:
         used[w["pool"]] += w.get("memory_mb") or 0
@@ -5146,14 +5520,58 @@ class Handout:
         self.key = key                    #: the worker: (node, model_ref, backend, device)
         self.task = task                  #: a keeper's task (released by the worker's count), else an app's
         self.since = time.monotonic()     #: when its caller got the worker (set again once a spawn returned)
+        #: an app's request: called with (node, reason) when the queen sees the worker's node go (AppJob.lost)
+        self.on_lost = None
+
+
+class RpcTunnel:
+    """The way a split's RPC traffic to one part goes through ssh (PROTOCOL.md §14): the part's
+    server listens on its node's loopback; a local forward through the part's ssh connection
+    brings it to this machine's loopback, and a remote forward through the primary's connection
+    (port 0: its sshd picks a free one) to the primary's loopback, where the worker connects.
+    A node that is this machine needs no forward of its own."""
+
+    def __init__(self, part, primary, port):
+        self.part = part                  #: the HiveSession of the lending node
+        self.primary = primary            #: the HiveSession of the node that runs the split's worker
+        self.port = port                  #: the part's RPC port on its node's loopback
+        self.local = None                 #: the spec of the local forward (-L), once open
+        self.remote = None                #: the spec of the remote forward (-R), once open
+        self.endpoint = None              #: "127.0.0.1:PORT" where the primary's worker reaches the part
+
+    def open(self):
+        port = self.port
+        if not self.part.local:
+            port = free_port("127.0.0.1", 0)
+            self.local = "127.0.0.1:%d:127.0.0.1:%d" % (port, self.port)
+            self.part.forward("forward", "-L", self.local)
+        if not self.primary.local:
+            remote = "127.0.0.1:0:127.0.0.1:%d" % port
+            allocated = self.primary.forward("forward", "-R", remote)
+            self.remote = remote
+            if not allocated.isdigit():
+                raise SshFailed("ssh allocated no port on %s for a split's RPC (it said %r)" % (
+                    self.primary.name, allocated), {"node": self.primary.name}, component=ACTOR_QUEEN)
+            port = int(allocated)
+        self.endpoint = "127.0.0.1:%d" % port
+        return self.endpoint
+
+    def close(self):
+        """Cancel its forwards (a forward lives in the ssh master: no process is left either way)."""
+        for session, kind, spec in ((self.primary, "-R", self.remote), (self.part, "-L", self.local)):
+            if spec:
+                with contextlib.suppress(RbeeError):
+                    session.forward("cancel", kind, spec)
+        self.remote = self.local = None
 
 
 class Split:
     """One model over several nodes (PROTOCOL.md §14): the primary (the node with the most room)
     loads it, each other node lends a device through an RPC server, their shares of the layers
-    follow their room; a supervisor stops every part when one of them ends."""
+    follow their room; a supervisor stops every part when one of them ends. When any of its nodes
+    uses the ssh transport, all of its RPC traffic goes through ssh (RpcTunnel)."""
 
-    def __init__(self, ref, names, primary, body, parts, lent, worker_id):
+    def __init__(self, ref, names, primary, body, parts, lent, worker_id, tunnels=()):
         self.model_ref = ref.text         #: the model it serves
         self.worker_id = worker_id        #: its worker, on the primary
         self.names = names                #: the nodes it spans, as the request named them
@@ -5161,6 +5579,7 @@ class Split:
         self.body = body                  #: the primary's spawn body (rpc endpoints, layers): a reuse asks the same
         self.parts = parts                #: [{node, layers, endpoint}], the primary first
         self.lent = lent                  #: [(HiveSession, its rpc_start answer, layers)] of the lending nodes
+        self.tunnels = list(tunnels)      #: the RpcTunnel of each part when the split goes through ssh
 
     @classmethod
     def start(cls, hives, ref, names, views, need_mb, parallel, keep_alive, max_queue, sink):
@@ -5169,8 +5588,8 @@ class Split:
         rooms = sorted(((max(v["devices"], key=lambda d: d["free_mb"]), v["node"]) for v in views),
                        key=lambda dn: -dn[0]["free_mb"])
         sessions = {n: hives.get(n, sink) for n in names}
-        if any(s.tunnelled for s in sessions.values()):
-            raise invalid("split", "every node of a split needs the LAN transport (RPC does not go through ssh yet)")
+        # one node on the ssh transport: all of the split through ssh, so nothing of it listens off loopback
+        tunnelled = any(s.tunnelled for s in sessions.values())
         (primary_dev, primary), parts = rooms[0], rooms[1:]
         psession = sessions[primary]
         model = psession.client.resources(ref.text)["model"]
@@ -5194,30 +5613,38 @@ class Split:
             raise VersionMismatch("The nodes of a split run different ggml builds: %s" % ", ".join(
                 "%s %s" % kv for kv in sorted(builds.items())), {"builds": builds},
                 "Install the same llama-cpp-python on each: rbee.py nodes install NODE", component=ACTOR_QUEEN)
-        lent = []
+        lent, tunnels = [], []
         try:
             for (device, name), layer_count in zip(parts, shares[1:]):
-                peer = "" if psession.local else psession.host   # (empty: the queen's machine, the hive's ssh peer)
-                with sessions[name].listening(sink):   # (its narration: the part's start-up)
-                    out = sessions[name].client.rpc_start({"backend": device["backend"], "device": device["device"],
-                                                           "peer": peer})
-                narrate(ACTOR_QUEEN, "rpc_lent", "%s lends %s:%s to the split at %s (%s)" % (
-                    name, device["backend"], device["device"], out["endpoint"], out["build"]), "🧩", node=name)
+                # the interface facing the primary (empty: the queen's machine, the hive's ssh peer), or loopback
+                peer = "127.0.0.1" if tunnelled else "" if psession.local else psession.host
+                part = {"backend": device["backend"], "device": device["device"], "peer": peer, "model_ref": ref.text}
+                out = sessions[name].client.rpc_start(part, sessions[name].tagged(sink))
                 lent.append((sessions[name], out, layer_count))
+                via = ""
+                if tunnelled:
+                    tunnels.append(RpcTunnel(sessions[name], psession, int(out["endpoint"].rpartition(":")[2])))
+                    via = ", through ssh at %s on %s" % (tunnels[-1].open(), primary)
+                narrate(ACTOR_QUEEN, "rpc_lent", "%s lends %s:%s to the split at %s (%s)%s" % (
+                    name, device["backend"], device["device"], out["endpoint"], out["build"], via), "🧩", node=name)
+            endpoints = [t.endpoint for t in tunnels] if tunnelled else [out["endpoint"] for _, out, _ in lent]
             body = {"model_ref": ref.text, "backend": primary_dev["backend"], "device": primary_dev["device"],
                     "parallel": parallel, "keep_alive": keep_alive, "max_queue": max_queue,
-                    "rpc": [out["endpoint"] for _, out, _ in lent], "offload_layers": sum(shares[1:]),
+                    "rpc": endpoints, "offload_layers": sum(shares[1:]),
                     "tensor_split": ",".join(str(k) for k in shares[1:])}
             with psession.listening(sink):
                 worker = psession.client.spawn(body, psession.tagged(sink))
         except BaseException:
+            for tunnel in tunnels:
+                tunnel.close()
             for session, out, _ in lent:
                 with contextlib.suppress(RbeeError):
                     session.client.rpc_stop(out["rpc_id"])
             raise
         worker["split"] = [{"node": primary, "layers": shares[0], "endpoint": None}] + [
-            {"node": s.name, "layers": k, "endpoint": out["endpoint"]} for s, out, k in lent]
-        return cls(ref, names, psession, body, worker["split"], lent, worker["worker_id"]), worker
+            dict({"node": s.name, "layers": k, "endpoint": out["endpoint"]}, **({"tunnel": e} if tunnelled else {}))
+            for (s, out, k), e in zip(lent, endpoints)]
+        return cls(ref, names, psession, body, worker["split"], lent, worker["worker_id"], tunnels), worker
 
     def alive(self):
         """(whether the primary's worker runs, whether each lent part's RPC server runs)."""
@@ -5258,6 +5685,8 @@ class Split:
                 if up:
                     with contextlib.suppress(RbeeError):
                         session.client.rpc_stop(out["rpc_id"])
+            for tunnel in self.tunnels:
+                tunnel.close()
         threading.Thread(target=watch, daemon=True, name="split-" + self.worker_id).start()
 
 
@@ -5282,15 +5711,16 @@ class Scheduler:
         self.splits = {}                  #: worker_id -> its running Split (under `lock`)
         #: model_ref -> (session, worker event, worker key, keep-alive) of its last assignment (under `lock`)
         self.recent = {}
+        hives.on_lost.append(self.node_lost)
 
     # -- the one answer ------------------------------------------------------------------------
 
     def assign(self, ref, sink, nodes=None, backend=None, device=None, parallel=DEFAULT_PARALLEL, keep_alive=None,
-               split=None, task=False, warm=True, context=None):
+               split=None, task=False, warm=True, context=None, named=False):
         """The worker that serves a request for `ref`: the warm one (its health asked first for a
         keeper's `task`), else where the nodes have room (`nodes`: the candidates, default every
-        node), or over the `split` nodes; narrated to `sink`, remembered for the next request. Its
-        context serves `context` (WorkerContext; default: the queen's)."""
+        node; `named`: the one node a person named), or over the `split` nodes; narrated to `sink`,
+        remembered for the next request. Its context serves `context` (WorkerContext; default: the queen's)."""
         context = context or self.settings.context
         if warm and not split and keep_alive is None:
             assigned = self.warm(ref, nodes, backend, device, task, context)
@@ -5305,7 +5735,8 @@ class Scheduler:
         if split:
             session, worker = self.place_split(ref, split, parallel, keep_alive, sink)
             return Assignment(session, worker, None, False)
-        session, worker, handout = self.place(ref, nodes, backend, device, parallel, keep_alive, sink, task, context)
+        session, worker, handout = self.place(ref, nodes, backend, device, parallel, keep_alive, sink, task, context,
+                                              named)
         if not worker.get("split"):
             with self.lock:
                 self.recent[ref.text] = (session, worker, handout.key,
@@ -5348,6 +5779,17 @@ class Scheduler:
     def forget(self, ref):
         with self.lock:
             self.recent.pop(ref.text, None)
+
+    def node_lost(self, name, reason):
+        """Node `name` went away unasked (Hives.on_lost): no warm reuse there, and each app request
+        its workers serve is told, so that none waits on a node that will not answer."""
+        with self.lock:
+            for model_ref in [m for m, known in self.recent.items() if known[0].name == name]:
+                del self.recent[model_ref]
+            told = [h.on_lost for key, entries in self.handouts.items() if key[0] == name for h in entries
+                    if h.on_lost]
+        for on_lost in told:
+            on_lost(name, reason)
 
     # -- load: what runs and waits on a worker, as far as the queen knows ---------------------
 
@@ -5395,12 +5837,12 @@ class Scheduler:
 
     # -- placement ------------------------------------------------------------------------------
 
-    def place(self, ref, nodes, backend, device, parallel, keep_alive, sink, task=False, context=None):
+    def place(self, ref, nodes, backend, device, parallel, keep_alive, sink, task=False, context=None, named=False):
         """(the hive session, its `worker` event, the Handout) of a request placed on one of
         `nodes`; over several nodes when it fits on no single one."""
         deadline, said_wait, reservation = time.monotonic() + PLACEMENT_WAIT, False, None
         while True:
-            answers = self.survey(ref, nodes, sink)   # (hive starts and ssh: outside the lock)
+            answers = self.survey(ref, nodes, sink, named)   # (hive starts and ssh: outside the lock)
             with self.lock:
                 plan = self.full_context_plan(ref, nodes, answers, backend, device, context)
                 views, need_mb, kv_mb = self.views(ref, nodes, answers, context, full=bool(plan))
@@ -5493,7 +5935,7 @@ class Scheduler:
             with session.listening(sink):
                 worker = session.client.spawn(running.body, session.tagged(sink))
             return session, dict(worker, split=running.parts)
-        answers = self.survey(ref, names, sink)
+        answers = self.survey(ref, names, sink, named=True)
         missing = [n for n in names if n not in answers]
         if missing:
             raise SshFailed("A split needs every node it names; %s did not answer" % ", ".join(missing),
@@ -5519,20 +5961,28 @@ class Scheduler:
             views, need_mb, _ = self.views(ref, nodes, answers)
             return plan_placement(ref.text, need_mb, views, max_replicas=self.settings.max_replicas).node
 
-    def survey(self, ref, nodes, sink):
+    def survey(self, ref, nodes, sink, named=False):
         """{node: its hive's /v1/resources for `ref` (None: no model)} of the nodes whose hives
-        answer (started if need be); the first error if none does."""
+        answer (started if need be); the first error if none does. A node that is down is left out
+        with no ssh at all, and the others get one ssh attempt each (a node that fails it is down:
+        Hives.get), unless a person `named` the nodes: then they are tried as PROTOCOL.md §9 says."""
         results, errors = {}, []
+        several = len(nodes) > 1
 
         def ask(name):
             try:
-                session = self.hives.get(name, sink)
+                down = None if named else self.hives.down(name)
+                if down:
+                    raise down
+                session = self.hives.get(name, sink, attempts=SSH_ATTEMPTS if named else 1)
                 asked = time.monotonic()
-                results[name] = dict(session.client.resources(ref.text if ref else None), asked=asked)
+                answer = session.client.resources(ref.text if ref else None)
+                self.hives.remember(name, answer)
+                results[name] = dict(answer, asked=asked)
             except Exception as exc:   # (an ssh binary missing is no traceback either)
                 err = RbeeError.wrap(exc, ACTOR_QUEEN)
                 errors.append(err)
-                if len(nodes) > 1:
+                if several:
                     narrate(ACTOR_QUEEN, "node_skipped", "Leaving %s out: %s" % (name, err.message), "⚠️",
                             node=name, level="warn")
         in_parallel(ask, nodes)
@@ -5543,8 +5993,8 @@ class Scheduler:
     def views(self, ref, nodes, results, context=None, full=False):
         """(node views, MB the model needs: 0 if no node knows its size yet, the MB of its KV cache in
         that), with the spawns, evictions and requests in progress (the caller holds `lock`). The need
-        is the file's size x 1.2 and its KV cache at `context` (its size and types; `full`: a default context at the
-        model's trained size) before any worker ran it, then what its workers take."""
+        is memory_need_mb's estimate from the GGUF, with its KV cache at `context` (its size and types; `full`:
+        a default context at the model's trained size), or what its workers take where that is more."""
         for name, res in results.items():   # the tasks that reached their workers are the workers' own load now
             listed = {w["worker_id"] for w in res.get("workers") or ()}
             for worker_id in [i for i, (node, _) in self.jobs_seen.items() if node == name and i not in listed]:
@@ -5553,14 +6003,15 @@ class Scheduler:
                 if w.get("worker_id"):
                     self._settle((name, w["model_ref"], w["backend"], w["device"]), w, res["asked"])
         sizes = [r["model"]["size_bytes"] for r in results.values() if (r.get("model") or {}).get("size_bytes")]
-        import backends
         views = [node_view(results[name], self.nodes.limits(name), [p for p in self.pending if p["node"] == name],
                            self.load, self.leaving) for name in nodes if name in results]
         shapes = [r["model"].get("shape") for r in results.values() if (r.get("model") or {}).get("shape")]
-        kv_mb = kv_need_mb(shapes[0], context or self.settings.context, full) if shapes else 0
+        asked = context or self.settings.context
+        kv_mb = kv_need_mb(shapes[0], asked, full) if shapes else 0
         seen = [w.get("memory_mb") or 0 for v in views for w in v["workers"] if w["model_ref"] == ref.text
                 and context_fits(w, context)]
-        return views, max([backends.required_mb(max(sizes)) + kv_mb if sizes else 0] + seen), kv_mb
+        estimate = memory_need_mb(max(sizes), shapes[0] if shapes else {}, asked, full) if sizes else 0
+        return views, max([estimate] + seen), kv_mb
 
     def evict(self, evict, sink):
         """Stop these idle workers and wait until their hives no longer list them (GRACEFUL_TIMEOUT at most)."""
@@ -5646,7 +6097,9 @@ FINISH_REASON = {"eos": "stop", "stop": "stop", "max_tokens": "length", "tool_ca
 class AppJob:
     """One generation an app asked the queen for: given a worker by the scheduler, run there over
     its client, its text yielded as it comes, measured for /metrics. Use it in a `with` block (or
-    let `texts` end): leaving it cancels the job on the worker and ends its load there."""
+    let `texts` end): leaving it cancels the job on the worker and ends its load there. A job whose
+    node fails before it streamed anything (the worker's connection breaks, the queen sees the
+    node go) is placed again on another node, once per node, within FAILOVER_DEADLINE."""
 
     def __init__(self, scheduler, metrics, ref, body, keep_alive):
         self.scheduler = scheduler        #: who gives it a worker (and counts it as load until it ends)
@@ -5663,6 +6116,10 @@ class AppJob:
         self.node = None                  #: the node whose worker runs it (open)
         self.handout = None               #: its load on that worker, until close (Scheduler.release)
         self.outcome = None               #: how it ended, once it did (ok, error, busy, cancelled)
+        self.client = None                #: the WorkerClient of its worker (open)
+        self.failed = []                  #: the nodes it was placed on that failed it, oldest first
+        #: (node, reason) once the queen saw the node of its worker go (written by the thread that saw it)
+        self.lost_node = None
 
     def __enter__(self):
         return self
@@ -5672,27 +6129,82 @@ class AppJob:
 
     def open(self):
         """Get a worker and start the job: every error the app should get as a status (a prompt
-        over the context, a full queue, an unknown model) raises here, before the answer starts.
-        A warm worker that fails at once is forgotten, and the job placed again."""
-        context = context_of(self.body, self.scheduler.settings.context)
+        over the context, a full queue, an unknown model) raises here, before the answer starts."""
         with self.metrics.placing:
-            for warm in (True, False):
-                assigned = self.scheduler.assign(self.ref, _current_sink(), keep_alive=self.keep_alive, warm=warm,
-                                                 context=context)
-                try:
-                    return self._start(assigned)
-                except BaseException as err:
-                    self.scheduler.release(assigned.handout)
-                    if not assigned.warm or not isinstance(err, RbeeError):
-                        self.end("busy" if isinstance(err, SlotsBusy) else "error")
-                        raise
+            try:
+                self._place(self._start)
+            except BaseException as err:
+                self.end("busy" if isinstance(err, SlotsBusy) else "error")
+                raise
+        return self
+
+    def _place(self, start):
+        """`start(assigned)` on the worker the scheduler gives the job. A warm worker that fails it
+        (it may have ended meanwhile, its keep-alive) is forgotten and the job placed again; a node
+        that fails it (may_fail_over; the queen saw it go, a warm worker's too) is left out and the
+        job placed on another one, narrated."""
+        context, warm = context_of(self.body, self.scheduler.settings.context), not self.failed
+        while True:
+            nodes = self.scheduler.hives.others(self.failed) if self.failed else None
+            assigned = self.scheduler.assign(self.ref, _current_sink(), nodes=nodes, keep_alive=self.keep_alive,
+                                             warm=warm, context=context)
+            self.node = assigned.session.name
+            if self.failed:
+                narrate(ACTOR_QUEEN, "failover", "%s went away; placing on %s" % (
+                    self.failed[-1], assigned.session.name), "↪", node=assigned.session.name,
+                        failed_node=self.failed[-1])
+                self.metrics.failed_over(self.failed[-1])
+            try:
+                return start(assigned)
+            except RbeeError as err:
+                self.scheduler.release(assigned.handout)
+                err = self.node_error(err)
+                if assigned.warm and not isinstance(err, NodeLost):
                     self.scheduler.forget(self.ref)
+                    warm = False
+                    continue
+                if not self.may_fail_over(err):
+                    raise err
+                self.failed.append(assigned.session.name)
+            except BaseException:
+                self.scheduler.release(assigned.handout)
+                raise
+
+    def may_fail_over(self, err):
+        """Whether `err` is its node's failure (a worker gone, a hive or its ssh lost) that another
+        node may make good: before the job streamed anything, within its deadline, a node left."""
+        failure = isinstance(err, (WorkerCrashed, ConnectionTimeout, SshFailed, HiveFailed, WorkerNotFound))
+        return (failure and self.first_token is None and bool(self.scheduler.hives.others(self.failed + [self.node]))
+                and time.monotonic() - self.accepted < FAILOVER_DEADLINE)
+
+    def _watch(self, assigned):
+        """Run it on `assigned` from now on: its client, its load there, and its node watched."""
+        self.handout, self.lost_node = assigned.handout, None
+        self.client = self._client(assigned)
+        if self.handout:
+            self.handout.on_lost = self.lost
 
     def _start(self, assigned):
-        self.node, self.handout = assigned.session.name, assigned.handout
-        self.events = self._client(assigned).execute(self.body, retries=())   # a full queue is the app's 503 at once
+        self._watch(assigned)
+        self.events = self.client.execute(self.body, retries=())   # a full queue is the app's 503 at once
         self.first = next(self.events)
-        return self
+
+    def lost(self, node, reason):
+        """The queen saw `node`, where the job runs, go (Scheduler.node_lost): its connection is cut,
+        so that its reader stops waiting on a node that will not answer."""
+        if node != self.node:
+            return
+        self.lost_node = (node, reason)
+        if self.client:
+            self.client.cut()
+
+    def node_error(self, err):
+        """`err` as the app gets it: NODE_LOST naming the node when the queen saw it go."""
+        if self.lost_node is None or not isinstance(err, (WorkerCrashed, ConnectionTimeout)):
+            return err
+        node, reason = self.lost_node
+        return NodeLost("%s went away while it answered: %s" % (node, reason), dict(err.details, node=node),
+                        "Send the request again: rbee places it on a node that answers", ACTOR_QUEEN)
 
     @staticmethod
     def _client(assigned):
@@ -5714,12 +6226,17 @@ class AppJob:
         return self._on_a_worker(lambda client: client.rerank(self.body))
 
     def _on_a_worker(self, call):
-        with self.metrics.placing:
-            assigned = self.scheduler.assign(self.ref, _current_sink(), keep_alive=self.keep_alive)
-        try:
-            return call(self._client(assigned))
-        finally:
+        """`call(client)`'s answer from a worker of the job's model; placed again (_place) as a
+        generation that streamed nothing yet, its connection cut when the queen sees its node go."""
+        answers = []
+
+        def start(assigned):   # (a call that fails: _place releases its handout)
+            self._watch(assigned)
+            answers.append(call(self.client))
             self.scheduler.release(assigned.handout)
+        with self.metrics.placing:
+            self._place(start)
+        return answers[0]
 
     def texts(self):
         """The generated text, piece by piece; then `stats` holds the worker's end event."""
@@ -5742,12 +6259,27 @@ class AppJob:
                     self.stats = event.stats
                     self.end("ok")
                     return
-                event = next(self.events)
+                event = self._next_event()
         except RbeeError:
             self.end("error")
             raise
         finally:
             self.close()
+
+    def _next_event(self):
+        """The worker's next event; when its node failed before the job streamed anything, the
+        first event of the job placed again elsewhere."""
+        try:
+            return next(self.events)
+        except RbeeError as err:
+            err = self.node_error(err)
+            if not self.may_fail_over(err):
+                raise err
+        self.events.close()
+        self.scheduler.release(self.handout)
+        self.failed.append(self.node)
+        self._place(self._start)
+        return self.first
 
     def end(self, outcome):
         """Record how it ended, once."""
@@ -5793,6 +6325,7 @@ class Metrics:
         self.placing = InFlight()         #: app requests being placed (a model loading, memory freeing)
         self.outcomes = collections.Counter()         #: outcome -> requests that ended so
         self.tokens = collections.Counter()           #: ("prompt"|"generated", model) -> tokens
+        self.failovers = collections.Counter()        #: node -> app requests placed again after it failed them
         #: histogram -> its bucket counts, then the +Inf count, then the sum
         self.histograms = {name: [0] * (len(self.BUCKETS) + 1) + [0.0] for name in self.HISTOGRAMS}
 
@@ -5808,6 +6341,11 @@ class Metrics:
                 self._observe("rbee_queue_wait_seconds", job.started - job.accepted)
             if job.first_token:
                 self._observe("rbee_time_to_first_token_seconds", job.first_token - job.accepted)
+
+    def failed_over(self, node):
+        """An app request that `node` failed before it streamed was placed again elsewhere."""
+        with self.lock:
+            self.failovers[node] += 1
 
     def _observe(self, name, value):
         counts = self.histograms[name]
@@ -5835,6 +6373,8 @@ class Metrics:
                    [((), queued + self.placing.count)])
             metric("rbee_requests_total", "counter", "App requests by outcome",
                    [((("outcome", o),), self.outcomes[o]) for o in self.OUTCOMES])
+            metric("rbee_failovers_total", "counter", "App requests placed again after their node failed them",
+                   [((("node", n),), c) for n, c in sorted(self.failovers.items())])
             for kind in ("prompt", "generated"):
                 metric("rbee_%s_tokens_total" % kind, "counter", "%s tokens of app requests" % kind.title(),
                     [((("model", m),), n) for (k, m), n in sorted(self.tokens.items()) if k == kind])
@@ -5895,12 +6435,13 @@ class EventFeed:
 
 
 class AppModels:
-    """The models the apps name: every model cataloged on a node whose hive answers, every loaded
-    one, by id, and every alias (`models alias`); a name an app sends resolved to a reference."""
+    """The models the apps name: every model cataloged on a node as the queen last saw it, every
+    loaded one, by id, and every alias (`models alias`); a name an app sends resolved to a
+    reference. Listing starts no hive and waits on no ssh (Hives.known)."""
 
     def __init__(self, scheduler, hives):
-        self.scheduler = scheduler        #: surveys the nodes (starting their hives)
-        self.hives = hives                #: the nodes to survey
+        self.scheduler = scheduler        #: surveys the nodes (starting their hives) for a name not known yet
+        self.hives = hives                #: what the queen knows of each node
 
     def named(self, name):
         """The model an app's `model` names: a reference rbee accepts, an alias, or an id (or catalog
@@ -5911,6 +6452,10 @@ class AppModels:
         with contextlib.suppress(InvalidModelRef):
             return self.hives.nodes.model_ref(name)
         found = self.find(name)
+        if found is None:   # (a node whose catalog the queen has not seen yet may have it: ask them all)
+            with contextlib.suppress(RbeeError):
+                self.scheduler.survey(None, self.hives.candidates(), _current_sink())
+            found = self.find(name)
         if found:
             return ModelRef.parse(found["id"])
         raise ModelNotFound("The model %r does not exist on any reachable node" % name, {"model": name},
@@ -5920,16 +6465,13 @@ class AppModels:
         """The listing's entry whose id (or catalog id) is `name`, or None."""
         return next((m for m in self.listing() if name in (m["id"], m["slug"])), None)
 
-    def listing(self):
-        """{id, slug, filename, size_bytes, sha256, created, nodes, loaded_on} of every model. An hf
-        model's id is hf:ORG/REPO (with :FILE when a node holds several files of the repo); a
-        file's, file:PATH; an alias's, its name, with `alias_of` and what its model has."""
-        try:
-            answers = self.scheduler.survey(None, self.hives.candidates(), _current_sink())
-        except RbeeError:   # (no hive answers: no model)
-            answers = {}
+    def listing(self, known=None):
+        """{id, slug, filename, size_bytes, sha256, created, nodes, loaded_on} of every model, from
+        `known` (Hives.known: asked if not given). An hf model's id is hf:ORG/REPO (with :FILE when
+        a node holds several files of the repo); a file's, file:PATH; an alias's, its name, with
+        `alias_of` and what its model has."""
         found = {}
-        for name, res in answers.items():
+        for name, res in (known or self.hives.known()).items():
             files = collections.Counter(row["reference"] for row in res["models"] if row["provider"] == "hf")
             for row in res["models"]:
                 if row["provider"] == "hf":
@@ -6106,7 +6648,13 @@ class OpenAIApi:
                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     def list_models(self, req):
-        req.send_json(200, {"object": "list", "data": [self._model(m) for m in self.models.listing()]})
+        """The models, and (rbee's own field) each node as the queen knows it: up, idle (no hive now)
+        or down (with why), and how old what it says of the node's catalog is."""
+        known = self.models.hives.known()
+        nodes = [dict({"node": name, "state": k["state"], "age_s": k["age_s"]},
+                      **({"reason": k["reason"]} if k.get("reason") else {})) for name, k in known.items()]
+        req.send_json(200, {"object": "list", "data": [self._model(m) for m in self.models.listing(known)],
+                            "nodes": nodes})
 
     def model(self, req):
         name = urllib.parse.unquote(req.params["model_id"])
@@ -7307,6 +7855,14 @@ class Queen(App):
         context = context_of(body, self.scheduler.settings.context)
         keep_alive = keep_alive_of(body, None)   # (None: the hive's, which is this queen's --keep-alive)
         nodes = self.hives.candidates() if node == AUTO_NODE else [self.nodes.resolve(node)["node_name"]]
+        failed = body.get("exclude") or []   # (a keeper's failover: the nodes that failed its task)
+        if not isinstance(failed, list) or not all(isinstance(n, str) for n in failed):
+            raise invalid("exclude", "must be a list of node names")
+        if failed:
+            nodes = [n for n in nodes if n in self.hives.others(failed)]
+        if not nodes:
+            raise NodeLost("No node is left for the task: %s failed it" % ", ".join(failed), {"nodes": failed},
+                           "Run it again once a node answers: rbee.py status")
         split = body.get("split")
         if split is not None:
             if not isinstance(split, list) or not 2 <= len(split) <= 16 or len(set(map(str, split))) != len(split):
@@ -7315,7 +7871,8 @@ class Queen(App):
         stream = req.sse()   # (NODE_NOT_FOUND and every 400 before the stream starts)
         with narration_to(stream.narration):
             session, worker, _, _ = self.scheduler.assign(ref, stream.narration, nodes, backend, device, parallel,
-                                                          keep_alive, split, task=True, context=context)
+                                                          keep_alive, split, task=True, context=context,
+                                                          named=node != AUTO_NODE)
         timings = dict(session.timings, **(worker.get("timings") or {}))
         session.timings = {}   # the hive start is paid once
         stream.finish(EVENT_WORKER, {"worker_id": worker["worker_id"], "worker_url": session.worker_url(worker["url"]),
@@ -7354,12 +7911,16 @@ class Queen(App):
             session = self.hives.get(node, stream.narration)
             with session.listening(stream.narration):
                 result = session.client.download(ref.text, session.tagged(stream.narration))
+            self.hives.remember(node, session.client.resources())   # (what the listings say of its catalog)
         stream.finish(EVENT_END, result)
 
     def remove_model(self, req):
         body = req.json
         ref, node = model_ref_of(body), self.node_of(body)
-        req.send_json(200, self.hives.get(node).client.remove(ref.text))
+        session = self.hives.get(node)
+        removed = session.client.remove(ref.text)
+        self.hives.remember(node, session.client.resources())   # (what the listings say of its catalog)
+        req.send_json(200, removed)
 
     def status(self, req):
         """Nodes (with their caps), each running hive's memory, devices, workers and models, and
@@ -7369,6 +7930,8 @@ class Queen(App):
         running = {h["node"] for h in hives}
         for node in nodes:
             node["hive"] = node["node_name"] in running
+            down = self.hives.down(node["node_name"])
+            node["down"] = down.details if down else None   # (down_s, retry_in_s, reason)
         local = {"node_name": LOCAL_NODE, "ssh_host": "127.0.0.1", "status": "local", "hive": LOCAL_NODE in running,
                  "limits": self.nodes.limits(LOCAL_NODE)}
         req.send_json(200, {"version": __version__, "queen": {"pid": os.getpid(), "port": self.port,
@@ -7473,6 +8036,8 @@ def split_crash(worker):
         yield
     except WorkerCrashed as err:
         for part in (worker.get("split") or [])[1:]:
+            if part.get("tunnel"):   # (through ssh: a forward's port takes connections whether the part lives or not)
+                continue
             host, _, port = part["endpoint"].rpartition(":")
             try:
                 socket.create_connection((host, int(port)), timeout=2).close()
@@ -7504,6 +8069,7 @@ class Keeper:
         self.queen_child = None           #: the queen this keeper started (ephemeral mode): a Child, else None
         self.relay_queen = True           #: show what the ephemeral queen prints (off once it is stopping)
         self.timings = collections.OrderedDict()   #: --timings: label -> ms (the main thread)
+        self.streamed = False             #: text went to stdout: a failed node can no longer be left behind
 
     def __enter__(self):
         return self
@@ -7578,18 +8144,27 @@ class Keeper:
         task.update({"ctx_size": args.ctx_size} if args.ctx_size else {})
         if args.split:
             task["split"] = [n for n in args.split.split(",") if n]
-        worker = self.queen.task(task, self.show)
-        self.timings["worker ready (queen + hive)"] = (time.monotonic() - started) * 1000
-        local = worker.get("node") == LOCAL_NODE
-        connect = "hive process start" if local else "ssh connect (to the hive's first word)"
-        for key, label in (("ssh_connect_ms", connect), ("hive_start_ms", "hive ready (HTTP up)"),
-                           ("download_ms", "model download"),
-                           ("load_ms", "model load")):
-            if key in (worker.get("timings") or {}):
-                self.timings[label] = worker["timings"][key]
-        if self.json:
-            emit_line(dict(event=EVENT_WORKER, **{k: v for k, v in worker.items() if k != "api_key"}))
-        end = self.execute(worker)
+        placed_by_queen, failed = args.node in (None, AUTO_NODE) and not args.split, []
+        while True:
+            worker = self.queen.task(dict(task, exclude=failed) if failed else task, self.show)
+            self.timings["worker ready (queen + hive)"] = (time.monotonic() - started) * 1000
+            local = worker.get("node") == LOCAL_NODE
+            connect = "hive process start" if local else "ssh connect (to the hive's first word)"
+            for key, label in (("ssh_connect_ms", connect), ("hive_start_ms", "hive ready (HTTP up)"),
+                               ("download_ms", "model download"),
+                               ("load_ms", "model load")):
+                if key in (worker.get("timings") or {}):
+                    self.timings[label] = worker["timings"][key]
+            if self.json:
+                emit_line(dict(event=EVENT_WORKER, **{k: v for k, v in worker.items() if k != "api_key"}))
+            try:
+                end = self.execute(worker)
+                break
+            except (WorkerCrashed, ConnectionTimeout):   # its node failed it: another one, if nothing streamed yet
+                if self.streamed or not placed_by_queen:
+                    raise
+                failed.append(worker["node"])
+                self.say("failover", "%s went away; placing the task again" % worker["node"], "↪")
         self.timings["total"] = (time.monotonic() - started) * 1000
         if args.timings:
             self.show_timings(end)
@@ -7657,6 +8232,7 @@ class Keeper:
             elif text:
                 sys.stdout.write(text)
                 self.renderer.text_written(text)
+            self.streamed = self.streamed or bool(text) or event is not None and event.get("event") == "token"
             sys.stdout.flush()
         except BrokenPipeError:   # the reader went away (`| head`): not the worker's fault
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -7712,7 +8288,7 @@ def install_node(node, target, args):
               "if command -v nvidia-smi >/dev/null; then export CMAKE_ARGS=\"$CMAKE_ARGS -DGGML_CUDA=on\"; "
               "elif [ \"$(uname -s)-$(uname -m)\" = Darwin-arm64 ]; then "
               "export CMAKE_ARGS=\"$CMAKE_ARGS -DGGML_METAL=on\"; fi; "
-              ".venv/bin/pip install -q llama-cpp-python==0.3.36 huggingface_hub==2.4.0"
+              ".venv/bin/pip install -q llama-cpp-python==0.3.36 huggingface_hub==2.4.0 gguf==0.19.0"
               % (quoted, shell_path(node["python"])))
     print("Installing llama-cpp-python on %s (a first build takes minutes)..." % node["node_name"])
     code = subprocess.call(target.argv(script), stdin=subprocess.DEVNULL)
@@ -7760,7 +8336,7 @@ def cmd_nodes(args):
         with narration_to(renderer.show):
             info = probe_node(SshTarget.for_node(node), args.name, args.rbee_dir, args.python)
         node.update(backends=list(info.get("backends") or {}), devices=info.get("backends") or {},
-                    last_connected_unix=int(time.time()), status="reachable", last_error=info.get("error"))
+                    last_connected_unix=int(time.time()), status=NODE_REACHABLE, last_error=info.get("error"))
         registry.save(node)
         if args.max_ram or args.max_vram:
             registry.set_limits(args.name, max_ram_mb=args.max_ram, max_vram_mb=args.max_vram)
@@ -7785,12 +8361,14 @@ def cmd_nodes(args):
             try:
                 info = probe_node(target, node["node_name"], node["rbee_dir"], node["python"])
             except RbeeError as err:
-                registry.update(node["node_name"], status="unreachable", last_error=err.message)
+                registry.mark_down(node["node_name"], err.message)   # (a queen leaves it out until its next try)
                 raise
         same = info.get("rbee_version") == __version__
-        registry.update(node["node_name"], status="reachable", last_connected_unix=int(time.time()),
-                        backends=list(info.get("backends") or {}), devices=info.get("backends") or {},
-                        last_error=info.get("error"))
+        # (a queen that had it down places on it again from its next request on)
+        found = info.get("backends") or {}
+        registry.mark_up(node["node_name"], backends=list(found), devices=found)
+        if info.get("error"):
+            registry.update(node["node_name"], last_error=info["error"])
         print("node:     %s (%s)\nssh:      ok, %.0f ms\npython:   %s\nrbee.py:  %s\nbackends: %s" % (
             node["node_name"], target, info["latency_ms"], info.get("python") or "missing (%s)" % info.get("error"),
             "%s (%s)" % (info["rbee_version"], "same version" if same else "queen is %s" % __version__)
@@ -7897,6 +8475,10 @@ def cmd_status(args):
         print("node:   %-14s %-24s %-11s %-8s rbee may use %s" % (
             node["node_name"], node["ssh_host"], node["status"], "hive up" if node["hive"] else "no hive",
             describe_limits(node["limits"])))
+        if node.get("down"):
+            print("        down for %s: %s; next try in %s" % (human_duration(node["down"]["down_s"]),
+                                                             node["down"]["reason"],
+                                                             human_duration(node["down"]["retry_in_s"])))
     for hive in status["hives"]:
         if "error" in hive:
             print("hive:   %-14s %s  error: %s" % (hive["node"], hive["url"], hive["error"]["message"]))
@@ -8106,6 +8688,8 @@ def build_parser():
     s.add_argument("--offload-layers", type=_bounded(int, 0, 1 << 16), default=0, help="a split: layers on the "
                    "remote devices")
     s.add_argument("--tensor-split", help="a split over several remote devices: their shares, as a,b,...")
+    s.add_argument("--listen-fd", type=int, help="serve on this inherited listening socket, bound to --port "
+                   "(set by its hive, which holds the port from the moment it chose it)")
     s.add_argument("--lifeline", action="store_true", help="exit when stdin closes")
     s.set_defaults(func=run_worker)
 
@@ -8114,6 +8698,8 @@ def build_parser():
     s.add_argument("--port", type=_bounded(int, 1, 65535), required=True)
     s.add_argument("--backend", required=True, choices=backends.PREFERENCE)
     s.add_argument("--device", type=_bounded(int, 0, 1024), default=0)
+    s.add_argument("--seed", metavar="GGUF", help="this node's copy of the split's model: fill the tensor cache "
+                   "from it before serving, so that the primary sends hashes instead of those weights")
     s.add_argument("--lifeline", action="store_true", help="exit when stdin closes")
     s.set_defaults(func=run_rpc)
 

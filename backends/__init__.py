@@ -3,7 +3,7 @@
 Each module (cpu.py, cuda.py, metal.py) exposes
     available() -> bool
     devices() -> [{index, name, memory_total_mb, memory_free_mb}]
-    preflight(model_size_bytes, device)      raises BackendError with a PROTOCOL.md §7 code
+    preflight(need_mb, device)               raises BackendError with a PROTOCOL.md §7 code
     load(model_path, device, n_ctx, **opts)  -> llama_cpp.Llama (opts override its own: a split's layers)
     memory_used_mb(device) -> int
     describe(device) -> str                   for narration ("CPU device 0 (2 threads)")
@@ -18,7 +18,6 @@ import subprocess
 import sys
 
 PREFERENCE = ("cuda", "metal", "cpu")   # best first: the default backend of a node
-RAM_FACTOR = 1.2                        # a model needs its size x 1.2 of free memory
 
 
 class BackendError(Exception):
@@ -92,38 +91,38 @@ def meminfo_mb():
     return pages, pages
 
 
-def required_mb(model_size_bytes):
-    return int(model_size_bytes * RAM_FACTOR / (1 << 20)) + 1
-
-
-def check_ram(model_size_bytes):
-    """INSUFFICIENT_RAM when free RAM < model size x 1.2 (every backend loads through RAM)."""
-    need, (_, free) = required_mb(model_size_bytes), meminfo_mb()
+def check_ram(need):
+    """INSUFFICIENT_RAM when free RAM < `need` MB, a worker's estimate (every backend loads through RAM)."""
+    _, free = meminfo_mb()
     if free < need:
         raise BackendError("INSUFFICIENT_RAM", "Insufficient RAM: need %d MB, %d MB available" % (need, free),
                            {"required_mb": need, "available_mb": free},
                            "Free some memory on the node or choose a smaller model (a lower quantisation)")
 
 
-def preflight_unified(name, model_size_bytes, device):
+def preflight_unified(name, need_mb, device):
     """Preflight of a backend with one device whose memory is the system RAM (cpu, metal)."""
     if device != 0:
         raise BackendError("DEVICE_NOT_FOUND", "Device %s not found for backend %s" % (device, name),
                            {"requested": device, "devices": 1, "backend": name}, "Use --device 0")
-    check_ram(model_size_bytes)
+    check_ram(need_mb)
 
 
 def process_rss_mb(pid=None):
-    pid = pid or os.getpid()
-    try:
-        with open("/proc/%d/status" % pid) as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) // 1024
-    except OSError:
-        pass
+    rss = proc_rss_mb(pid or os.getpid())
+    if rss is not None:
+        return rss
     import resource   # macOS: peak RSS of this process, in bytes
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // (1 << 20)
+
+
+def proc_rss_mb(pid):
+    """A process's resident memory in MB, from /proc (Linux); None where that cannot be read."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            return next((int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS:")), None)
+    except (OSError, ValueError):
+        return None
 
 
 def threads():

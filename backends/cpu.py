@@ -20,8 +20,8 @@ def devices():
              "memory_total_mb": total, "memory_free_mb": free}]
 
 
-def preflight(model_size_bytes, device):
-    preflight_unified("cpu", model_size_bytes, device)
+def preflight(need_mb, device):
+    preflight_unified("cpu", need_mb, device)
 
 
 def load(model_path, device, n_ctx, **opts):

@@ -3,7 +3,7 @@ import os
 import shutil
 import subprocess
 
-from . import BackendError, check_ram, gpu_offload_supported, llama, required_mb
+from . import BackendError, gpu_offload_supported, llama
 
 MEMORY = "vram"   # the memory a model takes on its devices: each GPU's own
 
@@ -44,18 +44,19 @@ def devices():
             for i, name, total, free in rows]
 
 
-def preflight(model_size_bytes, device):
+def preflight(need_mb, device):
     gpus = devices()
     if not 0 <= device < len(gpus):
         raise BackendError("DEVICE_NOT_FOUND", "CUDA device %s not found" % device,
                            {"requested": device, "devices": len(gpus), "backend": "cuda"},
                            "Use --device 0..%d" % (len(gpus) - 1) if gpus else "This node has no CUDA device")
-    need, free = required_mb(model_size_bytes), gpus[device]["memory_free_mb"]
+    need, free = need_mb, gpus[device]["memory_free_mb"]
     if free < need:
         raise BackendError("VRAM_EXHAUSTED", "Not enough VRAM on CUDA device %d: need %d MB, %d MB free"
                            % (device, need, free), {"required_mb": need, "available_mb": free, "device": device},
                            "Stop other GPU programs, use another --device, or a smaller model")
-    check_ram(model_size_bytes)
+    # (no RAM check: `need_mb` is the card's -- weights, KV cache, compute buffers --, and the file
+    # reaches it through the page cache, which the kernel gives back)
 
 
 def load(model_path, device, n_ctx, **opts):

@@ -26,8 +26,8 @@ def devices():
     return [{"index": 0, "name": "Apple silicon GPU", "memory_total_mb": total, "memory_free_mb": free}]
 
 
-def preflight(model_size_bytes, device):
-    preflight_unified("metal", model_size_bytes, device)
+def preflight(need_mb, device):
+    preflight_unified("metal", need_mb, device)
 
 
 def load(model_path, device, n_ctx, **opts):

@@ -375,22 +375,34 @@ def over_ssh(tmp, env, infer, baseline):
 
 def split_scenario(tmp, env, model, baseline):
     """One model over two simulated hosts (llama.cpp's RPC backend) against the same model on one
-    of them: warm `infer` commands through one persistent queen, paired; and the network's own
-    round trip between the two hosts (the per-hop cost every layer boundary pays)."""
+    of them: the loads first (one node alone, then the split's first load and, after it ended, its
+    second, which the part's tensor cache serves: the time, and the bytes the part's host took in,
+    from its veth's counter), for the test model and tests/widemodel.py's (weights over ggml's
+    10 MiB hash threshold, which SmolLM2's are not); then warm `infer` commands through one
+    persistent queen, paired: mac alone, the split over the LAN transport and the same split over
+    the ssh transport (nodes mac-ssh, workstation-ssh on the same hosts: the RPC traffic through
+    the nodes' ssh connections); and the network's own round trip between the two hosts."""
+    from fakehub import FakeHub
     from hosts import NetnsHosts, SshKeys, netns_available, write_ssh_config
+    import widemodel
     if not netns_available() or not shutil.which("ssh"):
         return {"skipped": "needs network namespaces (root) and OpenSSH"}
     keys = SshKeys(tmp / "split-keys")
     net = NetnsHosts(tmp / "split-net", keys, names=("mac", "workstation"), subnet="10.211.0", bridge="rbeebrsplit",
                      ns_prefix="bench2-").start()
+    hub = FakeHub(host=net.gateway, port=0).start()   # hf: copies, which only the primary downloads
     try:
         config = write_ssh_config(tmp / "split_ssh_config", [(h.name, h.address, 22, "root")
                                                              for h in net.hosts.values()], keys)
         ssh_env = dict(env, RBEE_SSH_CONFIG=config)
-        for name, cap in (("mac", "2G"), ("workstation", "1G")):
-            add = subprocess.run([PY, RBEE, "nodes", "add", name, "--ssh-host", name, "--rbee-dir", str(REPO),
-                                  "--python", PY, "--max-ram", cap, "--env", "RBEE_HOME=%s" % (tmp / (name + "-home"))],
-                                 env=ssh_env, capture_output=True, text=True)
+        for name, host, cap, transport in (("mac", "mac", "2G", "lan"), ("workstation", "workstation", "1G", "lan"),
+                                           ("mac-ssh", "mac", "2G", "ssh"),
+                                           ("workstation-ssh", "workstation", "1G", "ssh")):
+            add = subprocess.run([PY, RBEE, "nodes", "add", name, "--ssh-host", host, "--rbee-dir", str(REPO),
+                                  "--python", PY, "--max-ram", cap, "--transport", transport, "--env",
+                                  "RBEE_HOME=%s" % (tmp / (name + "-home")), "HF_HOME=%s" % (tmp / (name + "-hf")),
+                                  "HF_ENDPOINT=" + hub.url, "HF_HUB_OFFLINE=0"], env=ssh_env, capture_output=True,
+                                 text=True)
             if add.returncode:
                 raise RuntimeError("nodes add failed: %s" % add.stderr)
         probe = ("import socket, statistics, time\nt = []\nfor _ in range(20):\n    s = time.perf_counter()\n"
@@ -398,23 +410,79 @@ def split_scenario(tmp, env, model, baseline):
                  "print(statistics.median(t) * 1000)" % net.hosts["workstation"].address)
         rtt = subprocess.run(["ip", "netns", "exec", net.hosts["mac"].netns, PY, "-c", probe], capture_output=True,
                              text=True)   # a TCP connect: one round trip from mac to workstation
+        wide = tmp / "rbee-wide.gguf"
+        widemodel.build(wide, model)
+        hub.add_file("rbee-bench/smollm2-GGUF", os.path.basename(model), path=model)
+        hub.add_file("rbee-bench/wide-GGUF", "rbee-wide.gguf", path=str(wide))
         qport = free_port()
         queen = role(["queen", "--port", str(qport)], ssh_env)
         try:
+            queen_url = "http://127.0.0.1:%d" % qport
+            loads = {name: split_loads(net, ssh_env, queen_url, "hf:rbee-bench/%s-GGUF" % name)
+                     for name in ("smollm2", "wide")}
             warm = ["infer", "--model", "file:" + model, "--prompt", PROMPT, "--max-tokens", str(TOKENS),
-                    "--temperature", "0", "--seed", str(SEED), "--quiet", "--raw", "--queen",
-                    "http://127.0.0.1:%d" % qport]
-            raws, (one, split) = baseline.paired(lambda: whole_command(warm + ["--node", "mac"], ssh_env),
-                                                 lambda: whole_command(warm + ["--split", "mac,workstation"], ssh_env))
+                    "--temperature", "0", "--seed", str(SEED), "--quiet", "--raw", "--queen", queen_url]
+            raws, (one, split, tunnelled) = baseline.paired(
+                lambda: whole_command(warm + ["--node", "mac"], ssh_env),
+                lambda: whole_command(warm + ["--split", "mac,workstation"], ssh_env),
+                lambda: whole_command(warm + ["--split", "mac-ssh,workstation-ssh"], ssh_env))
         finally:
             stop(queen)
-        one, split = summarize(one, raws), summarize(split, raws)
-        return {"one_node": one, "split_two_nodes": split,
+        one, split, tunnelled = summarize(one, raws), summarize(split, raws), summarize(tunnelled, raws)
+        return {"one_node": one, "split_two_nodes": split, "split_ssh_transport": tunnelled, "loads": loads,
                 "rtt_ms": round(float(rtt.stdout), 3) if rtt.returncode == 0 else None,
                 "tok_s_ratio": round(split["tok_s"]["median"] / one["tok_s"]["median"], 3),
-                "ttft_diff_ms": round(split["ttft_ms"]["median"] - one["ttft_ms"]["median"], 1)}
+                "ttft_diff_ms": round(split["ttft_ms"]["median"] - one["ttft_ms"]["median"], 1),
+                "ssh_tok_s_vs_lan": round(tunnelled["tok_s"]["median"] / split["tok_s"]["median"], 3),
+                "ssh_ttft_diff_ms": round(tunnelled["ttft_ms"]["median"] - split["ttft_ms"]["median"], 1)}
     finally:
+        hub.stop()
         net.stop()
+
+
+def split_loads(net, env, queen_url, model, runs=3):
+    """`model` (hf:, downloaded by mac alone before anything is measured) loaded on mac alone
+    (`runs` times), then split over mac and workstation: its first load (once: it fills
+    workstation's empty cache) and its second (`runs` times). Each: the worker's load time, and
+    the bytes workstation's host took in from the start of the command until nothing of it runs
+    (keep-alive 0)."""
+    def load(*where):
+        before = int(Path("/sys/class/net/%s/statistics/tx_bytes" % net.veth("workstation")).read_text())
+        out = subprocess.run([PY, RBEE, "infer", "--model", model, "--prompt", PROMPT, "--max-tokens",
+                              "8", "--temperature", "0", "--keep-alive", "0", "--json", "--queen", queen_url]
+                             + list(where), env=env, capture_output=True, text=True, timeout=600)
+        events = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        worker = next((e for e in events if e.get("event") == "worker"), None)
+        if out.returncode or worker is None:
+            raise RuntimeError("infer %s failed: %s" % (" ".join(where), out.stderr[-400:]))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(
+                role_running(pid) for host in ("mac", "workstation") for pid in net_pids(net.netns(host))):
+            time.sleep(0.2)
+        after = int(Path("/sys/class/net/%s/statistics/tx_bytes" % net.veth("workstation")).read_text())
+        return {"load_ms": worker.get("timings", {}).get("load_ms"), "bytes_to_part": after - before,
+                "text": "".join(e["t"] for e in events if e.get("event") == "token")}
+
+    load("--node", "mac")   # (the download)
+    alone = [load("--node", "mac") for _ in range(runs)]
+    first = load("--split", "mac,workstation")
+    second = [load("--split", "mac,workstation") for _ in range(runs)]
+    return {"alone_load_ms": stats([r["load_ms"] for r in alone]),
+            "first_load_ms": first["load_ms"], "first_bytes_to_part": first["bytes_to_part"],
+            "second_load_ms": stats([r["load_ms"] for r in second]),
+            "second_bytes_to_part": stats([r["bytes_to_part"] for r in second]),
+            "same_text": all(r["text"] == first["text"] for r in second) and first["text"] == alone[0]["text"]}
+
+
+def net_pids(netns):
+    out = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split() if p.isdigit()]
+
+
+def role_running(pid):
+    """Whether `pid` is an rbee worker or RPC server."""
+    argv = _cmd(pid).split()
+    return any(a.endswith("rbee.py") for a in argv) and ("worker" in argv or "rpc" in argv)
 
 
 # -- many clients at once: rbee's slots against llama.cpp's own server and llama-cpp-python's -----
@@ -1100,10 +1168,18 @@ def print_table(r):
         print_agent(r["agent"])
     split = r.get("split") or {}
     if "one_node" in split:
-        print("\nsplit: warm infer, the model on mac alone vs split mac (20 layers) + workstation (10), %d runs" % RUNS)
-        print_pair(split, ("one_node", "split_two_nodes"))
+        print("\nsplit: warm infer, the model on mac alone vs split mac (20 layers) + workstation (10), over the LAN "
+              "and the ssh transport, %d runs" % RUNS)
+        print_pair(split, ("one_node", "split_two_nodes", "split_ssh_transport"))
         print("split vs one node: tok/s x%.3f, ttft %+.1f ms; network round trip between the hosts %s ms" % (
             split["tok_s_ratio"], split["ttft_diff_ms"], split["rtt_ms"]))
+        print("ssh transport split vs LAN split: tok/s x%.3f, ttft %+.1f ms" % (
+            split["ssh_tok_s_vs_lan"], split["ssh_ttft_diff_ms"]))
+        for name, loads in split["loads"].items():
+            print("loads, %s: alone %s ms; split first %s ms, %.1f MB to the part; second %s ms, %s MB to the part; "
+                  "same text %s" % (name, span(loads["alone_load_ms"], "%.0f"), loads["first_load_ms"],
+                                    loads["first_bytes_to_part"] / 1e6, span(loads["second_load_ms"], "%.0f"),
+                                    "%.2f" % (loads["second_bytes_to_part"]["median"] / 1e6), loads["same_text"]))
     elif split:
         print("\nsplit: %s" % split.get("skipped"))
     f = r.get("footprint", {})

@@ -2,9 +2,11 @@
 
 Nothing of rbee is mocked: every role runs as `python -u rbee.py ROLE` in its own process.
 """
+import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +24,9 @@ sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fetch_model  # noqa: E402
+from fakehub import FakeHub  # noqa: E402
+from hosts import (LoopbackSshd, NetnsHosts, SshKeys, listeners_local, listening_ports_local,  # noqa: E402
+                   netns_available, processes_matching, write_ssh_config)
 
 IN_CI = os.environ.get("CI") == "true"
 
@@ -73,15 +78,33 @@ def rbee_processes(marker):
             with open("/proc/%s/stat" % entry) as f:
                 if f.read().rsplit(")", 1)[1].split()[0] == "Z":
                     continue
-            if "rbee.py" not in cmd:
-                continue
-            with open("/proc/%s/environ" % entry, "rb") as f:
-                environ = f.read()
         except OSError:
             continue
-        if marker in cmd or marker.encode() in environ:
+        if "rbee.py" in cmd and names(entry, marker):
             found.append((int(entry), cmd))
     return found
+
+
+def names(pid, marker):
+    """Whether process `pid`'s command line or environment names `marker` (a test's tmp dir)."""
+    try:
+        with open("/proc/%s/cmdline" % pid, "rb") as f, open("/proc/%s/environ" % pid, "rb") as g:
+            return marker.encode() in f.read() + g.read()
+    except OSError:
+        return False
+
+
+def ports_held(marker, *ports):
+    """Those of `ports` that still answer on loopback for a process of `marker`'s test, or with no
+    listener to be seen: with two tests at a time another test's worker may have been given a port
+    that this test's worker let go, and that one is free as far as this test goes."""
+    held = []
+    for port in ports:
+        if port_open("127.0.0.1", port):
+            listeners = listeners_local(port)
+            if not listeners or any(names(pid, marker) for pid in listeners):
+                held.append(port)
+    return held
 
 
 def assert_no_rbee_left(marker, within=5.0):
@@ -435,3 +458,231 @@ def run_together(port, bodies):
     return results
 
 
+# -- simulated hosts over real ssh (test_e2e_ssh.py, test_failover.py) -------------------------------
+#
+# mac, workstation and airgap: network namespaces with their own sshd, hostname and home
+# (tests/hosts.py), and a FakeHub they reach for the model (see test_e2e_ssh's docstring).
+
+REPO_ID = "rbee-test/SmolLM2-135M-Instruct-GGUF"
+MODEL = "hf:" + REPO_ID
+GGUF = "smollm2-135m-instruct.Q4_K_M.gguf"      # the real model, under the name the preference picks
+DECOY = "smollm2-135m-instruct.Q8_0.gguf"       # a decoy quantisation: must never be fetched
+AIRGAP = "airgap"   # the simulated host whose own name does not resolve (namespaces only)
+
+
+def xdist_worker_index():
+    """N of pytest-xdist's worker gwN; 0 when not under xdist."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    match = re.fullmatch(r"gw(\d+)", worker)
+    if worker and not match:
+        raise AssertionError("unexpected PYTEST_XDIST_WORKER=%r" % worker)
+    # (RBEE_TEST_NET_OFFSET: several test runs at once on one machine, each its own namespaces)
+    index = (int(match.group(1)) if match else 0) + int(os.environ.get("RBEE_TEST_NET_OFFSET") or 0)
+    assert index <= 55, "at most 56 xdist workers (subnets 10.200.0 .. 10.255.0)"
+    return index
+
+
+class Sim:
+    """Hosts reachable over real ssh (aliases in `config`), and a FakeHub they can reach."""
+
+    def __init__(self, workdir, model_path):
+        self.keys = SshKeys(workdir / "keys")
+        self.wrong_keys = SshKeys(workdir / "wrong-keys")      # not in any authorized_keys
+        self.net = self.sshd = self.hub = None
+        use_netns = netns_available() and not os.environ.get("RBEE_TEST_FORCE_LOOPBACK")
+        if IN_CI:
+            assert use_netns, "under CI=true these tests need network namespaces (root, iproute2)"
+        if use_netns:   # namespaces, bridge and subnet of this xdist worker
+            n = xdist_worker_index()
+            self.net = NetnsHosts(workdir / "net", self.keys, names=("mac", "workstation", AIRGAP),
+                                  subnet="10.%d.0" % (200 + n), bridge="rbeebr%d" % n, ns_prefix="w%d-" % n,
+                                  unresolvable=(AIRGAP,)).start()
+            self.addresses = {name: h.address for name, h in self.net.hosts.items()}
+            entries = [(name, h.address, h.port, h.user) for name, h in self.net.hosts.items()]
+            hub_host = self.net.gateway
+        else:   # one machine: a private sshd on loopback is node `mac` (no workstation, no airgap)
+            self.sshd = LoopbackSshd(workdir / "sshd", self.keys).start()
+            self.addresses = {"mac": self.sshd.host}
+            entries = [("mac", self.sshd.host, self.sshd.port, self.sshd.user)]
+            hub_host = "127.0.0.1"
+        self.config = write_ssh_config(workdir / "ssh_config", entries, self.keys)
+        self.wrong_config = write_ssh_config(workdir / "ssh_config_wrong_key", entries, self.wrong_keys)
+        for config in (self.config, self.wrong_config):   # rbee must bring its own keep-alive options
+            text = Path(config).read_text()
+            Path(config).write_text("".join(line for line in text.splitlines(True) if "ServerAlive" not in line))
+        self.hub = FakeHub(host=hub_host, port=0).start()
+        self.hub.add_file(REPO_ID, GGUF, path=model_path)
+        self.hub.add_file(REPO_ID, DECOY, data=b"not a model, never downloaded " * 100)
+        self.hub.add_file(REPO_ID, "README.md", data=b"# SmolLM2-135M-Instruct GGUF\n", lfs=False)
+
+    @property
+    def netns(self):
+        return self.net is not None
+
+    def stop(self):
+        if self.hub:
+            self.hub.stop()
+        if self.net:
+            self.net.stop()
+        if self.sshd:
+            self.sshd.stop()
+
+    def listening(self, name):
+        """TCP ports listening on host `name` (this machine's for the loopback fallback)."""
+        return self.net.listening_ports(name) if self.net else listening_ports_local()
+
+    def host_of(self, pid):
+        """The simulated host a process runs on (by its network namespace); `local` for this one."""
+        if not self.net:
+            return "mac"
+        ino = int(re.search(r"\[(\d+)\]", os.readlink("/proc/%d/ns/net" % pid)).group(1))
+        return self.net.host_of_netns_inode(ino) or "local"
+
+    def need_airgap(self):
+        """The airgap host exists only with network namespaces (root, iproute2): without them
+        these tests fail, never skip."""
+        assert self.netns, "the airgap host needs network namespaces (run as root; make sysdeps installs iproute2)"
+
+    def sshd_accepted(self, name):
+        """How many ssh logins host `name` accepted so far (its sshd logs at VERBOSE)."""
+        log = self.net.sshd_log(name) if self.net else self.sshd.log
+        return Path(log).read_text(errors="replace").count("Accepted publickey")
+
+    @contextlib.contextmanager
+    def partition(self, name):
+        """Host `name` falls silent: packets vanish, no FIN, no RST. Namespaces: its link goes
+        down. Loopback: its sshd (listener and sessions, not what they run) is frozen."""
+        if self.net:
+            veth = self.net.veth(name)
+            subprocess.run(["ip", "link", "set", veth, "down"], check=True)
+            try:
+                yield
+            finally:
+                subprocess.run(["ip", "link", "set", veth, "up"], check=True)
+            return
+        frozen = [self.sshd.pid] + [pid for pid, _ in processes_matching("sshd") if self._descends(pid, self.sshd.pid)]
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in frozen:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGCONT)
+
+    @staticmethod
+    def _descends(pid, ancestor):
+        while pid > 1:
+            try:
+                with open("/proc/%d/stat" % pid) as f:
+                    pid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError):
+                return False
+            if pid == ancestor:
+                return True
+        return False
+
+    def forget_connections(self, name):
+        """This machine drops its side of every ssh connection to `name` (`ss -K`), as it does by
+        itself after a partition longer than TCP's retransmissions, so the node never hears of it:
+        the reset `ss -K` sends may wait in the queue of an unresolved neighbour entry (and reach
+        the node when the link is back), so that entry goes too."""
+        host = self.addresses[name]
+        port = 22 if self.net else self.sshd.port
+        subprocess.run(["ss", "-K", "dst", host, "dport", "=", ":%d" % port], check=True, capture_output=True)
+        if self.net:
+            subprocess.run(["ip", "neigh", "flush", "to", host], check=True, capture_output=True)
+
+    def closed_port(self, name):
+        """An address and port of host `name` where nothing listens (connections are refused)."""
+        port = 2222
+        while port in self.listening(name):
+            port += 1
+        return self.addresses[name], port
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory, model_path):
+    """Shared by the module's tests (hosts, keys, hub); each test keeps its own state dirs."""
+    s = Sim.__new__(Sim)
+    s.net = s.sshd = s.hub = None
+    try:
+        s.__init__(tmp_path_factory.mktemp("sim"), model_path)
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def ssh_env(env, sim):
+    """The user's environment plus the ssh client config every ssh call of rbee uses (-F)."""
+    return dict(env, RBEE_SSH_CONFIG=sim.config)
+
+
+@pytest.fixture
+def no_leftovers(tmp_path):
+    """Whatever a test leaves running, on any host, is killed afterwards (by its tmp dir); the
+    modules of simulated hosts use it for every test (pytestmark)."""
+    yield
+    for pid, _ in rbee_processes(str(tmp_path)):
+        try:
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def node_env(sim, tmp_path, name):
+    return ["RBEE_HOME=%s/%s-home" % (tmp_path, name), "HF_HOME=%s/%s-hf" % (tmp_path, name),
+            "HF_ENDPOINT=" + sim.hub.url, "HF_HUB_DISABLE_TELEMETRY=1", "RBEE_THREADS=%d" % worker_threads()]
+
+
+def add_node(sim, env, tmp_path, name, *extra):
+    result = run_rbee(["nodes", "add", name, "--ssh-host", name, "--rbee-dir", str(REPO), "--python", PY,
+                       "--env"] + node_env(sim, tmp_path, name) + list(extra), env, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def infer_args(node, *extra, max_tokens=20):
+    return ["infer", "--node", node, "--model", MODEL, "--prompt", "write a short story",
+            "--max-tokens", str(max_tokens), "--temperature", "0.7"] + list(extra)
+
+
+def role_pids(tmp_path):
+    """{role: [pid, ...]} of this test's live rbee processes (ssh clients count as `ssh`)."""
+    found = {}
+    for pid, cmd in rbee_processes(str(tmp_path)):
+        argv = cmd.split()
+        role = "ssh" if argv[0].endswith("ssh") else next(
+            (r for r in ("queen", "hive", "worker", "infer", "rpc") if r in argv), "other")
+        found.setdefault(role, []).append(pid)
+    return found
+
+
+def roles_on(sim, tmp_path):
+    """{role: [host, ...]} of this test's live rbee processes."""
+    return {role: [sim.host_of(pid) for pid in pids] for role, pids in role_pids(tmp_path).items()}
+
+
+def auto_infer(queen, *extra, model=MODEL, max_tokens=20):
+    """`infer` without --node: the queen places it."""
+    return ["infer", "--model", model, "--max-tokens", str(max_tokens), "--json", "--queen", queen.url] + (
+        list(extra) or ["--prompt", "write a short story", "--temperature", "0"])
+
+
+def cap(env, node, size):
+    result = run_rbee(["nodes", "set", node, "--max-ram", size], env)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def ps_json(queen, env):
+    result = run_rbee(["ps", "--json", "--queen", queen.url], env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["workers"]
+
+
+def workers_by_host(sim, tmp_path):
+    """(host, pid) of this test's live worker processes."""
+    return sorted((sim.host_of(pid), pid) for pid in role_pids(tmp_path).get("worker", []))

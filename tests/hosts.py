@@ -670,29 +670,53 @@ def write_ssh_config(path, entries, keys: SshKeys, extra=None) -> str:
 # process / port inspection
 
 
-def _parse_listen(text) -> set[int]:
-    ports = set()
+def _listen_entries(text) -> list[tuple[int, str]]:
+    """(port, socket inode) of each TCP socket in LISTEN state in /proc/net/tcp{,6} text."""
+    entries = []
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) < 4 or ":" not in parts[1] or parts[0] == "sl":
+        if len(parts) < 10 or ":" not in parts[1] or parts[0] == "sl":
             continue
         if parts[3] == "0A":  # TCP_LISTEN
             try:
-                ports.add(int(parts[1].rsplit(":", 1)[1], 16))
+                entries.append((int(parts[1].rsplit(":", 1)[1], 16), parts[9]))
             except ValueError:
                 pass
-    return ports
+    return entries
 
 
-def listening_ports_local() -> set[int]:
-    """TCP ports in LISTEN state in this (the root) network namespace."""
+def _parse_listen(text) -> set[int]:
+    return {port for port, _ in _listen_entries(text)}
+
+
+def _tcp_tables_local() -> str:
     text = ""
     for f in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             text += Path(f).read_text()
         except OSError:
             pass
-    return _parse_listen(text)
+    return text
+
+
+def listening_ports_local() -> set[int]:
+    """TCP ports in LISTEN state in this (the root) network namespace."""
+    return _parse_listen(_tcp_tables_local())
+
+
+def listeners_local(port) -> set[int]:
+    """The pids of the processes holding a listening TCP socket on `port` in this network namespace."""
+    sockets = {"socket:[%s]" % inode for p, inode in _listen_entries(_tcp_tables_local()) if p == port}
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if any(os.readlink(f"/proc/{entry}/fd/{fd}") in sockets for fd in os.listdir(f"/proc/{entry}/fd")):
+                pids.add(int(entry))
+        except OSError:
+            pass
+    return pids
 
 
 def processes_matching(*needles) -> list[tuple[int, str]]:

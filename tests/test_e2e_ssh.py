@@ -19,7 +19,7 @@ private sshd on 127.0.0.1 (node `mac` only; see test_two_nodes_on_one_persistent
 CI=true they always use namespaces. RBEE_TEST_FORCE_LOOPBACK=1 forces the fallback (to check it).
 """
 import collections
-import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -37,199 +37,21 @@ from types import SimpleNamespace as Namespace
 
 import pytest
 
-from conftest import (IN_CI, PY, REPO, assert_no_rbee_left, json_events, kill_queen_and_await_lifelines,
-                      rbee_processes, read_until_tokens, run_rbee, start_keeper, start_queen, wait_until,
-                      worker_threads)
-from fakehub import FakeHub
-from hosts import (LoopbackSshd, NetnsHosts, SshKeys, listening_ports_local, netns_available, processes_matching,
-                   write_ssh_config)
+from conftest import (AIRGAP, DECOY, GGUF, MODEL, PY, REPO, REPO_ID, add_node, assert_no_rbee_left, auto_infer, cap,
+                      infer_args, json_events, kill_queen_and_await_lifelines, node_env, ps_json, rbee_processes,
+                      read_until_tokens, role_pids, roles_on, run_rbee, start_keeper, start_queen, wait_until,
+                      workers_by_host)
+from hosts import listening_ports_local
+
+pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 sys.path.insert(0, str(REPO))
 import rbee  # noqa: E402  (NodeRegistry for a node that cannot be reached; the role clients)
 
-REPO_ID = "rbee-test/SmolLM2-135M-Instruct-GGUF"
-MODEL = "hf:" + REPO_ID
-GGUF = "smollm2-135m-instruct.Q4_K_M.gguf"      # the real model, under the name the preference picks
-DECOY = "smollm2-135m-instruct.Q8_0.gguf"       # a decoy quantisation: must never be fetched
 SEED = ["--prompt", "write a short story", "--max-tokens", "20", "--temperature", "0.7"]
 SEED_ACTORS = ("rbee-hive", "http-server", "model-provisioner", "llm-worker-rbee", "device-manager",
                "model-loader", "tokenizer", "llama-backend")
 LONG = 1500   # tokens: a generation that is still running when a test interrupts it
-AIRGAP = "airgap"   # the simulated host whose own name does not resolve (namespaces only)
-
-
-def xdist_worker_index():
-    """N of pytest-xdist's worker gwN; 0 when not under xdist."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    match = re.fullmatch(r"gw(\d+)", worker)
-    if worker and not match:
-        raise AssertionError("unexpected PYTEST_XDIST_WORKER=%r" % worker)
-    index = int(match.group(1)) if match else 0
-    assert index <= 55, "at most 56 xdist workers (subnets 10.200.0 .. 10.255.0)"
-    return index
-
-
-# -- the simulated network ------------------------------------------------------------------------
-
-class Sim:
-    """Hosts reachable over real ssh (aliases in `config`), and a FakeHub they can reach."""
-
-    def __init__(self, workdir, model_path):
-        self.keys = SshKeys(workdir / "keys")
-        self.wrong_keys = SshKeys(workdir / "wrong-keys")      # not in any authorized_keys
-        self.net = self.sshd = self.hub = None
-        use_netns = netns_available() and not os.environ.get("RBEE_TEST_FORCE_LOOPBACK")
-        if IN_CI:
-            assert use_netns, "under CI=true these tests need network namespaces (root, iproute2)"
-        if use_netns:   # namespaces, bridge and subnet of this xdist worker
-            n = xdist_worker_index()
-            self.net = NetnsHosts(workdir / "net", self.keys, names=("mac", "workstation", AIRGAP),
-                                  subnet="10.%d.0" % (200 + n), bridge="rbeebr%d" % n, ns_prefix="w%d-" % n,
-                                  unresolvable=(AIRGAP,)).start()
-            self.addresses = {name: h.address for name, h in self.net.hosts.items()}
-            entries = [(name, h.address, h.port, h.user) for name, h in self.net.hosts.items()]
-            hub_host = self.net.gateway
-        else:   # one machine: a private sshd on loopback is node `mac` (no workstation, no airgap)
-            self.sshd = LoopbackSshd(workdir / "sshd", self.keys).start()
-            self.addresses = {"mac": self.sshd.host}
-            entries = [("mac", self.sshd.host, self.sshd.port, self.sshd.user)]
-            hub_host = "127.0.0.1"
-        self.config = write_ssh_config(workdir / "ssh_config", entries, self.keys)
-        self.wrong_config = write_ssh_config(workdir / "ssh_config_wrong_key", entries, self.wrong_keys)
-        for config in (self.config, self.wrong_config):   # rbee must bring its own keep-alive options
-            text = Path(config).read_text()
-            Path(config).write_text("".join(line for line in text.splitlines(True) if "ServerAlive" not in line))
-        self.hub = FakeHub(host=hub_host, port=0).start()
-        self.hub.add_file(REPO_ID, GGUF, path=model_path)
-        self.hub.add_file(REPO_ID, DECOY, data=b"not a model, never downloaded " * 100)
-        self.hub.add_file(REPO_ID, "README.md", data=b"# SmolLM2-135M-Instruct GGUF\n", lfs=False)
-
-    @property
-    def netns(self):
-        return self.net is not None
-
-    def stop(self):
-        if self.hub:
-            self.hub.stop()
-        if self.net:
-            self.net.stop()
-        if self.sshd:
-            self.sshd.stop()
-
-    def listening(self, name):
-        """TCP ports listening on host `name` (this machine's for the loopback fallback)."""
-        return self.net.listening_ports(name) if self.net else listening_ports_local()
-
-    def host_of(self, pid):
-        """The simulated host a process runs on (by its network namespace); `local` for this one."""
-        if not self.net:
-            return "mac"
-        ino = int(re.search(r"\[(\d+)\]", os.readlink("/proc/%d/ns/net" % pid)).group(1))
-        return self.net.host_of_netns_inode(ino) or "local"
-
-    def need_airgap(self):
-        """The airgap host exists only with network namespaces (root, iproute2): without them
-        these tests fail, never skip."""
-        assert self.netns, "the airgap host needs network namespaces (run as root; make sysdeps installs iproute2)"
-
-    def sshd_accepted(self, name):
-        """How many ssh logins host `name` accepted so far (its sshd logs at VERBOSE)."""
-        log = self.net.sshd_log(name) if self.net else self.sshd.log
-        return Path(log).read_text(errors="replace").count("Accepted publickey")
-
-    @contextlib.contextmanager
-    def partition(self, name):
-        """Host `name` falls silent: packets vanish, no FIN, no RST. Namespaces: its link goes
-        down. Loopback: its sshd (listener and sessions, not what they run) is frozen."""
-        if self.net:
-            veth = self.net.veth(name)
-            subprocess.run(["ip", "link", "set", veth, "down"], check=True)
-            try:
-                yield
-            finally:
-                subprocess.run(["ip", "link", "set", veth, "up"], check=True)
-            return
-        frozen = [self.sshd.pid] + [pid for pid, _ in processes_matching("sshd") if self._descends(pid, self.sshd.pid)]
-        for pid in frozen:
-            os.kill(pid, signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            for pid in frozen:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGCONT)
-
-    @staticmethod
-    def _descends(pid, ancestor):
-        while pid > 1:
-            try:
-                with open("/proc/%d/stat" % pid) as f:
-                    pid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError):
-                return False
-            if pid == ancestor:
-                return True
-        return False
-
-    def forget_connections(self, name):
-        """This machine drops its side of every ssh connection to `name` (`ss -K`), as it does by
-        itself after a partition longer than TCP's retransmissions, so the node never hears of it:
-        the reset `ss -K` sends may wait in the queue of an unresolved neighbour entry (and reach
-        the node when the link is back), so that entry goes too."""
-        host = self.addresses[name]
-        port = 22 if self.net else self.sshd.port
-        subprocess.run(["ss", "-K", "dst", host, "dport", "=", ":%d" % port], check=True, capture_output=True)
-        if self.net:
-            subprocess.run(["ip", "neigh", "flush", "to", host], check=True, capture_output=True)
-
-    def closed_port(self, name):
-        """An address and port of host `name` where nothing listens (connections are refused)."""
-        port = 2222
-        while port in self.listening(name):
-            port += 1
-        return self.addresses[name], port
-
-
-@pytest.fixture(scope="module")
-def sim(tmp_path_factory, model_path):
-    """Shared by the module's tests (hosts, keys, hub); each test keeps its own state dirs."""
-    s = Sim.__new__(Sim)
-    s.net = s.sshd = s.hub = None
-    try:
-        s.__init__(tmp_path_factory.mktemp("sim"), model_path)
-        yield s
-    finally:
-        s.stop()
-
-
-@pytest.fixture
-def ssh_env(env, sim):
-    """The user's environment plus the ssh client config every ssh call of rbee uses (-F)."""
-    return dict(env, RBEE_SSH_CONFIG=sim.config)
-
-
-@pytest.fixture(autouse=True)
-def no_leftovers(tmp_path):
-    """Whatever a test leaves running, on any host, is killed afterwards (by its tmp dir)."""
-    yield
-    for pid, _ in rbee_processes(str(tmp_path)):
-        try:
-            os.kill(pid, signal.SIGCONT)
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-
-
-def node_env(sim, tmp_path, name):
-    return ["RBEE_HOME=%s/%s-home" % (tmp_path, name), "HF_HOME=%s/%s-hf" % (tmp_path, name),
-            "HF_ENDPOINT=" + sim.hub.url, "HF_HUB_DISABLE_TELEMETRY=1", "RBEE_THREADS=%d" % worker_threads()]
-
-
-def add_node(sim, env, tmp_path, name, *extra):
-    result = run_rbee(["nodes", "add", name, "--ssh-host", name, "--rbee-dir", str(REPO), "--python", PY,
-                       "--env"] + node_env(sim, tmp_path, name) + list(extra), env, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
 
 
 def register_directly(tmp_path, name, host, port, key=None):
@@ -250,29 +72,8 @@ def queen_port(env):
     return urllib.parse.urlsplit(env.get("RBEE_QUEEN_URL") or "http://127.0.0.1:8080").port
 
 
-def infer_args(node, *extra, max_tokens=20):
-    return ["infer", "--node", node, "--model", MODEL, "--prompt", "write a short story",
-            "--max-tokens", str(max_tokens), "--temperature", "0.7"] + list(extra)
-
-
 def worker_event(result):
     return next(e for e in json_events(result.stdout) if e["event"] == "worker")
-
-
-def role_pids(tmp_path):
-    """{role: [pid, ...]} of this test's live rbee processes (ssh clients count as `ssh`)."""
-    found = {}
-    for pid, cmd in rbee_processes(str(tmp_path)):
-        argv = cmd.split()
-        role = "ssh" if argv[0].endswith("ssh") else next(
-            (r for r in ("queen", "hive", "worker", "infer", "rpc") if r in argv), "other")
-        found.setdefault(role, []).append(pid)
-    return found
-
-
-def roles_on(sim, tmp_path):
-    """{role: [host, ...]} of this test's live rbee processes."""
-    return {role: [sim.host_of(pid) for pid in pids] for role, pids in role_pids(tmp_path).items()}
 
 
 def assert_error(stderr, code, *needles):
@@ -791,53 +592,31 @@ def test_nodes_install_copies_rbee_and_the_queen_checks_the_version(sim, ssh_env
 COUNTING = ["--prompt", "1, 2, 3, 4, 5,", "--raw", "--temperature", "0"]   # greedy: it counts on, no end
 
 
-def auto_infer(queen, *extra, model=MODEL, max_tokens=20):
-    """`infer` without --node: the queen places it."""
-    return ["infer", "--model", model, "--max-tokens", str(max_tokens), "--json", "--queen", queen.url] + (
-        list(extra) or ["--prompt", "write a short story", "--temperature", "0"])
-
-
 def narrated(result_or_events, action):
     events = json_events(result_or_events.stdout) if hasattr(result_or_events, "stdout") else result_or_events
     return [e["human"] for e in events if e["event"] == "narration" and e.get("action") == action]
 
 
-def cap(env, node, size):
-    result = run_rbee(["nodes", "set", node, "--max-ram", size], env)
-    assert result.returncode == 0, result.stderr
-    return result
-
-
-def ps_json(queen, env):
-    result = run_rbee(["ps", "--json", "--queen", queen.url], env)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)["workers"]
-
-
-def workers_by_host(sim, tmp_path):
-    """(host, pid) of this test's live worker processes."""
-    return sorted((sim.host_of(pid), pid) for pid in role_pids(tmp_path).get("worker", []))
-
-
 def test_the_queen_places_by_free_memory_reuses_and_prefers_a_node_with_the_model(sim, ssh_env, tmp_path, roles,
                                                                                    model_path):
     assert sim.netns, "two nodes need network namespaces (run as root)"
-    add_node(sim, ssh_env, tmp_path, "mac", "--max-ram", "40M")   # (158 MB fits in neither, nor in both: no split)
+    add_node(sim, ssh_env, tmp_path, "mac", "--max-ram", "40M")   # (246 MB fits in neither, nor in both: no split)
     add_node(sim, ssh_env, tmp_path, "workstation", "--max-ram", "60M")
     cap(ssh_env, "localhost", "1M")
     queen = start_queen(roles, ssh_env)
-    local_model = "file:" + model_path   # 94 MB: a worker needs 158 MB (x 1.2, a KV cache of 2,048 tokens), whose size every node can tell
+    # 94 MB: a worker needs 246 MB (the GGUF's estimate: 201, and a KV cache of 2,048 tokens), which every node can tell
+    local_model = "file:" + model_path
     # no node fits: each node's free memory in the details, nothing started anywhere
     none = run_rbee(auto_infer(queen, model=local_model), ssh_env, timeout=300)
     assert none.returncode == 1, none.stderr
     error = next(e for e in json_events(none.stdout) if e["event"] == "error")["error"]
     assert error["code"] == "INSUFFICIENT_RAM"
-    assert error["details"] == {"required_mb": 158, "free_mb": {"localhost": {"cpu:0": 1}, "mac": {"cpu:0": 40},
+    assert error["details"] == {"required_mb": 246, "free_mb": {"localhost": {"cpu:0": 1}, "mac": {"cpu:0": 40},
                                                                 "workstation": {"cpu:0": 60}}}
     assert_error(none.stderr, "INSUFFICIENT_RAM", "mac: cpu:0 40 MB free", "workstation: cpu:0 60 MB free")
     assert "worker" not in role_pids(tmp_path)
     # room on both: a new model goes where most is free
-    cap(ssh_env, "mac", "300M")
+    cap(ssh_env, "mac", "400M")   # (its worker with the trained context, 381 MB, fits)
     cap(ssh_env, "workstation", "2G")
     first = run_rbee(auto_infer(queen), ssh_env, timeout=300)
     assert first.returncode == 0, first.stderr
@@ -856,7 +635,7 @@ def test_the_queen_places_by_free_memory_reuses_and_prefers_a_node_with_the_mode
     third = run_rbee(auto_infer(queen, model=local_model), ssh_env, timeout=300)
     assert third.returncode == 0, third.stderr
     assert worker_event(third)["node"] == "mac"
-    assert narrated(third, "placement") == ["Placing on mac cpu:0: model cached, 300 MB free"]
+    assert narrated(third, "placement") == ["Placing on mac cpu:0: model cached, 400 MB free"]
     # ps and /v2/status say what runs on each host
     listed = ps_json(queen, ssh_env)
     assert sorted((w["node"], w["pid"]) for w in listed) == workers_by_host(sim, tmp_path)
@@ -865,7 +644,7 @@ def test_the_queen_places_by_free_memory_reuses_and_prefers_a_node_with_the_mode
     status = rbee.QueenClient(queen.url).status()
     assert sorted(w["worker_id"] for w in status["workers"]) == sorted(w["worker_id"] for w in listed)
     limits = {n["node_name"]: n["limits"]["max_ram_mb"] for n in status["nodes"]}
-    assert limits == {"localhost": 1, "mac": 300, "workstation": 2048}
+    assert limits == {"localhost": 1, "mac": 400, "workstation": 2048}
     table = run_rbee(["ps", "--queen", queen.url], ssh_env).stdout
     assert re.search(r"^%s\s+workstation\s+cpu:0\s+0/4\s+0\s+\d+ MB\s+8192 f16\s+in \d+m" % re.escape(MODEL), table, re.M), table
     queen.proc.send_signal(signal.SIGTERM)
@@ -874,8 +653,8 @@ def test_the_queen_places_by_free_memory_reuses_and_prefers_a_node_with_the_mode
 
 
 def test_a_second_model_evicts_the_idle_first_and_waits_while_it_is_busy(sim, ssh_env, tmp_path, roles, model_path):
-    """mac may give rbee 380 MB: one worker (about 350 MB with its 4 slots' KV cache) at a time."""
-    add_node(sim, ssh_env, tmp_path, "mac", "--max-ram", "380M")
+    """mac may give rbee 400 MB: one worker (about 370 MB with its 8,192 tokens' KV cache) at a time."""
+    add_node(sim, ssh_env, tmp_path, "mac", "--max-ram", "400M")
     cap(ssh_env, "localhost", "1M")
     queen = start_queen(roles, ssh_env)
     other = "file:" + model_path
@@ -986,8 +765,8 @@ def test_a_split_over_two_nodes_streams_the_same_text_as_one_node(sim, ssh_env, 
 
 def test_a_model_no_single_node_holds_is_split_automatically(sim, ssh_env, tmp_path, roles, model_path):
     assert sim.netns, "two nodes need network namespaces (run as root)"
-    add_node(sim, ssh_env, tmp_path, "mac", "--max-ram", "100M")
-    add_node(sim, ssh_env, tmp_path, "workstation", "--max-ram", "90M")
+    add_node(sim, ssh_env, tmp_path, "mac", "--max-ram", "140M")   # (the model needs 246 MB: neither holds it, both do)
+    add_node(sim, ssh_env, tmp_path, "workstation", "--max-ram", "130M")
     cap(ssh_env, "localhost", "1M")
     result = run_rbee(auto_infer(Namespace(url=ssh_env["RBEE_QUEEN_URL"]), *COUNTING, model="file:" + model_path,
                                  max_tokens=12), ssh_env, timeout=300)   # (an ephemeral queen)
@@ -1014,6 +793,148 @@ def test_sigkill_of_a_split_part_mid_generation_names_its_node_and_leaves_nothin
     error = next(e for e in json_events(out.decode()) if e["event"] == "error")["error"]
     assert error["code"] == "WORKER_CRASHED" and error["details"]["node"] == "workstation", error
     assert "its part on workstation" in error["message"]
+    assert_no_rbee_left(str(tmp_path), within=5)
+
+
+@pytest.fixture(scope="module")
+def wide_model(model_path):
+    """tests/widemodel.py's model (its weights over ggml's 10 MiB hash threshold, SmolLM2's
+    tokenizer), beside the test model under a digest of its builder, made once for every session."""
+    import widemodel
+    digest = hashlib.sha256(Path(widemodel.__file__).read_bytes()).hexdigest()[:12]
+    path = Path(model_path).parent / ("rbee-wide.%s.gguf" % digest)
+    if not path.exists():
+        partial = path.with_name("%s.%d.partial" % (path.name, os.getpid()))
+        widemodel.build(partial, model_path)
+        os.replace(partial, path)
+    return str(path)
+
+
+WIDE_REPO = "rbee-test/wide-GGUF"
+
+
+def wide_on_hub(sim, wide_model):
+    """The wide model as `hf:` (the hub's copy): a split's part has it only if it downloaded it."""
+    sim.hub.add_file(WIDE_REPO, "rbee-wide.gguf", path=wide_model)
+    return "hf:" + WIDE_REPO
+
+
+def bytes_into(sim, name):
+    """Bytes this machine's bridge sent into host `name` so far (its veth's counter)."""
+    return int(Path("/sys/class/net/%s/statistics/tx_bytes" % sim.net.veth(name)).read_text())
+
+
+def test_a_split_loaded_again_sends_its_part_hashes_instead_of_weights(sim, ssh_env, tmp_path, roles, wide_model):
+    """The part's RPC server keeps the large weights it was sent under its node's RBEE_HOME
+    (rpc-cache, files named by their FNV-1a hash): the split loaded a second time (after the
+    first ended, part and all) sends under 5 % of the first load's bytes to that node, and its
+    text at temperature 0 is the same. (Only the primary downloads the model: the part has no
+    copy of its own to seed its cache from.)"""
+    assert sim.netns, "two nodes need network namespaces (run as root)"
+    model = wide_on_hub(sim, wide_model)
+    add_node(sim, ssh_env, tmp_path, "mac", "--max-ram", "2G")
+    add_node(sim, ssh_env, tmp_path, "workstation", "--max-ram", "1G")
+    queen = start_queen(roles, ssh_env)
+    sent, texts = [], []
+    for _ in range(2):
+        before = bytes_into(sim, "workstation")
+        result = run_rbee(auto_infer(queen, *COUNTING, model=model, max_tokens=12)
+                          + ["--split", "mac,workstation", "--keep-alive", "0"], ssh_env, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert [(p["node"], p["layers"]) for p in worker_event(result)["split"]] == [("mac", 1), ("workstation", 1)]
+        wait_until(lambda: not {"worker", "rpc"} & set(role_pids(tmp_path)), 60, what="the split ended")
+        sent.append(bytes_into(sim, "workstation") - before)
+        texts.append(token_text(result.stdout))
+    cached = list((tmp_path / "workstation-home" / "rpc-cache").iterdir())
+    # its layer's 7 matrices and the output layer (tied: the token embeddings), each over 10 MiB
+    assert len(cached) == 8 and all(re.fullmatch(r"[0-9a-f]{16}", f.name) for f in cached), cached
+    assert sent[0] > 8 * 10 * 2**20, sent        # the first load sent them: 124 MB
+    print("bytes into the part: first load %d, second %d" % tuple(sent))
+    assert sent[1] < 0.05 * sent[0], sent
+    assert texts[0] and texts[1] == texts[0], texts
+    queen.proc.send_signal(signal.SIGTERM)
+    assert queen.proc.wait(40) == 0
+    assert_no_rbee_left(str(tmp_path), within=5)
+
+
+def test_a_part_with_the_model_in_its_catalog_takes_its_weights_from_there(sim, ssh_env, tmp_path, roles,
+                                                                          wide_model):
+    """workstation downloaded the model itself: its part seeds its tensor cache from that copy
+    before it serves (once per file), so even the split's first load sends under 5 % of the
+    model's bytes to it; the text is the same as on mac alone."""
+    assert sim.netns, "two nodes need network namespaces (run as root)"
+    model = wide_on_hub(sim, wide_model)
+    add_node(sim, ssh_env, tmp_path, "mac", "--max-ram", "2G")
+    add_node(sim, ssh_env, tmp_path, "workstation", "--max-ram", "1G")
+    queen = start_queen(roles, ssh_env)
+    download = run_rbee(["models", "download", model, "--node", "workstation", "--queen", queen.url], ssh_env,
+                        timeout=300)
+    assert download.returncode == 0, download.stderr
+    before = bytes_into(sim, "workstation")
+    split = run_rbee(auto_infer(queen, *COUNTING, model=model, max_tokens=12) + ["--split", "mac,workstation"],
+                     ssh_env, timeout=300)
+    assert split.returncode == 0, split.stderr
+    sent = bytes_into(sim, "workstation") - before
+    print("bytes into the part, seeded from its own copy: %d" % sent)
+    assert sent < 0.05 * os.path.getsize(wide_model), sent
+    [seeded] = narrated(split, "rpc_seed")
+    # its 2 layers' 7 matrices and the token embeddings
+    assert seeded.startswith("Seeded the tensor cache from this node's rbee-wide.gguf: 15 tensors"), seeded
+    alone = run_rbee(auto_infer(queen, *COUNTING, model=model, max_tokens=12) + ["--node", "mac"], ssh_env,
+                     timeout=300)
+    assert alone.returncode == 0, alone.stderr
+    assert token_text(split.stdout) == token_text(alone.stdout) and token_text(alone.stdout)
+    queen.proc.send_signal(signal.SIGTERM)
+    assert queen.proc.wait(40) == 0
+    assert_no_rbee_left(str(tmp_path), within=5)
+
+
+def test_a_split_over_two_ssh_transport_nodes_opens_nothing_but_sshd(sim, ssh_env, tmp_path, roles):
+    """Both nodes `--transport ssh`: the part's RPC server listens on workstation's loopback, the
+    queen forwards it through workstation's ssh connection and on through mac's (a remote
+    forward to mac's loopback), so neither node listens on anything but sshd and loopback; the
+    text is the LAN split's over the same hosts (nodes mac-lan and workstation-lan); the
+    forwards go with the split."""
+    assert sim.netns, "two nodes need network namespaces (run as root)"
+    for name, host, ram in (("mac", "mac", "2G"), ("workstation", "workstation", "1G"),
+                            ("mac-lan", "mac", "2G"), ("workstation-lan", "workstation", "1G")):
+        result = run_rbee(["nodes", "add", name, "--ssh-host", host, "--rbee-dir", str(REPO), "--python", PY,
+                           "--max-ram", ram, "--env"] + node_env(sim, tmp_path, name)
+                          + (["--transport", "ssh"] if name == host else []), ssh_env, timeout=60)
+        assert result.returncode == 0, result.stderr
+    queen = start_queen(roles, ssh_env)
+    tunnelled = run_rbee(auto_infer(queen, *COUNTING, max_tokens=24) + ["--split", "mac,workstation"], ssh_env,
+                         timeout=300)
+    assert tunnelled.returncode == 0, tunnelled.stderr
+    worker = worker_event(tunnelled)
+    assert [(p["node"], p["layers"]) for p in worker["split"]] == [("mac", 20), ("workstation", 10)]
+    part = worker["split"][1]
+    assert part["endpoint"].startswith("127.0.0.1:") and part["tunnel"].startswith("127.0.0.1:"), part
+    assert narrated(tunnelled, "rpc_devices") == ["Splitting: 10 layers on 1 remote device(s) at %s" %
+                                                  part["tunnel"]]
+    assert roles_on(sim, tmp_path).get("rpc") == ["workstation"]
+    for name in ("mac", "workstation"):   # the split is loaded (keep-alive): nothing but sshd faces the network
+        listeners = listeners_in(sim, name)
+        assert any("sshd" in line for _, _, line in listeners), listeners
+        exposed = [line for address, _, line in listeners if address not in ("127.0.0.1", "::1")
+                   and "sshd" not in line]
+        assert not exposed, (name, exposed)
+        assert all(port == 22 for address, port, line in listeners if address not in ("127.0.0.1", "::1")), listeners
+    tunnel_port = int(part["tunnel"].rpartition(":")[2])
+    assert tunnel_port in [p for _, p, line in listeners_in(sim, "mac") if "sshd" in line]   # the remote forward
+    lan = run_rbee(auto_infer(queen, *COUNTING, max_tokens=24) + ["--split", "mac-lan,workstation-lan"], ssh_env,
+                   timeout=300)
+    assert lan.returncode == 0, lan.stderr
+    assert not worker_event(lan)["split"][1].get("tunnel")
+    assert token_text(tunnelled.stdout) == token_text(lan.stdout) and token_text(lan.stdout)
+    # the split ends: its part stops and its forwards go
+    stopped = run_rbee(["workers", "shutdown", worker["worker_id"], "--node", "mac", "--queen", queen.url], ssh_env,
+                       timeout=60)
+    assert stopped.returncode == 0, stopped.stderr
+    wait_until(lambda: tunnel_port not in [p for _, p, _ in listeners_in(sim, "mac")], 20, what="the forward went")
+    wait_until(lambda: roles_on(sim, tmp_path).get("rpc") == ["workstation"], 20, what="the LAN split's part alone")
+    queen.proc.send_signal(signal.SIGTERM)
+    assert queen.proc.wait(40) == 0
     assert_no_rbee_left(str(tmp_path), within=5)
 
 

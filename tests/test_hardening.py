@@ -689,7 +689,6 @@ def test_item7_a_worker_that_cannot_load_is_started_once_even_with_its_port_in_t
         assert kind == "error" and data["error"]["code"] == "WORKER_CRASHED", events[-1]
         starts = [d for e, d in events if e == "narration" and d["human"].startswith("Worker starting on port")]
         assert len(starts) == 1, [d["human"] for e, d in events if e == "narration"]
-        assert not [d for e, d in events if e == "narration" and d["action"] == "worker_port_taken"]
         assert len(list((rbee_home / "logs").glob("worker-*.log"))) == logs + 1   # one worker start per spawn
         return int(starts[0]["human"].rsplit(" ", 1)[1])
     # the port the next worker will be given, put in TIME_WAIT (again if another test's worker

@@ -102,6 +102,28 @@ def test_spawns_in_progress_reserve_memory_and_appear_as_loading_workers():
     assert (loading["model_ref"], loading["state"], loading["slots_total"]) == (OTHER, "loading", 2)
 
 
+def test_a_spawn_in_progress_reserves_only_what_its_listed_worker_has_not_taken_yet():
+    """The hive lists a loading worker with its RSS so far: that is gone from ram_free_mb and counts
+    in the cap's use already, so the spawn's reservation is its need less that, never below 0."""
+    pending = [{"node": "mac", "model_ref": OTHER, "backend": "cpu", "device": 0, "need_mb": 600, "parallel": 2}]
+    before = view(resources("mac", ram_free=5000), max_ram=1000, pending=pending)["devices"][0]
+    assert (before["free_mb"], before["reserved_mb"]) == (400, 600)
+    loading = worker("w2", model=OTHER, memory=250, state="loading")
+    v = view(resources("mac", ram_free=4750, workers=[loading]), max_ram=1000, pending=pending)
+    assert (v["devices"][0]["free_mb"], v["devices"][0]["reserved_mb"]) == (400, 350)   # as before it was listed
+    assert [w["worker_id"] for w in v["workers"]] == ["w2"]   # (no second, unlisted one beside it)
+    uncapped = view(resources("mac", ram_free=4750, workers=[loading]), pending=pending)["devices"][0]
+    assert uncapped["free_mb"] == 4400
+    # loaded, and more than the estimate said: nothing left to reserve, not less than nothing
+    loaded = worker("w2", model=OTHER, memory=700)
+    v = view(resources("mac", ram_free=4300, workers=[loaded]), max_ram=1000, pending=pending)
+    assert (v["devices"][0]["free_mb"], v["devices"][0]["reserved_mb"]) == (300, 0)
+    # a worker of the model that has served requests is not the one being spawned: the whole need is reserved
+    served = dict(worker("w1", model=OTHER, memory=300), jobs_total=5)
+    v = view(resources("mac", ram_free=4700, workers=[served]), max_ram=1000, pending=pending)
+    assert (v["devices"][0]["free_mb"], v["devices"][0]["reserved_mb"]) == (100, 600)
+
+
 def test_handed_out_tasks_count_until_the_worker_shows_them():
     res = resources("mac", workers=[worker("w1", busy=1)])
     v = view(res, loads=lambda key: 3 if key == ("mac", MODEL, "cpu", 0) else 0)

@@ -6,12 +6,16 @@ Nothing of rbee is mocked. Where a function produces a command line, the test ru
 (/bin/sh, `ssh -G`) rather than comparing strings, so a quoting mistake shows up as what it is.
 """
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -628,7 +632,7 @@ def test_every_documented_code_has_its_class_and_status():
              "MODEL_NOT_FOUND ACCESS_DENIED DOWNLOAD_FAILED CHECKSUM_MISMATCH INSUFFICIENT_DISK INSUFFICIENT_RAM "
              "VRAM_EXHAUSTED BACKEND_UNAVAILABLE DEVICE_NOT_FOUND WORKER_CRASHED LOADING_TIMEOUT ALL_SLOTS_BUSY "
              "MISSING_API_KEY INVALID_API_KEY REQUEST_CANCELLED INTERNAL PORT_IN_USE START_FAILED "
-             "WORKER_NOT_FOUND RESPONSE_NOT_FOUND CONTEXT_EXCEEDED").split()
+             "WORKER_NOT_FOUND RESPONSE_NOT_FOUND CONTEXT_EXCEEDED NODE_DOWN NODE_LOST").split()
     assert sorted(rbee.RbeeError.by_code) == sorted(codes)
     for code in codes:
         assert 400 <= rbee.RbeeError.by_code[code].status < 600 and rbee.RbeeError.by_code[code].code == code
@@ -725,3 +729,53 @@ def test_a_role_starts_where_its_bytecode_cannot_be_written(tmp_path):
                          timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "rbee %s" % rbee.__version__, out.stderr
     assert (tmp_path / "app" / "__pycache__").is_file()
+
+
+def test_a_port_someone_listens_on_is_passed_over():
+    """bound_socket: the first free port from the start (a hive's worker's port), held once returned."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        taken = held.getsockname()[1]
+        with rbee.bound_socket("127.0.0.1", taken) as sock:
+            port = sock.getsockname()[1]
+            assert port > taken
+            with socket.socket() as other, pytest.raises(OSError):
+                other.bind(("127.0.0.1", port))
+
+
+def one_answer_server(answer, delay=0.0):
+    """A listening socket on a free port that reads one request and sends `answer` after `delay` s; its port."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def serve():
+        conn, _ = server.accept()
+        with conn, server:
+            conn.recv(65536)
+            time.sleep(delay)
+            with contextlib.suppress(OSError):
+                conn.sendall(answer)
+    threading.Thread(target=serve, daemon=True).start()
+    return server.getsockname()[1]
+
+
+def test_an_answer_cut_short_is_the_hop_gone_not_a_half_read_json():
+    port = one_answer_server(b'HTTP/1.0 200 OK\r\nContent-Length: 100\r\n\r\n{"embeddings": [[0.1')
+    client = rbee.WorkerClient("http://127.0.0.1:%d" % port, "key", "worker-x", "mac")
+    with pytest.raises(rbee.WorkerCrashed, match="ended after 20 of its 100 bytes"):
+        client.embed({"input": ["x"]})
+
+
+@pytest.mark.parametrize("when", ["while it waits", "before it connects"])
+def test_a_client_cut_from_another_thread_ends_its_request_at_once(when):
+    """What the queen does when a node goes: the request waiting on it fails now, not by its timeout."""
+    port = one_answer_server(b'HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}', delay=30)
+    client = rbee.WorkerClient("http://127.0.0.1:%d" % port, "key", "worker-x", "mac")
+    if when == "before it connects":
+        client.cut()
+    else:
+        threading.Timer(0.3, client.cut).start()
+    with pytest.raises(rbee.WorkerCrashed):   # (uncut, it would get its answer in 30 s)
+        client.embed({"input": ["x"]})

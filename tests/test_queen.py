@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from conftest import (assert_no_rbee_left, free_port, json_events, kill_queen_and_await_lifelines, port_open,
-                      rbee_processes, read_until_tokens, run_rbee, start_keeper, start_queen, wait_until)
+                      ports_held, rbee_processes, read_until_tokens, run_rbee, start_keeper, start_queen, wait_until)
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 SEED_ACTORS = ("queen-rbee", "rbee-hive", "http-server", "llm-worker-rbee", "device-manager", "model-loader",
@@ -48,8 +48,8 @@ def test_seed_flow_on_localhost_ephemeral(env, model_path, reference_llm, model_
     assert_no_rbee_left(str(tmp_path), within=5)
     worker_port = int(re.search(r"Worker starting on port (\d+)", result.stderr).group(1))
     queen_port = int(env["RBEE_QUEEN_URL"].rsplit(":", 1)[1])   # this test's own (conftest)
-    for port in (queen_port, hive_port, worker_port):   # the worker's is 8001 unless another program held it
-        assert not port_open("127.0.0.1", port), port
+    # (the worker's is 8001 unless another program held it)
+    assert ports_held(str(tmp_path), queen_port, hive_port, worker_port) == []
     # the file: model is cataloged on the node
     import sqlite3
     rows = sqlite3.connect(str(tmp_path / "rbee-home" / "models.db")).execute(
@@ -307,7 +307,8 @@ def test_a_bad_keep_alive_is_a_usage_error_and_a_400(queen, env, model_ref, tmp_
 
 
 def test_no_node_fits_is_insufficient_ram_before_anything_loads(env, model_ref, tmp_path):
-    """localhost capped at 50 MB, the model needs 158 (113 and the KV cache of 2,048 tokens): exit 1 with the node's free memory."""
+    """localhost capped at 50 MB, the model needs 246 (its GGUF's estimate, 201, and the KV cache of 2,048 tokens):
+    exit 1 with the node's free memory."""
     capped = run_rbee(["nodes", "set", "localhost", "--max-ram", "50M"], env)
     assert capped.returncode == 0, capped.stderr
     assert capped.stdout == "Node localhost: rbee may use at most 50 MB of RAM\n"
@@ -315,8 +316,8 @@ def test_no_node_fits_is_insufficient_ram_before_anything_loads(env, model_ref, 
     assert result.returncode == 1
     error = next(e for e in json_events(result.stdout) if e["event"] == "error")["error"]
     assert error["code"] == "INSUFFICIENT_RAM" and error["component"] == "queen-rbee"
-    assert error["details"] == {"required_mb": 158, "free_mb": {"localhost": {"cpu:0": 50}}}
-    message = "No node has room for %s: it needs 158 MB (localhost: cpu:0 50 MB free)" % model_ref
+    assert error["details"] == {"required_mb": 246, "free_mb": {"localhost": {"cpu:0": 50}}}
+    message = "No node has room for %s: it needs 246 MB (localhost: cpu:0 50 MB free)" % model_ref
     assert "[queen-rbee] ❌ Error: " + message in result.stderr
     assert not any(e.get("action") == "model_load" for e in json_events(result.stdout))
     assert_no_rbee_left(str(tmp_path), within=5)
