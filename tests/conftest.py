@@ -94,16 +94,19 @@ def names(pid, marker):
         return False
 
 
-def ports_held(marker, *ports):
-    """Those of `ports` that still answer on loopback for a process of `marker`'s test, or with no
-    listener to be seen: with two tests at a time another test's worker may have been given a port
-    that this test's worker let go, and that one is free as far as this test goes."""
+def ports_held(marker, *ports, within=2.0):
+    """Those of `ports` on which a process of `marker`'s test still listens (loopback's network
+    namespace, as /proc/net/tcp says), or a socket listens whose owner is not seen for `within`
+    seconds. With two tests at a time another test's worker may have been given a port that this
+    test's worker let go: that one is free as far as this test goes, and it may go away, or pass
+    from a hive to its worker, while it is looked at; so a socket without an owner is looked at again."""
     held = []
     for port in ports:
-        if port_open("127.0.0.1", port):
-            listeners = listeners_local(port)
-            if not listeners or any(names(pid, marker) for pid in listeners):
-                held.append(port)
+        deadline = time.monotonic() + within
+        while (listeners := listeners_local(port)) == set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if listeners == set() or any(names(pid, marker) for pid in listeners or ()):
+            held.append(port)
     return held
 
 

@@ -704,9 +704,13 @@ def listening_ports_local() -> set[int]:
     return _parse_listen(_tcp_tables_local())
 
 
-def listeners_local(port) -> set[int]:
-    """The pids of the processes holding a listening TCP socket on `port` in this network namespace."""
+def listeners_local(port) -> set[int] | None:
+    """The pids of the processes holding a listening TCP socket on `port` in this network namespace;
+    None when nothing listens there. The set may be empty for a moment: the socket's last owner is
+    exiting, or a parent closed its copy after handing it to a child this scan did not list."""
     sockets = {"socket:[%s]" % inode for p, inode in _listen_entries(_tcp_tables_local()) if p == port}
+    if not sockets:
+        return None
     pids = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
