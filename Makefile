@@ -10,6 +10,12 @@ MODEL  := $(CURDIR)/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 PROMPT ?= write a short story
 # llama.cpp's RPC backend (a model split across machines) on top of the GPU flags of this machine
 LLAMA_CMAKE_ARGS := -DGGML_RPC=on $(shell command -v nvidia-smi >/dev/null 2>&1 && echo -DGGML_CUDA=on)
+# ggml is built for this CPU (-march=native), and on a CPU with AMX that brings in ggml's AMX
+# kernels, which crash now and then (a general protection fault at ldtilecfg: llama.cpp #20824,
+# #26954); every ggml here is built without them, where the compiler knows the flags (x86, GCC 11+)
+NO_AMX = $(shell echo 'int x;' | $${CC:-cc} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16 -x c -c -o /dev/null - \
+           2>/dev/null && echo -mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
+GGML_BUILD_ENV = CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc)
 
 .PHONY: setup model sysdeps run test bench clean
 
@@ -18,11 +24,12 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VPY) -m pip install -q -r requirements.txt
-	@# a llama-cpp-python built before without the RPC backend (a split's parts, issue 13): build it again,
-	@# from its sdist, so that pip's wheel cache then holds the build with RPC
-	$(VPY) -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_rpc() else 1)" || \
-	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VPY) -m pip install -q \
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(GGML_BUILD_ENV) $(VPY) -m pip install -q -r requirements.txt
+	@# a llama-cpp-python from pip's wheel cache built before without the RPC backend (a split's parts,
+	@# issue 13) or with the AMX kernels: build it again, from its sdist
+	$(VPY) -c "import llama_cpp as l, sys; sys.exit(0 if l.llama_supports_rpc() and ('$(NO_AMX)' == '' \
+	    or b'AMX_INT8 = 1' not in l.llama_print_system_info()) else 1)" || \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(GGML_BUILD_ENV) $(VPY) -m pip install -q \
 	    --force-reinstall --no-deps --no-binary llama-cpp-python --no-cache-dir llama-cpp-python==0.3.36
 	touch $@
 
@@ -50,7 +57,7 @@ OTHER_VENV := .cache/other-venv
 OTHER_CMAKE_ARGS := -DGGML_RPC=on -DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS_RELEASE=-O0 -DCMAKE_CXX_FLAGS_RELEASE=-O0
 $(OTHER_VENV)/.installed:
 	test -x $(OTHER_VENV)/bin/python || $(PYTHON) -m venv $(OTHER_VENV)
-	CMAKE_ARGS="$(OTHER_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(OTHER_VENV)/bin/python -m pip install -q \
+	CMAKE_ARGS="$(OTHER_CMAKE_ARGS)" $(GGML_BUILD_ENV) $(OTHER_VENV)/bin/python -m pip install -q \
 	  llama-cpp-python==0.3.35
 	touch $@
 
@@ -66,7 +73,7 @@ $(LLAMA_SERVER): | setup
 	mkdir -p .cache/sdist
 	test -d $(LLAMA_SDIST) || ($(VPY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 \
 	  -d .cache/sdist && tar -xzf .cache/sdist/llama_cpp_python-0.3.36.tar.gz -C .cache/sdist)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH cmake -S $(LLAMA_SDIST) -B .cache/llama.cpp-build -G Ninja \
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(GGML_BUILD_ENV) cmake -S $(LLAMA_SDIST) -B .cache/llama.cpp-build -G Ninja \
 	  -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TOOLS=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH ninja -C .cache/llama.cpp-build llama-server
 

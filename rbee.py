@@ -8263,6 +8263,15 @@ def probe_node(target, node, rbee_dir, python):
     return info
 
 
+# ggml is built for the node's CPU (-march=native), and on a CPU with AMX that brings in ggml's AMX
+# kernels, which crash now and then (a general protection fault at ldtilecfg: llama.cpp #20824,
+# #26954): the node's build leaves them out where its compiler knows the flags (x86, GCC 11+);
+# the Makefile builds this machine's the same way
+NO_AMX_SH = ("no_amx='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'; "
+             "if echo 'int x;' | ${CC:-cc} $no_amx -x c -c -o /dev/null - 2>/dev/null; then "
+             "export CFLAGS=\"$no_amx\" CXXFLAGS=\"$no_amx\"; fi; ")
+
+
 def install_node(node, target, args):
     """Copy rbee.py + backends/ to the node; with a venv, install llama-cpp-python built for it."""
     import io
@@ -8283,13 +8292,12 @@ def install_node(node, target, args):
     print("Copied rbee.py and backends/ to %s:%s" % (node["node_name"], rbee_dir))
     if args.no_venv:
         return 0
-    script = ("set -e; cd %s; %s -m venv .venv; "
+    script = ("set -e; cd %s; %s -m venv .venv; " % (quoted, shell_path(node["python"])) +
               "export CMAKE_ARGS=-DGGML_RPC=on; "   # (a split's parts: issue 13)
               "if command -v nvidia-smi >/dev/null; then export CMAKE_ARGS=\"$CMAKE_ARGS -DGGML_CUDA=on\"; "
               "elif [ \"$(uname -s)-$(uname -m)\" = Darwin-arm64 ]; then "
-              "export CMAKE_ARGS=\"$CMAKE_ARGS -DGGML_METAL=on\"; fi; "
-              ".venv/bin/pip install -q llama-cpp-python==0.3.36 huggingface_hub==2.4.0 gguf==0.19.0"
-              % (quoted, shell_path(node["python"])))
+              "export CMAKE_ARGS=\"$CMAKE_ARGS -DGGML_METAL=on\"; fi; " + NO_AMX_SH +
+              ".venv/bin/pip install -q llama-cpp-python==0.3.36 huggingface_hub==2.4.0 gguf==0.19.0")
     print("Installing llama-cpp-python on %s (a first build takes minutes)..." % node["node_name"])
     code = subprocess.call(target.argv(script), stdin=subprocess.DEVNULL)
     if code:

@@ -779,3 +779,12 @@ def test_a_client_cut_from_another_thread_ends_its_request_at_once(when):
         threading.Timer(0.3, client.cut).start()
     with pytest.raises(rbee.WorkerCrashed):   # (uncut, it would get its answer in 30 s)
         client.embed({"input": ["x"]})
+
+
+@pytest.mark.parametrize("compiler, cflags", [("true", "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"), ("false", "")])
+def test_a_nodes_build_leaves_out_amx_only_where_its_compiler_knows_the_flags(compiler, cflags):
+    """`nodes install` builds ggml without the AMX kernels (they crash on some CPUs with AMX), but a
+    compiler that refuses the flags (GCC 10, clang for arm64) must still build it, without them."""
+    out = subprocess.run(["sh", "-c", "set -e; " + rbee.NO_AMX_SH + 'echo "$CFLAGS|$CXXFLAGS"'],
+                         env=dict(os.environ, CC=compiler), capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == "%s|%s\n" % (cflags, cflags), out
