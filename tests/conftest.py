@@ -447,6 +447,26 @@ def run_job(port, **body):
     return events
 
 
+# nats between a step's two likeliest tokens within which other kernels may tip the choice (PROTOCOL §18;
+# beside a 7,000-token conversation in the unified cache, seen: log-probabilities that moved by up to 0.17)
+NEAR_TIE = 0.25
+
+
+def same_up_to_a_near_tie(alone, beside):
+    """Whether two runs of one job at temperature 0 (a worker's events, asked with `logprobs` >= 2) chose
+    the same tokens, or parted first where the solo run's two likeliest tokens were within NEAR_TIE of
+    each other and the other run took the second of them."""
+    def choices(events):
+        return [lp for e, d, _ in events if e == "token" for lp in d["lp"]]
+    solo, other = choices(alone), choices(beside)
+    for mine, theirs in zip(solo, other):
+        if mine["token"] != theirs["token"]:
+            top = mine["top"]
+            return (len(top) > 1 and theirs["token"] == top[1]["token"]
+                    and top[0]["logprob"] - top[1]["logprob"] < NEAR_TIE)
+    return len(solo) == len(other) > 0
+
+
 def run_together(port, bodies):
     """Run the jobs at once (one thread each); returns their events in the bodies' order."""
     results = [None] * len(bodies)

@@ -15,10 +15,12 @@ import pytest
 import backends
 import rbee
 from backends.engine import KV_TYPES, PromptCache, kv_bytes_per_token, kv_cache_mb
-from conftest import WORKER_KEY, execute, raw_call, run_job, run_together, sse_frames, start_queen, wait_until
+from conftest import (WORKER_KEY, execute, raw_call, run_job, run_together, same_up_to_a_near_tie, sse_frames,
+                      start_queen, wait_until)
 
 MiB = 1 << 20
-SHORTS = ["The capital of France is", "List three colors:", "Write a haiku about rain."]
+# (prompts to continue, not instructions: "Write a haiku about rain." ends at once on an AVX-512 CPU)
+SHORTS = ["The capital of France is", "List three colors:", "Once upon a time,"]
 
 
 def text_of(events):
@@ -156,12 +158,12 @@ def test_a_default_worker_holds_the_trained_context_and_refuses_only_a_larger_pr
 
 def test_a_long_conversation_and_three_short_ones_share_one_cache_and_the_short_ones_keep_streaming(start_worker):
     """Four slots, one ~7,000-token conversation and three short ones at once: all complete; each short one's
-    text is what it is alone; they stream while the long prompt is evaluated (in chunks of --batch-size
+    text is what it is alone, up to a near tie (PROTOCOL §18); they stream while the long prompt is evaluated (in chunks of --batch-size
     between their tokens): their longest gap is a fraction of that evaluation (measured here, 2 cores shared
     with another test: gaps of 1-3 s against an evaluation of 40-120 s)."""
     worker = start_worker()
-    shorts = [dict(prompt=p, max_tokens=12, job_id="short-%d" % k) for k, p in enumerate(SHORTS)]
-    alone = [text_of(run_job(worker.port, **body)) for body in shorts]
+    shorts = [dict(prompt=p, max_tokens=12, job_id="short-%d" % k, logprobs=2) for k, p in enumerate(SHORTS)]
+    alone = [run_job(worker.port, **body) for body in shorts]
     long_body = dict(messages=[{"role": "user", "content": prose(330) + "\nWhich river is named most?"}],
                      max_tokens=8, job_id="long")
     long_frames, started = [], threading.Event()
@@ -180,7 +182,8 @@ def test_a_long_conversation_and_three_short_ones_share_one_cache_and_the_short_
     thread.join(600)
     end = long_frames[-1]
     assert end[0] == "end" and end[1]["tokens_out"] >= 1 and 6500 <= end[1]["prompt_tokens"] < 8192, end
-    assert [text_of(events) for events in together] == alone and all(alone)
+    texts = [(text_of(events), text_of(solo)) for events, solo in zip(together, alone)]
+    assert all(same_up_to_a_near_tie(solo, events) for solo, events in zip(alone, together)), texts
     assert all(events[-1][0] == "end" and events[-1][1]["tokens_out"] == 12 for events in together)
     long_started = next(t for e, _, t in long_frames if e == "started")
     long_first = next(t for e, _, t in long_frames if e == "token")
