@@ -13,8 +13,8 @@ LLAMA_CMAKE_ARGS := -DGGML_RPC=on $(shell command -v nvidia-smi >/dev/null 2>&1 
 # ggml is built for this CPU (-march=native), and on a CPU with AMX that brings in ggml's AMX
 # kernels, which crash now and then (a general protection fault at ldtilecfg: llama.cpp #20824,
 # #26954); every ggml here is built without them, where the compiler knows the flags (x86, GCC 11+)
-NO_AMX = $(shell echo 'int x;' | $${CC:-cc} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16 -x c -c -o /dev/null - \
-           2>/dev/null && echo -mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
+AMX_OFF := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+NO_AMX  := $(shell echo 'int x;' | $${CC:-cc} $(AMX_OFF) -x c -c -o /dev/null - 2>/dev/null && echo $(AMX_OFF))
 GGML_BUILD_ENV = CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc)
 
 .PHONY: setup model sysdeps run test bench clean

@@ -158,9 +158,9 @@ def test_a_default_worker_holds_the_trained_context_and_refuses_only_a_larger_pr
 
 def test_a_long_conversation_and_three_short_ones_share_one_cache_and_the_short_ones_keep_streaming(start_worker):
     """Four slots, one ~7,000-token conversation and three short ones at once: all complete; each short one's
-    text is what it is alone, up to a near tie (PROTOCOL §18); they stream while the long prompt is evaluated (in chunks of --batch-size
-    between their tokens): their longest gap is a fraction of that evaluation (measured here, 2 cores shared
-    with another test: gaps of 1-3 s against an evaluation of 40-120 s)."""
+    text is what it is alone, up to a near tie (PROTOCOL §18); they stream while the long prompt is evaluated
+    (in chunks of --batch-size between their tokens): their longest gap is a fraction of that evaluation
+    (measured here, 2 cores shared with another test: gaps of 1-3 s against an evaluation of 40-120 s)."""
     worker = start_worker()
     shorts = [dict(prompt=p, max_tokens=12, job_id="short-%d" % k, logprobs=2) for k, p in enumerate(SHORTS)]
     alone = [run_job(worker.port, **body) for body in shorts]
