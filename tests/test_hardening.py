@@ -772,13 +772,17 @@ def test_item9_a_full_disk_mid_download_is_insufficient_disk_at_once(start_hive,
         wait_until(lambda: partial.exists() and partial.stat().st_size >= 4 * MiB, 30, 0.02,
                    "the partial download to pass 4 MiB")
         pace = time.monotonic() - two   # 2 MiB of this download, at this machine's pace now
-        free = shutil.disk_usage(str(models)).free
         remaining = os.path.getsize(model_path) - partial.stat().st_size
-        with open(models / "filler", "wb") as f:   # leave 1 MiB: less than what the model still needs
-            f.truncate(0)
-            chunk = b"\0" * MiB
-            for _ in range(free // MiB - 1):
-                f.write(chunk)
+        # leave 1-2 MiB, less than what the model still needs; the download goes on writing meanwhile,
+        # so the free space is read before each MiB and a disk the two filled together ends it too
+        chunk = b"\0" * MiB
+        with open(models / "filler", "wb", buffering=0) as f:
+            try:
+                while shutil.disk_usage(str(models)).free > 2 * MiB:
+                    f.write(chunk)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
         filled = time.monotonic()
         assert shutil.disk_usage(str(models)).free < remaining
         assert done.wait(30), "no end of the stream"
@@ -804,7 +808,7 @@ def test_item9_a_full_disk_mid_download_is_insufficient_disk_at_once(start_hive,
     finally:
         if hive is not None:
             hive.kill()
-        subprocess.run(["umount", str(models)]) == 0 or subprocess.run(["umount", "-l", str(models)])
+        subprocess.run(["umount", str(models)]).returncode == 0 or subprocess.run(["umount", "-l", str(models)])
 
 
 def fifo_ref(tmp_path):
