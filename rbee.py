@@ -3608,14 +3608,14 @@ class Worker(App):
             else:
                 self.context_why = "--ctx-size"
             return args.ctx_size
-        model_mb = os.path.getsize(args.model) >> 20
         if args.memory_limit_mb is not None:   # (the room placement counted: the worker's estimate, then the cache)
-            room_mb = args.memory_limit_mb - memory_need_mb(os.path.getsize(args.model), gguf_shape(args.model),
+            shape = gguf_shape(args.model)
+            room_mb = args.memory_limit_mb - memory_need_mb(shape["size_bytes"], shape,
                                                             n_ubatch=args.ubatch_size or args.batch_size,
                                                             slots=args.parallel)
         else:   # (a mapped model's pages count as free memory: take them off, and leave some for the rest)
             room_mb = self.backend.devices()[args.device]["memory_free_mb"] - KV_RESERVE_MB - (
-                model_mb if args.backend == "cpu" else 0)
+                os.path.getsize(args.model) >> 20 if args.backend == "cpu" else 0)
         n_ctx = fitting_context(trained, per_token, room_mb)
         if n_ctx < trained:
             self.context_why = "what %d MB of free memory holds beside the model, of the %s it was trained for" % (
@@ -4816,9 +4816,10 @@ class NodeRegistry:
         return self.get(name)
 
     def mark_up(self, name, **fields):
-        """Node `name` answered ssh: reachable, no failure counted (and the other `fields` written)."""
-        self.update(name, status=NODE_REACHABLE, last_connected_unix=int(time.time()), last_error=None, failures=0,
-                    down_since_unix=None, retry_unix=None, **fields)
+        """Node `name` answered ssh: reachable, no failure counted (and the other `fields` written,
+        a `last_error` too: what the probe found missing there)."""
+        self.update(name, **dict({"status": NODE_REACHABLE, "last_connected_unix": int(time.time()), "last_error": None,
+                                  "failures": 0, "down_since_unix": None, "retry_unix": None}, **fields))
 
     @staticmethod
     def is_down(node):
@@ -8374,9 +8375,7 @@ def cmd_nodes(args):
         same = info.get("rbee_version") == __version__
         # (a queen that had it down places on it again from its next request on)
         found = info.get("backends") or {}
-        registry.mark_up(node["node_name"], backends=list(found), devices=found)
-        if info.get("error"):
-            registry.update(node["node_name"], last_error=info["error"])
+        registry.mark_up(node["node_name"], backends=list(found), devices=found, last_error=info.get("error"))
         print("node:     %s (%s)\nssh:      ok, %.0f ms\npython:   %s\nrbee.py:  %s\nbackends: %s" % (
             node["node_name"], target, info["latency_ms"], info.get("python") or "missing (%s)" % info.get("error"),
             "%s (%s)" % (info["rbee_version"], "same version" if same else "queen is %s" % __version__)

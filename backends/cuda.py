@@ -50,10 +50,10 @@ def preflight(need_mb, device):
         raise BackendError("DEVICE_NOT_FOUND", "CUDA device %s not found" % device,
                            {"requested": device, "devices": len(gpus), "backend": "cuda"},
                            "Use --device 0..%d" % (len(gpus) - 1) if gpus else "This node has no CUDA device")
-    need, free = need_mb, gpus[device]["memory_free_mb"]
-    if free < need:
+    free = gpus[device]["memory_free_mb"]
+    if free < need_mb:
         raise BackendError("VRAM_EXHAUSTED", "Not enough VRAM on CUDA device %d: need %d MB, %d MB free"
-                           % (device, need, free), {"required_mb": need, "available_mb": free, "device": device},
+                           % (device, need_mb, free), {"required_mb": need_mb, "available_mb": free, "device": device},
                            "Stop other GPU programs, use another --device, or a smaller model")
     # (no RAM check: `need_mb` is the card's -- weights, KV cache, compute buffers --, and the file
     # reaches it through the page cache, which the kernel gives back)

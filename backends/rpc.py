@@ -15,6 +15,13 @@ DEVICE_TYPE_CPU, DEVICE_TYPE_GPU = 0, 1   # enum ggml_backend_dev_type
 _lib = None
 
 
+def _declare(lib, prototypes):
+    """Give each (name, result type, argument types) of `prototypes` to that function of `lib`."""
+    for name, res, args in prototypes:
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+
+
 def _ggml():
     """libggml (the one llama_cpp loaded), with the prototypes used here."""
     global _lib
@@ -22,16 +29,14 @@ def _ggml():
         import llama_cpp
         lib = ctypes.CDLL(_library(llama_cpp, "libggml"))
         p = ctypes.c_void_p
-        for name, res, args in (("ggml_backend_reg_by_name", p, [ctypes.c_char_p]),
-                                ("ggml_backend_reg_get_proc_address", p, [p, ctypes.c_char_p]),
-                                ("ggml_backend_register", None, [p]),
-                                ("ggml_backend_dev_count", ctypes.c_size_t, []),
-                                ("ggml_backend_dev_get", p, [ctypes.c_size_t]),
-                                ("ggml_backend_dev_type", ctypes.c_int, [p]),
-                                ("ggml_backend_dev_memory", None, [p, ctypes.POINTER(ctypes.c_size_t),
-                                                                   ctypes.POINTER(ctypes.c_size_t)])):
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = res, args
+        _declare(lib, (("ggml_backend_reg_by_name", p, [ctypes.c_char_p]),
+                       ("ggml_backend_reg_get_proc_address", p, [p, ctypes.c_char_p]),
+                       ("ggml_backend_register", None, [p]),
+                       ("ggml_backend_dev_count", ctypes.c_size_t, []),
+                       ("ggml_backend_dev_get", p, [ctypes.c_size_t]),
+                       ("ggml_backend_dev_type", ctypes.c_int, [p]),
+                       ("ggml_backend_dev_memory", None, [p, ctypes.POINTER(ctypes.c_size_t),
+                                                          ctypes.POINTER(ctypes.c_size_t)])))
         base = ctypes.CDLL(_library(llama_cpp, "libggml-base"))
         for name in ("ggml_version", "ggml_commit"):
             getattr(base, name).restype = ctypes.c_char_p
@@ -133,20 +138,18 @@ def seed(endpoint, gguf_path):
         return 0, 0
     p, size = ctypes.c_void_p, ctypes.c_size_t
     base, rpclib = _ggml().base, ctypes.CDLL(_library(llama_cpp, "libggml-rpc"))
-    for lib, name, res, args in ((rpclib, "ggml_backend_rpc_init", p, [ctypes.c_char_p, ctypes.c_uint32]),
-                                 (base, "ggml_backend_alloc_buffer", p, [p, size]),
-                                 (base, "ggml_backend_buffer_set_usage", None, [p, ctypes.c_int]),
-                                 (base, "ggml_backend_buffer_get_base", p, [p]),
-                                 (base, "ggml_backend_buffer_free", None, [p]),
-                                 (base, "ggml_backend_free", None, [p]),
-                                 (base, "ggml_tensor_overhead", size, []),
-                                 (base, "ggml_init", p, [_InitParams]),
-                                 (base, "ggml_free", None, [p]),
-                                 (base, "ggml_new_tensor_1d", p, [p, ctypes.c_int, ctypes.c_int64]),
-                                 (base, "ggml_backend_tensor_alloc", ctypes.c_int, [p, p, p]),
-                                 (base, "ggml_backend_tensor_set", None, [p, p, size, size])):
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = res, args
+    _declare(rpclib, (("ggml_backend_rpc_init", p, [ctypes.c_char_p, ctypes.c_uint32]),))
+    _declare(base, (("ggml_backend_alloc_buffer", p, [p, size]),
+                    ("ggml_backend_buffer_set_usage", None, [p, ctypes.c_int]),
+                    ("ggml_backend_buffer_get_base", p, [p]),
+                    ("ggml_backend_buffer_free", None, [p]),
+                    ("ggml_backend_free", None, [p]),
+                    ("ggml_tensor_overhead", size, []),
+                    ("ggml_init", p, [_InitParams]),
+                    ("ggml_free", None, [p]),
+                    ("ggml_new_tensor_1d", p, [p, ctypes.c_int, ctypes.c_int64]),
+                    ("ggml_backend_tensor_alloc", ctypes.c_int, [p, p, p]),
+                    ("ggml_backend_tensor_set", None, [p, p, size, size])))
     backend = rpclib.ggml_backend_rpc_init(endpoint.encode(), 0)
     if not backend:
         raise OSError("cannot reach the RPC server at %s" % endpoint)
