@@ -410,10 +410,9 @@ def split_scenario(tmp, env, model, baseline):
                  "print(statistics.median(t) * 1000)" % net.hosts["workstation"].address)
         rtt = subprocess.run(["ip", "netns", "exec", net.hosts["mac"].netns, PY, "-c", probe], capture_output=True,
                              text=True)   # a TCP connect: one round trip from mac to workstation
-        wide = tmp / "rbee-wide.gguf"
-        widemodel.build(wide, model)
+        wide = widemodel.cached(model)
         hub.add_file("rbee-bench/smollm2-GGUF", os.path.basename(model), path=model)
-        hub.add_file("rbee-bench/wide-GGUF", "rbee-wide.gguf", path=str(wide))
+        hub.add_file("rbee-bench/wide-GGUF", "rbee-wide.gguf", path=wide)
         qport = free_port()
         queen = role(["queen", "--port", str(qport)], ssh_env)
         try:
@@ -447,7 +446,7 @@ def split_loads(net, env, queen_url, model, runs=3):
     the bytes workstation's host took in from the start of the command until nothing of it runs
     (keep-alive 0)."""
     def load(*where):
-        before = int(Path("/sys/class/net/%s/statistics/tx_bytes" % net.veth("workstation")).read_text())
+        before = net.bytes_into("workstation")
         out = subprocess.run([PY, RBEE, "infer", "--model", model, "--prompt", PROMPT, "--max-tokens",
                               "8", "--temperature", "0", "--keep-alive", "0", "--json", "--queen", queen_url]
                              + list(where), env=env, capture_output=True, text=True, timeout=600)
@@ -457,10 +456,10 @@ def split_loads(net, env, queen_url, model, runs=3):
             raise RuntimeError("infer %s failed: %s" % (" ".join(where), out.stderr[-400:]))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and any(
-                role_running(pid) for host in ("mac", "workstation") for pid in net_pids(net.netns(host))):
+                role_running(pid) for host in ("mac", "workstation") for pid in net.pids(host)):
             time.sleep(0.2)
-        after = int(Path("/sys/class/net/%s/statistics/tx_bytes" % net.veth("workstation")).read_text())
-        return {"load_ms": worker.get("timings", {}).get("load_ms"), "bytes_to_part": after - before,
+        return {"load_ms": worker.get("timings", {}).get("load_ms"), "bytes_to_part": net.bytes_into("workstation")
+                - before,
                 "text": "".join(e["t"] for e in events if e.get("event") == "token")}
 
     load("--node", "mac")   # (the download)
@@ -472,11 +471,6 @@ def split_loads(net, env, queen_url, model, runs=3):
             "second_load_ms": stats([r["load_ms"] for r in second]),
             "second_bytes_to_part": stats([r["bytes_to_part"] for r in second]),
             "same_text": all(r["text"] == first["text"] for r in second) and first["text"] == alone[0]["text"]}
-
-
-def net_pids(netns):
-    out = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split() if p.isdigit()]
 
 
 def role_running(pid):

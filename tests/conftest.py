@@ -660,8 +660,9 @@ def node_env(sim, tmp_path, name):
             "HF_ENDPOINT=" + sim.hub.url, "HF_HUB_DISABLE_TELEMETRY=1", "RBEE_THREADS=%d" % worker_threads()]
 
 
-def add_node(sim, env, tmp_path, name, *extra):
-    result = run_rbee(["nodes", "add", name, "--ssh-host", name, "--rbee-dir", str(REPO), "--python", PY,
+def add_node(sim, env, tmp_path, name, *extra, host=None):
+    """`nodes add NAME` for the simulated host `host` (default: the one called NAME)."""
+    result = run_rbee(["nodes", "add", name, "--ssh-host", host or name, "--rbee-dir", str(REPO), "--python", PY,
                        "--env"] + node_env(sim, tmp_path, name) + list(extra), env, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     return result

@@ -414,6 +414,14 @@ class NetnsHosts:
         `ip link set <veth> down` cuts that host off silently."""
         return _veth_name(f"rbv{self._if_tag}-", name)
 
+    def bytes_into(self, name) -> int:
+        """Bytes the bridge sent into NAME's host so far (its veth's counter)."""
+        return int(Path(f"/sys/class/net/{self.veth(name)}/statistics/tx_bytes").read_text())
+
+    def pids(self, name) -> list[int]:
+        """The processes in NAME's namespace."""
+        return _netns_pids(self.netns(name))
+
     def _veth_peer(self, name) -> str:
         return _veth_name(f"rbp{self._if_tag}-", name)
 

@@ -19,7 +19,6 @@ private sshd on 127.0.0.1 (node `mac` only; see test_two_nodes_on_one_persistent
 CI=true they always use namespaces. RBEE_TEST_FORCE_LOOPBACK=1 forces the fallback (to check it).
 """
 import collections
-import hashlib
 import json
 import os
 import platform
@@ -799,15 +798,9 @@ def test_sigkill_of_a_split_part_mid_generation_names_its_node_and_leaves_nothin
 @pytest.fixture(scope="module")
 def wide_model(model_path):
     """tests/widemodel.py's model (its weights over ggml's 10 MiB hash threshold, SmolLM2's
-    tokenizer), beside the test model under a digest of its builder, made once for every session."""
+    tokenizer), beside the test model, made once for every session."""
     import widemodel
-    digest = hashlib.sha256(Path(widemodel.__file__).read_bytes()).hexdigest()[:12]
-    path = Path(model_path).parent / ("rbee-wide.%s.gguf" % digest)
-    if not path.exists():
-        partial = path.with_name("%s.%d.partial" % (path.name, os.getpid()))
-        widemodel.build(partial, model_path)
-        os.replace(partial, path)
-    return str(path)
+    return widemodel.cached(model_path)
 
 
 WIDE_REPO = "rbee-test/wide-GGUF"
@@ -817,11 +810,6 @@ def wide_on_hub(sim, wide_model):
     """The wide model as `hf:` (the hub's copy): a split's part has it only if it downloaded it."""
     sim.hub.add_file(WIDE_REPO, "rbee-wide.gguf", path=wide_model)
     return "hf:" + WIDE_REPO
-
-
-def bytes_into(sim, name):
-    """Bytes this machine's bridge sent into host `name` so far (its veth's counter)."""
-    return int(Path("/sys/class/net/%s/statistics/tx_bytes" % sim.net.veth(name)).read_text())
 
 
 def test_a_split_loaded_again_sends_its_part_hashes_instead_of_weights(sim, ssh_env, tmp_path, roles, wide_model):
@@ -837,19 +825,18 @@ def test_a_split_loaded_again_sends_its_part_hashes_instead_of_weights(sim, ssh_
     queen = start_queen(roles, ssh_env)
     sent, texts = [], []
     for _ in range(2):
-        before = bytes_into(sim, "workstation")
+        before = sim.net.bytes_into("workstation")
         result = run_rbee(auto_infer(queen, *COUNTING, model=model, max_tokens=12)
                           + ["--split", "mac,workstation", "--keep-alive", "0"], ssh_env, timeout=300)
         assert result.returncode == 0, result.stderr
         assert [(p["node"], p["layers"]) for p in worker_event(result)["split"]] == [("mac", 1), ("workstation", 1)]
         wait_until(lambda: not {"worker", "rpc"} & set(role_pids(tmp_path)), 60, what="the split ended")
-        sent.append(bytes_into(sim, "workstation") - before)
+        sent.append(sim.net.bytes_into("workstation") - before)
         texts.append(token_text(result.stdout))
     cached = list((tmp_path / "workstation-home" / "rpc-cache").iterdir())
     # its layer's 7 matrices and the output layer (tied: the token embeddings), each over 10 MiB
     assert len(cached) == 8 and all(re.fullmatch(r"[0-9a-f]{16}", f.name) for f in cached), cached
     assert sent[0] > 8 * 10 * 2**20, sent        # the first load sent them: 124 MB
-    print("bytes into the part: first load %d, second %d" % tuple(sent))
     assert sent[1] < 0.05 * sent[0], sent
     assert texts[0] and texts[1] == texts[0], texts
     queen.proc.send_signal(signal.SIGTERM)
@@ -870,12 +857,11 @@ def test_a_part_with_the_model_in_its_catalog_takes_its_weights_from_there(sim, 
     download = run_rbee(["models", "download", model, "--node", "workstation", "--queen", queen.url], ssh_env,
                         timeout=300)
     assert download.returncode == 0, download.stderr
-    before = bytes_into(sim, "workstation")
+    before = sim.net.bytes_into("workstation")
     split = run_rbee(auto_infer(queen, *COUNTING, model=model, max_tokens=12) + ["--split", "mac,workstation"],
                      ssh_env, timeout=300)
     assert split.returncode == 0, split.stderr
-    sent = bytes_into(sim, "workstation") - before
-    print("bytes into the part, seeded from its own copy: %d" % sent)
+    sent = sim.net.bytes_into("workstation") - before
     assert sent < 0.05 * os.path.getsize(wide_model), sent
     [seeded] = narrated(split, "rpc_seed")
     # its 2 layers' 7 matrices and the token embeddings
@@ -898,10 +884,8 @@ def test_a_split_over_two_ssh_transport_nodes_opens_nothing_but_sshd(sim, ssh_en
     assert sim.netns, "two nodes need network namespaces (run as root)"
     for name, host, ram in (("mac", "mac", "2G"), ("workstation", "workstation", "1G"),
                             ("mac-lan", "mac", "2G"), ("workstation-lan", "workstation", "1G")):
-        result = run_rbee(["nodes", "add", name, "--ssh-host", host, "--rbee-dir", str(REPO), "--python", PY,
-                           "--max-ram", ram, "--env"] + node_env(sim, tmp_path, name)
-                          + (["--transport", "ssh"] if name == host else []), ssh_env, timeout=60)
-        assert result.returncode == 0, result.stderr
+        add_node(sim, ssh_env, tmp_path, name, "--max-ram", ram, *(["--transport", "ssh"] if name == host else []),
+                 host=host)
     queen = start_queen(roles, ssh_env)
     tunnelled = run_rbee(auto_infer(queen, *COUNTING, max_tokens=24) + ["--split", "mac,workstation"], ssh_env,
                          timeout=300)

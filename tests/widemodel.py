@@ -5,9 +5,25 @@ tokenizer (its GGUF's tokenizer fields, copied) over two llama layers whose ever
 is over that threshold in f32 (n_embd 256, 81 heads of 128, n_ff 10368: 10.6 MB each, 74 MB a
 layer), random from a fixed seed: its text means nothing, but it is the same on every run, so a
 reload whose weights came from a cache shows in its text as well as in its bytes."""
+import hashlib
+import os
+
 import numpy
 
 N_EMBD, N_HEAD, HEAD_DIM, N_FF, N_LAYER, N_CTX = 256, 81, 128, 10368, 2, 2048
+
+
+def cached(tokenizer_gguf):
+    """The model's path beside the GGUF at `tokenizer_gguf` (its tokenizer's), under a digest of
+    this builder: built the first time, by whichever test session or bench run asks first."""
+    with open(__file__, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    path = os.path.join(os.path.dirname(tokenizer_gguf), "rbee-wide.%s.gguf" % digest)
+    if not os.path.exists(path):
+        partial = "%s.%d.partial" % (path, os.getpid())
+        build(partial, tokenizer_gguf)
+        os.replace(partial, path)
+    return path
 
 
 def build(path, tokenizer_gguf, seed=22):
